@@ -1,12 +1,22 @@
 """dip_ext: DISP-LLM dimension-independent structural pruning on fused C++/CUDA kernels.
 
 Data flows one way: text -> calibration statistics -> masks -> compaction -> patched model -> eval / save.
+
+    masks = dip_ext.DispMasks.from_dict({...})      # or learned: dip_ext.prune_and_compact(model)
+    dip_ext.compact(model, masks)                   # in place; runs on dip_ext kernels
+    model.save_pretrained(dir); dip_ext.from_pretrained(dir)
 """
 
 import torch  # noqa: F401  (loads libtorch before our extension, which links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.dip_ext.*)
 from . import ops
+from .compaction import compact, is_compacted
+from .errors import MaskError, UnsupportedModelError
+from .masking import MaskedModel, apply_masks
+from .masks import STRUCTURES, DispMasks, ModelDims
+from .modeling import from_pretrained
+from .params import ParamReport, param_report
 
 __version__ = "0.1.0"
 
@@ -16,4 +26,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "build_info", "__version__"]
+__all__ = ["ops", "build_info", "__version__", "DispMasks", "ModelDims", "STRUCTURES", "apply_masks",
+           "MaskedModel", "compact", "is_compacted", "from_pretrained", "param_report", "ParamReport",
+           "MaskError", "UnsupportedModelError"]

@@ -1,0 +1,90 @@
+"""The masked dense reference: 0/1 (or soft, differentiable) masks multiplied into a dense model.
+
+This defines what "exact" means for compaction, and it is the path mask learning trains through: masks
+multiply the normalized block inputs (``attn_in``, ``mlp_in``), the MLP intermediate activation (``mlp_mid``)
+and each block's output including its bias (``attn_out``, ``mlp_out``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import MaskError
+from .families import adapter_for
+from .masks import STRUCTURES, DispMasks
+
+MaskTensors = Sequence[dict[str, Optional[torch.Tensor]]]
+
+
+class MaskedModel:
+    """Hooks on a dense model that multiply per-layer masks in; returned by :func:`apply_masks`.
+
+    ``masks[i][s]`` is a float tensor of the structure's full width (0/1, or soft values in [0, 1] that may
+    require grad), or None to leave that structure unmasked. Use as a context manager or call :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, masks: Union[DispMasks, MaskTensors, None] = None):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.dims = self.adapter.dims(model.config)
+        self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(STRUCTURES)
+                                                                 for _ in range(self.dims.num_layers)]
+        self._hooks = []
+        for i, layer in enumerate(self.adapter.decoder_layers(model)):
+            for s, points in self.adapter.mask_points(layer).items():
+                for module, where in points:
+                    if where == "input":
+                        self._hooks.append(module.register_forward_pre_hook(partial(self._mask_input, i, s)))
+                    else:
+                        self._hooks.append(module.register_forward_hook(partial(self._mask_output, i, s)))
+        if masks is not None:
+            self.set_masks(masks)
+
+    def set_masks(self, masks: Union[DispMasks, MaskTensors]) -> None:
+        """Replaces the masks (DispMasks, or per-layer dicts of float tensors / None)."""
+        if isinstance(masks, DispMasks):
+            masks = masks.to_masks(self.dims)
+        if len(masks) != self.dims.num_layers:
+            raise MaskError(f"masks have {len(masks)} layers but the model has {self.dims.num_layers}")
+        for i, layer in enumerate(masks):
+            for s in STRUCTURES:
+                m = layer.get(s)
+                if m is not None and (m.dim() != 1 or m.numel() != self.dims.size(s)):
+                    raise MaskError(f"layer {i} {s}: mask must have shape [{self.dims.size(s)}], "
+                                    f"got {tuple(m.shape)}")
+        self._masks = [{s: layer.get(s) for s in STRUCTURES} for layer in masks]
+
+    def _mask_for(self, i: int, s: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        m = self._masks[i][s]
+        return None if m is None else m.to(device=like.device, dtype=like.dtype)
+
+    def _mask_input(self, i, s, module, args):
+        m = self._mask_for(i, s, args[0])
+        return None if m is None else (args[0] * m, *args[1:])
+
+    def _mask_output(self, i, s, module, args, out):
+        m = self._mask_for(i, s, out)
+        return None if m is None else out * m
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> "MaskedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply_masks(model: nn.Module, masks: Union[DispMasks, MaskTensors, None]) -> MaskedModel:
+    """Multiplies ``masks`` into the dense ``model`` (no compaction); returns the hook handle.
+
+    The model's outputs then equal what :func:`dip_ext.compact` with the same masks produces, to float rounding.
+    """
+    return MaskedModel(model, masks)

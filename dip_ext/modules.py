@@ -1,0 +1,149 @@
+"""Building blocks of a compacted DISP layer: fused norm+gather, compact linears, residual scatter-add.
+
+Inference (no autograd needed) runs on the dip_ext kernels; when autograd is recording (e.g. fine-tuning a
+compacted model) the same maths runs on differentiable plain-torch ops, so gradients stay correct.
+Index sets are validated once when a layer is compacted; the kernels are then called with
+``check_idx=False`` so no per-call host sync happens (CUDA graphs can capture decode).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+
+def _autograd_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class IndexSet:
+    """A sorted int64 index set kept OUTSIDE the state dict, with a cached copy per device.
+
+    Index sets are part of the architecture (they live in ``config.json``), not weights: Hugging Face's loader
+    re-creates non-persistent buffers uninitialised, so they are not buffers. ``on(device)`` returns the copy
+    for the device of the activations (made once, then reused, so CUDA-graph replays see fixed addresses).
+    """
+
+    def __init__(self, idx):
+        self.cpu = torch.as_tensor(idx, dtype=torch.int64, device="cpu").clone()
+        self._copies: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.cpu
+        t = self._copies.get(device)
+        if t is None:
+            t = self._copies[device] = self.cpu.to(device)
+        return t
+
+    def numel(self) -> int:
+        return self.cpu.numel()
+
+    def __repr__(self) -> str:
+        return f"IndexSet({self.cpu.numel()})"
+
+
+class RMSNormGather(nn.Module):
+    """RMSNorm over the full width d, then only the columns ``idx``.
+
+    ``x [..., d]`` → ``[..., len(idx)]`` in x's dtype; statistics in fp32. ``weight`` keeps its full width d
+    (it is a handful of numbers, and every kept subset of every block reads a different part of it).
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.variance_epsilon = float(eps)
+        self.idx = IndexSet(idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.idx.on(x.device)
+        if _autograd_needed(x, self.weight) or x.dim() not in (2, 3):
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon).index_select(-1, idx)
+        return ops.rms_norm_gather(x, self.weight, idx, self.variance_epsilon, check_idx=False)
+
+    def extra_repr(self) -> str:
+        return f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
+
+
+class LayerNormGather(nn.Module):
+    """LayerNorm (with optional bias) over the full width d, then only the columns ``idx``.
+
+    ``x [..., d]`` → ``[..., len(idx)]``; the affine parameters keep width d.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float, idx: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.eps = float(eps)
+        self.idx = IndexSet(idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.idx.on(x.device)
+        if _autograd_needed(x, self.weight, self.bias) or x.dim() not in (2, 3):
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps).index_select(-1, idx)
+        return ops.layer_norm_gather(x, self.weight, self.bias, idx, self.eps, check_idx=False)
+
+    def extra_repr(self) -> str:
+        return f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.eps}"
+
+
+def compact_linear(linear: nn.Linear, rows: Optional[torch.Tensor] = None,
+                   cols: Optional[torch.Tensor] = None) -> nn.Linear:
+    """A new ``nn.Linear`` holding ``W[rows][:, cols]`` (and ``b[rows]``); None keeps all rows / columns."""
+    w = linear.weight.detach()
+    b = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        rows = rows.to(w.device)
+        w = w.index_select(0, rows)
+        b = b.index_select(0, rows) if b is not None else None
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+    out.weight.requires_grad_(linear.weight.requires_grad)
+    if out.bias is not None:
+        out.bias.requires_grad_(linear.bias.requires_grad)
+    return out
+
+
+def empty_linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
+    """An uninitialised ``nn.Linear`` of the given shape on ``like``'s device and dtype."""
+    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+    """``x[..., idx] += y``: in place on ``x`` when ``inplace`` (x is ours), else on a copy.
+
+    Callers pass ``inplace=False`` for the layer's input (it may be referenced elsewhere, e.g. collected
+    hidden states) and ``inplace=True`` afterwards.
+    """
+    idx = idx.on(x.device)
+    if _autograd_needed(x, y):
+        return x.index_add(-1, idx, y)
+    if not inplace:
+        x = x.clone()
+    if x.dim() not in (2, 3):
+        return x.index_add_(-1, idx, y)
+    return ops.scatter_add_(x, idx, y, check_idx=False)
+
+
+def record_skipped_attention(cache, layer_idx: int, x: torch.Tensor) -> None:
+    """Keeps a KV cache's length right for a layer whose attention was pruned away.
+
+    Caches derive the sequence length from the layers' stored keys (often layer 0's), so a removed attention
+    still appends a [batch, 1, seq, 1] placeholder: a few bytes per token instead of a full KV entry.
+    """
+    if cache is None or not hasattr(cache, "update"):
+        return
+    z = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+    cache.update(z, z, layer_idx)
