@@ -60,7 +60,9 @@ at::Tensor checked_index(const char* op, const at::Tensor& idx, int64_t limit, b
 
 at::Tensor as_rows(const at::Tensor& t) {
   const int64_t cols = t.size(-1);
-  at::Tensor rows = t.reshape({-1, cols});
+  // explicit row count: reshape({-1, 0}) is ambiguous and throws for an empty index set
+  const int64_t n_rows = cols > 0 ? t.numel() / cols : c10::multiply_integers(t.sizes().slice(0, t.dim() - 1));
+  at::Tensor rows = t.reshape({n_rows, cols});
   if (cols > 0 && rows.stride(1) != 1) rows = rows.contiguous();
   return rows;
 }

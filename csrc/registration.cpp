@@ -8,18 +8,33 @@ TORCH_LIBRARY(dip_ext, m) {
   m.def("layer_norm_gather(Tensor x, Tensor weight, Tensor? bias, Tensor idx, float eps, "
         "bool check_idx=True) -> Tensor");
   m.def("index_select_gemm(Tensor x, Tensor idx, Tensor weight, Tensor? bias=None, bool check_idx=True) -> Tensor");
-  m.def("scatter_add_(Tensor(a!) residual, Tensor idx, Tensor y, bool check_idx=True) -> Tensor(a!)");
+  // The in-place ops return nothing: torch.compile cannot functionalize a custom op whose output aliases
+  // an input (Tensor(a!) -> Tensor(a!)). The Python face (dip_ext.ops) returns residual.
+  m.def("scatter_add_(Tensor(a!) residual, Tensor idx, Tensor y, bool check_idx=True) -> ()");
   m.def("gemm_scatter_add_(Tensor(a!) residual, Tensor idx, Tensor x, Tensor weight, Tensor? bias=None, "
-        "bool check_idx=True) -> Tensor(a!)");
+        "bool check_idx=True) -> ()");
   m.def("calibration_stats_(Tensor x, Tensor(a!) sum, Tensor(b!) sumsq, Tensor(c!)? gram=None) -> ()");
 }
+
+namespace {
+// Adapters from the C++ functions (which return the residual, handy in C++) to the void schemas above.
+template <auto F>
+void scatter_void(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& y, bool check_idx) {
+  F(residual, idx, y, check_idx);
+}
+template <auto F>
+void gemm_scatter_void(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, bool check_idx) {
+  F(residual, idx, x, weight, bias, check_idx);
+}
+}  // namespace
 
 TORCH_LIBRARY_IMPL(dip_ext, CPU, m) {
   m.impl("rms_norm_gather", &dip_ext::rms_norm_gather_cpu);
   m.impl("layer_norm_gather", &dip_ext::layer_norm_gather_cpu);
   m.impl("index_select_gemm", &dip_ext::index_select_gemm_cpu);
-  m.impl("scatter_add_", &dip_ext::scatter_add_cpu);
-  m.impl("gemm_scatter_add_", &dip_ext::gemm_scatter_add_cpu);
+  m.impl("scatter_add_", &scatter_void<&dip_ext::scatter_add_cpu>);
+  m.impl("gemm_scatter_add_", &gemm_scatter_void<&dip_ext::gemm_scatter_add_cpu>);
   m.impl("calibration_stats_", &dip_ext::calibration_stats_cpu);
 }
 
@@ -28,8 +43,8 @@ TORCH_LIBRARY_IMPL(dip_ext, CUDA, m) {
   m.impl("rms_norm_gather", &dip_ext::rms_norm_gather_cuda);
   m.impl("layer_norm_gather", &dip_ext::layer_norm_gather_cuda);
   m.impl("index_select_gemm", &dip_ext::index_select_gemm_cuda);
-  m.impl("scatter_add_", &dip_ext::scatter_add_cuda);
-  m.impl("gemm_scatter_add_", &dip_ext::gemm_scatter_add_cuda);
+  m.impl("scatter_add_", &scatter_void<&dip_ext::scatter_add_cuda>);
+  m.impl("gemm_scatter_add_", &gemm_scatter_void<&dip_ext::gemm_scatter_add_cuda>);
   m.impl("calibration_stats_", &dip_ext::calibration_stats_cuda);
 }
 #endif

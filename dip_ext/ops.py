@@ -42,13 +42,15 @@ def index_select_gemm(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
 def scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
                  *, check_idx: bool = True) -> torch.Tensor:
     """``residual.index_add_(-1, idx, y)`` in place (idx unique); returns ``residual``."""
-    return _ops.scatter_add_(residual, idx, y, check_idx)
+    _ops.scatter_add_(residual, idx, y, check_idx)
+    return residual
 
 
 def gemm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, check_idx: bool = True) -> torch.Tensor:
     """``residual.index_add_(-1, idx, F.linear(x, weight, bias))`` in place; weight is ``[len(idx), x.size(-1)]``."""
-    return _ops.gemm_scatter_add_(residual, idx, x, weight, bias, check_idx)
+    _ops.gemm_scatter_add_(residual, idx, x, weight, bias, check_idx)
+    return residual
 
 
 @dataclass
@@ -138,33 +140,47 @@ def _with_last(x: torch.Tensor, last: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], last))
 
 
+def _same_device(op: str, first: str, **tensors) -> None:
+    """Device check of the fake kernels. They also run when a 'meta' tensor is mixed with real ones (Meta
+    outranks CPU/CUDA in dispatch), so without it such a call would silently return a meta tensor."""
+    ref = tensors[first]
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"dip_ext.{op}: {name} is on {t.device} but {first} is on {ref.device}; "
+                             "move them to one device")
+
+
 @torch.library.register_fake("dip_ext::rms_norm_gather")
 def _(x, weight, idx, eps, check_idx=True):
+    _same_device("rms_norm_gather", "x", x=x, weight=weight, idx=idx)
     return _with_last(x, idx.shape[0])
 
 
 @torch.library.register_fake("dip_ext::layer_norm_gather")
 def _(x, weight, bias, idx, eps, check_idx=True):
+    _same_device("layer_norm_gather", "x", x=x, weight=weight, bias=bias, idx=idx)
     return _with_last(x, idx.shape[0])
 
 
 @torch.library.register_fake("dip_ext::index_select_gemm")
 def _(x, idx, weight, bias=None, check_idx=True):
+    _same_device("index_select_gemm", "x", x=x, idx=idx, weight=weight, bias=bias)
     return _with_last(x, weight.shape[0])
 
 
 @torch.library.register_fake("dip_ext::scatter_add_")
 def _(residual, idx, y, check_idx=True):
-    return residual
+    _same_device("scatter_add_", "residual", residual=residual, idx=idx, y=y)
 
 
 @torch.library.register_fake("dip_ext::gemm_scatter_add_")
 def _(residual, idx, x, weight, bias=None, check_idx=True):
-    return residual
+    _same_device("gemm_scatter_add_", "residual", residual=residual, idx=idx, x=x, weight=weight, bias=bias)
 
 
 @torch.library.register_fake("dip_ext::calibration_stats_")
 def _(x, sum, sumsq, gram=None):
+    _same_device("calibration_stats_", "x", x=x, sum=sum, sumsq=sumsq, gram=gram)
     return None
 
 
