@@ -42,12 +42,14 @@ def compact(model: nn.Module, masks: Union[DispMasks, Mapping]) -> nn.Module:
     Its outputs equal the masked dense reference (:func:`dip_ext.apply_masks`) to float rounding.
     """
     from .modeling import adopt_disp_class
+    from .params import param_report
 
     if is_compacted(model):
         raise ValueError("this model is already compacted; compact the dense original instead")
     masks = as_masks(masks)
     adapter = adapter_for(model)
     masks.validate(adapter.dims(model.config))
+    dense = param_report(model)
     compact_layers(model, masks)
-    adopt_disp_class(model, masks)
+    adopt_disp_class(model, masks, dense_params={"total": dense.total, "decoder_linear": dense.decoder_linear})
     return model

@@ -18,7 +18,8 @@ from typing import Union
 import torch
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from .compaction import compact_layers
 from .errors import UnsupportedModelError
@@ -55,6 +56,8 @@ _FAMILY_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM, "Llama"),
     "mistral": (MistralConfig, MistralForCausalLM, "Mistral"),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, "Qwen2"),
+    "opt": (OPTConfig, OPTForCausalLM, "OPT"),
+    "phi": (PhiConfig, PhiForCausalLM, "Phi"),
 }
 #: base model_type -> (compacted config class, compacted CausalLM class)
 DISP_CLASSES: dict[str, tuple[type, type]] = {}
@@ -70,8 +73,11 @@ for _base, (_cfg, _model, _stem) in _FAMILY_CLASSES.items():
     AutoModelForCausalLM.register(_disp_cfg, _disp_model, exist_ok=True)
 
 
-def adopt_disp_class(model: nn.Module, masks: DispMasks) -> None:
-    """Turns a freshly compacted dense model into its dip_ext class (config records the index sets)."""
+def adopt_disp_class(model: nn.Module, masks: DispMasks, dense_params: dict) -> None:
+    """Turns a freshly compacted dense model into its dip_ext class.
+
+    The config records the index sets and the dense original's parameter counts (for honest reports).
+    """
     base = base_model_type(model.config)
     if base not in DISP_CLASSES:
         raise UnsupportedModelError(f"no compacted model class for model_type {base!r}")
@@ -82,6 +88,7 @@ def adopt_disp_class(model: nn.Module, masks: DispMasks) -> None:
     config = model.config
     config.disp_masks = masks.to_config(adapter_for(model).dims(config))
     config.disp_base_model_type = base
+    config.disp_dense_params = dict(dense_params)
     config.__class__ = disp_cfg
     config.architectures = [disp_model.__name__]
     model.__class__ = disp_model

@@ -72,7 +72,9 @@ def param_report(model: nn.Module) -> ParamReport:
     if is_compacted(model):
         widths = DispMasks.from_config(model.config.disp_masks).widths()
         dense_linear = dense_linear_params(model.config, [full] * dims.num_layers)
-        dense_total = total - linear + dense_linear
+        recorded = getattr(model.config, "disp_dense_params", None) or {}
+        # recorded at compaction (it also counts the norms of removed blocks); the formula is the fallback
+        dense_total = int(recorded.get("total", total - linear + dense_linear))
     else:
         widths = [dict(full) for _ in range(dims.num_layers)]
         dense_linear, dense_total = linear, total
