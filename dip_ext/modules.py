@@ -85,7 +85,11 @@ class LayerNormGather(nn.Module):
         self.idx = IndexSet(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx = self.idx.on(x.device)
+        return self.gather(x, self.idx)
+
+    def gather(self, x: torch.Tensor, idx: IndexSet) -> torch.Tensor:
+        """The same norm, gathering another index set (Phi's parallel block reads two sets of one norm)."""
+        idx = idx.on(x.device)
         if _autograd_needed(x, self.weight, self.bias) or x.dim() not in (2, 3):
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps).index_select(-1, idx)
         return ops.layer_norm_gather(x, self.weight, self.bias, idx, self.eps, check_idx=False)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .base import FamilyAdapter
 from .llama import LlamaAdapter
+from .opt import OPTAdapter
+from .phi import PhiAdapter
 
-ADAPTERS: list[FamilyAdapter] = [LlamaAdapter()]
+ADAPTERS: list[FamilyAdapter] = [LlamaAdapter(), OPTAdapter(), PhiAdapter()]
 
 
 def supported_architectures() -> list[str]:
