@@ -249,6 +249,39 @@ def test_save_load_roundtrip(tmp_path, name):
     assert type(AutoModelForCausalLM.from_config(dense.config)) is type(dense)
 
 
+@pytest.mark.parametrize("name", ["opt-48-untied", "phi-qkln"])
+def test_autograd_path_matches_kernels(name):
+    dense = make_model(name)
+    compacted = dip_ext.compact(copy.deepcopy(dense), scenario_masks(dims_of(dense), offset=4))
+    ids, attn = padded_batch()
+    with torch.no_grad():
+        fast = compacted(ids, attention_mask=attn).logits
+    slow = compacted(ids, attention_mask=attn).logits  # grad enabled: the differentiable plain-torch path
+    keep = attn.bool()
+    assert_close(slow.detach()[keep], fast[keep])
+    slow[keep].sum().backward()
+    layers = adapter_for(compacted).decoder_layers(compacted)
+    assert layers[1].input_layernorm.weight.grad is not None if name.startswith("phi") else \
+        layers[1].final_layer_norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["opt-32", "phi-qkln"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close(name, dtype):
+    dense = make_model(name)
+    masks = scenario_masks(dims_of(dense), offset=5)
+    compacted = dip_ext.compact(copy.deepcopy(dense), masks).to(dtype)
+    dense = dense.to(dtype)
+    ids, attn = padded_batch()
+    keep = attn.bool()
+    with torch.no_grad():
+        with dip_ext.apply_masks(dense, masks):
+            ref = dense(ids, attention_mask=attn).logits.float()[keep]
+        out = compacted(ids, attention_mask=attn).logits.float()[keep]
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() / ref.abs().max() < 0.05
+
+
 # ---- parameter counts -------------------------------------------------------------------------------------------
 
 def _widths_masks(dims, widths):
