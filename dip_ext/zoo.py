@@ -194,10 +194,11 @@ def _load_folder(folder: Path, dtype, device):
     return model.to(device).eval(), tokenizer
 
 
-def _is_dip_ext_folder(folder: Path) -> bool:
+def _is_compacted_folder(folder: Path) -> bool:
+    # dip_ext.save_pretrained stores the index sets as "disp_masks" in config.json.
     try:
-        return "dip_ext" in (folder / "config.json").read_text()
-    except OSError:
+        return "disp_masks" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
         return False
 
 
@@ -206,8 +207,8 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
 
     - ``None``, ``"smollm2-135m"`` (or ``"default"``, ``"SmolLM2-135M-Instruct"``): the embedded default
       model (:func:`load_default`; offline).
-    - an existing local folder: ``from_pretrained`` on it (offline). A folder written by dip_ext for a
-      compacted model is loaded with ``dip_ext.from_pretrained`` when that is available.
+    - an existing local folder: ``from_pretrained`` on it (offline); a compacted model saved by dip_ext
+      (``disp_masks`` in its config.json) through ``dip_ext.from_pretrained``.
     - anything else is taken as a Hugging Face hub id, e.g. ``"meta-llama/Llama-3.2-1B"``: this is the only
       case that uses the network (downloads into the Hugging Face cache).
 
@@ -221,15 +222,12 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
         raise ValueError(f"model must be a name, a folder or a hub id, got {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if _is_dip_ext_folder(path):
+        if _is_compacted_folder(path):
             import dip_ext
+            from transformers import AutoTokenizer
 
-            loader = getattr(dip_ext, "from_pretrained", None)
-            if loader is not None:
-                from transformers import AutoTokenizer
-
-                model = loader(path).to(dtype)
-                return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+            model = dip_ext.from_pretrained(path, dtype=dtype)
+            return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
         return _load_folder(path, dtype, device)
     if path.exists():
         raise ValueError(f"{path} is a file; pass the model's folder (the one holding config.json)")

@@ -77,6 +77,24 @@ def test_resolve_model_local_folder_and_dtype(tmp_path):
     assert tok("hello world")["input_ids"] == [1, 2]
 
 
+def test_resolve_model_compacted_folder_goes_through_dip_ext(tmp_path, monkeypatch):
+    import json
+
+    import dip_ext
+
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["disp_masks"] = {"layers": []}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    seen = []
+    monkeypatch.setattr(dip_ext, "from_pretrained", lambda p, **kw: seen.append((p, kw)) or _tiny_llama())
+    got, tok = zoo.resolve_model(tmp_path, dtype="fp16")
+    assert seen == [(tmp_path, {"dtype": torch.float16})]
+    assert tok("world")["input_ids"] == [2]
+
+
 def test_resolve_model_names(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(zoo, "load_default", lambda dtype, device: calls.append(("default", dtype)) or "D")
