@@ -1,0 +1,283 @@
+"""The DISP hypernetwork: training moves toward the budget, export meets it deterministically, checkpoints
+resume exactly, warm start reproduces its masks, bad input is refused clearly. Tiny random Llama only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dip_ext.families import adapter_for
+from dip_ext.masks import STRUCTURES, DispMasks
+from dip_ext.selection.budget import Budget
+from dip_ext.selection.hypernetwork import (CHECKPOINT_NAME, HyperNetwork, _batch_indices, export_masks,
+                                            learn_masks_hypernetwork)
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def dims(model):
+    return adapter_for(model).dims(model.config)
+
+
+def _run(model, blocks, ratio=0.5, **kw):
+    kw.setdefault("progress", False)
+    return learn_masks_hypernetwork(model, blocks, Budget.for_model(model, ratio), **kw)
+
+
+def _random_logits(dims, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{s: torch.randn(dims.size(s), generator=g) for s in STRUCTURES} for _ in range(dims.num_layers)]
+
+
+def _one_more_exceeds(budget, widths, dims):
+    """Some single added dimension would push the kept count over the target (the export is 'full')."""
+    for i in range(len(widths)):
+        for s in STRUCTURES:
+            if widths[i][s] < dims.size(s):
+                w = [dict(x) for x in widths]
+                w[i][s] += 1
+                if budget.kept_linear(w) > budget.target_linear:
+                    return True
+    return False
+
+
+def test_training_moves_kept_ratio_toward_target(model, blocks):
+    log, report = [], {}
+    masks = _run(model, blocks, steps=5, lr=0.05, log=log, report=report)
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
+    assert log[0]["kept_ratio"] == 1.0  # offset +3: everything kept at the start
+    assert all(set(e) >= {"step", "lm_loss", "budget_loss", "kept_ratio"} for e in log)
+    assert log[-1]["kept_ratio"] < log[0]["kept_ratio"] - 0.05
+    assert log[-1]["expected_ratio"] < log[0]["expected_ratio"]
+    # Gradients flowed only to the hypernetwork: the model is untouched and its flags are restored.
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert not model.training
+    budget = Budget.for_model(model, 0.5)
+    assert budget.kept_linear(masks.widths()) <= budget.target_linear
+    assert report["kept_decoder_linear"] == budget.kept_linear(masks.widths())
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_export_hits_budget(model, dims, ratio, seed):
+    budget = Budget.for_model(model, ratio)
+    masks, info = export_masks(_random_logits(dims, seed), budget)
+    widths = masks.widths()
+    kept = budget.kept_linear(widths)
+    assert kept <= budget.target_linear
+    assert _one_more_exceeds(budget, widths, dims)
+    assert info["kept_decoder_linear"] == kept
+    masks.validate(dims)
+
+
+def test_export_follows_scores_and_is_deterministic(model, dims):
+    budget = Budget.for_model(model, 0.3)
+    logits = _random_logits(dims, 3)
+    a, info = export_masks(logits, budget)
+    b, _ = export_masks([{s: t.clone() for s, t in layer.items()} for layer in logits], budget)
+    assert a == b
+    # One global threshold: every kept dim scores above it, every dropped one below (except the inputs of a
+    # block whose output set is empty: those are dropped because the block is gone).
+    kept_s, dropped_s = [], []
+    for layer, m in zip(logits, a.to_masks(dims)):
+        moot = set()
+        if m["attn_out"].sum() == 0:
+            moot.add("attn_in")
+        if m["mlp_out"].sum() == 0:
+            moot |= {"mlp_in", "mlp_mid"}
+        for s in STRUCTURES:
+            kept_s.append(layer[s][m[s] > 0] + 3.0)
+            if s not in moot:
+                dropped_s.append(layer[s][m[s] == 0] + 3.0)
+    assert torch.cat(kept_s).min() > info["threshold"] > torch.cat(dropped_s).max()
+
+
+def test_export_keeps_all_when_budget_allows_and_handles_huge_logits(model, dims):
+    budget = Budget.for_model(model, 0.5)
+    masks, _ = export_masks([{s: torch.full((dims.size(s),), -50.0) for s in STRUCTURES}
+                             for _ in range(dims.num_layers)], budget)
+    assert budget.kept_linear(masks.widths()) <= budget.target_linear
+    bad = _random_logits(dims, 0)
+    bad[1]["mlp_mid"][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        export_masks(bad, budget)
+    with pytest.raises(ValueError, match="multiple_of"):
+        export_masks(_random_logits(dims, 0), budget, multiple_of=0)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_multiple_of(model, dims, ratio):
+    budget = Budget.for_model(model, ratio)
+    logits = _random_logits(dims, 5)
+    masks, _ = export_masks(logits, budget, multiple_of=4)
+    for w in masks.widths():
+        assert all(w[s] % 4 == 0 for s in STRUCTURES), w
+    assert budget.kept_linear(masks.widths()) <= budget.target_linear
+    # The kept dims of each set are that set's highest-scoring ones.
+    for layer, idx in zip(logits, masks.layers):
+        for s in STRUCTURES:
+            k = idx[s].numel()
+            if k:
+                assert set(idx[s].tolist()) == set(layer[s].topk(k).indices.tolist())
+
+
+def test_training_export_multiple_of(model, blocks):
+    masks = _run(model, blocks, steps=2, lr=0.05, multiple_of=4)
+    assert all(w[s] % 4 == 0 for w in masks.widths() for s in STRUCTURES)
+
+
+def test_same_seed_same_masks_different_seed_differs(model, blocks):
+    a = _run(model, blocks, steps=2, lr=0.05, seed=3)
+    b = _run(model, blocks, steps=2, lr=0.05, seed=3)
+    c = _run(model, blocks, steps=2, lr=0.05, seed=4)
+    assert a == b
+    assert a != c
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(model, blocks, tmp_path):
+    kw = dict(steps=5, lr=0.05, seed=7, checkpoint_every=2)
+    full_log = []
+    full = _run(model, blocks, log=full_log, **kw)
+
+    def stop_at_3(entry):
+        if entry["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, blocks, checkpoint_dir=tmp_path, callback=stop_at_3, **kw)
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]  # no temp files left behind
+    resumed_log = []
+    resumed = _run(model, blocks, checkpoint_dir=tmp_path, resume=True, log=resumed_log, **kw)
+    assert [e["step"] for e in resumed_log] == [3, 4, 5]  # the last checkpoint was step 2
+    assert resumed == full
+    assert [e["lm_loss"] for e in resumed_log] == [e["lm_loss"] for e in full_log[2:]]
+
+
+def test_run_to_3_then_resume_to_5(model, blocks, tmp_path):
+    kw = dict(lr=0.05, seed=2, checkpoint_every=50)
+    full = _run(model, blocks, steps=5, **kw)
+    _run(model, blocks, steps=3, checkpoint_dir=tmp_path, **kw)  # the final checkpoint is written at the end
+    log = []
+    resumed = _run(model, blocks, steps=5, checkpoint_dir=tmp_path, resume=True, log=log, **kw)
+    assert [e["step"] for e in log] == [4, 5]
+    assert resumed == full
+    # Resuming a finished run trains nothing and exports the same masks.
+    log2 = []
+    assert _run(model, blocks, steps=5, checkpoint_dir=tmp_path, resume=True, log=log2, **kw) == full
+    assert log2 == []
+
+
+def test_checkpoint_refusals(model, blocks, tmp_path):
+    _run(model, blocks, steps=1, lr=0.05, seed=0, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="resume=True"):
+        _run(model, blocks, steps=2, lr=0.05, seed=0, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="different run.*seed"):
+        _run(model, blocks, steps=2, lr=0.05, seed=1, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="different run.*ratio"):
+        _run(model, blocks, ratio=0.3, steps=2, lr=0.05, seed=0, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="different run.*blocks"):
+        _run(model, blocks.flip(0), steps=2, lr=0.05, seed=0, checkpoint_dir=tmp_path, resume=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    header = json.dumps({"a": 1}).encode()  # a safetensors-looking length prefix and a foreign header
+    (foreign / CHECKPOINT_NAME).write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="not a .*checkpoint"):
+        _run(model, blocks, steps=2, checkpoint_dir=foreign, resume=True)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(foreign / CHECKPOINT_NAME), metadata={"format": "something.else"})
+    with pytest.raises(ValueError, match="not a dip_ext hypernetwork checkpoint"):
+        _run(model, blocks, steps=2, checkpoint_dir=foreign, resume=True)
+    # resume=True without a checkpoint starts fresh.
+    assert isinstance(_run(model, blocks, steps=1, lr=0.05, checkpoint_dir=tmp_path / "new", resume=True),
+                      DispMasks)
+
+
+def _init_masks(dims, budget, seed):
+    """Random masks that fill the budget exactly (so no dimension can be added)."""
+    masks, _ = export_masks(_random_logits(dims, seed), budget)
+    return masks, dataclasses.replace(budget, target_linear=int(budget.kept_linear(masks.widths())))
+
+
+def test_warm_start_reproduces_init_masks(model, dims):
+    init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=11)
+    h = HyperNetwork(dims, seed=0)
+    h.warm_start(init, offset=3.0)
+    logits = h()
+    for layer, m in zip(logits, init.to_masks(dims)):
+        for s in STRUCTURES:
+            want = torch.where(m[s] > 0, 0.0, -6.0)  # logit + 3 = +3 on kept, -3 on dropped
+            torch.testing.assert_close(layer[s], want, atol=1e-4, rtol=0)
+    exported, info = export_masks(logits, budget)
+    assert exported == init
+    assert info["threshold"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_warm_started_training_stays_near_init(model, blocks, dims):
+    init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=12)
+    log = []
+    masks = learn_masks_hypernetwork(model, blocks, budget, steps=1, init_masks=init, progress=False, log=log)
+    assert log[0]["kept_ratio"] == pytest.approx(budget.kept_ratio(init.widths()), abs=1e-6)
+    assert masks == init  # one step at lr 1e-3 cannot move a logit by 3
+
+
+def test_batch_order_is_seeded_epoch_shuffles():
+    n, bs = 5, 2
+    stream = torch.cat([_batch_indices(t, bs, n, seed=3) for t in range(5)])  # 10 = two epochs
+    assert sorted(stream[:5].tolist()) == list(range(5)) and sorted(stream[5:].tolist()) == list(range(5))
+    assert not torch.equal(stream[:5], stream[5:]) or n < 3
+    assert torch.equal(stream, torch.cat([_batch_indices(t, bs, n, seed=3) for t in range(5)]))
+    assert not torch.equal(stream, torch.cat([_batch_indices(t, bs, n, seed=4) for t in range(5)]))
+
+
+@pytest.mark.parametrize("bad, kw, err, match", [
+    ("blocks", dict(), ValueError, "empty"),
+    ("float", dict(), TypeError, "LongTensor"),
+    ("1d", dict(), TypeError, "2-D"),
+    ("list", dict(), TypeError, "LongTensor"),
+    ("vocab", dict(), ValueError, "outside"),
+    (None, dict(steps=0), ValueError, "steps"),
+    (None, dict(steps=2.5), ValueError, "steps"),
+    (None, dict(batch_size=0), ValueError, "batch_size"),
+    (None, dict(lr=0.0), ValueError, "lr"),
+    (None, dict(temperature=-1.0), ValueError, "temperature"),
+    (None, dict(lam=float("nan")), ValueError, "lam"),
+    (None, dict(multiple_of=0), ValueError, "multiple_of"),
+    (None, dict(checkpoint_every=0), ValueError, "checkpoint_every"),
+])
+def test_bad_input(model, blocks, bad, kw, err, match):
+    b = {"blocks": blocks[:0], "float": blocks.float(), "1d": blocks[0], "list": blocks.tolist(),
+         "vocab": blocks + 64, None: blocks}[bad]
+    with pytest.raises(err, match=match):
+        _run(model, b, **kw)
+
+
+def test_bad_budget_and_init_masks(model, blocks, dims):
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="budget was made"):
+        learn_masks_hypernetwork(model, blocks, Budget.for_model(other, 0.5), steps=1, progress=False)
+    with pytest.raises(TypeError, match="Budget"):
+        learn_masks_hypernetwork(model, blocks, 0.5, steps=1, progress=False)
+    wrong = DispMasks.full(dataclasses.replace(dims, num_layers=3))
+    with pytest.raises(ValueError, match="layers"):
+        _run(model, blocks, steps=1, init_masks=wrong)
