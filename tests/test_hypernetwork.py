@@ -61,6 +61,7 @@ def _one_more_exceeds(budget, widths, dims):
 
 def test_training_moves_kept_ratio_toward_target(model, blocks):
     log, report = [], {}
+    # lr 0.05, not the paper's 1e-3: the deterministic mask only changes once a logit moved by the offset (3).
     masks = _run(model, blocks, steps=5, lr=0.05, log=log, report=report)
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
     assert log[0]["kept_ratio"] == 1.0  # offset +3: everything kept at the start
@@ -184,6 +185,8 @@ def test_run_to_3_then_resume_to_5(model, blocks, tmp_path):
     log2 = []
     assert _run(model, blocks, steps=5, checkpoint_dir=tmp_path, resume=True, log=log2, **kw) == full
     assert log2 == []
+    with pytest.raises(ValueError, match="beyond steps=4"):
+        _run(model, blocks, steps=4, checkpoint_dir=tmp_path, resume=True, **kw)
 
 
 def test_checkpoint_refusals(model, blocks, tmp_path):

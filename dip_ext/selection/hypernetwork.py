@@ -421,6 +421,9 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         ckpt_path = _checkpoint_path(checkpoint_dir)
         if ckpt_path.exists():
             start = _resume_from(ckpt_path, resume, fingerprint, init_digest, batch_size, hnet, opt, gen)
+            if start > steps:
+                raise ValueError(f"{ckpt_path} is at step {start}, beyond steps={steps}; pass steps >= {start} "
+                                 f"(a run cannot go back) or use another checkpoint_dir")
     if start == 0 and init_masks is not None:
         hnet.warm_start(init_masks, offset=offset)
 
