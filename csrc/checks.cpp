@@ -112,6 +112,43 @@ void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum
   }
 }
 
+at::Tensor check_norm_gather_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& idx, double eps,
+                                  bool check_idx) {
+  check_activation(op, "x", x);
+  const int64_t d = x.size(-1);
+  check_same_device(op, "weight", weight, "x", x);
+  check_same_dtype(op, "weight", weight, "x", x);
+  check_vector(op, "weight", weight, d);
+  if (bias) {
+    check_same_device(op, "bias", *bias, "x", x);
+    check_same_dtype(op, "bias", *bias, "x", x);
+    check_vector(op, "bias", *bias, d);
+  }
+  TORCH_CHECK_VALUE(eps >= 0, "dip_ext.", op, ": eps must be >= 0, got ", eps);
+  return checked_index(op, idx, d, /*unique=*/false, check_idx, x);
+}
+
+at::Tensor check_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                  const at::Tensor& y, bool check_idx) {
+  check_residual_update(op, residual, y, "y");
+  at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
+  TORCH_CHECK_VALUE(y.size(-1) == ix.numel(), "dip_ext.", op, ": y has ", y.size(-1), " columns but idx has ",
+                    ix.numel(), " entries");
+  return ix;
+}
+
+at::Tensor check_gemm_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                       const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, bool check_idx) {
+  check_residual_update(op, residual, x, "x");
+  at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
+  check_linear(op, x, weight, bias, x.size(-1));
+  TORCH_CHECK_VALUE(weight.size(0) == ix.numel(), "dip_ext.", op, ": weight has ", weight.size(0),
+                    " rows (outputs) but idx has ", ix.numel(), " entries");
+  return ix;
+}
+
 at::Tensor linear_rows(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return bias ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
 }

@@ -36,10 +36,32 @@ void check_residual_update(const char* op, const at::Tensor& residual, const at:
 void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sumsq,
                       const std::optional<at::Tensor>& gram);
 
+// Whole-op argument checks shared by the CPU and CUDA glue; each returns the checked int64 idx.
+// norm + gather: x [..., d], weight [d], bias [d] or none (same dtype / device), eps >= 0, idx over [0, d).
+at::Tensor check_norm_gather_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& idx, double eps,
+                                  bool check_idx);
+// scatter_add_: residual [..., d], y [..., len(idx)], unique idx over [0, d).
+at::Tensor check_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                  const at::Tensor& y, bool check_idx);
+// gemm_scatter_add_: residual [..., d], x [..., k_in], weight [len(idx), k_in], bias [len(idx)], unique idx.
+at::Tensor check_gemm_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                       const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, bool check_idx);
+
 // Shared glue helpers.
 // rows [R, in] @ weight^T (+ bias) through the vendor GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA).
 at::Tensor linear_rows(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // The shape of x with the last dim replaced by `last`.
 std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last);
+
+// Runs update(rows) on a [rows, d] view of residual; copies back only when no in-place view existed.
+template <typename F>
+at::Tensor& update_residual_rows(at::Tensor& residual, F&& update) {
+  at::Tensor rows = as_rows(residual);
+  update(rows);
+  if (!rows.is_alias_of(residual)) residual.copy_(rows.view(residual.sizes()));
+  return residual;
+}
 
 }  // namespace dip_ext

@@ -1,0 +1,63 @@
+// Host launchers of the torch-free DISP kernels (csrc/cuda/*.cu). This header includes only CUDA runtime
+// headers so plain nvcc / g++ can use it without torch.
+//
+// Conventions for every launcher:
+//  - T is float, __half or __nv_bfloat16 (each launcher is explicitly instantiated for all three).
+//  - A "row view" is [rows, cols] with unit stride along cols and `*_stride` elements between rows.
+//  - idx arrays are int64 on the device and already validated (range, uniqueness where stated).
+//  - Nothing is launched when the work is empty; the return value is cudaGetLastError() after the
+//    launch(es), so callers can turn launch failures into exceptions.
+//  - 16-byte vector accesses are used when the pointers and row strides allow; otherwise scalar ones.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dip_ext::cuda {
+
+// out[r, j] = norm(x[r, :])[idx[j]] * weight[idx[j]] (+ bias[idx[j]]), statistics in fp32 over all d:
+//   RMSNorm  (layer_norm = false): x * rsqrt(mean(x^2) + eps)
+//   LayerNorm(layer_norm = true):  (x - mean) * rsqrt(var + eps), two-pass variance; bias may be null.
+// x row view [rows, d]; weight / bias [d]; out contiguous [rows, k].
+template <typename T>
+cudaError_t launch_norm_gather(const T* x, int64_t x_stride, const T* weight, const T* bias, const int64_t* idx,
+                               T* out, int64_t rows, int64_t d, int64_t k, float eps, bool layer_norm,
+                               cudaStream_t stream);
+
+// residual[r, idx[j]] += y[r, j] (added in fp32, rounded once). idx must be unique (no atomics).
+// residual row view [rows, d] (d only bounds idx); y row view [rows, k].
+template <typename T>
+cudaError_t launch_scatter_add(T* residual, int64_t residual_stride, const T* y, int64_t y_stride,
+                               const int64_t* idx, int64_t rows, int64_t k, cudaStream_t stream);
+
+// out[r, j] = x[r, idx[j]]; x row view [rows, d]; out contiguous [rows, k].
+template <typename T>
+cudaError_t launch_gather_columns(const T* x, int64_t x_stride, const int64_t* idx, T* out, int64_t rows,
+                                  int64_t k, cudaStream_t stream);
+
+// Largest token count the index-select GEMV handles; more tokens go gather + cuBLAS.
+inline constexpr int64_t kGemvMaxTokens = 16;
+
+// y[m, n] = sum_j x[m, idx[j]] * w[n, j] (+ bias[n]), fp32 accumulation, for 1 <= m_tokens <= 16.
+// x row view [m_tokens, d]; w row view [n_out, k] (w_stride >= k); bias [n_out] or null; y contiguous
+// [m_tokens, n_out].
+template <typename T>
+cudaError_t launch_index_select_gemv(const T* x, int64_t x_stride, const int64_t* idx, const T* w,
+                                     int64_t w_stride, const T* bias, T* y, int64_t m_tokens, int64_t k,
+                                     int64_t n_out, cudaStream_t stream);
+
+// Rows per fp32 partial of the statistics: the chunking is fixed, so results do not depend on the GPU.
+inline constexpr int64_t kStatsChunkRows = 256;
+inline int64_t stats_chunks(int64_t rows) { return (rows + kStatsChunkRows - 1) / kStatsChunkRows; }
+
+// sum[c] += sum_r x[r, c], sumsq[c] += sum_r x[r, c]^2. Deterministic two-stage reduction: stage 1 sums
+// each chunk of kStatsChunkRows rows in fp32 in a fixed order into `partial` (fp32, 2 * stats_chunks(rows)
+// * d, scratch owned by the caller); stage 2 adds the chunk partials of each channel in order in fp64.
+template <typename T>
+cudaError_t launch_calibration_stats(const T* x, int64_t x_stride, int64_t rows, int64_t d, float* partial,
+                                     double* sum, double* sumsq, cudaStream_t stream);
+
+}  // namespace dip_ext::cuda
