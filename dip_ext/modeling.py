@@ -64,8 +64,11 @@ DISP_CLASSES: dict[str, tuple[type, type]] = {}
 
 for _base, (_cfg, _model, _stem) in _FAMILY_CLASSES.items():
     _disp_cfg = type(f"DipExt{_stem}Config", (_cfg,), {"model_type": f"dip_ext_{_base}", "__module__": __name__})
+    _no_split = list(getattr(_model, "_no_split_modules", None) or [])
     _disp_model = type(f"DipExt{_stem}ForCausalLM", (DispModelMixin, _model),
-                       {"config_class": _disp_cfg, "__module__": __name__})
+                       {"config_class": _disp_cfg, "__module__": __name__,
+                        # compacted layers are named Disp<DenseLayer> (modules.family_layer_class)
+                        "_no_split_modules": _no_split + [f"Disp{n}" for n in _no_split]})
     globals()[_disp_cfg.__name__] = _disp_cfg
     globals()[_disp_model.__name__] = _disp_model
     DISP_CLASSES[_base] = (_disp_cfg, _disp_model)

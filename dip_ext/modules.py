@@ -151,3 +151,20 @@ def record_skipped_attention(cache, layer_idx: int, x: torch.Tensor) -> None:
         return
     z = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
     cache.update(z, z, layer_idx)
+
+
+_FAMILY_LAYER_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def family_layer_class(impl: type, dense_cls: type) -> type:
+    """``impl`` (a compacted layer) made a subclass of the dense layer class it replaces, too.
+
+    Hugging Face tooling finds decoder layers by class: output recording (``output_hidden_states``),
+    ``_no_split_modules`` for ``device_map="auto"``, FSDP auto-wrap policies. ``impl`` comes first in the MRO,
+    so its ``__init__``/``forward`` run; ``impl.__init__`` must not call the dense ``__init__``.
+    """
+    key = (impl, dense_cls)
+    if key not in _FAMILY_LAYER_CLASSES:
+        _FAMILY_LAYER_CLASSES[key] = type(f"Disp{dense_cls.__name__}", (impl, dense_cls),
+                                          {"__module__": impl.__module__, "__doc__": impl.__doc__})
+    return _FAMILY_LAYER_CLASSES[key]

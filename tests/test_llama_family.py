@@ -134,6 +134,22 @@ def test_kv_cache_and_padding(name):
     assert_close(out[1], full[1])
 
 
+def test_hidden_states_and_layer_classes():
+    dense, masks, compacted = reference_and_compacted("llama-gqa")
+    ids = torch.randint(0, BASE["vocab_size"], (1, 6))
+    with torch.no_grad():
+        with dip_ext.apply_masks(dense, masks):
+            ref = dense(ids, output_hidden_states=True).hidden_states
+        out = compacted(ids, output_hidden_states=True).hidden_states
+    assert len(out) == len(ref) == 5
+    for a, b in zip(out, ref):
+        assert_close(a, b)
+    # compacted layers are still decoder layers for HF tooling (device_map no-split, FSDP wrap policies)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    assert all(isinstance(layer, LlamaDecoderLayer) for layer in compacted.model.layers)
+    assert type(compacted.model.layers[0]).__name__ in type(compacted)._no_split_modules
+
+
 def test_generate_matches_reference():
     dense, masks, compacted = reference_and_compacted("llama-gqa", seed=3)
     ids = torch.randint(0, BASE["vocab_size"], (1, 5))

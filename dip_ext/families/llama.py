@@ -12,7 +12,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..masks import ModelDims
-from ..modules import IndexSet, RMSNormGather, compact_linear, record_skipped_attention, residual_add
+from ..modules import (IndexSet, RMSNormGather, compact_linear,
+                       family_layer_class, record_skipped_attention, residual_add)
 from .base import FamilyAdapter
 
 try:  # gradient checkpointing support for fine-tuning compacted models
@@ -34,7 +35,7 @@ class DispLlamaDecoderLayer(_LayerBase):
     """
 
     def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor]):
-        super().__init__()
+        _LayerBase.__init__(self)  # not the dense layer's __init__ (see family_layer_class)
         attn, mlp = dense.self_attn, dense.mlp
         self.layer_idx = attn.layer_idx
         if hasattr(dense, "attention_type"):
@@ -102,7 +103,7 @@ class LlamaAdapter(FamilyAdapter):
         }
 
     def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return DispLlamaDecoderLayer(layer, idx)
+        return family_layer_class(DispLlamaDecoderLayer, type(layer))(layer, idx)
 
     def linear_params(self, config, widths: dict[str, int]) -> dict[str, int]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

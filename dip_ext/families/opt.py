@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..masks import ModelDims
-from ..modules import IndexSet, LayerNormGather, compact_linear, record_skipped_attention, residual_add
+from ..modules import (IndexSet, LayerNormGather, compact_linear,
+                       family_layer_class, record_skipped_attention, residual_add)
 from .base import FamilyAdapter
 from .llama import _LayerBase, _cache_from
 
@@ -49,7 +50,7 @@ class DispOPTDecoderLayer(_LayerBase):
     """
 
     def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor]):
-        super().__init__()
+        _LayerBase.__init__(self)  # not the dense layer's __init__ (see family_layer_class)
         attn = dense.self_attn
         self.layer_idx = attn.layer_idx
         self.dropout = float(dense.dropout)
@@ -128,7 +129,7 @@ class OPTAdapter(FamilyAdapter):
         }
 
     def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return DispOPTDecoderLayer(layer, idx)
+        return family_layer_class(DispOPTDecoderLayer, type(layer))(layer, idx)
 
     def linear_params(self, config, widths: dict[str, int]) -> dict[str, int]:
         d = config.hidden_size

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..masks import ModelDims
-from ..modules import IndexSet, LayerNormGather, compact_linear, record_skipped_attention, residual_add
+from ..modules import (IndexSet, LayerNormGather, compact_linear,
+                       family_layer_class, record_skipped_attention, residual_add)
 from .base import FamilyAdapter
 from .llama import _LayerBase, _cache_from
 from .opt import biased_block_params
@@ -36,7 +37,7 @@ class DispPhiDecoderLayer(_LayerBase):
     """
 
     def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor]):
-        super().__init__()
+        _LayerBase.__init__(self)  # not the dense layer's __init__ (see family_layer_class)
         attn, mlp = dense.self_attn, dense.mlp
         self.layer_idx = attn.layer_idx
         self.resid_dropout = dense.resid_dropout
@@ -100,7 +101,7 @@ class PhiAdapter(FamilyAdapter):
         }
 
     def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return DispPhiDecoderLayer(layer, idx)
+        return family_layer_class(DispPhiDecoderLayer, type(layer))(layer, idx)
 
     def linear_params(self, config, widths: dict[str, int]) -> dict[str, int]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,180 @@
+"""The ``dip-ext`` command line (also ``python -m dip_ext``).
+
+    dip-ext prune                     # prune the embedded default model (SmolLM2-135M) into ./dip-out
+    dip-ext prune --model DIR --method oneshot --ratio 0.2 --out pruned/
+    dip-ext eval --model pruned/ --text ptb
+    dip-ext info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ONE line on stderr and exit code 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < r < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (fraction of parameters removed), got {text}")
+    return r
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .prune import METHODS
+
+    p = _Parser(prog="dip-ext", description="DISP-LLM structural pruning for Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pr = sub.add_parser("prune", help="learn DISP masks, compact the model, save it with a report",
+                        description="Prune a model with DISP and save the compacted model, report.json, report.md "
+                                    "and widths.png into --out.")
+    pr.add_argument("--model", default=None,
+                    help="model: a local Hugging Face folder, a hub id (downloads), or 'smollm2-135m' "
+                         "(default: the embedded SmolLM2-135M-Instruct, offline)")
+    pr.add_argument("--method", choices=METHODS, default="hypernetwork",
+                    help="hypernetwork: the paper's learned masks, warm-started from oneshot (default); "
+                         "oneshot: Fisher scores, no training (minutes on a CPU); dependent: one shared embedding "
+                         "subset (the dimension-dependent baseline)")
+    pr.add_argument("--ratio", type=_ratio, default=0.3,
+                    help="fraction of parameters removed, in (0, 1) (default 0.3)")
+    pr.add_argument("--ratio-of", choices=("decoder_linear", "total"), default="decoder_linear",
+                    help="what --ratio is a fraction of: the decoder linear layers (default) or all parameters "
+                         "(embeddings and norms are kept)")
+    pr.add_argument("--calibration", default="wiki",
+                    help="calibration text: wiki (default), ptb, wikitext2 (online) or file:PATH")
+    pr.add_argument("--calibration-windows", type=_positive, default=64, help="calibration windows (default 64)")
+    pr.add_argument("--seq-len", type=_positive, default=256, help="tokens per calibration window (default 256)")
+    pr.add_argument("--steps", type=_non_negative, default=200,
+                    help="hypernetwork training steps (default 200; 0 exports the warm start)")
+    pr.add_argument("--multiple-of", type=_positive, default=1,
+                    help="round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs)")
+    pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pr.add_argument("--out", default="dip-out", help="output folder (default ./dip-out)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from the checkpoints in OUT/work")
+    pr.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+    pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="weights dtype while pruning (default float32)")
+    pr.add_argument("--eval-windows", type=_non_negative, default=16,
+                    help="perplexity windows per text before/after (default 16; 0 skips evaluation)")
+    pr.add_argument("--no-speed", action="store_true", help="skip the prefill speed measurement")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="perplexity of a (pruned or dense) model on a text",
+                        description="Print the perplexity of a model on a text's held-out split.")
+    ev.add_argument("--model", default=None, help="folder, hub id or 'smollm2-135m' (default)")
+    ev.add_argument("--text", default="wiki", help="wiki (held-out 20 %%), ptb (test), wikitext2 (test), file:PATH")
+    ev.add_argument("--seq-len", type=_positive, default=512, help="window length in tokens (default 512)")
+    ev.add_argument("--max-windows", type=_positive, default=None, help="cap on windows (default: all)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ev.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("info", help="print how the extension was built (JSON)")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"dip-ext: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _prune(args) -> int:
+    from . import zoo
+    from .data import get_text
+    from .prune import prune_and_compact, validate_options
+
+    validate_options(args.method, args.ratio, args.ratio_of, args.multiple_of, args.steps)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        return _fail(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+                     "or --resume to continue an interrupted run")
+    if args.overwrite and args.resume:
+        return _fail("--overwrite and --resume contradict each other")
+    get_text(args.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+    model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=args.device)
+    eval_texts = ("wiki", "ptb") if args.eval_windows else ()
+    model, report = prune_and_compact(
+        model, tokenizer, ratio=args.ratio, calibration=args.calibration, method=args.method,
+        ratio_of=args.ratio_of, seq_len=args.seq_len, calibration_windows=args.calibration_windows,
+        steps=args.steps, multiple_of=args.multiple_of, seed=args.seed, eval_texts=eval_texts,
+        eval_windows=args.eval_windows or None, measure_speed=not args.no_speed, work_dir=out / "work",
+        resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report.save(out)
+    print(report.to_markdown())
+    print(f"saved the compacted model and report to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+    return 0
+
+
+def _eval(args) -> int:
+    from . import zoo
+    from .eval import perplexity
+
+    model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=args.device)
+    ppl = perplexity(model, tokenizer, args.text, seq_len=args.seq_len, max_windows=args.max_windows,
+                     progress=not args.quiet)
+    print(json.dumps({"model": args.model or zoo.DEFAULT_MODEL, "text": args.text, "seq_len": args.seq_len,
+                      "perplexity": ppl}))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "prune":
+            return _prune(args)
+        if args.command == "eval":
+            return _eval(args)
+        from . import build_info
+
+        print(json.dumps(build_info(), indent=1))
+        return 0
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one clear line
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print("dip-ext: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

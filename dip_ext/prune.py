@@ -1,0 +1,251 @@
+"""prune_and_compact: text → calibration → masks → compaction → report. What users run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationResult, run_calibration
+from .compaction import compact, is_compacted
+from .families import adapter_for
+from .masks import STRUCTURES, DispMasks
+from .params import param_report
+from .selection.budget import RATIO_OF, Budget
+
+METHODS = ("oneshot", "dependent", "hypernetwork")
+
+
+@dataclass
+class PruneReport:
+    """Everything prune_and_compact measured. ``to_dict`` is JSON-safe; ``save(dir)`` writes JSON, Markdown, PNG."""
+
+    model: str
+    method: str
+    ratio: float
+    ratio_of: str
+    options: dict
+    params_before: dict
+    params_after: dict
+    widths: list[dict]
+    full_widths: dict
+    perplexity_before: dict = field(default_factory=dict)
+    perplexity_after: dict = field(default_factory=dict)
+    tokens_per_second_before: Optional[float] = None
+    tokens_per_second_after: Optional[float] = None
+    seconds: dict = field(default_factory=dict)
+    masks: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def to_markdown(self) -> str:
+        b, a = self.params_before, self.params_after
+        lines = [f"# dip_ext pruning report: {self.model}", "",
+                 f"method **{self.method}**, target: remove **{100 * self.ratio:.1f} %** of "
+                 f"{'decoder-linear' if self.ratio_of == 'decoder_linear' else 'all'} parameters", "",
+                 "| | before | after | removed |", "|---|---:|---:|---:|",
+                 f"| total parameters | {b['total']:,} | {a['total']:,} | {100 * (1 - a['total'] / b['total']):.2f} % |",
+                 f"| decoder-linear parameters | {b['decoder_linear']:,} | {a['decoder_linear']:,} | "
+                 f"{100 * (1 - a['decoder_linear'] / b['decoder_linear']):.2f} % |"]
+        for name in self.perplexity_before:
+            before, after = self.perplexity_before[name], self.perplexity_after.get(name, float("nan"))
+            lines.append(f"| perplexity {name} | {before:.3f} | {after:.3f} | ×{after / before:.3f} |")
+        if self.tokens_per_second_before and self.tokens_per_second_after:
+            lines.append(f"| prefill tokens/s | {self.tokens_per_second_before:,.0f} | "
+                         f"{self.tokens_per_second_after:,.0f} | "
+                         f"×{self.tokens_per_second_after / self.tokens_per_second_before:.2f} speed |")
+        lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
+        lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
+                  "|---:|" + "---:|" * len(STRUCTURES)]
+        lines += [f"| {i} | " + " | ".join(str(w[s]) for s in STRUCTURES) + " |" for i, w in enumerate(self.widths)]
+        lines.append("| full | " + " | ".join(str(self.full_widths[s]) for s in STRUCTURES) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path) -> None:
+        """Kept width per layer and set, as a fraction of the full width (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        layers = range(len(self.widths))
+        for s in STRUCTURES:
+            ax.plot(layers, [w[s] / self.full_widths[s] for w in self.widths], marker="o", ms=3, label=s)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("kept fraction of the full width")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{self.model}: {self.method}, {100 * self.ratio:.0f} % of "
+                     f"{self.ratio_of.replace('_', '-')} parameters removed")
+        ax.grid(alpha=0.3)
+        ax.legend(ncol=5, fontsize=8, loc="lower center")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=1))
+        (folder / "report.md").write_text(self.to_markdown())
+        self.plot(folder / "widths.png")
+
+
+@contextmanager
+def _timed(seconds: dict, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _calibration_blocks(tokenizer, calibration, seq_len: int, windows: int) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype != torch.long or calibration.shape[0] == 0:
+            raise ValueError("calibration token blocks must be a non-empty LongTensor [n_windows, seq_len]")
+        return calibration[:windows]
+    if tokenizer is None:
+        raise ValueError(f"calibration text {calibration!r} needs a tokenizer (pass tokenizer=...)")
+    from . import data
+
+    return data.get_blocks(tokenizer, calibration, "calibration", seq_len, windows)
+
+
+def _evaluate(model, tokenizer, texts, seq_len, windows, progress) -> dict:
+    from .eval import perplexity
+
+    return {name: perplexity(model, tokenizer, name, seq_len=seq_len, max_windows=windows, progress=progress)
+            for name in texts}
+
+
+def _speed(model, seq_len: int) -> float:
+    from .eval import prefill_tokens_per_second
+
+    return prefill_tokens_per_second(model, seq_len=seq_len, batch=1, repeats=3)
+
+
+def _start_fresh(work: Path) -> None:
+    """Removes checkpoints a previous run left in ``work`` (a run without resume starts from scratch)."""
+    import shutil
+
+    (work / "calibration.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(work / "hypernetwork", ignore_errors=True)
+
+
+def validate_options(method: str, ratio: float, ratio_of: str, multiple_of: int, steps: int) -> None:
+    """Raises ValueError for bad options before any expensive work starts."""
+    from .selection.budget import check_ratio
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_ratio(ratio)
+    if ratio_of not in RATIO_OF:
+        raise ValueError(f"ratio_of must be one of {', '.join(RATIO_OF)}, got {ratio_of!r}")
+    if not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+
+
+def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method: str, *,
+                 calib: Optional[CalibrationResult] = None, multiple_of: int = 1, steps: int = 200,
+                 seed: int = 0, work_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
+                 hypernetwork_options: Optional[dict] = None) -> DispMasks:
+    """Masks for ``model`` meeting ``budget`` by ``method`` (the hypernetwork is warm-started from one-shot)."""
+    from .selection.oneshot import dependent_masks, oneshot_masks
+
+    if calib is None:
+        calib = run_calibration(model, blocks, progress=progress,
+                                checkpoint=work_dir / "calibration.safetensors" if work_dir else None)
+    if method == "dependent":
+        return dependent_masks(calib, budget, multiple_of)
+    masks = oneshot_masks(calib, budget, multiple_of)
+    if method == "oneshot" or steps == 0:
+        return masks
+    from .selection.hypernetwork import learn_masks_hypernetwork
+
+    return learn_masks_hypernetwork(
+        model, blocks, budget, steps=steps, init_masks=masks, seed=seed, multiple_of=multiple_of,
+        checkpoint_dir=work_dir / "hypernetwork" if work_dir else None, resume=resume, progress=progress,
+        **(hypernetwork_options or {}))
+
+
+def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
+                      calibration: Union[str, torch.Tensor] = "wiki", method: str = "hypernetwork", *,
+                      ratio_of: str = "decoder_linear", seq_len: int = 256, calibration_windows: int = 64,
+                      steps: int = 200, multiple_of: int = 1, seed: int = 0,
+                      eval_texts: tuple = ("wiki", "ptb"), eval_windows: Optional[int] = 16,
+                      eval_seq_len: int = 256, measure_speed: bool = True,
+                      work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
+                      progress: bool = True, model_name: Optional[str] = None,
+                      hypernetwork_options: Optional[dict] = None):
+    """Prunes ``model`` with DISP and compacts it in place; returns ``(model, PruneReport)``.
+
+    ``ratio``: fraction of decoder-linear parameters removed (``ratio_of="total"``: of all parameters).
+    ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``) or token blocks
+    ``[n, seq_len]``. ``method``: ``"hypernetwork"`` (the paper's; warm-started from one-shot, ``steps``
+    training steps), ``"oneshot"`` (Fisher scores, no training) or ``"dependent"`` (one shared embedding subset:
+    the baseline). ``work_dir`` keeps calibration and training checkpoints; ``resume=True`` continues from
+    them. ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
+    ``eval_seq_len`` tokens; empty to skip); prefill speed is measured unless ``measure_speed=False``.
+    """
+    validate_options(method, ratio, ratio_of, multiple_of, steps)
+    if is_compacted(model):
+        raise ValueError("the model is already compacted; prune the dense original")
+    adapter_for(model)  # unsupported architectures fail here, before any work
+    budget = Budget.for_model(model, ratio, ratio_of)
+    if eval_texts and tokenizer is None:
+        raise ValueError("evaluating perplexity needs a tokenizer (or pass eval_texts=())")
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    seconds: dict = {}
+    with _timed(seconds, "calibration data"):
+        blocks = _calibration_blocks(tokenizer, calibration, seq_len, calibration_windows)
+    before = param_report(model)
+    with _timed(seconds, "eval before"):
+        ppl_before = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress)
+        tps_before = _speed(model, eval_seq_len) if measure_speed else None
+    ckpt = work / "calibration.safetensors" if work is not None else None
+    if ckpt is not None and not resume:
+        _start_fresh(work)
+    with _timed(seconds, "calibration pass"):
+        calib = run_calibration(model, blocks, progress=progress, checkpoint=ckpt)  # resumes a partial checkpoint
+    with _timed(seconds, "selection"):
+        masks = select_masks(model, blocks, budget, method, calib=calib, multiple_of=multiple_of, steps=steps,
+                             seed=seed, work_dir=work, resume=resume, progress=progress,
+                             hypernetwork_options=hypernetwork_options)
+    with _timed(seconds, "compaction"):
+        compact(model, masks)
+    after = param_report(model)
+    with _timed(seconds, "eval after"):
+        ppl_after = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress)
+        tps_after = _speed(model, eval_seq_len) if measure_speed else None
+    for name, v in ppl_after.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"pruned model has non-finite perplexity on {name}")
+    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    report = PruneReport(
+        model=str(name), method=method, ratio=ratio, ratio_of=ratio_of,
+        options=dict(seq_len=seq_len, calibration=calibration if isinstance(calibration, str) else "tokens",
+                     calibration_windows=int(blocks.shape[0]), steps=steps if method == "hypernetwork" else 0,
+                     multiple_of=multiple_of, seed=seed, eval_windows=eval_windows, eval_seq_len=eval_seq_len),
+        params_before={"total": before.total, "decoder_linear": before.decoder_linear},
+        params_after={"total": after.total, "decoder_linear": after.decoder_linear,
+                      **budget.describe(masks.widths())},
+        widths=masks.widths(), full_widths=before.full_widths,
+        perplexity_before=ppl_before, perplexity_after=ppl_after,
+        tokens_per_second_before=tps_before, tokens_per_second_after=tps_after, seconds=seconds,
+        masks=masks.to_dict())
+    return model, report

@@ -1,0 +1,41 @@
+"""One-shot selection from calibration scores: DISP (independent sets) and the dimension-dependent baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibration import HIDDEN, CalibrationResult
+from ..masks import STRUCTURES, DispMasks
+from .budget import Budget
+from .greedy import GroupSpace, greedy_select
+
+
+def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
+    """DISP one-shot: every (layer, set) chooses its own dimensions by Fisher score per parameter saved."""
+    dims = calib.dims
+    groups = [[(i, s)] for i in range(dims.num_layers) for s in STRUCTURES]
+    unit_group, unit_index, unit_score = [], [], []
+    for g, [(i, s)] in enumerate(groups):
+        score = calib.scores[i][s]
+        unit_group.append(torch.full((score.numel(),), g, dtype=torch.long))
+        unit_index.append(torch.arange(score.numel()))
+        unit_score.append(score)
+    return greedy_select(GroupSpace(dims, groups), budget, torch.cat(unit_group), torch.cat(unit_index),
+                         torch.cat(unit_score).double(), multiple_of)
+
+
+def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
+    """Dimension-dependent baseline: ONE embedding subset shared by every block's input and output (what
+    regular structured pruning does to the residual stream), with a per-layer choice of MLP channels."""
+    dims = calib.dims
+    groups = [[(i, s) for i in range(dims.num_layers) for s in HIDDEN]]
+    groups += [[(i, "mlp_mid")] for i in range(dims.num_layers)]
+    unit_group = [torch.zeros(dims.hidden, dtype=torch.long)]
+    unit_index = [torch.arange(dims.hidden)]
+    unit_score = [calib.tied_hidden]
+    for i in range(dims.num_layers):
+        unit_group.append(torch.full((dims.ffn,), 1 + i, dtype=torch.long))
+        unit_index.append(torch.arange(dims.ffn))
+        unit_score.append(calib.scores[i]["mlp_mid"])
+    return greedy_select(GroupSpace(dims, groups), budget, torch.cat(unit_group), torch.cat(unit_index),
+                         torch.cat(unit_score).double(), multiple_of)
