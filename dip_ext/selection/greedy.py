@@ -40,7 +40,7 @@ def _slot_costs(space: GroupSpace, budget: Budget, slot_widths: torch.Tensor) ->
     w = slot_widths.clone().requires_grad_(True)
     kept = budget.kept_linear(space.widths(w))
     (grad,) = torch.autograd.grad(kept, w)
-    return grad.detach(), float(kept)
+    return grad.detach(), float(kept.detach())
 
 
 def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, unit_index: torch.Tensor,

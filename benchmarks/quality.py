@@ -1,0 +1,118 @@
+"""Quality and cost of the selection methods on the default model (issue 4).
+
+Held-out wiki perplexity and PTB test perplexity of dense, dependent, oneshot and hypernetwork (warm-started
+from oneshot) at several ratios of decoder-linear parameters removed, plus the one-shot wall time after load.
+One calibration pass (Fisher scores) serves every ratio and method; it is cached in --work.
+
+    python benchmarks/quality.py                                  # the RESULTS.md table
+    python benchmarks/quality.py --ratios 0.2 --steps 50 --eval-windows 4   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import dip_ext
+from dip_ext import zoo
+from dip_ext.calibration import CalibrationResult, run_calibration
+from dip_ext.data import get_blocks
+from dip_ext.eval import perplexity
+from dip_ext.selection import Budget
+from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
+
+TEXTS = {"wiki": "heldout", "ptb": "test"}
+
+
+def evaluate(model, tokenizer, args) -> dict:
+    return {name: perplexity(model, tokenizer, name, seq_len=args.seq_len, max_windows=args.eval_windows,
+                             split=split, progress=False) for name, split in TEXTS.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--methods", nargs="+", default=["dependent", "oneshot", "hypernetwork"])
+    p.add_argument("--hyper-ratios", type=float, nargs="*", default=None,
+                   help="ratios that also get a hypernetwork run (default: all --ratios)")
+    p.add_argument("--steps", type=int, default=300, help="hypernetwork steps per ratio")
+    p.add_argument("--lam", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--calibration-windows", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="benchmarks/results/quality-work")
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hyper_ratios = args.ratios if args.hyper_ratios is None else args.hyper_ratios
+
+    t0 = time.perf_counter()
+    dense, tokenizer = zoo.load_default()
+    load_s = time.perf_counter() - t0
+    blocks = get_blocks(tokenizer, "wiki", "calibration", args.seq_len, args.calibration_windows)
+    t0 = time.perf_counter()
+    calib = run_calibration(dense, blocks, checkpoint=work / "calibration.safetensors")
+    calib_s = time.perf_counter() - t0
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+               "threads": args.threads, "args": vars(args), "load_s": load_s, "calibration_s": calib_s,
+               "dense": evaluate(dense, tokenizer, args), "runs": []}
+    print(f"dense: {results['dense']}  (calibration pass {calib_s:.1f} s over {calib.windows} windows)")
+
+    for ratio in args.ratios:
+        budget = Budget.for_model(dense, ratio)
+        oneshot = None
+        for method in args.methods:
+            if method == "hypernetwork" and ratio not in hyper_ratios:
+                continue
+            t0 = time.perf_counter()
+            log: list = []
+            if method == "dependent":
+                masks = dependent_masks(calib, budget)
+            else:
+                oneshot = oneshot if oneshot is not None else oneshot_masks(calib, budget)
+                masks = oneshot
+                if method == "hypernetwork":
+                    from dip_ext.selection.hypernetwork import learn_masks_hypernetwork
+
+                    masks = learn_masks_hypernetwork(
+                        dense, blocks, budget, steps=args.steps, init_masks=oneshot, lam=args.lam, lr=args.lr,
+                        checkpoint_dir=work / f"hyper-{ratio}", resume=True, log=log)
+            select_s = time.perf_counter() - t0
+            model = dip_ext.compact(copy.deepcopy(dense), masks)
+            rep = dip_ext.param_report(model)
+            run = {"ratio": ratio, "method": method, "select_s": select_s,
+                   "removed_decoder_linear": rep.removed_decoder_linear, "removed_total": rep.removed_total,
+                   "ppl": evaluate(model, tokenizer, args)}
+            if method == "oneshot":
+                run["oneshot_wall_after_load_s"] = calib_s + select_s
+            if log:
+                run["hyper_log_tail"] = log[-5:]
+                run["hyper_steps"] = args.steps
+            results["runs"].append(run)
+            print(f"{method:>12} {100 * ratio:4.0f} %: removed {100 * rep.removed_decoder_linear:.2f} % "
+                  f"decoder-linear, ppl wiki {run['ppl']['wiki']:.2f} ptb {run['ppl']['ptb']:.2f} "
+                  f"({select_s:.1f} s)", flush=True)
+            del model
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+    dw, dp = results["dense"]["wiki"], results["dense"]["ptb"]
+    print(f"\n| ratio | method | wiki ppl (×dense) | ptb ppl (×dense) |\n|---:|---|---:|---:|\n"
+          f"| 0 | dense | {dw:.2f} | {dp:.2f} |")
+    for r in results["runs"]:
+        print(f"| {100 * r['ratio']:.0f} % | {r['method']} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
+              f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
