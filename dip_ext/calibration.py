@@ -164,6 +164,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                 ids = blocks[w:w + 1].to(device)
                 loss = model(input_ids=ids, labels=ids).loss
                 if not torch.isfinite(loss):
+                    _check_finite(result)  # names the first layer whose activations went non-finite
                     raise ValueError(f"non-finite loss on calibration window {w}: the model or its input is broken")
                 grads = torch.autograd.grad(loss, flat)
                 tied = torch.zeros(dims.hidden, dtype=torch.float64)
@@ -193,8 +194,10 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
 
 
 def _check_finite(result: CalibrationResult) -> None:
-    for p, per_layer in result.stats.items():
-        for i, st in enumerate(per_layer):
+    # layer by layer, points in forward order: a NaN spreads downstream, so the first hit is where it started
+    for i in range(result.dims.num_layers):
+        for p in (p for p in STAT_POINTS if p in result.stats):
+            st = result.stats[p][i]
             if not (torch.isfinite(st.sum).all() and torch.isfinite(st.sumsq).all()):
                 raise ValueError(f"non-finite calibration activations at layer {i} ({p}): NaN/inf in the model's "
                                  "activations (check the weights / dtype; fp16 may overflow)")
