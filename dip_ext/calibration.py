@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
@@ -117,19 +118,32 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     One window per forward/backward (the Fisher needs per-window gradients). With ``checkpoint`` (a file path)
     the partial result is saved every ``checkpoint_every`` windows and a rerun resumes from it. Raises
     ValueError on non-finite activations or loss (names the layer / window).
+
+    Data-parallel (``torch.distributed`` initialised; every rank passes the same blocks): the windows are
+    dealt out in rounds of ``world_size`` (rank ``r`` takes window ``k * world_size + r`` of round ``k``),
+    and the per-rank partial sums (scores, tied score, activation statistics, per-window losses) are summed
+    across ranks before every checkpoint and at the end, so every rank returns the same result: the
+    one-process sums, up to the rounding of the different summation order. Only rank 0 reads and writes the
+    checkpoint (the others receive what it read); a checkpoint always holds complete, reduced rounds.
     """
     blocks = _check_blocks(blocks)
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     device = _model_device(model)
-    result = CalibrationResult.empty(dims)
-    if checkpoint is not None and Path(checkpoint).is_file():
-        result = CalibrationResult.load(checkpoint)
-        if result.dims != dims:
-            raise ValueError(f"{checkpoint}: calibration checkpoint of another model ({result.dims} vs {dims})")
+    world, rank = dist.world_size(), dist.rank()
+    result = _load_checkpoint(checkpoint)
+    if result is None:
+        result = CalibrationResult.empty(dims)
+    elif result.dims != dims:
+        raise ValueError(f"{checkpoint}: calibration checkpoint of another model ({result.dims} vs {dims})")
     start = result.windows
     if start > blocks.shape[0]:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {blocks.shape[0]} were given")
+
+    # With peers, this rank's windows accumulate into `acc` and are folded into `result` at each sync; alone,
+    # `acc` IS `result` (the one-process sums stay exactly what they always were).
+    acc = result if world == 1 else CalibrationResult.empty(dims)
+    pending_losses: list[tuple[int, float]] = []
 
     ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in STRUCTURES}
             for _ in range(dims.num_layers)]
@@ -140,6 +154,9 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
         if not result.stats:
             result.stats = {p: [CalibrationStats.empty(dims.size(s)) for _ in range(dims.num_layers)]
                             for p, s in STAT_POINTS.items()}
+        if acc is not result:
+            acc.stats = {p: [CalibrationStats.empty(dims.size(s)) for _ in range(dims.num_layers)]
+                         for p, s in STAT_POINTS.items()}
         for i, layer in enumerate(layers):
             points = adapter.mask_points(layer)
             for p, s in STAT_POINTS.items():
@@ -148,7 +165,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                 def hook(mod, args, p=p, i=i):
                     x = args[0].detach()
                     if x.dim() in (2, 3):  # OPT runs its MLP on [tokens, d]
-                        result.stats[p][i].merge(calibration_stats(x))
+                        acc.stats[p][i].merge(calibration_stats(x))
                 hooks.append(module.register_forward_pre_hook(hook))
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -158,39 +175,109 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
         for p, _ in frozen:
             p.requires_grad_(False)
         with MaskedModel(model, ones):
-            bar = tqdm(range(start, blocks.shape[0]), desc="calibration (Fisher)", disable=not progress,
-                       initial=start, total=blocks.shape[0])
-            for w in bar:
-                ids = blocks[w:w + 1].to(device)
-                loss = model(input_ids=ids, labels=ids).loss
-                if not torch.isfinite(loss):
-                    _check_finite(result)  # names the first layer whose activations went non-finite
-                    raise ValueError(f"non-finite loss on calibration window {w}: the model or its input is broken")
-                grads = torch.autograd.grad(loss, flat)
-                tied = torch.zeros(dims.hidden, dtype=torch.float64)
-                for k, g in enumerate(grads):
-                    i, s = divmod(k, len(STRUCTURES))
-                    g64 = g.detach().double().cpu()
-                    result.scores[i][STRUCTURES[s]] += g64 * g64
-                    if STRUCTURES[s] in HIDDEN:
-                        tied += g64
-                result.tied_hidden += tied * tied
-                result.losses.append(float(loss.detach()))
-                result.windows = w + 1
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                if checkpoint is not None and (result.windows % checkpoint_every == 0):
+            n = blocks.shape[0]
+            bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
+            for first in range(start, n, world):  # one round: windows first .. first + world - 1
+                w = first + rank
+                if w < n:
+                    ids = blocks[w:w + 1].to(device)
+                    loss = model(input_ids=ids, labels=ids).loss
+                    if not torch.isfinite(loss):
+                        _check_finite(acc)  # names the first layer whose activations went non-finite
+                        raise ValueError(f"non-finite loss on calibration window {w}: the model or its input is "
+                                         f"broken")
+                    grads = torch.autograd.grad(loss, flat)
+                    tied = torch.zeros(dims.hidden, dtype=torch.float64)
+                    for k, g in enumerate(grads):
+                        i, s = divmod(k, len(STRUCTURES))
+                        g64 = g.detach().double().cpu()
+                        acc.scores[i][STRUCTURES[s]] += g64 * g64
+                        if STRUCTURES[s] in HIDDEN:
+                            tied += g64
+                    acc.tied_hidden += tied * tied
+                    if world == 1:
+                        result.losses.append(float(loss.detach()))
+                    else:
+                        pending_losses.append((w, float(loss.detach())))
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                done = min(first + world, n)
+                bar.update(done - first)
+                if world == 1:
+                    result.windows = done
+                if checkpoint is not None and done // checkpoint_every > first // checkpoint_every:
+                    _sync(result, acc, pending_losses, done)
                     _check_finite(result)
-                    result.save(checkpoint)
+                    _save_on_main(result, checkpoint)
+            bar.close()
     finally:
         for h in hooks:
             h.remove()
         for p, req in frozen:
             p.requires_grad_(req)
         model.train(was_training)
+    if result.windows < blocks.shape[0]:
+        _sync(result, acc, pending_losses, blocks.shape[0])
     _check_finite(result)
     if checkpoint is not None:
-        result.save(checkpoint)
+        _save_on_main(result, checkpoint)
     return result
+
+
+def _load_checkpoint(checkpoint) -> Optional[CalibrationResult]:
+    """The checkpoint as rank 0 reads it, on every rank (None when there is none); errors raise on all."""
+    if checkpoint is None:
+        return None
+    if dist.world_size() == 1:
+        return CalibrationResult.load(checkpoint) if Path(checkpoint).is_file() else None
+    payload = ("none", None)
+    if dist.is_main():
+        try:
+            payload = ("ok", CalibrationResult.load(checkpoint)) if Path(checkpoint).is_file() else payload
+        except ValueError as e:
+            payload = ("error", str(e))
+    kind, value = dist.broadcast_object(payload)
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+def _save_on_main(result: CalibrationResult, checkpoint) -> None:
+    if dist.is_main():
+        result.save(checkpoint)
+    dist.barrier()  # nobody runs ahead (and may fail) before the reduced rounds are on disk
+
+
+def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: list, done: int) -> None:
+    """Folds every rank's partial sums ``acc`` (reset afterwards) into ``result``, which then covers windows
+    ``[0, done)`` on every rank. Alone, ``acc`` is ``result`` and nothing needs folding."""
+    if acc is result:
+        result.windows = done
+        return
+    stats = [st for point in STAT_POINTS for st in acc.stats.get(point, [])]
+    tensors = [t for layer in acc.scores for t in layer.values()] + [acc.tied_hidden]
+    for st in stats:
+        tensors += [st.sum, st.sumsq] + ([st.gram] if st.gram is not None else [])
+    counts = torch.tensor([st.count for st in stats], dtype=torch.int64)
+    dist.all_reduce_sum_(tensors + [counts])
+    for mine, theirs in zip(result.scores, acc.scores):
+        for s in STRUCTURES:
+            mine[s] += theirs[s]
+            theirs[s].zero_()
+    result.tied_hidden += acc.tied_hidden
+    acc.tied_hidden.zero_()
+    totals = [st for point in STAT_POINTS for st in result.stats.get(point, [])]
+    for total, st, c in zip(totals, stats, counts.tolist()):
+        st.count = c
+        total.merge(st)
+        st.count = 0
+        for t in (st.sum, st.sumsq, st.gram):
+            if t is not None:
+                t.zero_()
+    # per-window losses in window order, as one process would have recorded them
+    gathered = sorted(x for part in dist.all_gather_object(list(pending_losses)) for x in part)
+    result.losses.extend(loss for _, loss in gathered)
+    pending_losses.clear()
+    result.windows = done
 
 
 def _check_finite(result: CalibrationResult) -> None:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dist
 from ..families import adapter_for
 from ..masking import apply_masks
 from ..masks import STRUCTURES, DispMasks, ModelDims
@@ -396,6 +397,18 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         callback: called with each step's log dict after that step (and its checkpoint); may raise to stop.
         report: if given, updated with the export info (kept/target parameters, threshold) and the run
             summary.
+
+    Data-parallel (``torch.distributed`` initialised, e.g. by :func:`dip_ext.distributed.init_from_env` under
+    torchrun): every rank calls this with the same arguments. Step ``t`` draws one global batch of
+    ``batch_size * world_size`` windows from the seeded order and rank ``r`` trains on its ``r``-th share of
+    ``batch_size``; the hypernetwork gradients (and the LM loss, for the log) are averaged across ranks before
+    the AdamW step. The Gumbel noise comes from the same seeded generator on every rank, so all ranks sample
+    the same masks and keep identical hypernetworks; the exported masks are checked to be equal on all ranks.
+    Only rank 0 writes checkpoints (all ranks wait for it) and shows the progress bar; on resume rank 0 reads
+    the checkpoint and sends it to the others. The fingerprint records the GLOBAL batch, so a checkpoint
+    resumes under any world size with the same global batch (e.g. written by 2 ranks of batch 1, resumed by
+    1 process of batch 2). Wrap the caller in :func:`dip_ext.distributed.fail_fast` so that an error on one
+    rank ends the job instead of leaving the others waiting in a collective.
     """
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
@@ -405,11 +418,14 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         init_masks.validate(dims)
     device = next(model.parameters()).device
     blocks = blocks.cpu()
+    world, rank = dist.world_size(), dist.rank()
+    global_batch = batch_size * world
     fingerprint = _fingerprint(model, dims, budget, blocks, seed=seed, lam=lam, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, offset=offset,
-                               batch_size=batch_size)
-    init_digest = None if init_masks is None else hashlib.sha256(
-        json.dumps(init_masks.to_config(dims)).encode()).hexdigest()[:16]
+                               batch_size=global_batch)
+    init_digest = None if init_masks is None else _masks_digest(init_masks, dims)
+    if world > 1:  # ranks given different data or settings would silently train different hypernetworks
+        dist.check_same((fingerprint, init_digest, steps, checkpoint_dir is None), "run settings")
 
     hnet = HyperNetwork(dims, seed=seed).to(device)
     opt = _adamw(hnet, lr, weight_decay)
@@ -419,8 +435,10 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     ckpt_path = None
     if checkpoint_dir is not None:
         ckpt_path = _checkpoint_path(checkpoint_dir)
-        if ckpt_path.exists():
-            start = _resume_from(ckpt_path, resume, fingerprint, init_digest, batch_size, hnet, opt, gen)
+        loaded = _read_on_main(ckpt_path)
+        if loaded is not None:
+            start = _resume_from(ckpt_path, loaded, resume, fingerprint, init_digest, global_batch, hnet, opt,
+                                 gen)
             if start > steps:
                 raise ValueError(f"{ckpt_path} is at step {start}, beyond steps={steps}; pass steps >= {start} "
                                  f"(a run cannot go back) or use another checkpoint_dir")
@@ -429,8 +447,10 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
 
     def save(step: int) -> None:
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, hnet, opt, gen, step, step * batch_size, fingerprint,
-                             {"init_masks": init_digest, "time": time.time()})
+            if rank == 0:
+                _save_checkpoint(ckpt_path, hnet, opt, gen, step, step * global_batch, fingerprint,
+                                 {"init_masks": init_digest, "time": time.time(), "world_size": world})
+            dist.barrier()  # a peer that fails after this point leaves a checkpoint every rank had reached
 
     saved_flags = [(q, q.requires_grad) for q in model.parameters()]
     was_training = model.training
@@ -444,20 +464,24 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             if start < steps:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=steps, initial=start, desc="hypernetwork", unit="step", disable=not progress,
-                           dynamic_ncols=True)
+                bar = tqdm(total=steps, initial=start, desc="hypernetwork", unit="step",
+                           disable=not progress or rank != 0, dynamic_ncols=True)
             for step in range(start, steps):
                 t0 = time.perf_counter()
-                ids = blocks[_batch_indices(step, batch_size, blocks.shape[0], seed)].to(device)
+                order = _batch_indices(step, global_batch, blocks.shape[0], seed)
+                ids = blocks[order[rank * batch_size:(rank + 1) * batch_size]].to(device)
                 lm_loss, budget_loss, r, expected = _losses(hnet, masked, model, ids, budget, gen, lam=lam,
                                                             temperature=temperature, offset=offset)
                 loss = lm_loss + budget_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"hypernetwork loss became {float(loss)} at step {step + 1} "
-                                             f"(LM loss {float(lm_loss)}); lower lr or check the model / "
-                                             f"blocks")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if world == 1:
+                    _check_loss(loss, lm_loss, step)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    lm_loss = _average_grads(hnet, lm_loss, world)
+                    _check_loss(lm_loss + budget_loss, lm_loss, step)  # the same verdict on every rank
                 opt.step()
                 entry = {"step": step + 1, "lm_loss": lm_loss.item(), "budget_loss": budget_loss.item(),
                          "kept_ratio": r, "expected_ratio": expected, "seconds": time.perf_counter() - t0}
@@ -480,11 +504,40 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
 
     with torch.no_grad():
         masks, info = export_masks(hnet(), budget, offset=offset, multiple_of=multiple_of)
+    if world > 1:
+        dist.check_same(_masks_digest(masks, dims), "exported masks")
     if report is not None:
         report.update(info)
         report.update({"steps": steps, "start_step": start, "train_seconds": time.perf_counter() - t_start,
                        "warm_start": init_masks is not None})
     return masks
+
+
+def _masks_digest(masks: DispMasks, dims: ModelDims) -> str:
+    return hashlib.sha256(json.dumps(masks.to_config(dims)).encode()).hexdigest()[:16]
+
+
+def _check_loss(loss: torch.Tensor, lm_loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"hypernetwork loss became {float(loss)} at step {step + 1} "
+                                 f"(LM loss {float(lm_loss)}); lower lr or check the model / blocks")
+
+
+def _average_grads(hnet: nn.Module, lm_loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Averages the hypernetwork gradients over the ranks in place (one collective, the LM loss riding
+    along); returns the global mean LM loss.
+
+    Every rank's LM loss is the mean over its equal share of windows of equal length, so the mean of the
+    ranks' gradients is the gradient of the global batch's mean loss. The budget term is the same on every
+    rank and its gradient survives the averaging unchanged.
+    """
+    lm = lm_loss.detach().reshape(1).to(torch.float32).clone()
+    grads = [p.grad for p in hnet.parameters()]
+    dist.all_reduce_sum_(grads + [lm])
+    for g in grads:
+        if g is not None:
+            g.div_(world)
+    return (lm / world).reshape(())
 
 
 def _checkpoint_path(checkpoint_dir) -> Path:
@@ -495,11 +548,32 @@ def _checkpoint_path(checkpoint_dir) -> Path:
     return ckpt_dir / CHECKPOINT_NAME
 
 
-def _resume_from(path: Path, resume: bool, fingerprint: dict, init_digest, batch_size: int, hnet, opt,
-                 gen) -> int:
-    """Loads the checkpoint at ``path`` into hnet / opt / gen after checking it is this run's; returns its
-    step."""
-    tensors, meta = _read_checkpoint(path)
+def _read_on_main(path: Path):
+    """``(tensors, meta)`` of the checkpoint at ``path`` as rank 0 sees it, on every rank; None if rank 0 has
+    none.
+
+    Only rank 0 reads (its disk holds the checkpoints it wrote, shared or not); the others receive the content,
+    so every rank restores the same state and raises the same error for a bad file.
+    """
+    if dist.world_size() == 1:
+        return _read_checkpoint(path) if path.exists() else None
+    payload = None
+    if dist.is_main():
+        try:
+            payload = ("ok", _read_checkpoint(path)) if path.exists() else ("none", None)
+        except ValueError as e:
+            payload = ("error", str(e))
+    kind, value = dist.broadcast_object(payload)
+    if kind == "error":
+        raise ValueError(value)
+    return value if kind == "ok" else None
+
+
+def _resume_from(path: Path, loaded: tuple[dict, dict], resume: bool, fingerprint: dict, init_digest,
+                 batch_size: int, hnet, opt, gen) -> int:
+    """Loads the checkpoint ``loaded`` (read from ``path``) into hnet / opt / gen after checking it is this
+    run's; returns its step. ``batch_size`` is the global batch (all ranks together)."""
+    tensors, meta = loaded
     if not resume:
         raise ValueError(f"{path} already holds a hypernetwork checkpoint (step {meta.get('step')}); "
                          f"pass resume=True to continue it, or use another checkpoint_dir")
