@@ -483,3 +483,40 @@ def test_build_info_keys():
     assert info["torch_version"].split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
     assert (info["cuda_archs"] is None) == (not info["cuda"])
+
+
+_PATHS_SCRIPT = r"""
+import sys, torch, dip_ext
+from dip_ext import ops
+gen = torch.Generator().manual_seed(21)
+out = {}
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    x = torch.randn(9, 83, generator=gen).to(dt)
+    w = torch.randn(83, generator=gen).to(dt)
+    idx = torch.randperm(83, generator=gen)[:50].sort().values  # sorted: the AVX-512 path where available
+    r = torch.randn(9, 83, generator=gen).to(dt)
+    ops.scatter_add_(r, idx, x[:, :50])
+    out[str(dt)] = [ops.rms_norm_gather(x, w, idx, 1e-6), ops.layer_norm_gather(x, w, w, idx, 1e-6),
+                    ops.index_select_gemm(x, idx, torch.eye(50).to(dt)), r]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_simd_and_scalar_paths_agree(tmp_path):
+    """DIP_EXT_NO_AVX512=1 forces the scalar loops: both paths must give the same results (sorted idx)."""
+    import os
+    import subprocess
+    import sys
+    files = {}
+    for flag in ("0", "1"):
+        files[flag] = tmp_path / f"out{flag}.pt"
+        env = dict(os.environ, DIP_EXT_NO_AVX512=flag)
+        subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(files[flag])], env=env, check=True)
+    simd, scalar = torch.load(files["0"]), torch.load(files["1"])
+    for dt, dtype in zip(simd, DTYPES):
+        for name, a, b in zip(["rms", "ln", "gather_gemm", "scatter"], simd[dt], scalar[dt]):
+            if name == "scatter":  # same float add, same rounding: bit-exact
+                assert torch.equal(a, b), (dt, name)
+            else:  # the norm statistics are summed in another order
+                assert_close(a, b, dtype)

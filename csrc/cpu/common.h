@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/avx512.h"
+
 namespace dip_ext::cpu {
 
 // Rows per parallel task: enough work per task to hide the threading overhead.
@@ -15,6 +17,12 @@ inline at::Tensor gather_columns(const at::Tensor& rows, const at::Tensor& idx) 
   at::Tensor out = at::empty({R, k}, rows.options());
   if (R == 0 || k == 0) return out;
   const int64_t* ip = idx.const_data_ptr<int64_t>();
+  if (const auto plan = avx512_plan(ip, k, rows.size(1))) {
+    at::parallel_for(0, R, grain_rows(k), [&](int64_t r0, int64_t r1) {
+      avx512_gather_rows(rows.scalar_type(), rows.const_data_ptr(), rs, out.mutable_data_ptr(), k, r0, r1, *plan);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "dip_ext_gather_columns", [&] {
     const scalar_t* xp = rows.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();

@@ -77,6 +77,14 @@ at::Tensor norm_gather(const char* op, bool layer_norm, const at::Tensor& x, con
   if (rows.size(0) > 0 && ix.numel() > 0) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    if (const auto plan = cpu::avx512_plan(ix.const_data_ptr<int64_t>(), ix.numel(), d)) {
+      at::parallel_for(0, rows.size(0), cpu::grain_rows(d), [&](int64_t r0, int64_t r1) {
+        cpu::avx512_norm_gather_rows(x.scalar_type(), layer_norm, rows.const_data_ptr(), rows.stride(0),
+                                     w.const_data_ptr(), bias ? b.const_data_ptr() : nullptr,
+                                     static_cast<float>(eps), out.mutable_data_ptr(), ix.numel(), r0, r1, *plan);
+      });
+      return out.view(with_last_dim(x, ix.numel()));
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dip_ext_norm_gather", [&] {
       if (layer_norm)
         norm_gather_rows<scalar_t, true>(rows, w, bias ? &b : nullptr, ix, static_cast<float>(eps), out);

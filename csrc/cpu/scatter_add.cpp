@@ -16,6 +16,13 @@ void scatter_rows(at::Tensor& rows_r, const at::Tensor& rows_y, const at::Tensor
   const int64_t R = rows_r.size(0), k = idx.numel(), rs = rows_r.stride(0), ys = rows_y.stride(0);
   if (R == 0 || k == 0) return;
   const int64_t* ip = idx.const_data_ptr<int64_t>();
+  if (const auto plan = cpu::avx512_plan(ip, k, rows_r.size(1))) {
+    at::parallel_for(0, R, cpu::grain_rows(k), [&](int64_t r0, int64_t r1) {
+      cpu::avx512_scatter_add_rows(rows_r.scalar_type(), rows_r.mutable_data_ptr(), rs, rows_y.const_data_ptr(), ys,
+                                   r0, r1, *plan);
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows_r.scalar_type(), "dip_ext_scatter_add", [&] {
     scalar_t* rp = rows_r.mutable_data_ptr<scalar_t>();
     const scalar_t* yp = rows_y.const_data_ptr<scalar_t>();
