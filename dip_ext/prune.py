@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .calibration import CalibrationResult, run_calibration
 from .compaction import compact, is_compacted
 from .families import adapter_for
@@ -199,6 +200,9 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     the baseline). ``work_dir`` keeps calibration and training checkpoints; ``resume=True`` continues from
     them. ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
     ``eval_seq_len`` tokens; empty to skip); prefill speed is measured unless ``measure_speed=False``.
+    Under ``torch.distributed`` every rank calls this: calibration and mask learning run data-parallel (see
+    ``docs/distributed.md``), every rank returns the same compacted model, and only rank 0 evaluates (the
+    other ranks' reports have no perplexity or speed).
     """
     validate_options(method, ratio, ratio_of, multiple_of, steps)
     if is_compacted(model):
@@ -207,6 +211,8 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     budget = Budget.for_model(model, ratio, ratio_of)
     if eval_texts and tokenizer is None:
         raise ValueError("evaluating perplexity needs a tokenizer (or pass eval_texts=())")
+    if not dist.is_main():  # data-parallel: rank 0 evaluates and reports, the others only help select masks
+        eval_texts, measure_speed = (), False
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
@@ -219,7 +225,9 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
         tps_before = _speed(model, eval_seq_len) if measure_speed else None
     ckpt = work / "calibration.safetensors" if work is not None else None
     if ckpt is not None and not resume:
-        _start_fresh(work)
+        if dist.is_main():
+            _start_fresh(work)
+        dist.barrier()  # no rank may find the old checkpoints before rank 0 removed them
     with _timed(seconds, "calibration pass"):
         calib = run_calibration(model, blocks, progress=progress, checkpoint=ckpt)  # resumes a partial checkpoint
     with _timed(seconds, "selection"):
