@@ -4,6 +4,7 @@
     dip-ext prune --model DIR --method oneshot --ratio 0.2 --out pruned/
     dip-ext eval --model pruned/ --text ptb
     dip-ext info
+    torchrun --nproc_per_node=4 -m dip_ext prune --device cuda ...   # data-parallel (docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+from . import distributed as dist
 
 EXIT_USAGE = 2
 
@@ -122,15 +125,21 @@ def _prune(args) -> int:
 
     validate_options(args.method, args.ratio, args.ratio_of, args.multiple_of, args.steps)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+    # Under torchrun rank 0 decides (the others could already see its work folder) and tells everyone.
+    occupied = dist.broadcast_object(out.exists() and any(out.iterdir()) if dist.is_main() else None)
+    if occupied and not (args.overwrite or args.resume):
         return _fail(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
                      "or --resume to continue an interrupted run")
     if args.overwrite and args.resume:
         return _fail("--overwrite and --resume contradict each other")
     get_text(args.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
-    if args.overwrite and out.exists():
+    if args.overwrite and out.exists() and dist.is_main():
         shutil.rmtree(out)
-    model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=args.device)
+    dist.barrier()
+    device = args.device
+    if dist.world_size() > 1 and device == "cuda":  # one GPU per process
+        device = f"cuda:{dist.local_rank()}"
+    model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=device)
     eval_texts = ("wiki", "ptb") if args.eval_windows else ()
     model, report = prune_and_compact(
         model, tokenizer, ratio=args.ratio, calibration=args.calibration, method=args.method,
@@ -138,12 +147,25 @@ def _prune(args) -> int:
         steps=args.steps, multiple_of=args.multiple_of, seed=args.seed, eval_texts=eval_texts,
         eval_windows=args.eval_windows or None, measure_speed=not args.no_speed, work_dir=out / "work",
         resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    report.save(out)
-    print(report.to_markdown())
-    print(f"saved the compacted model and report to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+    if dist.is_main():  # every rank holds the same compacted model; one writes it
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        report.save(out)
+        print(report.to_markdown())
+        print(f"saved the compacted model and report to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+    dist.barrier()
     return 0
+
+
+def _prune_distributed(args) -> int:
+    """``prune`` under torchrun / accelerate launch: every rank runs the pipeline data-parallel; an error on
+    one rank ends the whole job (exit 1, ``dip_ext: rank R failed: ...``) instead of leaving peers waiting."""
+    import torch.distributed
+
+    with dist.fail_fast():
+        code = _prune(args)
+    torch.distributed.destroy_process_group()
+    return code
 
 
 def _eval(args) -> int:
@@ -162,6 +184,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prune":
+            if dist.init_from_env(device=args.device) and dist.world_size() > 1:
+                return _prune_distributed(args)
             return _prune(args)
         if args.command == "eval":
             return _eval(args)
