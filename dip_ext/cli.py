@@ -162,7 +162,7 @@ def _prune_distributed(args) -> int:
     one rank ends the whole job (exit 1, ``dip_ext: rank R failed: ...``) instead of leaving peers waiting."""
     import torch.distributed
 
-    with dist.fail_fast():
+    with dist.fail_fast(brief=(ValueError, FileNotFoundError, ImportError)):
         code = _prune(args)
     torch.distributed.destroy_process_group()
     return code

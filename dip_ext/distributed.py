@@ -175,7 +175,7 @@ def check_same(value: Any, what: str) -> None:
 
 
 @contextmanager
-def fail_fast(exit_code: int = 1):
+def fail_fast(exit_code: int = 1, brief: tuple = ()):
     """Turns an exception on one rank into a clear, immediate non-zero exit of that process.
 
     Without a process group (or world size 1) the exception propagates unchanged. With peers, the failing
@@ -183,6 +183,8 @@ def fail_fast(exit_code: int = 1):
     ``os._exit(exit_code)``: its peers are either stopped by the launcher (torchrun stops every worker once
     one fails) or see a broken collective / the process group timeout, instead of waiting for a collective
     the failed rank will never join. ``KeyboardInterrupt`` / ``SystemExit`` are handled the same way.
+    Exceptions of the types in ``brief`` (user errors such as a bad argument) get the one line only, no
+    traceback.
     """
     try:
         yield
@@ -192,7 +194,8 @@ def fail_fast(exit_code: int = 1):
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        sys.stderr.write(traceback.format_exc())
+        if not isinstance(e, brief):
+            sys.stderr.write(traceback.format_exc())
         sys.stderr.write(f"dip_ext: rank {rank()} failed: {type(e).__name__}: {msg}\n")
         sys.stderr.flush()
         sys.stdout.flush()

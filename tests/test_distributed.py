@@ -232,3 +232,51 @@ def test_failing_rank_stops_the_job_and_resume_matches(full_run, tmp_path):
     assert r0["masks"] == r1["masks"] == full0["masks"]
     assert [e["step"] for e in r0["log"]] == list(range(CKPT_EVERY * (FAIL_AT // CKPT_EVERY) + 1, STEPS + 1))
     assert [e["lm_loss"] for e in r0["log"]] == [e["lm_loss"] for e in full0["log"][-len(r0["log"]):]]
+
+
+def _cli_folder(root: Path) -> tuple[Path, str]:
+    """A tiny Llama folder with a word-level tokenizer, and a file: calibration text over its words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "one two three four five six seven eight nine ten".split()
+    table = dict({"<unk>": 0, "<s>": 1, "</s>": 2}, **{w: 3 + i for i, w in enumerate(words)})
+    core = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = root / "model"
+    tiny_model().save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(folder)
+    g = torch.Generator().manual_seed(3)
+    text = root / "calib.txt"
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (400,), generator=g)))
+    return folder, f"file:{text}"
+
+
+def _torchrun(root: Path, folder: Path, text: str, out: str, *extra):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "dip_ext", "prune", "--model", str(folder), "--calibration", text, "--seq-len", "16",
+           "--calibration-windows", "6", "--eval-windows", "0", "--no-speed", "--quiet", "--out", str(root / out),
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIP_EXT_CACHE=str(root / "cache"), DIP_EXT_DIST_TIMEOUT="60")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # three torchrun launches of the CLI: ~75 s on the 2-core CI machine
+def test_cli_under_torchrun_and_resume(tmp_path):
+    folder, text = _cli_folder(tmp_path)
+    full = _torchrun(tmp_path, folder, text, "full", "--steps", "4")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("saved the compacted model") == 1  # rank 0 alone reports and saves
+    part = _torchrun(tmp_path, folder, text, "part", "--steps", "2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = _torchrun(tmp_path, folder, text, "part", "--steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, meta = _read_checkpoint(tmp_path / "part" / "work" / "hypernetwork" / CHECKPOINT_NAME)
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["fingerprint"]["batch_size"] == 2
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "part")]
+    assert reports[0]["masks"] == reports[1]["masks"]
+    import dip_ext
+
+    dip_ext.from_pretrained(tmp_path / "part")  # the saved model loads
