@@ -1,0 +1,202 @@
+"""Compacted models under torch.compile (fullgraph: no graph breaks from the dip_ext ops), with transformers'
+StaticCache (generate and the benchmark's capturable decode step), including layers whose attention or MLP was
+pruned away. Tiny random Llama configs, fp32, CPU."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dip_ext
+from dip_ext import STRUCTURES, DispMasks
+
+VOCAB = 96
+
+
+def _load_e2e():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+    spec = importlib.util.spec_from_file_location("dip_ext_bench_e2e", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+e2e = _load_e2e()
+
+
+def make_dense(seed: int = 0, kv_heads: int = 2):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=kv_heads, max_position_embeddings=128)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def make_masks(model, seed: int = 0) -> DispMasks:
+    """Random sets; layer 0 has no attention (its cache slot holds a placeholder), layer 2 no MLP."""
+    c = model.config
+    sizes = {"attn_in": c.hidden_size, "attn_out": c.hidden_size, "mlp_in": c.hidden_size,
+             "mlp_mid": c.intermediate_size, "mlp_out": c.hidden_size}
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(c.num_hidden_layers):
+        layer = {s: (torch.rand(sizes[s], generator=g) < 0.6).nonzero().flatten() for s in STRUCTURES}
+        if i == 0:
+            layer["attn_out"] = torch.empty(0, dtype=torch.long)
+        if i == 2:
+            layer["mlp_out"] = torch.empty(0, dtype=torch.long)
+        layers.append(layer)
+    return DispMasks(layers)
+
+
+@pytest.fixture(scope="module")
+def models():
+    dense = make_dense(seed=1)
+    masks = make_masks(dense, seed=1)
+    compacted = dip_ext.compact(copy.deepcopy(dense), masks)
+    return dense, masks, compacted
+
+
+def reference_generate(dense, masks, ids, n, **kw):
+    with torch.no_grad(), dip_ext.apply_masks(dense, masks):
+        return dense.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0, **kw)
+
+
+def test_compile_fullgraph_aot_eager_matches_eager(models):
+    _, _, compacted = models
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    compiled = torch.compile(compacted, fullgraph=True, backend="aot_eager")  # fullgraph: a break would raise
+    with torch.no_grad():
+        expected = compacted(ids).logits
+        got = compiled(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor_matches_eager(models):
+    _, _, compacted = models
+    torch._dynamo.reset()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    compiled = torch.compile(compacted, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        expected = compacted(ids).logits
+        got = compiled(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_generate_matches_reference(models):
+    dense, masks, compacted = models
+    ids = torch.randint(0, VOCAB, (2, 6))
+    ref = reference_generate(dense, masks, ids, 10)
+    with torch.no_grad():
+        out = compacted.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0, cache_implementation="static")
+    assert torch.equal(out, ref)
+    # the pruned attention of layer 0 stores a 1-head, 1-wide placeholder, not a full KV entry
+    assert compacted.model.layers[0].self_attn is None
+
+
+def test_static_cache_padded_batch_matches_reference(models):
+    dense, masks, compacted = models
+    ids = torch.randint(1, VOCAB, (2, 7))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # left padding
+    kw = dict(attention_mask=attn, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with dip_ext.apply_masks(dense, masks):
+            ref = dense.generate(ids, **kw)
+        out = compacted.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(out, ref)
+
+
+def test_decode_step_has_no_host_sync_and_matches_generate(models):
+    """The benchmark's decode step (static cache, 4-D mask, state advanced by tensor ops) is what gets captured
+    into a CUDA graph: it must read nothing back to the host and reproduce greedy generation."""
+    dense, masks, compacted = models
+    session = e2e.DecodeSession(compacted, batch=2, prompt_len=5, max_len=64, seed=3)
+    with torch.inference_mode():
+        session.prefill()
+        tokens = [session.ids.clone()]
+        detector = e2e.HostSyncDetector()
+        with detector:
+            for _ in range(7):
+                session.step()
+                tokens.append(session.ids.clone())
+    assert detector.seen == []
+    ref = reference_generate(dense, masks, session.prompt, 8)[:, 5:]
+    assert torch.equal(torch.cat(tokens, 1), ref)
+
+
+def test_host_sync_detector_can_fail():
+    detector = e2e.HostSyncDetector()
+    with detector:
+        x = torch.ones(3)
+        if x.sum() > 0:  # bool(tensor): a host read
+            pass
+        x.nonzero()
+    assert any("_local_scalar_dense" in s for s in detector.seen) and any("nonzero" in s for s in detector.seen)
+
+
+@pytest.mark.slow
+def test_decode_step_compiles_fullgraph(models):
+    """One decode step with a StaticCache traces into a single graph (what mode="reduce-overhead" captures)."""
+    dense, masks, compacted = models
+    torch._dynamo.reset()
+    eager = e2e.DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
+    compiled = e2e.DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
+    step = torch.compile(compiled.step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        eager.prefill()
+        compiled.prefill()
+        for _ in range(3):
+            eager.step()
+            step()
+            assert torch.equal(compiled.ids, eager.ids)
+    assert int(compiled.pos[0, 0]) == 4 + 3
+
+
+def test_same_widths_floor_runs_and_restores(models):
+    _, _, compacted = models
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        before = compacted(ids).logits
+        with e2e.same_widths(compacted):
+            floor = compacted(ids).logits
+            session = e2e.DecodeSession(compacted, batch=2, prompt_len=3, max_len=16)
+            session.prefill()
+            session.step()
+        after = compacted(ids).logits
+    assert floor.shape == before.shape and torch.isfinite(floor).all()
+    assert not torch.allclose(floor, before)  # it really ran other (prefix) columns
+    assert torch.equal(after, before)  # the patch is gone
+    with pytest.raises(ValueError, match="compacted Llama"):
+        with e2e.same_widths(make_dense()):
+            pass
+
+
+def test_budget_widths_hit_the_ratio():
+    from dip_ext.families import adapter_for
+
+    config = make_dense().config
+    a = adapter_for(config)
+    full = {"attn_in": 48, "attn_out": 48, "mlp_in": 48, "mlp_mid": 80, "mlp_out": 48}
+    dense = 4 * sum(a.linear_params(config, full).values())
+    for ratio in (0.3, 0.5):
+        widths = e2e.budget_widths(config, ratio, multiple_of=8, spread=0.25, seed=0)
+        kept = sum(sum(a.linear_params(config, w).values()) for w in widths)
+        assert abs((1 - kept / dense) - ratio) < 0.05
+        assert all(w[s] % 8 == 0 and 8 <= w[s] <= full[s] for w in widths for s in w)
+    with pytest.raises(ValueError):
+        e2e.budget_widths(config, 1.5, 8, 0.25, 0)
