@@ -9,7 +9,15 @@ Data flows one way: text -> calibration statistics -> masks -> compaction -> pat
 
 import torch  # noqa: F401  (loads libtorch before our extension, which links against it)
 
-from . import _C  # noqa: F401  (registers torch.ops.dip_ext.*)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.dip_ext.*)
+except ImportError as _e:  # pragma: no cover - depends on how the package was installed
+    import os as _os
+
+    raise ImportError(
+        f"dip_ext's compiled extension (_C) is missing next to {_os.path.dirname(__file__)}. If that is the source "
+        "checkout, it shadows the installed package: run from another directory, or install it editable "
+        "(pip install --no-build-isolation -e .). Otherwise build it: pip install --no-build-isolation .") from _e
 from . import ops
 from .compaction import compact, is_compacted
 from .errors import MaskError, UnsupportedModelError

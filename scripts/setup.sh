@@ -36,4 +36,6 @@ if [ "$EDITABLE" = 1 ]; then
 else
   $PIP install --no-build-isolation --no-deps .
 fi
-"$VENV/bin/python" -c "import dip_ext; print('[setup] dip_ext', dip_ext.build_info())"
+# from outside the checkout: the source folder (no compiled _C in it) must not shadow the installed package
+PY_ABS="$(cd "$VENV" && pwd)/bin/python"
+(cd / && "$PY_ABS" -c "import dip_ext; print('[setup] dip_ext', dip_ext.build_info())")
