@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights dtype while pruning (default float32)")
     pr.add_argument("--eval-windows", type=_non_negative, default=16,
                     help="perplexity windows per text before/after (default 16; 0 skips evaluation)")
+    pr.add_argument("--eval-text", action="append", default=None, metavar="NAME",
+                    help="text scored before/after on its held-out part; repeat for several (default: wiki and "
+                         "ptb): wiki, ptb, wikitext2 (online) or file:PATH")
     pr.add_argument("--no-speed", action="store_true", help="skip the prefill speed measurement")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -132,7 +135,10 @@ def _prune(args) -> int:
                      "or --resume to continue an interrupted run")
     if args.overwrite and args.resume:
         return _fail("--overwrite and --resume contradict each other")
+    eval_texts = tuple(args.eval_text or ("wiki", "ptb")) if args.eval_windows else ()
     get_text(args.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
+    for name in eval_texts:
+        get_text(name, "heldout")
     if args.overwrite and out.exists() and dist.is_main():
         shutil.rmtree(out)
     dist.barrier()
@@ -140,7 +146,6 @@ def _prune(args) -> int:
     if dist.world_size() > 1 and device == "cuda":  # one GPU per process
         device = f"cuda:{dist.local_rank()}"
     model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=device)
-    eval_texts = ("wiki", "ptb") if args.eval_windows else ()
     model, report = prune_and_compact(
         model, tokenizer, ratio=args.ratio, calibration=args.calibration, method=args.method,
         ratio_of=args.ratio_of, seq_len=args.seq_len, calibration_windows=args.calibration_windows,
