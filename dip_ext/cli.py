@@ -186,6 +186,8 @@ def _eval(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .zoo import ZooError  # a model that cannot be found or read is bad input too
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prune":
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
 
         print(json.dumps(build_info(), indent=1))
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one clear line
+    except (ValueError, FileNotFoundError, ImportError, ZooError) as e:  # bad input: one clear line
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         print("dip-ext: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
