@@ -189,6 +189,12 @@ def main(argv=None) -> int:
     from .zoo import ZooError  # a model that cannot be found or read is bad input too
 
     args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    if quiet:  # also transformers' own bars (loading weights); restored on return
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "prune":
             if dist.init_from_env(device=args.device) and dist.world_size() > 1:
@@ -205,6 +211,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dip-ext: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if quiet and bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":
