@@ -1,0 +1,490 @@
+"""Calibration pass, budgets, one-shot / dependent selection and prune_and_compact on tiny random Llama, OPT and Phi.
+
+Token blocks are random ids (no tokenizer, no network) except where a ``file:`` text is the point of the test; the
+hypernetwork has its own tests (test_hypernetwork.py) and appears here only through prune_and_compact.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
+
+import dip_ext
+from dip_ext import STRUCTURES, DispMasks
+from dip_ext.calibration import STAT_POINTS, CalibrationResult, run_calibration
+from dip_ext.families import adapter_for
+from dip_ext.prune import METHODS, PruneReport, prune_and_compact
+from dip_ext.selection.budget import RATIO_OF, Budget, check_ratio
+from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
+
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+
+VOCAB = 64
+SEQ = 16
+HIDDEN_SETS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+BLOCKS = torch.randint(0, VOCAB, (6, SEQ), generator=torch.Generator().manual_seed(1))
+SELECT = {"oneshot": oneshot_masks, "dependent": dependent_masks}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
+
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)),
+    "opt": lambda: OPTForCausalLM(OPTConfig(  # pre-LN, biases, ReLU, MLP on 2-D [tokens, d] inputs
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=VOCAB - 1)),
+    "phi": lambda: PhiForCausalLM(PhiConfig(  # parallel block, partial rotary
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=VOCAB - 1,
+        partial_rotary_factor=0.5)),
+}
+
+
+def make_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # non-trivial norms so scores differ between sets
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: make_model(f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def calibs(models):
+    return {f: run_calibration(m, BLOCKS, progress=False) for f, m in models.items()}
+
+
+def norm_weights(model, layer: int):
+    """The norm weights feeding layer ``layer``'s attention (Llama/Phi input_layernorm, OPT self_attn_layer_norm)."""
+    block = adapter_for(model).decoder_layers(model)[layer]
+    norm = getattr(block, "input_layernorm", None) or block.self_attn_layer_norm
+    return norm.weight
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+def _groups(num_layers: int, dependent: bool):
+    """The (layer, set) slots that shrink together when one dimension is dropped."""
+    if dependent:
+        return ([[(i, s) for i in range(num_layers) for s in HIDDEN_SETS]]
+                + [[(i, "mlp_mid")] for i in range(num_layers)])
+    return [[(i, s)] for i in range(num_layers) for s in STRUCTURES]
+
+
+def _restore_costs(budget, widths, dims, dependent: bool, step: int = 1) -> list:
+    """Decoder-linear parameters that restoring ``step`` more dimensions of each not-full group would add."""
+    kept = budget.kept_linear(widths)
+    costs = []
+    for group in _groups(len(widths), dependent):
+        i, s = group[0]
+        room = dims.size(s) - widths[i][s]
+        if room == 0:
+            continue
+        w = [dict(x) for x in widths]
+        for i, s in group:
+            w[i][s] += min(step, room)
+        costs.append(budget.kept_linear(w) - kept)
+    return costs
+
+
+@pytest.mark.parametrize("method", SELECT)
+@pytest.mark.parametrize("ratio_of", RATIO_OF)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selection_hits_budget(models, calibs, family, ratio_of, method):
+    """Kept decoder-linear parameters <= target, and the unused budget (target - kept) is smaller than the cost
+    of restoring one dropped dimension of the costliest group (a set; for `dependent`, the shared hidden subset
+    of every layer, or one layer's mlp_mid): greedy stops within one dimension of the target."""
+    model, calib = models[family], calibs[family]
+    dims = calib.dims
+    for ratio in (0.1, 0.3, 0.5, 0.7):
+        budget = Budget.for_model(model, ratio, ratio_of)
+        masks = SELECT[method](calib, budget)
+        masks.validate(dims)
+        widths = masks.widths()
+        kept = budget.kept_linear(widths)
+        assert kept <= budget.target_linear, (ratio, kept, budget.target_linear)
+        slack = budget.target_linear - kept
+        costs = _restore_costs(budget, widths, dims, method == "dependent")
+        assert costs and slack < max(costs), (ratio, slack, costs)
+        if method == "dependent":  # the shared subset is one set of indices: every hidden set has its width
+            assert len({w[s] for w in widths for s in HIDDEN_SETS}) == 1
+
+
+@pytest.mark.parametrize("method", SELECT)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selection_multiple_of(models, calibs, family, method):
+    """multiple_of=4: every width a multiple of 4, still <= target, and no group could take 4 more dims."""
+    model, calib = models[family], calibs[family]
+    for ratio_of, ratio in (("decoder_linear", 0.3), ("total", 0.5), ("decoder_linear", 0.7)):
+        budget = Budget.for_model(model, ratio, ratio_of)
+        masks = SELECT[method](calib, budget, multiple_of=4)
+        widths = masks.widths()
+        assert all(w[s] % 4 == 0 for w in widths for s in STRUCTURES), widths
+        assert budget.kept_linear(widths) <= budget.target_linear
+        slack = budget.target_linear - budget.kept_linear(widths)
+        costs = _restore_costs(budget, widths, calib.dims, method == "dependent", step=4)
+        assert all(c > slack for c in costs), (slack, costs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dependent_uses_one_shared_subset(models, calibs, family):
+    calib = calibs[family]
+    masks = dependent_masks(calib, Budget.for_model(models[family], 0.7))
+    shared = masks[0]["attn_in"]
+    assert 0 < shared.numel() < calib.dims.hidden
+    for layer in masks.layers:
+        for s in HIDDEN_SETS:
+            assert torch.equal(layer[s], shared)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oneshot_sets_are_independent(models, calibs, family):
+    """On a random model the per-set Fisher scores differ, so DISP picks different subsets per set and layer."""
+    masks = oneshot_masks(calibs[family], Budget.for_model(models[family], 0.5))
+    subsets = {tuple(layer[s].tolist()) for layer in masks.layers for s in HIDDEN_SETS}
+    assert len(subsets) > 1
+    assert len({w["attn_in"] for w in masks.widths()} | {w["mlp_out"] for w in masks.widths()}) > 1
+
+
+def test_selection_follows_scores(models, calibs):
+    """Raising one dimension's score above all others keeps it; zeroing it drops it (at 50 %)."""
+    model, calib = models["llama"], calibs["llama"]
+    budget = Budget.for_model(model, 0.5)
+    probe = copy.deepcopy(calib)
+    probe.scores[1]["mlp_mid"][7] = 1e9
+    assert 7 in oneshot_masks(probe, budget)[1]["mlp_mid"].tolist()
+    probe.scores[1]["mlp_mid"][7] = 0.0
+    assert 7 not in oneshot_masks(probe, budget)[1]["mlp_mid"].tolist()
+    probe.tied_hidden[5] = 0.0
+    assert 5 not in dependent_masks(probe, budget)[0]["attn_in"].tolist()
+    probe.tied_hidden[5] = 1e9
+    assert 5 in dependent_masks(probe, budget)[0]["attn_in"].tolist()
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2, "abc", None, float("nan")])
+def test_budget_bad_ratio(models, ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        Budget.for_model(models["llama"], ratio)
+    with pytest.raises(ValueError, match="ratio"):
+        check_ratio(ratio)
+
+
+def test_budget_bad_ratio_of_and_total_too_large(models):
+    model = models["llama"]
+    with pytest.raises(ValueError, match="ratio_of"):
+        Budget.for_model(model, 0.3, "params")
+    rep = dip_ext.param_report(model)
+    too_much = (rep.dense_decoder_linear / rep.dense_total + 1) / 2  # more than all decoder linears hold
+    with pytest.raises(ValueError, match="decoder-linear"):
+        Budget.for_model(model, too_much, "total")
+    b = Budget.for_model(model, 0.3, "total")  # the same ratio is fine of the decoder linears
+    assert b.target_linear == round(rep.dense_decoder_linear - 0.3 * rep.dense_total)
+
+
+def test_budget_on_compacted_model_refused(models, calibs):
+    model = copy.deepcopy(models["llama"])
+    dip_ext.compact(model, oneshot_masks(calibs["llama"], Budget.for_model(model, 0.3)))
+    with pytest.raises(ValueError, match="already compacted"):
+        Budget.for_model(model, 0.3)
+
+
+# -------------------------------------------------------------------------------------- calibration
+
+def assert_same_calibration(a: CalibrationResult, b: CalibrationResult) -> None:
+    assert a.dims == b.dims and a.windows == b.windows and a.losses == b.losses
+    for la, lb in zip(a.scores, b.scores, strict=True):
+        for s in STRUCTURES:
+            assert torch.equal(la[s], lb[s]), s
+    assert torch.equal(a.tied_hidden, b.tied_hidden)
+    assert a.stats.keys() == b.stats.keys()
+    for p in a.stats:
+        for sa, sb in zip(a.stats[p], b.stats[p], strict=True):
+            assert sa.count == sb.count and torch.equal(sa.sum, sb.sum) and torch.equal(sa.sumsq, sb.sumsq), p
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibration_scores_and_stats(models, calibs, family):
+    model, res = models[family], calibs[family]
+    dims = adapter_for(model).dims(model.config)
+    assert res.dims == dims and res.windows == BLOCKS.shape[0] and len(res.losses) == BLOCKS.shape[0]
+    assert all(0 < loss < 20 for loss in res.losses)
+    assert len(res.scores) == dims.num_layers
+    for layer in res.scores:
+        for s in STRUCTURES:
+            t = layer[s]
+            assert t.shape == (dims.size(s),) and t.dtype == torch.float64
+            assert torch.isfinite(t).all() and (t >= 0).all() and t.sum() > 0
+    assert res.tied_hidden.shape == (dims.hidden,) and (res.tied_hidden >= 0).all()
+    q_out = model.config.num_attention_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    widths = {"attn_in": dims.hidden, "attn_proj_in": q_out, "mlp_in": dims.hidden, "mlp_mid": dims.ffn}
+    assert set(res.stats) == set(STAT_POINTS)
+    for point, per_layer in res.stats.items():
+        assert len(per_layer) == dims.num_layers
+        for st in per_layer:
+            assert st.count == BLOCKS.numel(), (point, st.count)  # OPT's MLP sees [tokens, d]: counted too
+            assert st.sum.shape == (widths[point],) and (st.sumsq >= 0).all() and st.sumsq.sum() > 0
+    if family == "opt":  # fc2's input is a ReLU output: the hook sits after the activation
+        assert all((st.sum >= 0).all() for st in res.stats["mlp_mid"])
+
+
+def test_calibration_restores_model_state(models):
+    model = make_model("opt")
+    model.train()
+    model.lm_head.weight.requires_grad_(True)
+    model.model.decoder.layers[0].fc1.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    run_calibration(model, BLOCKS[:2], progress=False)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_calibration_without_stats(models, calibs):
+    res = run_calibration(models["phi"], BLOCKS, stats=False, progress=False)
+    assert res.stats == {}
+    ref = calibs["phi"]
+    for la, lb in zip(res.scores, ref.scores):
+        for s in STRUCTURES:
+            assert torch.equal(la[s], lb[s])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_checkpoint_resume_after_partial_run(models, calibs, family, tmp_path):
+    """First k windows with a checkpoint, then all windows with the same file == one uninterrupted run."""
+    ckpt = tmp_path / "calib.safetensors"
+    part = run_calibration(models[family], BLOCKS[:2], progress=False, checkpoint=ckpt)
+    assert part.windows == 2 and CalibrationResult.load(ckpt).windows == 2
+    resumed = run_calibration(models[family], BLOCKS, progress=False, checkpoint=ckpt)
+    assert_same_calibration(resumed, calibs[family])
+    assert_same_calibration(CalibrationResult.load(ckpt), calibs[family])
+    with pytest.raises(ValueError, match="windows"):  # a checkpoint beyond the blocks given
+        run_calibration(models[family], BLOCKS[:3], progress=False, checkpoint=ckpt)
+
+
+def test_checkpoint_resume_after_interrupt(models, calibs, tmp_path):
+    """KeyboardInterrupt in window 3 (checkpoints every 2 windows): the rerun continues from window 2."""
+    model = models["llama"]
+    ckpt = tmp_path / "calib.safetensors"
+    calls = []
+
+    def interrupt(module, args, output):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    handle = model.lm_head.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(model, BLOCKS, progress=False, checkpoint=ckpt, checkpoint_every=2)
+    finally:
+        handle.remove()
+    assert CalibrationResult.load(ckpt).windows == 2
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the stats hooks went away
+    assert not any(p.requires_grad is False for p in model.parameters())
+    resumed = run_calibration(model, BLOCKS, progress=False, checkpoint=ckpt, checkpoint_every=2)
+    assert_same_calibration(resumed, calibs["llama"])
+
+
+def test_save_load_round_trip(calibs, tmp_path):
+    for family, res in calibs.items():
+        path = tmp_path / family / "c.safetensors"
+        res.save(path)
+        assert not list(path.parent.glob("*.tmp"))
+        assert_same_calibration(CalibrationResult.load(path), res)
+        # selection from the reloaded result is the same
+        assert CalibrationResult.load(path).dims == res.dims
+
+
+def test_corrupt_or_foreign_checkpoint(models, calibs, tmp_path):
+    model = models["llama"]
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    truncated = tmp_path / "truncated.safetensors"
+    calibs["llama"].save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    for bad in (garbage, truncated):
+        with pytest.raises(ValueError, match="not a readable calibration file"):
+            CalibrationResult.load(bad)
+        with pytest.raises(ValueError, match="not a readable calibration file"):
+            run_calibration(model, BLOCKS, progress=False, checkpoint=bad)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ValueError, match="not a dip_ext calibration file"):
+        run_calibration(model, BLOCKS, progress=False, checkpoint=foreign)
+    other = tmp_path / "other.safetensors"
+    calibs["opt"].save(other)
+    with pytest.raises(ValueError, match="another model"):
+        run_calibration(model, BLOCKS, progress=False, checkpoint=other)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_non_finite_activations_name_the_layer(family, value):
+    model = make_model(family)
+    with torch.no_grad():
+        norm_weights(model, 1)[3] = value
+    with pytest.raises(ValueError, match=r"non-finite calibration activations at layer 1 \(attn_in\)"):
+        run_calibration(model, BLOCKS[:2], progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_non_finite_names_where_it_started(family):
+    """inf in layer 0's MLP norm: every later point is non-finite too, the error names the first one."""
+    model = make_model(family)
+    block = adapter_for(model).decoder_layers(model)[0]
+    norm = block.post_attention_layernorm if family == "llama" else block.final_layer_norm
+    with torch.no_grad():
+        norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"at layer 0 \(mlp_in\)"):
+        run_calibration(model, BLOCKS[:1], progress=False)
+
+
+@pytest.mark.parametrize("blocks, match", [
+    (torch.empty(0, SEQ, dtype=torch.long), "at least one window"),
+    (torch.zeros(3, 1, dtype=torch.long), "at least one window"),
+    (torch.zeros(SEQ, dtype=torch.long), "LongTensor"),
+    (torch.zeros(2, SEQ), "LongTensor"),
+    ([[1, 2, 3]], "LongTensor"),
+])
+def test_calibration_bad_blocks(models, blocks, match):
+    with pytest.raises(ValueError, match=match):
+        run_calibration(models["llama"], blocks, progress=False)
+
+
+# -------------------------------------------------------------------------------- prune_and_compact
+
+def _prune(model, method, **kw):
+    kw = {"ratio": 0.4, "calibration": BLOCKS, "method": method, "steps": 3, "eval_texts": (),
+          "measure_speed": False, "progress": False, "seq_len": SEQ, **kw}
+    return prune_and_compact(model, kw.pop("tokenizer", None), **kw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_and_compact(family, method, tmp_path):
+    model = make_model(family)
+    dense = copy.deepcopy(model)
+    before = dip_ext.param_report(model)
+    out, report = _prune(model, method)
+    assert out is model and isinstance(report, PruneReport) and dip_ext.is_compacted(model)
+
+    # prune_and_compact == compact(dense copy, the masks it reports)
+    masks = DispMasks.from_dict(report.masks)
+    assert masks == DispMasks.from_config(model.config.disp_masks)
+    ref = dip_ext.compact(dense, masks)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+    # the report agrees with what the model stores
+    after = dip_ext.param_report(model)
+    budget = Budget.for_model(dense_model := make_model(family), 0.4)
+    assert report.params_before == {"total": before.total, "decoder_linear": before.decoder_linear}
+    pa = report.params_after
+    assert pa["total"] == after.total and pa["decoder_linear"] == after.decoder_linear
+    assert pa["kept_decoder_linear"] == after.decoder_linear <= budget.target_linear
+    assert pa["removed_decoder_linear"] == before.decoder_linear - after.decoder_linear
+    assert pa["removed_fraction_decoder_linear"] == pytest.approx(after.removed_decoder_linear)
+    assert pa["removed_fraction_total"] == pytest.approx(pa["removed_decoder_linear"] / before.total)
+    assert report.widths == after.widths == masks.widths() and report.full_widths == after.full_widths
+    assert report.method == method and report.ratio == 0.4 and report.ratio_of == "decoder_linear"
+    assert report.options["steps"] == (3 if method == "hypernetwork" else 0)
+    assert report.options["calibration"] == "tokens" and report.options["calibration_windows"] == BLOCKS.shape[0]
+    assert {"calibration pass", "selection", "compaction"} <= set(report.seconds)
+    if method != "hypernetwork":  # the one-shot and dependent paths are the selection functions themselves
+        calib = run_calibration(dense_model, BLOCKS, progress=False)
+        assert masks == SELECT[method](calib, budget)
+
+    report.save(tmp_path / "r")
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["masks"] == report.masks and saved["params_after"] == pa and saved["method"] == method
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"{after.decoder_linear:,}" in md and "Kept widths per layer" in md
+    assert (tmp_path / "r" / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_with_file_texts_and_tokenizer(word_tokenizer, word_text):
+    """Calibration and evaluation from a file: text through a tokenizer; the text path equals its token blocks."""
+    from dip_ext import data
+
+    tok, name = word_tokenizer, word_text
+    model = make_model("llama")
+    dense = copy.deepcopy(model)
+    _, report = _prune(model, "oneshot", tokenizer=tok, calibration=name, calibration_windows=4,
+                       eval_texts=(name,), eval_windows=2, eval_seq_len=SEQ, measure_speed=True)
+    assert report.options["calibration"] == name and report.options["calibration_windows"] == 4
+    for ppl in (report.perplexity_before[name], report.perplexity_after[name]):
+        assert 1 < ppl < 10 * VOCAB
+    assert report.tokens_per_second_before > 0 and report.tokens_per_second_after > 0
+    assert f"perplexity {name}" in report.to_markdown() and "prefill tokens/s" in report.to_markdown()
+    blocks = data.get_blocks(tok, name, "calibration", SEQ, 4)
+    _, by_blocks = _prune(dense, "oneshot", calibration=blocks)
+    assert by_blocks.masks == report.masks
+
+
+def test_prune_work_dir_resume(tmp_path):
+    """With work_dir the calibration checkpoint is kept; resume reuses it, a fresh run starts over."""
+    work = tmp_path / "work"
+    _, first = _prune(make_model("llama"), "hypernetwork", work_dir=work)
+    assert (work / "calibration.safetensors").is_file() and (work / "hypernetwork").is_dir()
+    _, again = _prune(make_model("llama"), "hypernetwork", work_dir=work, resume=True)
+    assert again.masks == first.masks
+    _, fresh = _prune(make_model("llama"), "hypernetwork", work_dir=work)  # not resume: starts over, same seed
+    assert fresh.masks == first.masks
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(ratio=0), ValueError, "ratio"),
+    (dict(ratio=1), ValueError, "ratio"),
+    (dict(ratio=1.5), ValueError, "ratio"),
+    (dict(ratio=-0.1), ValueError, "ratio"),
+    (dict(ratio_of="params"), ValueError, "ratio_of"),
+    (dict(method="magic"), ValueError, "unknown method"),
+    (dict(steps=-1), ValueError, "steps"),
+    (dict(multiple_of=0), ValueError, "multiple_of"),
+    (dict(calibration="c4"), ValueError, "unknown text 'c4'"),
+    (dict(calibration="file:EMPTY"), ValueError, "empty"),
+    (dict(calibration="file:MISSING"), FileNotFoundError, "does not exist"),
+    (dict(calibration=torch.empty(0, SEQ, dtype=torch.long)), ValueError, "non-empty"),
+    (dict(calibration="ptb", tokenizer=None), ValueError, "needs a tokenizer"),
+    (dict(eval_texts=("wiki",), tokenizer=None), ValueError, "tokenizer"),
+])
+def test_prune_bad_input(kw, err, match, tmp_path, word_tokenizer):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    if isinstance(kw.get("calibration"), str):
+        kw["calibration"] = kw["calibration"].replace("EMPTY", str(tmp_path / "empty.txt")).replace(
+            "MISSING", str(tmp_path / "missing.txt"))
+    kw.setdefault("tokenizer", word_tokenizer)
+    model = make_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(err, match=match):
+        _prune(model, kw.pop("method", "oneshot"), **kw)
+    assert not dip_ext.is_compacted(model)  # refused before touching the model
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_prune_already_compacted_refused():
+    model = make_model("phi")
+    _prune(model, "oneshot")
+    with pytest.raises(ValueError, match="already compacted"):
+        _prune(model, "oneshot")
