@@ -15,6 +15,7 @@ safetensors and reusable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class CalibrationResult:
     stats: dict[str, list[CalibrationStats]] = field(default_factory=dict)
     #: loss per window (mean token NLL), for the record
     losses: list[float] = field(default_factory=list)
+    #: fingerprint of the ``windows`` token blocks seen (a resume must continue the same windows)
+    blocks_sha: Optional[str] = None
 
     @classmethod
     def empty(cls, dims: ModelDims) -> "CalibrationResult":
@@ -69,6 +72,8 @@ class CalibrationResult:
                     tensors[f"stats.{point}.{i}.{k}"] = v.reshape(-1) if k == "count" else v
         meta = {"format": "dip_ext.calibration.v1", "windows": str(self.windows), "losses": json.dumps(self.losses),
                 "dims": json.dumps([self.dims.num_layers, self.dims.hidden, self.dims.ffn])}
+        if self.blocks_sha is not None:
+            meta["blocks_sha"] = self.blocks_sha
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -90,7 +95,7 @@ class CalibrationResult:
         dims = ModelDims(*json.loads(meta["dims"]))
         res = cls(dims, int(meta["windows"]),
                   [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
-                  tensors["tied_hidden"], {}, json.loads(meta["losses"]))
+                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"))
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
                 res.stats[point] = [CalibrationStats.from_state_dict(
@@ -107,6 +112,13 @@ def _check_blocks(blocks) -> torch.Tensor:
     return blocks
 
 
+def blocks_sha(blocks: torch.Tensor) -> str:
+    """A short fingerprint of token blocks [n, seq_len] (shape and ids)."""
+    h = hashlib.sha256(str(tuple(blocks.shape)).encode())
+    h.update(blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -116,7 +128,8 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     """Fisher scores (+ activation statistics) of the frozen dense ``model`` over ``blocks`` [n, seq_len].
 
     One window per forward/backward (the Fisher needs per-window gradients). With ``checkpoint`` (a file path)
-    the partial result is saved every ``checkpoint_every`` windows and a rerun resumes from it. Raises
+    the partial result is saved every ``checkpoint_every`` windows and a rerun resumes from it (ValueError when
+    the checkpoint's windows are not the first windows of ``blocks``: another text or window count). Raises
     ValueError on non-finite activations or loss (names the layer / window).
 
     Data-parallel (``torch.distributed`` initialised; every rank passes the same blocks): the windows are
@@ -139,6 +152,10 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     start = result.windows
     if start > blocks.shape[0]:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {blocks.shape[0]} were given")
+    if start and result.blocks_sha is not None and result.blocks_sha != blocks_sha(blocks[:start]):
+        # e.g. another --calibration text or window count: summing both would be neither run
+        raise ValueError(f"{checkpoint}: calibration checkpoint made on other token windows than the first {start} "
+                         "given now (other text, seq_len or window count?); delete it or run without resume")
 
     # With peers, this rank's windows accumulate into `acc` and are folded into `result` at each sync; alone,
     # `acc` IS `result` (the one-process sums stay exactly what they always were).
@@ -207,6 +224,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                 if checkpoint is not None and done // checkpoint_every > first // checkpoint_every:
                     _sync(result, acc, pending_losses, done)
                     _check_finite(result)
+                    result.blocks_sha = blocks_sha(blocks[:result.windows])
                     _save_on_main(result, checkpoint)
             bar.close()
     finally:
@@ -218,6 +236,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     if result.windows < blocks.shape[0]:
         _sync(result, acc, pending_losses, blocks.shape[0])
     _check_finite(result)
+    result.blocks_sha = blocks_sha(blocks[:result.windows])
     if checkpoint is not None:
         _save_on_main(result, checkpoint)
     return result
