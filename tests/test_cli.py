@@ -237,6 +237,10 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     assert len(forwards) == 2
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, ref, *hn, "--steps", "4"))[0] == 0
     resumed, fresh = (json.loads((d / "report.json").read_text()) for d in (out, ref))
+    # resuming with other calibration windows would mix two runs: refused in one line
+    code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4",
+                                                    "--resume", "--calibration-windows", "6"))
+    assert code == 2 and err.count("\n") == 1 and "other token windows" in err, err
     assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks

@@ -209,7 +209,7 @@ def test_budget_on_compacted_model_refused(models, calibs):
 # -------------------------------------------------------------------------------------- calibration
 
 def assert_same_calibration(a: CalibrationResult, b: CalibrationResult) -> None:
-    assert a.dims == b.dims and a.windows == b.windows and a.losses == b.losses
+    assert a.dims == b.dims and a.windows == b.windows and a.losses == b.losses and a.blocks_sha == b.blocks_sha
     for la, lb in zip(a.scores, b.scores, strict=True):
         for s in STRUCTURES:
             assert torch.equal(la[s], lb[s]), s
@@ -277,6 +277,16 @@ def test_checkpoint_resume_after_partial_run(models, calibs, family, tmp_path):
     assert_same_calibration(CalibrationResult.load(ckpt), calibs[family])
     with pytest.raises(ValueError, match="windows"):  # a checkpoint beyond the blocks given
         run_calibration(models[family], BLOCKS[:3], progress=False, checkpoint=ckpt)
+
+
+def test_checkpoint_of_other_windows_refused(models, tmp_path):
+    """Resuming on windows that do not start with the checkpoint's (another text or window count) is refused."""
+    ckpt = tmp_path / "calib.safetensors"
+    run_calibration(models["llama"], BLOCKS[:2], progress=False, checkpoint=ckpt)
+    for other in (BLOCKS.flip(0), BLOCKS[:, :-1], (BLOCKS + 1) % VOCAB):
+        with pytest.raises(ValueError, match="other token windows"):
+            run_calibration(models["llama"], other, progress=False, checkpoint=ckpt)
+    assert CalibrationResult.load(ckpt).windows == 2  # left as it was
 
 
 def test_checkpoint_resume_after_interrupt(models, calibs, tmp_path):
