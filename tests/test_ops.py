@@ -512,7 +512,8 @@ def test_simd_and_scalar_paths_agree(tmp_path):
     for flag in ("0", "1"):
         files[flag] = tmp_path / f"out{flag}.pt"
         env = dict(os.environ, DIP_EXT_NO_AVX512=flag)
-        subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(files[flag])], env=env, check=True)
+        # cwd outside the checkout: its source folder (no compiled _C) must not shadow the installed package
+        subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(files[flag])], env=env, check=True, cwd=tmp_path)
     simd, scalar = torch.load(files["0"]), torch.load(files["1"])
     for dt, dtype in zip(simd, DTYPES):
         for name, a, b in zip(["rms", "ln", "gather_gemm", "scatter"], simd[dt], scalar[dt]):
