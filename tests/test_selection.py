@@ -161,7 +161,6 @@ def test_oneshot_sets_are_independent(models, calibs, family):
     masks = oneshot_masks(calibs[family], Budget.for_model(models[family], 0.5))
     subsets = {tuple(layer[s].tolist()) for layer in masks.layers for s in HIDDEN_SETS}
     assert len(subsets) > 1
-    assert len({w["attn_in"] for w in masks.widths()} | {w["mlp_out"] for w in masks.widths()}) > 1
 
 
 def test_selection_follows_scores(models, calibs):

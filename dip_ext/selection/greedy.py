@@ -78,8 +78,9 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
         if not alive.any():
             break
 
-    if multiple_of > 1:
-        alive = _round_to_multiple(space, budget, unit_group, unit_score, alive, multiple_of, target)
+    # round widths down to multiples, then give back whole chunks (single units when multiple_of is 1: the
+    # last dropped chunk may have overshot) while the budget allows
+    alive = _round_to_multiple(space, budget, unit_group, unit_score, alive, multiple_of, target)
 
     return _to_masks(space, unit_group, unit_index, alive)
 
