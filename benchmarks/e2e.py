@@ -380,6 +380,9 @@ def build_variants(dense, ratios, multiple_of, spread, seed, log) -> tuple[list[
         masks = random_masks(widths, dense.config, seed)
         t0 = time.perf_counter()
         model = dip_ext.compact(copy.deepcopy(dense), masks).eval()
+        # .to() on the same device still visits every module: the index sets make their device copies now, before
+        # any CUDA-graph capture (the warm-up steps would also make them)
+        model.to(next(dense.parameters()).device)
         rep = dip_ext.param_report(model)
         masks_info[f"{r:g}"] = {
             "ratio_requested": r, "removed_decoder_linear": rep.removed_decoder_linear,
@@ -725,6 +728,8 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; optional measurements are skipped past it (default cuda 170, cpu none)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: time eager decode steps instead of graphs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch intra-op threads (default: torch's; 1 is steadier on a shared, loaded machine)")
     p.add_argument("--no-selfcheck", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -789,6 +794,10 @@ def load_model(a, device):
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device, 0) if a.device == "cuda" else torch.device("cpu")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(a.threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     import dip_ext

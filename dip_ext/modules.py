@@ -48,7 +48,25 @@ class IndexSet:
         return f"IndexSet({self.cpu.numel()})"
 
 
-class RMSNormGather(nn.Module):
+class IndexSetsFollowDevice:
+    """Module mixin: moving the module (``.to`` / ``.cuda`` / ``.to_empty``) also makes its index sets' copy for the
+    new device, so the first forward there does not create it lazily inside a ``torch.compile`` / CUDA-graph region
+    (which would put a host-to-device copy into the graph)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        sets = [v for v in vars(self).values() if isinstance(v, IndexSet)]
+        if sets:
+            try:
+                device = fn(torch.empty(0, dtype=torch.int64)).device
+            except Exception:  # noqa: BLE001 - an _apply that is not a device move (e.g. share_memory_)
+                return out
+            for idx in sets:
+                idx.on(device)
+        return out
+
+
+class RMSNormGather(IndexSetsFollowDevice, nn.Module):
     """RMSNorm over the full width d, then only the columns ``idx``.
 
     ``x [..., d]`` → ``[..., len(idx)]`` in x's dtype; statistics in fp32. ``weight`` keeps its full width d
@@ -71,7 +89,7 @@ class RMSNormGather(nn.Module):
         return f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
 
 
-class LayerNormGather(nn.Module):
+class LayerNormGather(IndexSetsFollowDevice, nn.Module):
     """LayerNorm (with optional bias) over the full width d, then only the columns ``idx``.
 
     ``x [..., d]`` → ``[..., len(idx)]``; the affine parameters keep width d.
@@ -160,11 +178,12 @@ def family_layer_class(impl: type, dense_cls: type) -> type:
     """``impl`` (a compacted layer) made a subclass of the dense layer class it replaces, too.
 
     Hugging Face tooling finds decoder layers by class: output recording (``output_hidden_states``),
-    ``_no_split_modules`` for ``device_map="auto"``, FSDP auto-wrap policies. ``impl`` comes first in the MRO,
-    so its ``__init__``/``forward`` run; ``impl.__init__`` must not call the dense ``__init__``.
+    ``_no_split_modules`` for ``device_map="auto"``, FSDP auto-wrap policies. ``impl`` comes before the dense class
+    in the MRO (after the IndexSetsFollowDevice mixin), so its ``__init__``/``forward`` run; ``impl.__init__`` must
+    not call the dense ``__init__``.
     """
     key = (impl, dense_cls)
     if key not in _FAMILY_LAYER_CLASSES:
-        _FAMILY_LAYER_CLASSES[key] = type(f"Disp{dense_cls.__name__}", (impl, dense_cls),
+        _FAMILY_LAYER_CLASSES[key] = type(f"Disp{dense_cls.__name__}", (IndexSetsFollowDevice, impl, dense_cls),
                                           {"__module__": impl.__module__, "__doc__": impl.__doc__})
     return _FAMILY_LAYER_CLASSES[key]

@@ -1,9 +1,11 @@
 """Compacted models under torch.compile (fullgraph: no graph breaks from the dip_ext ops), with transformers'
 StaticCache (generate and the benchmark's capturable decode step), including layers whose attention or MLP was
-pruned away. Tiny random Llama configs, fp32, CPU."""
+pruned away; index sets that follow device moves; benchmarks/e2e.py in --quick mode. Tiny random Llama configs, fp32,
+CPU."""
 
 import copy
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -186,6 +188,18 @@ def test_same_widths_floor_runs_and_restores(models):
             pass
 
 
+def test_index_sets_follow_device_moves(models):
+    """Moving a compacted model creates every index set's copy for the new device up front (nothing is created
+    lazily inside a compiled / captured region). 'meta' stands in for a GPU here."""
+    from dip_ext.modules import IndexSet
+
+    _, _, compacted = models
+    moved = copy.deepcopy(compacted).to("meta")
+    sets = [v for m in moved.modules() for v in vars(m).values() if isinstance(v, IndexSet)]
+    assert len(sets) >= 2 * 4  # two output sets per layer, plus the norms' input sets
+    assert all(torch.device("meta") in s._copies for s in sets)  # checked before any forward could create them
+
+
 def test_budget_widths_hit_the_ratio():
     from dip_ext.families import adapter_for
 
@@ -200,3 +214,35 @@ def test_budget_widths_hit_the_ratio():
         assert all(w[s] % 8 == 0 and 8 <= w[s] <= full[s] for w in widths for s in w)
     with pytest.raises(ValueError):
         e2e.budget_widths(config, 1.5, 8, 0.25, 0)
+
+
+def test_e2e_quick_run_writes_every_section(tmp_path, capsys):
+    """benchmarks/e2e.py --quick on CPU: every code path of the GPU run except the capture itself."""
+    out = tmp_path / "e2e.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = e2e.main(["--device", "cpu", "--quick", "--threads", "1", "--prefill-lens", "16", "--batches", "2",
+                       "--repeats", "1", "--decode-repeats", "1", "--ratios", "0.5", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["errors"] == []
+    assert data["selfcheck"]["ok"] and data["selfcheck"]["host_syncs_in_step"] == []
+    keys = {"dense", "compacted@0.5", "same-widths@0.5"}
+    assert {r["key"] for r in data["prefill"]} == keys
+    assert {r["key"] for r in data["decode"]} == keys
+    assert all(r["tokens_per_s"] > 0 for r in data["prefill"] + data["decode"])
+    assert abs(data["masks"]["0.5"]["removed_decoder_linear"] - 0.5) < 0.05
+    comp = next(r for r in data["prefill"] if r["key"] == "compacted@0.5")
+    assert 1.5 < comp["linear_flop_ratio"] < 2.5
+    assert all(r["cuda_graph"] is False for r in data["decode"])  # CPU: eager steps
+    assert [t["name"] for t in data["targets"]] and all("quick" in t["note"] for t in data["targets"])
+    printed = capsys.readouterr().out
+    assert "same-widths@0.5" in printed and "targets" in printed
+
+
+@pytest.mark.parametrize("argv", [["--ratios", "0"], ["--ratios", "x"], ["--batches", "0"], ["--prefill-lens", "a"]])
+def test_e2e_bad_arguments_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        e2e.parse_args(["--device", "cpu", *argv])
+    assert e.value.code == 2 and "--" in capsys.readouterr().err
