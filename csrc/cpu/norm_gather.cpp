@@ -60,18 +60,8 @@ void norm_gather_rows(const at::Tensor& rows, const at::Tensor& weight, const at
 at::Tensor norm_gather(const char* op, bool layer_norm, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& idx, double eps,
                        bool check_idx) {
-  check_activation(op, "x", x);
+  const at::Tensor ix = check_norm_gather_args(op, x, weight, bias, idx, eps, check_idx);
   const int64_t d = x.size(-1);
-  check_same_device(op, "weight", weight, "x", x);
-  check_same_dtype(op, "weight", weight, "x", x);
-  check_vector(op, "weight", weight, d);
-  if (bias) {
-    check_same_device(op, "bias", *bias, "x", x);
-    check_same_dtype(op, "bias", *bias, "x", x);
-    check_vector(op, "bias", *bias, d);
-  }
-  TORCH_CHECK_VALUE(eps >= 0, "dip_ext.", op, ": eps must be >= 0, got ", eps);
-  const at::Tensor ix = checked_index(op, idx, d, /*unique=*/false, check_idx, x);
   const at::Tensor rows = as_rows(x);
   at::Tensor out = at::empty({rows.size(0), ix.numel()}, x.options());
   if (rows.size(0) > 0 && ix.numel() > 0) {

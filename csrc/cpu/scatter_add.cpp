@@ -36,39 +36,23 @@ void scatter_rows(at::Tensor& rows_r, const at::Tensor& rows_y, const at::Tensor
   });
 }
 
-// Runs the update on a row view of residual; writes back only if no in-place view existed.
-template <typename F>
-at::Tensor& update_residual(at::Tensor& residual, F update) {
-  at::Tensor rows = as_rows(residual);
-  update(rows);
-  if (!rows.is_alias_of(residual)) residual.copy_(rows.view(residual.sizes()));
-  return residual;
-}
-
 }  // namespace
 
 at::Tensor& scatter_add_cpu(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& y, bool check_idx) {
   constexpr const char* op = "scatter_add_";
-  check_residual_update(op, residual, y, "y");
-  const at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
-  TORCH_CHECK_VALUE(y.size(-1) == ix.numel(), "dip_ext.", op, ": y has ", y.size(-1),
-                    " columns but idx has ", ix.numel(), " entries");
+  const at::Tensor ix = check_scatter_add_args(op, residual, idx, y, check_idx);
   const at::Tensor rows_y = as_rows(y);
-  return update_residual(residual, [&](at::Tensor& rows) { scatter_rows(rows, rows_y, ix); });
+  return update_residual_rows(residual, [&](at::Tensor& rows) { scatter_rows(rows, rows_y, ix); });
 }
 
 at::Tensor& gemm_scatter_add_cpu(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& x,
                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  bool check_idx) {
   constexpr const char* op = "gemm_scatter_add_";
-  check_residual_update(op, residual, x, "x");
-  const at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
-  check_linear(op, x, weight, bias, x.size(-1));
-  TORCH_CHECK_VALUE(weight.size(0) == ix.numel(), "dip_ext.", op, ": weight has ", weight.size(0),
-                    " rows (outputs) but idx has ", ix.numel(), " entries");
+  const at::Tensor ix = check_gemm_scatter_add_args(op, residual, idx, x, weight, bias, check_idx);
   if (ix.numel() == 0) return residual;
   const at::Tensor y = linear_rows(as_rows(x), weight, bias);
-  return update_residual(residual, [&](at::Tensor& rows) { scatter_rows(rows, y, ix); });
+  return update_residual_rows(residual, [&](at::Tensor& rows) { scatter_rows(rows, y, ix); });
 }
 
 }  // namespace dip_ext
