@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project venv, installs pinned dependencies and the default model / texts that
 # install offline, builds the extension from source and installs dip_ext into the venv. Idempotent.
-#   VENV=.venv  PYTHON=python3  EDITABLE=0|1
+#   VENV=.venv  PYTHON=python3  EDITABLE=1|0
+# Editable by default: the checkout is where `make` users work, and a regular install would be shadowed there by
+# the source folder (no compiled _C in it) for `python -m dip_ext` / `torchrun -m dip_ext` run from the top.
+# The wheel itself is checked by scripts/check_wheel.sh (CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EDITABLE=${EDITABLE:-0}
+EDITABLE=${EDITABLE:-1}
 CACHE=${DIP_EXT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dip_ext}
 
 if [ ! -x "$VENV/bin/python" ]; then
