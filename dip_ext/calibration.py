@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .eval import _model_device
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
@@ -117,10 +118,6 @@ def blocks_sha(blocks: torch.Tensor) -> str:
     h = hashlib.sha256(str(tuple(blocks.shape)).encode())
     h.update(blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = True, progress: bool = True,

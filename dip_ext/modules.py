@@ -138,11 +138,6 @@ def compact_linear(linear: nn.Linear, rows: Optional[torch.Tensor] = None,
     return out
 
 
-def empty_linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
-    """An uninitialised ``nn.Linear`` of the given shape on ``like``'s device and dtype."""
-    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
-
-
 def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bool) -> torch.Tensor:
     """``x[..., idx] += y``: in place on ``x`` when ``inplace`` (x is ours), else on a copy.
 
