@@ -191,8 +191,14 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
         with MaskedModel(model, ones):
             n = blocks.shape[0]
             bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
+            # A sharded (FSDP) model's forward and backward are collectives: a rank without a window in the last
+            # round runs one on window 0 anyway (and keeps nothing of it) so that its peers are not left waiting.
+            lockstep = dist.is_sharded(model)
             for first in range(start, n, world):  # one round: windows first .. first + world - 1
                 w = first + rank
+                if w >= n and lockstep:
+                    ids = blocks[:1].to(device)
+                    torch.autograd.grad(model(input_ids=ids, labels=ids).loss, flat)
                 if w < n:
                     ids = blocks[w:w + 1].to(device)
                     loss = model(input_ids=ids, labels=ids).loss

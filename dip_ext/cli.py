@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -56,6 +57,25 @@ _positive = _int_at_least(1)
 _non_negative = _int_at_least(0)
 
 
+def _float_check(ok, what: str):
+    """An argparse type: a finite float satisfying ``ok``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
+        return v
+
+    return parse
+
+
+_positive_float = _float_check(lambda v: v > 0, "> 0")
+_non_negative_float = _float_check(lambda v: v >= 0, ">= 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .prune import METHODS
 
@@ -83,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=_positive, default=256, help="tokens per calibration window (default 256)")
     pr.add_argument("--steps", type=_non_negative, default=200,
                     help="hypernetwork training steps (default 200; 0 exports the warm start)")
+    pr.add_argument("--val-windows", type=_non_negative, default=16,
+                    help="calibration windows held out from hypernetwork training; the export with the lowest LM "
+                         "loss on them is kept (early stopping; default 16, 0 keeps the last step's masks)")
+    pr.add_argument("--val-every", type=_positive, default=50,
+                    help="score the exported masks on the held-out windows every N steps (default 50)")
+    pr.add_argument("--batch-size", type=_positive, default=1,
+                    help="calibration windows per hypernetwork step and process (default 1; under torchrun the "
+                         "global batch is this times the number of processes)")
+    pr.add_argument("--lr", type=_positive_float, default=1e-3, help="hypernetwork AdamW learning rate (default 1e-3)")
+    pr.add_argument("--lam", type=_non_negative_float, default=16.0,
+                    help="weight of the budget term lam*|log r - log p| (default 16)")
     pr.add_argument("--multiple-of", type=_positive, default=1,
                     help="round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs)")
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -91,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from the checkpoints in OUT/work")
     pr.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+    pr.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard the frozen model across the processes with FSDP2 (for models that "
+                         "do not fit one device); rank 0 loads it on the CPU and compacts and saves it")
     pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="weights dtype while pruning (default float32)")
     pr.add_argument("--eval-windows", type=_non_negative, default=16,
@@ -144,13 +178,20 @@ def _prune(args) -> int:
     device = args.device
     if dist.world_size() > 1 and device == "cuda":  # one GPU per process
         device = f"cuda:{dist.local_rank()}"
-    model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=device)
+    full = None
+    if args.fsdp:
+        model, full, tokenizer = _load_sharded(args, device)
+    else:
+        model, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device=device)
     model, report = prune_and_compact(
         model, tokenizer, ratio=args.ratio, calibration=args.calibration, method=args.method,
         ratio_of=args.ratio_of, seq_len=args.seq_len, calibration_windows=args.calibration_windows,
-        steps=args.steps, multiple_of=args.multiple_of, seed=args.seed, eval_texts=eval_texts,
+        val_windows=args.val_windows, steps=args.steps, multiple_of=args.multiple_of, seed=args.seed,
+        eval_texts=eval_texts,
         eval_windows=args.eval_windows or None, measure_speed=not args.no_speed, work_dir=out / "work",
-        resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL)
+        resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL,
+        hypernetwork_options=dict(val_every=args.val_every, batch_size=args.batch_size, lr=args.lr, lam=args.lam),
+        full_model=full)
     if dist.is_main():  # every rank holds the same compacted model; one writes it
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -159,6 +200,34 @@ def _prune(args) -> int:
         print(f"saved the compacted model and report to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
     dist.barrier()
     return 0
+
+
+def _load_sharded(args, device):
+    """``--fsdp``: rank 0 loads the model on the CPU; every rank gets an FSDP2-sharded copy on ``device``.
+
+    Returns ``(sharded model, rank 0's full model or None, tokenizer)``. A model rank 0 cannot use fails on
+    every rank with rank 0's message.
+    """
+    from . import zoo
+    from .compaction import is_compacted
+    from .sharding import shard_frozen_model
+
+    if dist.world_size() < 2:
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    full, payload = None, None
+    if dist.is_main():
+        try:
+            full, tokenizer = zoo.resolve_model(args.model, dtype=args.dtype, device="cpu")
+            if is_compacted(full):
+                raise ValueError("the model is already compacted; prune the dense original")
+            payload = ("ok", full.config, tokenizer)
+        except (ValueError, FileNotFoundError, ImportError, zoo.ZooError) as e:
+            payload = ("error", str(e), None)
+    kind, config, tokenizer = dist.broadcast_object(payload)
+    if kind == "error":
+        raise ValueError(config)
+    model = shard_frozen_model(full, config, device, zoo.as_dtype(args.dtype))
+    return model, full, tokenizer
 
 
 def _prune_distributed(args) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "launched_distributed",
-           "init_from_env", "all_reduce_sum_", "broadcast_object", "all_gather_object", "barrier",
+           "init_from_env", "is_sharded", "all_reduce_sum_", "broadcast_object", "all_gather_object", "barrier",
            "check_same", "fail_fast", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 1800
@@ -106,6 +106,16 @@ def init_from_env(backend: Optional[str] = None, device: Optional[str | torch.de
         kwargs["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(backend=backend, timeout=_timeout(), **kwargs)
     return True
+
+
+def is_sharded(model) -> bool:
+    """True when ``model`` is (or contains) an FSDP2-sharded module: its forward and backward are collectives,
+    so every rank must run the same number of them (see :mod:`dip_ext.sharding`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _collective_device() -> torch.device:

@@ -64,13 +64,21 @@ def _windows(model, tokenizer, text_or_name, seq_len, max_windows, add_bos, spli
     return data.make_blocks(ids, seq_len, max_windows, bool(add_bos), bos, spread=True)
 
 
-@torch.inference_mode()
 def window_losses(model, windows: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True):
     """Summed cross-entropy (float64) and number of predicted tokens over ``windows`` ``[n, seq_len]``.
 
     Every position but the last predicts the next token. Logits are upcast to float32 for the loss.
-    Returns ``(loss_sum: float, n_predicted: int)``.
+    Returns ``(loss_sum: float, n_predicted: int)``. Runs under ``torch.inference_mode`` (``no_grad`` for an
+    FSDP-sharded model, whose parameter all-gathers write into tensors inference mode would freeze; every rank
+    must then call this with the same windows).
     """
+    from .distributed import is_sharded
+
+    with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+        return _window_losses(model, windows, batch_size, device, progress)
+
+
+def _window_losses(model, windows, batch_size, device, progress):
     from tqdm.auto import tqdm
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -109,7 +117,7 @@ def perplexity(model, tokenizer, text_or_name, seq_len: int = 512, max_windows: 
     1-D token ids, or ready-made windows LongTensor ``[n, seq_len]`` (used as given).
     ``max_windows`` caps the number of windows (evenly spaced over the text). ``add_bos=None`` puts BOS
     at the start of each window when the model needs it (:func:`dip_ext.data.needs_bos`). ``device``
-    defaults to the model's. Runs under ``torch.inference_mode``; returns a Python float.
+    defaults to the model's. Runs without autograd (see :func:`window_losses`); returns a Python float.
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")

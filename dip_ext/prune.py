@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,16 +112,55 @@ def _timed(seconds: dict, stage: str):
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _calibration_blocks(tokenizer, calibration, seq_len: int, windows: int) -> torch.Tensor:
+def _calibration_blocks(tokenizer, calibration, seq_len: int) -> torch.Tensor:
+    """Every window of the calibration text (or the given token blocks): LongTensor ``[n, seq_len]``."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype != torch.long or calibration.shape[0] == 0:
             raise ValueError("calibration token blocks must be a non-empty LongTensor [n_windows, seq_len]")
-        return calibration[:windows]
+        return calibration
     if tokenizer is None:
         raise ValueError(f"calibration text {calibration!r} needs a tokenizer (pass tokenizer=...)")
     from . import data
 
-    return data.get_blocks(tokenizer, calibration, "calibration", seq_len, windows)
+    return data.get_blocks(tokenizer, calibration, "calibration", seq_len, None)
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k >= n``), as make_blocks picks windows."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, k).round().long()
+
+
+def split_calibration(blocks: torch.Tensor, calibration_windows: Optional[int], val_windows: int = 0):
+    """Splits calibration windows ``[n, seq_len]`` into ``(calibration pass, training, validation)`` blocks.
+
+    Validation (for the hypernetwork's early stopping): ``val_windows`` windows evenly spaced over the text, at
+    mid-stride positions; None when ``val_windows`` is 0 or the text has no more than ``val_windows`` windows
+    (with a warning). Training: every other window. Calibration pass (Fisher scores, statistics):
+    ``calibration_windows`` of the training windows (None: all), evenly spaced, so nothing the early stopping
+    scores on has shaped the masks. With ``val_windows=0`` the calibration pass gets the same windows as
+    ``get_blocks(..., n_blocks=calibration_windows)``.
+    """
+    n = int(blocks.shape[0])
+    val = None
+    rest = blocks
+    if val_windows > 0:
+        if n > val_windows:
+            val_idx = ((torch.arange(val_windows, dtype=torch.float64) + 0.5) * n / val_windows).long()
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[val_idx] = False
+            val, rest = blocks[val_idx], blocks[keep]
+        else:
+            warnings.warn(f"the calibration text has {n} windows, too few to hold out {val_windows} for "
+                          f"validation: the hypernetwork returns its last masks (no early stopping)", stacklevel=3)
+    if calibration_windows is None:
+        calibration_windows = int(rest.shape[0])
+    if calibration_windows > rest.shape[0]:
+        warnings.warn(f"asked for {calibration_windows} calibration windows, the text has only "
+                      f"{rest.shape[0]}" + (" besides the validation windows" if val is not None else ""),
+                      stacklevel=3)
+    return rest[_spread(rest.shape[0], calibration_windows)], rest, val
 
 
 def _evaluate(model, tokenizer, texts, seq_len, windows, progress) -> dict:
@@ -162,8 +202,13 @@ def validate_options(method: str, ratio: float, ratio_of: str, multiple_of: int,
 def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method: str, *,
                  calib: Optional[CalibrationResult] = None, multiple_of: int = 1, steps: int = 200,
                  seed: int = 0, work_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
-                 hypernetwork_options: Optional[dict] = None) -> DispMasks:
-    """Masks for ``model`` meeting ``budget`` by ``method`` (the hypernetwork is warm-started from one-shot)."""
+                 hypernetwork_options: Optional[dict] = None, train_blocks: Optional[torch.Tensor] = None,
+                 val_blocks: Optional[torch.Tensor] = None) -> DispMasks:
+    """Masks for ``model`` meeting ``budget`` by ``method`` (the hypernetwork is warm-started from one-shot).
+
+    ``blocks`` feed the calibration pass when ``calib`` is None; the hypernetwork trains on ``train_blocks``
+    (default ``blocks``) and early-stops on ``val_blocks`` (see :func:`learn_masks_hypernetwork`).
+    """
     from .selection.oneshot import dependent_masks, oneshot_masks
 
     if calib is None:
@@ -177,7 +222,8 @@ def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method:
     from .selection.hypernetwork import learn_masks_hypernetwork
 
     return learn_masks_hypernetwork(
-        model, blocks, budget, steps=steps, init_masks=masks, seed=seed, multiple_of=multiple_of,
+        model, blocks if train_blocks is None else train_blocks, budget, steps=steps, init_masks=masks,
+        seed=seed, multiple_of=multiple_of, val_blocks=val_blocks,
         checkpoint_dir=work_dir / "hypernetwork" if work_dir else None, resume=resume, progress=progress,
         **(hypernetwork_options or {}))
 
@@ -185,43 +231,67 @@ def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method:
 def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                       calibration: Union[str, torch.Tensor] = "wiki", method: str = "hypernetwork", *,
                       ratio_of: str = "decoder_linear", seq_len: int = 256, calibration_windows: int = 64,
-                      steps: int = 200, multiple_of: int = 1, seed: int = 0,
+                      val_windows: int = 16, steps: int = 200, multiple_of: int = 1, seed: int = 0,
                       eval_texts: tuple = ("wiki", "ptb"), eval_windows: Optional[int] = 16,
                       eval_seq_len: int = 256, measure_speed: bool = True,
                       work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
                       progress: bool = True, model_name: Optional[str] = None,
-                      hypernetwork_options: Optional[dict] = None):
+                      hypernetwork_options: Optional[dict] = None, full_model: Optional[nn.Module] = None):
     """Prunes ``model`` with DISP and compacts it in place; returns ``(model, PruneReport)``.
 
     ``ratio``: fraction of decoder-linear parameters removed (``ratio_of="total"``: of all parameters).
     ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``) or token blocks
-    ``[n, seq_len]``. ``method``: ``"hypernetwork"`` (the paper's; warm-started from one-shot, ``steps``
-    training steps), ``"oneshot"`` (Fisher scores, no training) or ``"dependent"`` (one shared embedding subset:
+    ``[n, seq_len]``; the calibration pass reads ``calibration_windows`` of its windows, evenly spaced.
+    ``method``: ``"hypernetwork"`` (the paper's; warm-started from one-shot, ``steps`` training steps on every
+    calibration window but ``val_windows`` held out, whose LM loss picks the best export: early stopping; see
+    :func:`split_calibration`), ``"oneshot"`` (Fisher scores, no training) or ``"dependent"`` (one shared embedding subset:
     the baseline). ``work_dir`` keeps calibration and training checkpoints; ``resume=True`` continues from
     them. ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
     ``eval_seq_len`` tokens; empty to skip); prefill speed is measured unless ``measure_speed=False``.
     Under ``torch.distributed`` every rank calls this: calibration and mask learning run data-parallel (see
     ``docs/distributed.md``), every rank returns the same compacted model, and only rank 0 evaluates (the
     other ranks' reports have no perplexity or speed).
+
+    Sharded (``model`` from :func:`dip_ext.sharding.shard_frozen_model`, FSDP2): calibration, selection and
+    the perplexity before run on the sharded model on every rank in lockstep; rank 0 passes its full copy of
+    the dense model as ``full_model``, which is compacted, moved to the sharded model's device, evaluated
+    and returned; the other ranks return ``(None, report)``. Prefill speed is not measured (the dense model is
+    never whole on one device).
     """
     validate_options(method, ratio, ratio_of, multiple_of, steps)
+    if isinstance(val_windows, bool) or not isinstance(val_windows, int) or val_windows < 0:
+        raise ValueError(f"val_windows must be an int >= 0, got {val_windows!r}")
     if is_compacted(model):
         raise ValueError("the model is already compacted; prune the dense original")
     adapter_for(model)  # unsupported architectures fail here, before any work
+    sharded = dist.is_sharded(model)
+    if sharded and dist.is_main() and full_model is None:
+        raise ValueError("model is sharded (FSDP): rank 0 must pass its full dense copy as full_model (the model "
+                         "that gets compacted and saved)")
+    if not sharded and full_model is not None:
+        raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
     budget = Budget.for_model(model, ratio, ratio_of)
     if eval_texts and tokenizer is None:
         raise ValueError("evaluating perplexity needs a tokenizer (or pass eval_texts=())")
-    if not dist.is_main():  # data-parallel: rank 0 evaluates and reports, the others only help select masks
-        eval_texts, measure_speed = (), False
+    eval_after = eval_texts if dist.is_main() else ()
+    if sharded:  # the sharded forward is a collective: every rank scores "before"; rank 0 alone "after"
+        measure_speed = False
+    elif not dist.is_main():  # data-parallel: rank 0 evaluates and reports, the others only help select masks
+        eval_texts, eval_after, measure_speed = (), (), False
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
     seconds: dict = {}
     with _timed(seconds, "calibration data"):
-        blocks = _calibration_blocks(tokenizer, calibration, seq_len, calibration_windows)
-    before = param_report(model)
+        learns = method == "hypernetwork" and steps > 0
+        all_blocks = _calibration_blocks(tokenizer, calibration, seq_len)
+        given = isinstance(calibration, torch.Tensor)  # given blocks: "up to calibration_windows of them"
+        blocks, train_blocks, val_blocks = split_calibration(
+            all_blocks, None if given and calibration_windows >= all_blocks.shape[0] else calibration_windows,
+            val_windows if learns else 0)
+    before = param_report(full_model if full_model is not None else model)
     with _timed(seconds, "eval before"):
-        ppl_before = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress)
+        ppl_before = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress and dist.is_main())
         tps_before = _speed(model, eval_seq_len) if measure_speed else None
     ckpt = work / "calibration.safetensors" if work is not None else None
     if ckpt is not None and not resume:
@@ -233,24 +303,35 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     with _timed(seconds, "selection"):
         masks = select_masks(model, blocks, budget, method, calib=calib, multiple_of=multiple_of, steps=steps,
                              seed=seed, work_dir=work, resume=resume, progress=progress,
-                             hypernetwork_options=hypernetwork_options)
+                             hypernetwork_options=hypernetwork_options, train_blocks=train_blocks,
+                             val_blocks=val_blocks)
+    config = model.config
+    if sharded:
+        device = next(model.parameters()).device
+        model = full_model  # None on ranks > 0: they are done once the masks are chosen
     with _timed(seconds, "compaction"):
-        compact(model, masks)
-    after = param_report(model)
+        if model is not None:
+            compact(model, masks)
+            if sharded:
+                model.to(device)
+    after = param_report(model) if model is not None else None  # None: a sharded run's rank > 0
     with _timed(seconds, "eval after"):
-        ppl_after = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress)
+        ppl_after = _evaluate(model, tokenizer, eval_after, eval_seq_len, eval_windows, progress)
         tps_after = _speed(model, eval_seq_len) if measure_speed else None
     for name, v in ppl_after.items():
         if not math.isfinite(v):
             raise FloatingPointError(f"pruned model has non-finite perplexity on {name}")
-    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    name = model_name or getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
     report = PruneReport(
         model=str(name), method=method, ratio=ratio, ratio_of=ratio_of,
         options=dict(seq_len=seq_len, calibration=calibration if isinstance(calibration, str) else "tokens",
                      calibration_windows=int(blocks.shape[0]), steps=steps if method == "hypernetwork" else 0,
+                     train_windows=int(train_blocks.shape[0]) if learns else 0,
+                     val_windows=0 if val_blocks is None else int(val_blocks.shape[0]),
                      multiple_of=multiple_of, seed=seed, eval_windows=eval_windows, eval_seq_len=eval_seq_len),
         params_before={"total": before.total, "decoder_linear": before.decoder_linear},
-        params_after={"total": after.total, "decoder_linear": after.decoder_linear,
+        params_after={"total": after.total if after else None,
+                      "decoder_linear": after.decoder_linear if after else None,
                       **budget.describe(masks.widths())},
         widths=masks.widths(), full_widths=before.full_widths,
         perplexity_before=ppl_before, perplexity_after=ppl_after,

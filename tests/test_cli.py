@@ -105,6 +105,10 @@ def test_help(capsys):
     (("prune", "--ratio-of", "params"), "invalid choice"),
     (("prune", "--dtype", "int8"), "invalid choice"),
     (("prune", "--bogus"), "unrecognized arguments"),
+    (("prune", "--lr", "0"), "must be a finite number > 0"),
+    (("prune", "--lam", "inf"), "must be a finite number >= 0"),
+    (("prune", "--val-every", "0"), "must be >= 1"),
+    (("prune", "--batch-size", "0"), "must be >= 1"),
     (("frobnicate",), "invalid choice"),
     ((), "required"),
 ])
@@ -119,6 +123,7 @@ def test_bad_argument_is_one_line_exit_2(capsys, argv, match):
     (("--calibration", "file:/nonexistent/t.txt"), "does not exist"),
     (("--eval-text", "c4"), "unknown text 'c4'"),
     (("--model", "/nonexistent/model"), "does not exist"),
+    (("--fsdp",), "launch with torchrun"),
 ])
 def test_bad_input_after_parsing_is_one_line_exit_2(capsys, tmp_path, word_text, extra, match):
     argv = ["prune", "--calibration", word_text, "--eval-text", word_text, "--out", tmp_path / "out", *extra]
@@ -216,7 +221,8 @@ def test_overwrite_replaces(capsys, folders, word_text, tmp_path):
 
 def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, monkeypatch):
     """--steps 2, then --resume --steps 4 gives what one --steps 4 run gives, and runs only what was left: no
-    calibration window again, two training steps (counted as forwards of the loaded model)."""
+    calibration window again, two training steps (counted as forwards of the loaded model) and the validation
+    at the last step (3 held-out windows: one forward)."""
     forwards = []
     resolve = zoo.resolve_model
 
@@ -226,22 +232,22 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
         return model, tok
 
     monkeypatch.setattr(zoo, "resolve_model", counting)
-    hn = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0")
+    hn = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0", "--val-windows", "3")
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "2"))[0] == 0
-    assert len(forwards) == 4 + 2  # 4 calibration windows, 2 steps of one window
+    assert len(forwards) == 4 + 2 + 2  # 4 calibration windows, 2 steps of one window, validation at steps 0, 2
     two = json.loads((out / "report.json").read_text())
     forwards.clear()
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4", "--resume"))
     assert code == 0, err
-    assert len(forwards) == 2
+    assert len(forwards) == 2 + 1
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, ref, *hn, "--steps", "4"))[0] == 0
     resumed, fresh = (json.loads((d / "report.json").read_text()) for d in (out, ref))
     # resuming with other calibration windows would mix two runs: refused in one line
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4",
                                                     "--resume", "--calibration-windows", "6"))
     assert code == 2 and err.count("\n") == 1 and "other token windows" in err, err
-    assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4
+    assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4 and resumed["options"]["val_windows"] == 3
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks
 

@@ -18,6 +18,7 @@ one-process run only where a logit + offset lies within ~1e-5 of the export thre
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -43,7 +44,11 @@ def tiny_blocks():
     return torch.randint(0, 64, (7, 16), generator=torch.Generator().manual_seed(1))  # 7: an uneven last round
 
 
-def _train(model, blocks, out: Path, *, batch_size, resume=False, callback=None, log=None):
+def tiny_val_blocks():
+    return torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))  # 3: uneven across 2 ranks
+
+
+def _train(model, blocks, out: Path, *, batch_size, resume=False, callback=None, log=None, report=None):
     from dip_ext.calibration import run_calibration
     from dip_ext.selection.budget import Budget
     from dip_ext.selection.hypernetwork import learn_masks_hypernetwork
@@ -53,7 +58,7 @@ def _train(model, blocks, out: Path, *, batch_size, resume=False, callback=None,
     masks = learn_masks_hypernetwork(model, blocks, Budget.for_model(model, 0.5), steps=STEPS, lr=LR, seed=SEED,
                                      batch_size=batch_size, checkpoint_dir=out / "hnet",
                                      checkpoint_every=CKPT_EVERY, resume=resume, progress=False, log=log,
-                                     callback=callback)
+                                     callback=callback, val_blocks=tiny_val_blocks(), val_every=2, report=report)
     return calib, masks
 
 
@@ -69,13 +74,19 @@ def worker(scenario: str, out: Path) -> None:
         if scenario == "fail" and r == 1 and entry["step"] == FAIL_AT:
             raise RuntimeError(f"injected failure at step {FAIL_AT}")
 
-    log = []
+    log, report = [], {}
     with D.fail_fast():
         model = tiny_model()
+        if scenario == "fsdp":  # rank 0 holds the model, every rank a shard of it
+            from dip_ext.sharding import shard_frozen_model
+
+            model = shard_frozen_model(model if r == 0 else None, model.config, "cpu", torch.float32)
+            assert D.is_sharded(model)
         calib, masks = _train(model, tiny_blocks(), out, batch_size=1, resume=scenario == "resume",
-                              callback=fail, log=log)
+                              callback=fail, log=log, report=report)
         calib.save(out / f"calibration.rank{r}.safetensors")
-        (out / f"rank{r}.json").write_text(json.dumps({"masks": masks.to_dict(), "log": log}))
+        (out / f"rank{r}.json").write_text(json.dumps({"masks": masks.to_dict(), "log": log,
+                                                       "val_history": report["val_history"]}))
         D.barrier()
     torch.distributed.destroy_process_group()
 
@@ -148,9 +159,9 @@ def single(tmp_path_factory):
     """The one-process reference: the same seed and the same global batch (2 windows per step)."""
     out = tmp_path_factory.mktemp("single")
     torch.set_num_threads(1)
-    log = []
-    calib, masks = _train(tiny_model(), tiny_blocks(), out, batch_size=2, log=log)
-    return out, calib, masks, log
+    log, report = [], {}
+    calib, masks = _train(tiny_model(), tiny_blocks(), out, batch_size=2, log=log, report=report)
+    return out, calib, masks, log, report
 
 
 def test_helpers_without_process_group():
@@ -183,12 +194,15 @@ def test_two_ranks_identical_and_match_one_process(full_run, single):
     for layer0, layer1 in zip(c0.scores, c1.scores):
         assert all(torch.equal(layer0[s], layer1[s]) for s in layer0)
     # Against one process with the same global batch and seed.
-    s_out, s_calib, s_masks, s_log = single
+    s_out, s_calib, s_masks, s_log, s_report = single
     assert DispMasks.from_dict(r0["masks"]) == s_masks
     assert [e["step"] for e in r0["log"]] == list(range(1, STEPS + 1))
     for a, b in zip(r0["log"], s_log):
         assert a["kept_ratio"] == b["kept_ratio"]
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5)
+    # Validation (3 windows dealt 2 + 1 over the ranks) at steps 0, 2, 4 and the last: the one-process losses.
+    assert [h[0] for h in r0["val_history"]] == [0, 2, 4, STEPS] == [h[0] for h in s_report["val_history"]]
+    assert [h[1] for h in r0["val_history"]] == pytest.approx([h[1] for h in s_report["val_history"]], rel=1e-5)
     assert c0.windows == s_calib.windows == 7 and c0.losses == pytest.approx(s_calib.losses, rel=1e-6)
     for layer0, layer_s in zip(c0.scores, s_calib.scores):
         for s in layer0:
@@ -211,6 +225,24 @@ def test_two_ranks_identical_and_match_one_process(full_run, single):
     # Measured 8e-6 on logits up to 7.6 (AdamW's g / sqrt(v) magnifies rounding on near-zero gradients:
     # single GRU weights differ by up to 1.3e-4, the logits far less).
     assert float((logits[0] - logits[1]).abs().max()) < 1e-4
+
+
+def test_fsdp_sharded_model_matches_data_parallel(full_run, tmp_path):
+    """The frozen model sharded with FSDP2 over the 2 ranks (gloo, CPU): the same calibration, losses and masks
+    as the 2-rank data-parallel run with a full copy per rank (forwards run in lockstep, including the uneven
+    last calibration round and validation split)."""
+    codes, errs = launch("fsdp", tmp_path)
+    assert codes == [0, 0], errs
+    (f0, f1), (fc0, fc1) = _results(tmp_path)
+    (d0, _), (dc0, _) = _results(full_run)
+    assert f0["masks"] == f1["masks"] == d0["masks"]
+    assert [e["lm_loss"] for e in f0["log"]] == pytest.approx([e["lm_loss"] for e in d0["log"]], rel=1e-5)
+    assert [h[0] for h in f0["val_history"]] == [h[0] for h in d0["val_history"]]
+    assert [h[1] for h in f0["val_history"]] == pytest.approx([h[1] for h in d0["val_history"]], rel=1e-5)
+    assert fc0.windows == dc0.windows == 7 and fc0.losses == pytest.approx(dc0.losses, rel=1e-5)
+    for layer_f, layer_d in zip(fc0.scores, dc0.scores):
+        for s in layer_f:
+            torch.testing.assert_close(layer_f[s], layer_d[s], rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.slow  # two more 2-process launches: ~45 s on the 2-core CI machine
@@ -263,7 +295,7 @@ def _torchrun(root: Path, folder: Path, text: str, out: str, *extra):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # three torchrun launches of the CLI: ~75 s on the 2-core CI machine
+@pytest.mark.slow  # four torchrun launches of the CLI: ~100 s on the 2-core CI machine
 def test_cli_under_torchrun_and_resume(tmp_path):
     folder, text = _cli_folder(tmp_path)
     full = _torchrun(tmp_path, folder, text, "full", "--steps", "4")
@@ -275,8 +307,13 @@ def test_cli_under_torchrun_and_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, meta = _read_checkpoint(tmp_path / "part" / "work" / "hypernetwork" / CHECKPOINT_NAME)
     assert meta["step"] == 4 and meta["world_size"] == 2 and meta["fingerprint"]["batch_size"] == 2
-    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "part")]
-    assert reports[0]["masks"] == reports[1]["masks"]
+    sharded = _torchrun(tmp_path, folder, text, "fsdp", "--steps", "4", "--fsdp", "--eval-windows", "2",
+                        "--eval-text", text)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "part", "fsdp")]
+    assert reports[0]["masks"] == reports[1]["masks"] == reports[2]["masks"]
+    ppl = reports[2]["perplexity_before"][text], reports[2]["perplexity_after"][text]
+    assert all(math.isfinite(v) and v > 1 for v in ppl)  # scored on the sharded model, then on the compacted one
     import dip_ext
 
     dip_ext.from_pretrained(tmp_path / "part")  # the saved model loads

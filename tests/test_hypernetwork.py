@@ -265,6 +265,10 @@ def test_batch_order_is_seeded_epoch_shuffles():
     (None, dict(lam=float("nan")), ValueError, "lam"),
     (None, dict(multiple_of=0), ValueError, "multiple_of"),
     (None, dict(checkpoint_every=0), ValueError, "checkpoint_every"),
+    (None, dict(val_every=0), ValueError, "val_every"),
+    (None, dict(val_blocks=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_blocks is empty"),
+    (None, dict(val_blocks=torch.zeros(2, 16)), TypeError, "val_blocks must be"),
+    (None, dict(val_blocks=torch.full((2, 16), 99)), ValueError, "val_blocks hold token ids outside"),
 ])
 def test_bad_input(model, blocks, bad, kw, err, match):
     b = {"blocks": blocks[:0], "float": blocks.float(), "1d": blocks[0], "list": blocks.tolist(),
@@ -284,3 +288,67 @@ def test_bad_budget_and_init_masks(model, blocks, dims):
     wrong = DispMasks.full(dataclasses.replace(dims, num_layers=3))
     with pytest.raises(ValueError, match="layers"):
         _run(model, blocks, steps=1, init_masks=wrong)
+
+
+# ---- validation: early stopping on held-out windows ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def val_blocks():
+    return torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(5))
+
+
+def _masked_loss(model, masks, windows):
+    from dip_ext.masking import apply_masks
+
+    with torch.no_grad(), apply_masks(model, masks):
+        return float(model(input_ids=windows, labels=windows).loss)
+
+
+def test_validation_returns_the_best_scoring_export(model, blocks, val_blocks):
+    """The returned masks are the export of the step with the lowest held-out loss (recomputed here from
+    scratch), and that loss is what the run recorded."""
+    report, log = {}, []
+    kw = dict(steps=6, lr=0.05, seed=3, val_blocks=val_blocks, val_every=2, report=report, log=log)
+    masks = _run(model, blocks, **kw)
+    history = report["val_history"]
+    assert [h[0] for h in history] == [0, 2, 4, 6]
+    assert [e["step"] for e in log if "val_loss" in e] == [2, 4, 6]
+    best_step, best_loss = min(history, key=lambda h: (h[1], h[0]))
+    assert report["best_step"] == best_step and report["best_val_loss"] == best_loss
+    assert _masked_loss(model, masks, val_blocks) == pytest.approx(best_loss, rel=1e-5)
+    assert 0 < best_step < 6  # this seed's run peaks mid-way: neither the start nor the last step is returned
+    # The export at the best step, recomputed by stopping a run of the same seed there:
+    assert masks == _run(model, blocks, **{**kw, "steps": best_step, "val_blocks": None, "report": None, "log": None})
+    last = _run(model, blocks, **{**kw, "val_blocks": None, "report": None, "log": None})
+    assert _masked_loss(model, last, val_blocks) >= best_loss - 1e-6  # never worse than the last step's export
+
+
+def test_validation_keeps_the_warm_start_when_training_only_hurts(model, blocks, val_blocks, dims):
+    """A learning rate that wrecks the hypernetwork: the warm start (step 0) stays the answer."""
+    budget = Budget.for_model(model, 0.4)
+    init = learn_masks_hypernetwork(model, blocks, budget, steps=1, lr=1e-6, progress=False)
+    report = {}
+    masks = learn_masks_hypernetwork(model, blocks, budget, steps=4, lr=5.0, init_masks=init, seed=1,
+                                     val_blocks=val_blocks, val_every=1, progress=False, report=report)
+    losses = dict(report["val_history"])
+    assert sorted(losses) == [0, 1, 2, 3, 4]
+    assert min(v for k, v in losses.items() if k > 0) > losses[0]  # the premise: every step made it worse
+    assert report["best_step"] == 0 and masks == init
+
+
+def test_validation_state_survives_interruption(model, blocks, val_blocks, tmp_path):
+    kw = dict(steps=6, lr=0.05, seed=4, checkpoint_every=2, val_blocks=val_blocks, val_every=2)
+    full_report = {}
+    full = _run(model, blocks, report=full_report, **kw)
+
+    def stop_at_5(entry):
+        if entry["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, blocks, checkpoint_dir=tmp_path, callback=stop_at_5, **kw)
+    report = {}
+    assert _run(model, blocks, checkpoint_dir=tmp_path, resume=True, report=report, **kw) == full
+    assert report["val_history"] == full_report["val_history"] and report["best_step"] == full_report["best_step"]
+    with pytest.raises(ValueError, match="val_blocks"):  # other validation windows: another run
+        _run(model, blocks, checkpoint_dir=tmp_path, resume=True, **{**kw, "val_blocks": val_blocks[:2]})

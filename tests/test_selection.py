@@ -383,7 +383,7 @@ def test_calibration_bad_blocks(models, blocks, match):
 # -------------------------------------------------------------------------------- prune_and_compact
 
 def _prune(model, method, **kw):
-    kw = {"ratio": 0.4, "calibration": BLOCKS, "method": method, "steps": 3, "eval_texts": (),
+    kw = {"ratio": 0.4, "calibration": BLOCKS, "method": method, "steps": 3, "eval_texts": (), "val_windows": 0,
           "measure_speed": False, "progress": False, "seq_len": SEQ, **kw}
     return prune_and_compact(model, kw.pop("tokenizer", None), **kw)
 
@@ -462,7 +462,31 @@ def test_prune_work_dir_resume(tmp_path):
     assert fresh.masks == first.masks
 
 
+def test_split_calibration():
+    from dip_ext.prune import split_calibration
+
+    blocks = torch.arange(40).view(20, 2)  # row k starts with 2k: rows are recognisable
+    calib, train, val = split_calibration(blocks, 5, 4)
+    rows = lambda t: (t[:, 0] // 2).tolist()  # noqa: E731
+    assert rows(val) == [2, 7, 12, 17]  # evenly spaced, mid-stride
+    assert rows(train) == [k for k in range(20) if k not in (2, 7, 12, 17)]
+    assert set(rows(calib)) <= set(rows(train)) and len(rows(calib)) == 5 and rows(calib)[0] == 0
+    calib0, train0, val0 = split_calibration(blocks, 5, 0)  # no validation: make_blocks' spread windows
+    assert val0 is None and torch.equal(train0, blocks) and rows(calib0) == [0, 5, 10, 14, 19]
+    with pytest.warns(UserWarning, match="too few to hold out"):
+        assert split_calibration(blocks[:3], 2, 3)[2] is None
+    with pytest.warns(UserWarning, match="besides the validation windows"):
+        split_calibration(blocks, 19, 4)
+
+
+def test_prune_hypernetwork_holds_out_validation_windows():
+    _, report = _prune(make_model("llama"), "hypernetwork", val_windows=2)
+    assert report.options["val_windows"] == 2 and report.options["train_windows"] == BLOCKS.shape[0] - 2
+    assert report.options["calibration_windows"] == BLOCKS.shape[0] - 2
+
+
 @pytest.mark.parametrize("kw, err, match", [
+    (dict(val_windows=-1), ValueError, "val_windows"),
     (dict(ratio=0), ValueError, "ratio"),
     (dict(ratio=1), ValueError, "ratio"),
     (dict(ratio=1.5), ValueError, "ratio"),

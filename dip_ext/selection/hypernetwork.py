@@ -235,7 +235,7 @@ def _digest_tensor(t: torch.Tensor) -> str:
 
 
 def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *, seed, lam, lr, weight_decay,
-                 temperature, offset, batch_size) -> dict:
+                 temperature, offset, batch_size, val_blocks=None, val_every=None) -> dict:
     cfg = model.config
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers,
             "hidden": dims.hidden, "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
@@ -243,7 +243,9 @@ def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "lam": float(lam), "lr": float(lr), "weight_decay": float(weight_decay),
             "temperature": float(temperature), "offset": float(offset), "batch_size": int(batch_size),
-            "blocks": [int(blocks.shape[0]), int(blocks.shape[1]), _digest_tensor(blocks)]}
+            "blocks": [int(blocks.shape[0]), int(blocks.shape[1]), _digest_tensor(blocks)],
+            "val_blocks": None if val_blocks is None else [int(val_blocks.shape[0]), int(val_blocks.shape[1]),
+                                                           _digest_tensor(val_blocks), int(val_every)]}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -261,10 +263,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _save_checkpoint(path: Path, hnet: HyperNetwork, opt: torch.optim.Optimizer, gen: torch.Generator,
-                     step: int, position: int, fingerprint: dict, extra: dict) -> None:
+                     step: int, position: int, fingerprint: dict, extra: dict,
+                     extra_tensors: Optional[dict] = None) -> None:
     from safetensors.torch import save
 
     tensors = {f"hnet.{k}": v.detach().cpu().contiguous() for k, v in hnet.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     state = opt.state_dict()["state"]
     for i, st in state.items():
         for key, v in st.items():
@@ -331,22 +335,28 @@ def _adamw(hnet: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optim
         return torch.optim.AdamW(hnet.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every):
+def _check_blocks(model, blocks, name: str) -> None:
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
         what = (f"a {blocks.dim()}-D {blocks.dtype} tensor" if isinstance(blocks, torch.Tensor)
                 else type(blocks).__name__)
-        raise TypeError(f"blocks must be a 2-D LongTensor [n_blocks, seq_len] of token ids, got {what}")
+        raise TypeError(f"{name} must be a 2-D LongTensor [n_blocks, seq_len] of token ids, got {what}")
     if blocks.shape[0] == 0:
-        raise ValueError("blocks is empty: no calibration windows to train on")
+        raise ValueError(f"{name} is empty: no calibration windows")
     if blocks.shape[1] < 2:
-        raise ValueError(f"blocks need at least 2 tokens per window to have a next-token loss, got "
+        raise ValueError(f"{name} need at least 2 tokens per window to have a next-token loss, got "
                          f"{blocks.shape[1]}")
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
-        raise ValueError(f"blocks hold token ids outside [0, {vocab}) (tokenized for another model?)")
+        raise ValueError(f"{name} hold token ids outside [0, {vocab}) (tokenized for another model?)")
+
+
+def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
+                multiple_of, checkpoint_every, val_blocks, val_every):
+    _check_blocks(model, blocks, "blocks")
+    if val_blocks is not None:
+        _check_blocks(model, val_blocks, "val_blocks")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("multiple_of", multiple_of),
-                        ("checkpoint_every", checkpoint_every)):
+                        ("checkpoint_every", checkpoint_every), ("val_every", val_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name, value, ok in (("lam", lam, lam >= 0), ("lr", lr, lr > 0), ("weight_decay", weight_decay,
@@ -366,6 +376,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                              init_masks: Optional[DispMasks] = None, lam: float = 16.0, lr: float = 1e-3,
                              weight_decay: float = 0.05, temperature: float = 0.4, offset: float = 3.0,
                              batch_size: int = 1, seed: int = 0, multiple_of: int = 1,
+                             val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
                              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
                              resume: bool = False, progress: bool = True, log: Optional[list] = None,
                              callback: Optional[Callable[[dict], None]] = None,
@@ -386,6 +397,13 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         lam, lr, weight_decay, temperature, offset: the paper's λ, AdamW settings (constant lr),
             Gumbel-sigmoid temperature and logit offset.
         multiple_of: round every exported kept width to a multiple (see :func:`export_masks`).
+        val_blocks: ``[n_val, seq_len]`` held-out calibration windows (never trained on). When given, the
+            exported masks (the ones that would be returned) are scored by their mean LM loss on these
+            windows at the start and every ``val_every`` steps (and at the last step), and the best-scoring
+            export is returned instead of the last one (early stopping: with a warm start, step 0 scores the
+            one-shot masks, so training can only replace them by masks that do better on held-out text).
+            Measured on SmolLM2 (RESULTS.md): training on a few dozen windows overfits after a few hundred
+            steps.
         checkpoint_dir: where ``hypernetwork.ckpt.safetensors`` is written (atomically) every
             ``checkpoint_every`` steps and at the end: hypernetwork, optimizer, noise-RNG state, step, batch
             position and a fingerprint of the run's settings. An existing checkpoint there is refused unless
@@ -393,10 +411,10 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             run), refuses one whose fingerprint differs, and starts fresh when there is none.
         progress: a tqdm bar with the LM loss, the deterministic mask's kept ratio and the ETA.
         log: if given, receives one dict per step run: step, lm_loss, budget_loss, kept_ratio (deterministic
-            mask), expected_ratio (under the noise), seconds.
+            mask), expected_ratio (under the noise), seconds, and val_loss at validation steps.
         callback: called with each step's log dict after that step (and its checkpoint); may raise to stop.
         report: if given, updated with the export info (kept/target parameters, threshold) and the run
-            summary.
+            summary (with validation: best_step, best_val_loss and the val_history ``[[step, loss], ...]``).
 
     Data-parallel (``torch.distributed`` initialised, e.g. by :func:`dip_ext.distributed.init_from_env` under
     torchrun): every rank calls this with the same arguments. Step ``t`` draws one global batch of
@@ -413,16 +431,17 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every)
+                multiple_of, checkpoint_every, val_blocks, val_every)
     if init_masks is not None:
         init_masks.validate(dims)
     device = next(model.parameters()).device
     blocks = blocks.cpu()
+    val_blocks = None if val_blocks is None else val_blocks.cpu()
     world, rank = dist.world_size(), dist.rank()
     global_batch = batch_size * world
     fingerprint = _fingerprint(model, dims, budget, blocks, seed=seed, lam=lam, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, offset=offset,
-                               batch_size=global_batch)
+                               batch_size=global_batch, val_blocks=val_blocks, val_every=val_every)
     init_digest = None if init_masks is None else _masks_digest(init_masks, dims)
     if world > 1:  # ranks given different data or settings would silently train different hypernetworks
         dist.check_same((fingerprint, init_digest, steps, checkpoint_dir is None), "run settings")
@@ -431,6 +450,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     opt = _adamw(hnet, lr, weight_decay)
     gen = torch.Generator().manual_seed(int(seed) + 2)  # the Gumbel noise; CPU so every device draws the same
     start = 0
+    best = _Best()
 
     ckpt_path = None
     if checkpoint_dir is not None:
@@ -439,6 +459,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         if loaded is not None:
             start = _resume_from(ckpt_path, loaded, resume, fingerprint, init_digest, global_batch, hnet, opt,
                                  gen)
+            best = _Best.from_checkpoint(*loaded)
             if start > steps:
                 raise ValueError(f"{ckpt_path} is at step {start}, beyond steps={steps}; pass steps >= {start} "
                                  f"(a run cannot go back) or use another checkpoint_dir")
@@ -449,7 +470,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         if ckpt_path is not None:
             if rank == 0:
                 _save_checkpoint(ckpt_path, hnet, opt, gen, step, step * global_batch, fingerprint,
-                                 {"init_masks": init_digest, "time": time.time(), "world_size": world})
+                                 {"init_masks": init_digest, "time": time.time(), "world_size": world,
+                                  **best.meta()}, best.tensors())
             dist.barrier()  # a peer that fails after this point leaves a checkpoint every rank had reached
 
     saved_flags = [(q, q.requires_grad) for q in model.parameters()]
@@ -461,6 +483,16 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             q.requires_grad_(False)
         model.eval()
         with apply_masks(model, None) as masked:
+            def validate(step: int) -> Optional[float]:
+                if val_blocks is None:
+                    return None
+                loss = _validation_loss(hnet, masked, model, val_blocks, budget, offset=offset,
+                                        multiple_of=multiple_of, device=device)
+                best.offer(step, loss, hnet)
+                return loss
+
+            if start == 0 and best.step is None:
+                validate(0)
             if start < steps:
                 from tqdm.auto import tqdm
 
@@ -485,13 +517,19 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                 opt.step()
                 entry = {"step": step + 1, "lm_loss": lm_loss.item(), "budget_loss": budget_loss.item(),
                          "kept_ratio": r, "expected_ratio": expected, "seconds": time.perf_counter() - t0}
+                if (step + 1) % val_every == 0 or step + 1 == steps:
+                    val = validate(step + 1)
+                    if val is not None:
+                        entry["val_loss"] = val
                 if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                     save(step + 1)
                 if log is not None:
                     log.append(entry)
                 if bar is not None:
-                    bar.set_postfix(lm=f"{entry['lm_loss']:.3f}", kept=f"{r:.3f}",
-                                    target=f"{budget.target_ratio:.3f}", refresh=False)
+                    post = dict(lm=f"{entry['lm_loss']:.3f}", kept=f"{r:.3f}", target=f"{budget.target_ratio:.3f}")
+                    if best.step is not None:
+                        post["val"] = f"{best.loss:.3f}@{best.step}"
+                    bar.set_postfix(**post, refresh=False)
                     bar.update(1)
                 if callback is not None:
                     callback(entry)
@@ -503,14 +541,85 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
         model.train(was_training)
 
     with torch.no_grad():
-        masks, info = export_masks(hnet(), budget, offset=offset, multiple_of=multiple_of)
+        logits = hnet() if best.scores is None else _unflatten(best.scores, dims)
+        masks, info = export_masks(logits, budget, offset=offset, multiple_of=multiple_of)
     if world > 1:
         dist.check_same(_masks_digest(masks, dims), "exported masks")
     if report is not None:
         report.update(info)
         report.update({"steps": steps, "start_step": start, "train_seconds": time.perf_counter() - t_start,
                        "warm_start": init_masks is not None})
+        if best.step is not None:
+            report.update({"best_step": best.step, "best_val_loss": best.loss,
+                           "val_history": [list(h) for h in best.history]})
     return masks
+
+
+class _Best:
+    """The best-scoring export so far on the validation windows: its step, loss and the logits behind it.
+
+    ``scores`` is the flat (layer-major, :data:`STRUCTURES` order) float32 logit vector, so the returned masks
+    are re-exported from exactly the hypernetwork output that was scored. Saved in checkpoints so a resumed
+    run keeps the best of the steps before the interruption.
+    """
+
+    def __init__(self):
+        self.step: Optional[int] = None
+        self.loss = math.inf
+        self.scores: Optional[torch.Tensor] = None
+        self.history: list[tuple[int, float]] = []
+
+    def offer(self, step: int, loss: float, hnet: HyperNetwork) -> None:
+        self.history.append((step, loss))
+        if self.step is None or loss < self.loss:  # ties keep the earlier (warm-start) masks
+            with torch.no_grad():
+                self.scores = torch.cat([layer[s] for layer in hnet() for s in STRUCTURES]).float().cpu()
+            self.step, self.loss = step, loss
+
+    def meta(self) -> dict:
+        return {"best_step": self.step, "best_val_loss": self.loss if self.step is not None else None,
+                "val_history": self.history}
+
+    def tensors(self) -> dict:
+        return {} if self.scores is None else {"best.scores": self.scores}
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict, meta: dict) -> "_Best":
+        best = cls()
+        if meta.get("best_step") is not None:
+            if "best.scores" not in tensors:
+                raise ValueError("hypernetwork checkpoint records a best step but holds no best.scores")
+            best.step, best.loss = int(meta["best_step"]), float(meta["best_val_loss"])
+            best.scores = tensors["best.scores"].float()
+            best.history = [(int(a), float(b)) for a, b in meta.get("val_history", [])]
+        return best
+
+
+@torch.no_grad()
+def _validation_loss(hnet, masked, model, val_blocks: torch.Tensor, budget: Budget, *, offset: float,
+                     multiple_of: int, device, batch: int = 8) -> float:
+    """Mean LM loss over ``val_blocks`` of the model under the masks :func:`export_masks` makes now.
+
+    Under torch.distributed rank r scores windows r, r + N, ... and the sums are reduced, so every rank gets
+    the same number (and the same best step).
+    """
+    masks, _ = export_masks(hnet(), budget, offset=offset, multiple_of=multiple_of)
+    masked.set_masks(masks)
+    n, world = val_blocks.shape[0], dist.world_size()
+    mine = torch.arange(dist.rank(), n, world)
+    chunks = list(mine.split(batch))
+    if dist.is_sharded(model):  # forwards are collectives: every rank runs as many (extra ones score nothing)
+        chunks += [mine[:0]] * (math.ceil(math.ceil(n / world) / batch) - len(chunks))
+    total = torch.zeros(2, dtype=torch.float64)
+    for chunk in chunks:
+        ids = val_blocks[chunk if len(chunk) else slice(0, 1)].to(device)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # token mean = window mean (equal lengths)
+        total += torch.tensor([float(loss) * len(chunk), len(chunk)], dtype=torch.float64)
+    dist.all_reduce_sum_([total])
+    value = float(total[0] / total[1])
+    if not math.isfinite(value):
+        raise FloatingPointError(f"validation loss of the exported masks is {value}")
+    return value
 
 
 def _masks_digest(masks: DispMasks, dims: ModelDims) -> str:

@@ -1,0 +1,90 @@
+"""Sharding the frozen model across ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``) for mask learning.
+
+For models whose weights do not fit one device. Only the calibration pass and the hypernetwork training see
+the sharded model; both just run forwards / backwards through it (the masks are hooks on submodules, which
+FSDP2 keeps as they are), with every rank running the same number of them (they are collectives).
+
+The flow (``dip-ext prune --fsdp`` under torchrun)::
+
+    rank 0: loads the model in full on the CPU (it keeps this copy: it is what gets compacted and saved)
+    every rank: builds the model on the meta device -> fully_shard(each decoder layer), fully_shard(model)
+        -> to_empty(device) -> set_model_state_dict(full, broadcast_from_rank0) -> buffers from rank 0
+    every rank: calibration + hypernetwork on the sharded model (identical masks on all ranks)
+    rank 0: compacts its full CPU copy with those masks, moves it to the device, evaluates and saves it
+
+Memory: each GPU holds ``1 / world_size`` of the weights plus one decoder layer gathered in full at a time
+(``reshard_after_forward=True``), plus activations; rank 0's node also holds one full copy in CPU memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .families import adapter_for
+
+__all__ = ["shard_frozen_model"]
+
+
+def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.world_size(),))
+
+
+def shard_frozen_model(full: Optional[nn.Module], config, device, dtype: torch.dtype) -> nn.Module:
+    """An FSDP2-sharded copy of rank 0's ``full`` model, on ``device`` (every rank calls this).
+
+    Args:
+        full: on rank 0, the loaded model (any device; it is read, not changed); ignored on the other ranks
+            (pass None there: they never need the whole model in memory).
+        config: the model's Hugging Face config, the same on every rank (e.g. broadcast from rank 0).
+        device: this rank's device (``cuda:LOCAL_RANK``, or ``cpu`` with gloo).
+        dtype: the weights' dtype.
+
+    Returns the sharded model in eval mode with ``requires_grad`` off: each decoder layer and the root are
+    ``fully_shard``-ed (the root holds the embeddings, the final norm and the LM head). Weights come from
+    rank 0 through ``set_model_state_dict(..., broadcast_from_rank0=True)``; buffers that no state dict holds
+    (rotary ``inv_freq``) are broadcast from rank 0 as well.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    if not dist.is_distributed():
+        raise RuntimeError("sharding the model (--fsdp) needs torch.distributed: launch with torchrun")
+    device = torch.device(device)
+    if dist.is_main() and full is None:
+        raise ValueError("rank 0 must pass the loaded model to shard_frozen_model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter_for(model)  # unsupported families fail here, on every rank
+    mesh = _mesh(device)
+    for layer in adapter.decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    model.to_empty(device=device)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.state_dict().items()} \
+        if dist.is_main() else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del state
+    source = dict(full.named_buffers()) if dist.is_main() else {}
+    for name, buf in model.named_buffers():
+        if dist.is_main():
+            if name not in source:
+                raise RuntimeError(f"buffer {name} of the sharded model is not in the loaded model")
+            buf.copy_(source[name].to(buf.device, buf.dtype))
+        _broadcast_(buf)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _broadcast_(t: torch.Tensor) -> None:
+    """Rank 0's ``t`` on every rank, in place (staged through the collective device)."""
+    staged = t.detach().to(dist._collective_device())
+    torch.distributed.broadcast(staged, src=0)
+    t.detach().copy_(staged)
