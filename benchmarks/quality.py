@@ -2,10 +2,14 @@
 
 Held-out wiki perplexity and PTB test perplexity of dense, dependent, oneshot and hypernetwork (warm-started
 from oneshot) at several ratios of decoder-linear parameters removed, plus the one-shot wall time after load.
-One calibration pass (Fisher scores) serves every ratio and method; it is cached in --work.
+The calibration windows are split as ``prune_and_compact`` splits them (:func:`dip_ext.prune.split_calibration`):
+--val-windows held out for the hypernetwork's early stopping, the calibration pass (Fisher scores) on
+--calibration-windows of the rest, the hypernetwork trained on all the rest. One calibration pass serves every
+ratio and method; it is cached in --work (several processes can share a finished one).
 
     python benchmarks/quality.py                                  # the RESULTS.md table
     python benchmarks/quality.py --ratios 0.2 --steps 50 --eval-windows 4   # quick look
+    python benchmarks/quality.py --table results/quality-*.json     # one table from several runs' files
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dip_ext import zoo
 from dip_ext.calibration import CalibrationResult, run_calibration
 from dip_ext.data import get_blocks
 from dip_ext.eval import perplexity
+from dip_ext.prune import split_calibration
 from dip_ext.selection import Budget
 from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
 
@@ -45,6 +50,8 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--calibration-windows", type=int, default=64)
+    p.add_argument("--val-windows", type=int, default=16, help="held-out windows for early stopping")
+    p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -59,7 +66,8 @@ def main() -> None:
     t0 = time.perf_counter()
     dense, tokenizer = zoo.load_default()
     load_s = time.perf_counter() - t0
-    blocks = get_blocks(tokenizer, "wiki", "calibration", args.seq_len, args.calibration_windows)
+    blocks, train_blocks, val_blocks = split_calibration(
+        get_blocks(tokenizer, "wiki", "calibration", args.seq_len, None), args.calibration_windows, args.val_windows)
     t0 = time.perf_counter()
     calib = run_calibration(dense, blocks, checkpoint=work / "calibration.safetensors")
     calib_s = time.perf_counter() - t0
@@ -84,9 +92,11 @@ def main() -> None:
                 if method == "hypernetwork":
                     from dip_ext.selection.hypernetwork import learn_masks_hypernetwork
 
+                    hyper_report: dict = {}
                     masks = learn_masks_hypernetwork(
-                        dense, blocks, budget, steps=args.steps, init_masks=oneshot, lam=args.lam, lr=args.lr,
-                        checkpoint_dir=work / f"hyper-{ratio}", resume=True, log=log)
+                        dense, train_blocks, budget, steps=args.steps, init_masks=oneshot, lam=args.lam, lr=args.lr,
+                        val_blocks=val_blocks, val_every=args.val_every, checkpoint_dir=work / f"hyper-{ratio}",
+                        resume=True, log=log, report=hyper_report)
             select_s = time.perf_counter() - t0
             model = dip_ext.compact(copy.deepcopy(dense), masks)
             rep = dip_ext.param_report(model)
@@ -95,9 +105,12 @@ def main() -> None:
                    "ppl": evaluate(model, tokenizer, args)}
             if method == "oneshot":
                 run["oneshot_wall_after_load_s"] = calib_s + select_s
-            if log:
+            if method == "hypernetwork":
                 run["hyper_log_tail"] = log[-5:]
                 run["hyper_steps"] = args.steps
+                run["val_history"] = hyper_report.get("val_history")
+                run["best_step"] = hyper_report.get("best_step")
+                run["train_windows"] = int(train_blocks.shape[0])
             results["runs"].append(run)
             print(f"{method:>12} {100 * ratio:4.0f} %: removed {100 * rep.removed_decoder_linear:.2f} % "
                   f"decoder-linear, ppl wiki {run['ppl']['wiki']:.2f} ptb {run['ppl']['ptb']:.2f} "
@@ -105,14 +118,30 @@ def main() -> None:
             del model
             Path(args.out).write_text(json.dumps(results, indent=1))
 
-    dw, dp = results["dense"]["wiki"], results["dense"]["ptb"]
-    print(f"\n| ratio | method | wiki ppl (×dense) | ptb ppl (×dense) |\n|---:|---|---:|---:|\n"
-          f"| 0 | dense | {dw:.2f} | {dp:.2f} |")
-    for r in results["runs"]:
-        print(f"| {100 * r['ratio']:.0f} % | {r['method']} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
-              f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")
+    print(table([results]))
     print(f"\nwrote {args.out}")
 
 
+def table(all_results: list) -> str:
+    """One Markdown table of the runs of several result files (sorted by ratio, then method)."""
+    dw, dp = all_results[0]["dense"]["wiki"], all_results[0]["dense"]["ptb"]
+    order = {"dependent": 0, "oneshot": 1, "hypernetwork": 2}
+    runs = sorted((r for res in all_results for r in res["runs"]), key=lambda r: (r["ratio"], order[r["method"]]))
+    lines = ["| ratio | method | wiki ppl (×dense) | ptb ppl (×dense) |", "|---:|---|---:|---:|",
+             f"| 0 | dense | {dw:.2f} | {dp:.2f} |"]
+    for r in runs:
+        name = r["method"]
+        if name == "hypernetwork":
+            name += f" ({r['hyper_steps']} steps, best {r.get('best_step')})"
+        lines.append(f"| {100 * r['ratio']:.0f} % | {name} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
+                     f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--table"]:  # python benchmarks/quality.py --table results/a.json results/b.json
+        print(table([json.loads(Path(f).read_text()) for f in sys.argv[2:]]))
+    else:
+        main()

@@ -45,6 +45,7 @@ class PruneReport:
     tokens_per_second_after: Optional[float] = None
     seconds: dict = field(default_factory=dict)
     masks: Optional[dict] = None
+    selection: dict = field(default_factory=dict)  # the hypernetwork's run: steps, best step, validation losses
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -65,6 +66,13 @@ class PruneReport:
             lines.append(f"| prefill tokens/s | {self.tokens_per_second_before:,.0f} | "
                          f"{self.tokens_per_second_after:,.0f} | "
                          f"×{self.tokens_per_second_after / self.tokens_per_second_before:.2f} speed |")
+        sel = self.selection
+        if sel.get("best_step") is not None:
+            history = dict(sel["val_history"])
+            lines += ["", f"Hypernetwork: {sel['steps']} steps; the masks of step {sel['best_step']} are kept "
+                          f"(lowest LM loss on {self.options.get('val_windows')} held-out calibration windows: "
+                          f"{sel['best_val_loss']:.4f}; warm start {history.get(0, float('nan')):.4f}, "
+                          f"last step {sel['val_history'][-1][1]:.4f})."]
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
@@ -203,11 +211,12 @@ def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method:
                  calib: Optional[CalibrationResult] = None, multiple_of: int = 1, steps: int = 200,
                  seed: int = 0, work_dir: Optional[Path] = None, resume: bool = False, progress: bool = True,
                  hypernetwork_options: Optional[dict] = None, train_blocks: Optional[torch.Tensor] = None,
-                 val_blocks: Optional[torch.Tensor] = None) -> DispMasks:
+                 val_blocks: Optional[torch.Tensor] = None, report: Optional[dict] = None) -> DispMasks:
     """Masks for ``model`` meeting ``budget`` by ``method`` (the hypernetwork is warm-started from one-shot).
 
     ``blocks`` feed the calibration pass when ``calib`` is None; the hypernetwork trains on ``train_blocks``
-    (default ``blocks``) and early-stops on ``val_blocks`` (see :func:`learn_masks_hypernetwork`).
+    (default ``blocks``) and early-stops on ``val_blocks`` (see :func:`learn_masks_hypernetwork`), filling
+    ``report`` with its run summary.
     """
     from .selection.oneshot import dependent_masks, oneshot_masks
 
@@ -223,7 +232,7 @@ def select_masks(model: nn.Module, blocks: torch.Tensor, budget: Budget, method:
 
     return learn_masks_hypernetwork(
         model, blocks if train_blocks is None else train_blocks, budget, steps=steps, init_masks=masks,
-        seed=seed, multiple_of=multiple_of, val_blocks=val_blocks,
+        seed=seed, multiple_of=multiple_of, val_blocks=val_blocks, report=report,
         checkpoint_dir=work_dir / "hypernetwork" if work_dir else None, resume=resume, progress=progress,
         **(hypernetwork_options or {}))
 
@@ -300,11 +309,12 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
         dist.barrier()  # no rank may find the old checkpoints before rank 0 removed them
     with _timed(seconds, "calibration pass"):
         calib = run_calibration(model, blocks, progress=progress, checkpoint=ckpt)  # resumes a partial checkpoint
+    selection: dict = {}
     with _timed(seconds, "selection"):
         masks = select_masks(model, blocks, budget, method, calib=calib, multiple_of=multiple_of, steps=steps,
                              seed=seed, work_dir=work, resume=resume, progress=progress,
                              hypernetwork_options=hypernetwork_options, train_blocks=train_blocks,
-                             val_blocks=val_blocks)
+                             val_blocks=val_blocks, report=selection)
     config = model.config
     if sharded:
         device = next(model.parameters()).device
@@ -336,5 +346,7 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
         widths=masks.widths(), full_widths=before.full_widths,
         perplexity_before=ppl_before, perplexity_after=ppl_after,
         tokens_per_second_before=tps_before, tokens_per_second_after=tps_after, seconds=seconds,
-        masks=masks.to_dict())
+        masks=masks.to_dict(),
+        selection={k: selection[k] for k in ("steps", "start_step", "train_seconds", "best_step", "best_val_loss",
+                                             "val_history", "threshold") if k in selection})
     return model, report

@@ -177,6 +177,15 @@ def test_helpers_without_process_group():
             raise KeyError("k")
 
 
+def test_sharding_needs_a_process_group():
+    from dip_ext.sharding import shard_frozen_model
+
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="launch with torchrun"):
+        shard_frozen_model(model, model.config, "cpu", torch.float32)
+    assert not D.is_sharded(model)
+
+
 def test_init_from_env_needs_launcher(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -483,6 +483,10 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     _, report = _prune(make_model("llama"), "hypernetwork", val_windows=2)
     assert report.options["val_windows"] == 2 and report.options["train_windows"] == BLOCKS.shape[0] - 2
     assert report.options["calibration_windows"] == BLOCKS.shape[0] - 2
+    sel = report.selection
+    assert sel["steps"] == 3 and [h[0] for h in sel["val_history"]] == [0, 3]
+    assert sel["best_val_loss"] == min(h[1] for h in sel["val_history"])
+    assert f"the masks of step {sel['best_step']} are kept" in report.to_markdown()
 
 
 @pytest.mark.parametrize("kw, err, match", [
