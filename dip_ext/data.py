@@ -469,6 +469,13 @@ def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def spread_indices(n: int, k: int) -> torch.Tensor:
+    """``k`` evenly spaced indices of ``range(n)``, first and last included (all of them when ``k >= n``)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, k).round().long()
+
+
 def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, add_bos: bool = False,
                 bos_token_id: int | None = None, spread: bool = True) -> torch.Tensor:
     """Cut 1-D token ids into non-overlapping windows: LongTensor ``[n, seq_len]``.
@@ -494,10 +501,7 @@ def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, ad
     if n_blocks is not None and n_blocks > available:
         warnings.warn(f"asked for {n_blocks} windows of {seq_len} tokens, the text has only {available}",
                       stacklevel=2)
-    if n < available and spread:
-        which = torch.linspace(0, available - 1, n).round().long()
-    else:
-        which = torch.arange(n)
+    which = spread_indices(available, n) if spread else torch.arange(n)
     body = ids[: available * step].view(available, step)[which]
     if add_bos:
         body = torch.cat([torch.full((n, 1), int(bos_token_id), dtype=torch.long), body], dim=1)

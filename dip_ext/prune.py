@@ -133,13 +133,6 @@ def _calibration_blocks(tokenizer, calibration, seq_len: int) -> torch.Tensor:
     return data.get_blocks(tokenizer, calibration, "calibration", seq_len, None)
 
 
-def _spread(n: int, k: int) -> torch.Tensor:
-    """``k`` evenly spaced indices of ``range(n)`` (all of them when ``k >= n``), as make_blocks picks windows."""
-    if k >= n:
-        return torch.arange(n)
-    return torch.linspace(0, n - 1, k).round().long()
-
-
 def split_calibration(blocks: torch.Tensor, calibration_windows: Optional[int], val_windows: int = 0):
     """Splits calibration windows ``[n, seq_len]`` into ``(calibration pass, training, validation)`` blocks.
 
@@ -168,7 +161,9 @@ def split_calibration(blocks: torch.Tensor, calibration_windows: Optional[int], 
         warnings.warn(f"asked for {calibration_windows} calibration windows, the text has only "
                       f"{rest.shape[0]}" + (" besides the validation windows" if val is not None else ""),
                       stacklevel=3)
-    return rest[_spread(rest.shape[0], calibration_windows)], rest, val
+    from .data import spread_indices
+
+    return rest[spread_indices(rest.shape[0], calibration_windows)], rest, val
 
 
 def _evaluate(model, tokenizer, texts, seq_len, windows, progress) -> dict:
