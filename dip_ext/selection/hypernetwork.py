@@ -486,9 +486,11 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             def validate(step: int) -> Optional[float]:
                 if val_blocks is None:
                     return None
-                loss = _validation_loss(hnet, masked, model, val_blocks, budget, offset=offset,
+                with torch.no_grad():
+                    flat = _flatten(hnet())
+                loss = _validation_loss(_unflatten(flat, dims), masked, model, val_blocks, budget, offset=offset,
                                         multiple_of=multiple_of, device=device)
-                best.offer(step, loss, hnet)
+                best.offer(step, loss, flat)
                 return loss
 
             if start == 0 and best.step is None:
@@ -569,11 +571,11 @@ class _Best:
         self.scores: Optional[torch.Tensor] = None
         self.history: list[tuple[int, float]] = []
 
-    def offer(self, step: int, loss: float, hnet: HyperNetwork) -> None:
+    def offer(self, step: int, loss: float, scores: torch.Tensor) -> None:
+        """Records ``loss`` of the export of the flat logits ``scores`` at ``step``; keeps them if best."""
         self.history.append((step, loss))
         if self.step is None or loss < self.loss:  # ties keep the earlier (warm-start) masks
-            with torch.no_grad():
-                self.scores = torch.cat([layer[s] for layer in hnet() for s in STRUCTURES]).float().cpu()
+            self.scores = scores.detach().float().cpu()
             self.step, self.loss = step, loss
 
     def meta(self) -> dict:
@@ -596,14 +598,14 @@ class _Best:
 
 
 @torch.no_grad()
-def _validation_loss(hnet, masked, model, val_blocks: torch.Tensor, budget: Budget, *, offset: float,
+def _validation_loss(logits, masked, model, val_blocks: torch.Tensor, budget: Budget, *, offset: float,
                      multiple_of: int, device, batch: int = 8) -> float:
-    """Mean LM loss over ``val_blocks`` of the model under the masks :func:`export_masks` makes now.
+    """Mean LM loss over ``val_blocks`` of the model under the masks :func:`export_masks` makes of ``logits``.
 
     Under torch.distributed rank r scores windows r, r + N, ... and the sums are reduced, so every rank gets
     the same number (and the same best step).
     """
-    masks, _ = export_masks(hnet(), budget, offset=offset, multiple_of=multiple_of)
+    masks, _ = export_masks(logits, budget, offset=offset, multiple_of=multiple_of)
     masked.set_masks(masks)
     n, world = val_blocks.shape[0], dist.world_size()
     mine = torch.arange(dist.rank(), n, world)
@@ -710,7 +712,7 @@ def _losses(hnet, masked, model, ids, budget: Budget, gen, *, lam, temperature, 
     ``sigmoid(logit + offset)`` (see the module docstring).
     """
     dims = hnet.dims
-    flat = torch.cat([layer[s] for layer in hnet() for s in STRUCTURES]) + offset
+    flat = _flatten(hnet()) + offset
     u = torch.rand(flat.numel(), generator=gen).clamp_(1e-6, 1 - 1e-6).to(flat.device)
     soft = torch.sigmoid((flat + torch.log(u) - torch.log1p(-u)) / temperature)  # logistic = Gumbel - Gumbel
     sample = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
@@ -730,6 +732,11 @@ def _losses(hnet, masked, model, ids, budget: Budget, gen, *, lam, temperature, 
 
 def _widths(flat_masks: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
     return [{s: m.sum() for s, m in layer.items()} for layer in _unflatten(flat_masks, dims)]
+
+
+def _flatten(per_layer: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Per-structure vectors concatenated layer-major in :data:`STRUCTURES` order (inverse: :func:`_unflatten`)."""
+    return torch.cat([layer[s] for layer in per_layer for s in STRUCTURES])
 
 
 def _unflatten(flat: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
