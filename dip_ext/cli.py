@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lr", type=_positive_float, default=1e-3, help="hypernetwork AdamW learning rate (default 1e-3)")
     pr.add_argument("--lam", type=_non_negative_float, default=16.0,
                     help="weight of the budget term lam*|log r - log p| (default 16)")
+    pr.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                    help="train the hypernetwork on the KL divergence from the dense model's next-token "
+                         "distribution instead of the LM loss (one extra forward per step; default off)")
+    pr.add_argument("--margin", type=_positive_float, default=3.0,
+                    help="warm start: the one-shot masks' logits sit this far from the keep threshold (default 3)")
     pr.add_argument("--multiple-of", type=_positive, default=1,
                     help="round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs)")
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -190,7 +195,8 @@ def _prune(args) -> int:
         eval_texts=eval_texts,
         eval_windows=args.eval_windows or None, measure_speed=not args.no_speed, work_dir=out / "work",
         resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL,
-        hypernetwork_options=dict(val_every=args.val_every, batch_size=args.batch_size, lr=args.lr, lam=args.lam),
+        hypernetwork_options=dict(val_every=args.val_every, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
+                                  distill=args.distill, margin=args.margin),
         full_model=full)
     if dist.is_main():  # every rank holds the same compacted model; one writes it
         model.save_pretrained(out)

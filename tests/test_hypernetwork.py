@@ -234,6 +234,65 @@ def test_warm_start_reproduces_init_masks(model, dims):
     assert info["threshold"] == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("margin", [0.5, 1.0])
+def test_warm_start_margin(model, dims, margin):
+    init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=13)
+    h = HyperNetwork(dims, seed=0)
+    h.warm_start(init, offset=3.0, margin=margin)
+    for layer, m in zip(h(), init.to_masks(dims)):
+        for s in STRUCTURES:
+            torch.testing.assert_close(layer[s] + 3.0, torch.where(m[s] > 0, margin, -margin), atol=1e-4, rtol=0)
+    assert export_masks(h(), budget)[0] == init
+
+
+def test_distill_loss_is_the_kl_from_the_dense_model(model, blocks, dims):
+    from dip_ext.masking import apply_masks
+    from dip_ext.selection.hypernetwork import _losses
+
+    budget = Budget.for_model(model, 0.4)
+    ids = blocks[:2]
+    with torch.no_grad():
+        dense = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    with apply_masks(model, None) as masked:
+        # Margin 60 at temperature 0.4: no sampled flip, so the student is the dense model and the KL is 0.
+        h = HyperNetwork(dims, seed=0)
+        h.warm_start(DispMasks.full(dims), margin=60.0)
+        kl, *_ = _losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
+                         temperature=0.4, offset=3.0, distill=True)
+        assert float(kl.detach()) == pytest.approx(0.0, abs=1e-5)
+        init, _ = _init_masks(dims, budget, seed=14)
+        h.warm_start(init, margin=60.0)
+        kl, *_ = _losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
+                         temperature=0.4, offset=3.0, distill=True)
+        kl.backward()
+        masked.set_masks(init)
+        with torch.no_grad():
+            student = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    want = (dense.exp() * (dense - student)).sum(-1).mean()
+    assert float(kl.detach()) == pytest.approx(float(want), rel=1e-4)
+    assert float(kl.detach()) > 0
+    assert h.w_hidden.grad is not None and torch.isfinite(h.w_hidden.grad).all()
+
+
+def test_distill_and_margin_runs_resume_exactly(model, blocks, tmp_path):
+    init, budget = _init_masks(adapter_for(model).dims(model.config), Budget.for_model(model, 0.4), seed=15)
+    kw = dict(steps=4, lr=0.05, init_masks=init, margin=1.0, distill=True, progress=False)
+    full_log, part_log = [], []
+    whole = learn_masks_hypernetwork(model, blocks, budget, log=full_log, **kw)
+    learn_masks_hypernetwork(model, blocks, budget, **{**kw, "steps": 2}, checkpoint_dir=tmp_path,
+                             checkpoint_every=1, log=part_log)
+    resumed = learn_masks_hypernetwork(model, blocks, budget, **kw, checkpoint_dir=tmp_path, resume=True,
+                                       log=part_log)
+    assert resumed == whole
+    assert [e["lm_loss"] for e in part_log] == pytest.approx([e["lm_loss"] for e in full_log], rel=1e-6)
+    with pytest.raises(ValueError, match="different run.*distill"):
+        learn_masks_hypernetwork(model, blocks, budget, **{**kw, "distill": False}, checkpoint_dir=tmp_path,
+                                 resume=True)
+    with pytest.raises(ValueError, match="different run.*margin"):
+        learn_masks_hypernetwork(model, blocks, budget, **{**kw, "margin": 2.0}, checkpoint_dir=tmp_path,
+                                 resume=True)
+
+
 def test_warm_started_training_stays_near_init(model, blocks, dims):
     init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=12)
     log = []
@@ -266,6 +325,8 @@ def test_batch_order_is_seeded_epoch_shuffles():
     (None, dict(multiple_of=0), ValueError, "multiple_of"),
     (None, dict(checkpoint_every=0), ValueError, "checkpoint_every"),
     (None, dict(val_every=0), ValueError, "val_every"),
+    (None, dict(margin=0.0), ValueError, "margin"),
+    (None, dict(margin=float("inf")), ValueError, "margin"),
     (None, dict(val_blocks=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_blocks is empty"),
     (None, dict(val_blocks=torch.zeros(2, 16)), TypeError, "val_blocks must be"),
     (None, dict(val_blocks=torch.full((2, 16), 99)), ValueError, "val_blocks hold token ids outside"),

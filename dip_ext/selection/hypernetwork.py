@@ -235,7 +235,8 @@ def _digest_tensor(t: torch.Tensor) -> str:
 
 
 def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *, seed, lam, lr, weight_decay,
-                 temperature, offset, batch_size, val_blocks=None, val_every=None) -> dict:
+                 temperature, offset, batch_size, val_blocks=None, val_every=None, margin=3.0,
+                 distill=False) -> dict:
     cfg = model.config
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers,
             "hidden": dims.hidden, "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
@@ -243,6 +244,7 @@ def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "lam": float(lam), "lr": float(lr), "weight_decay": float(weight_decay),
             "temperature": float(temperature), "offset": float(offset), "batch_size": int(batch_size),
+            "margin": float(margin), "distill": bool(distill),
             "blocks": [int(blocks.shape[0]), int(blocks.shape[1]), _digest_tensor(blocks)],
             "val_blocks": None if val_blocks is None else [int(val_blocks.shape[0]), int(val_blocks.shape[1]),
                                                            _digest_tensor(val_blocks), int(val_every)]}
@@ -375,8 +377,8 @@ def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, tempe
 def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Budget, *, steps: int = 200,
                              init_masks: Optional[DispMasks] = None, lam: float = 16.0, lr: float = 1e-3,
                              weight_decay: float = 0.05, temperature: float = 0.4, offset: float = 3.0,
-                             batch_size: int = 1, seed: int = 0, multiple_of: int = 1,
-                             val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
+                             batch_size: int = 1, seed: int = 0, multiple_of: int = 1, margin: float = 3.0,
+                             distill: bool = False, val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
                              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
                              resume: bool = False, progress: bool = True, log: Optional[list] = None,
                              callback: Optional[Callable[[dict], None]] = None,
@@ -392,8 +394,15 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             ``batch_size`` windows taken from per-epoch shuffles seeded by ``seed``.
         budget: :meth:`Budget.for_model` of this model (the kept decoder-linear target).
         steps: total optimisation steps (with ``resume``, the count to reach, not to add).
-        init_masks: warm start (e.g. the one-shot selection): heads set so ``logit + offset`` is +3 on kept
-            and -3 on dropped dims before training.
+        init_masks: warm start (e.g. the one-shot selection): heads set so ``logit + offset`` is ``+margin`` on
+            kept and ``-margin`` on dropped dims before training.
+        margin: the warm start's distance from the keep threshold. The paper's offset of 3 with a margin of 3
+            leaves the warm-started masks fixed for the first ~100 steps (a sampled flip has probability
+            ``sigmoid(-margin / temperature)`` = 6e-4 and the straight-through gradient is as small), so the
+            budget term's gradient swamps the LM term's; a margin near 1 lets the LM loss act from step 1.
+        distill: train on the KL divergence from the dense model's next-token distribution (computed each step
+            with the masks off, under no_grad) instead of the LM loss on the labels: a dense signal over the
+            whole vocabulary per token, for one extra forward per step.
         lam, lr, weight_decay, temperature, offset: the paper's λ, AdamW settings (constant lr),
             Gumbel-sigmoid temperature and logit offset.
         multiple_of: round every exported kept width to a multiple (see :func:`export_masks`).
@@ -432,6 +441,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     dims = adapter.dims(model.config)
     _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
                 multiple_of, checkpoint_every, val_blocks, val_every)
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
     if init_masks is not None:
         init_masks.validate(dims)
     device = next(model.parameters()).device
@@ -441,7 +452,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     global_batch = batch_size * world
     fingerprint = _fingerprint(model, dims, budget, blocks, seed=seed, lam=lam, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, offset=offset,
-                               batch_size=global_batch, val_blocks=val_blocks, val_every=val_every)
+                               batch_size=global_batch, val_blocks=val_blocks, val_every=val_every,
+                               margin=margin, distill=distill)
     init_digest = None if init_masks is None else _masks_digest(init_masks, dims)
     if world > 1:  # ranks given different data or settings would silently train different hypernetworks
         dist.check_same((fingerprint, init_digest, steps, checkpoint_dir is None), "run settings")
@@ -464,7 +476,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                 raise ValueError(f"{ckpt_path} is at step {start}, beyond steps={steps}; pass steps >= {start} "
                                  f"(a run cannot go back) or use another checkpoint_dir")
     if start == 0 and init_masks is not None:
-        hnet.warm_start(init_masks, offset=offset)
+        hnet.warm_start(init_masks, offset=offset, margin=margin)
 
     def save(step: int) -> None:
         if ckpt_path is not None:
@@ -505,7 +517,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                 order = _batch_indices(step, global_batch, blocks.shape[0], seed)
                 ids = blocks[order[rank * batch_size:(rank + 1) * batch_size]].to(device)
                 lm_loss, budget_loss, r, expected = _losses(hnet, masked, model, ids, budget, gen, lam=lam,
-                                                            temperature=temperature, offset=offset)
+                                                            temperature=temperature, offset=offset,
+                                                            distill=distill)
                 loss = lm_loss + budget_loss
                 if world == 1:
                     _check_loss(loss, lm_loss, step)
@@ -704,20 +717,26 @@ def _resume_from(path: Path, loaded: tuple[dict, dict], resume: bool, fingerprin
     return start
 
 
-def _losses(hnet, masked, model, ids, budget: Budget, gen, *, lam, temperature, offset):
+def _losses(hnet, masked, model, ids, budget: Budget, gen, *, lam, temperature, offset, distill=False):
     """One step's (LM loss, budget loss) tensors, and the kept ratios of the deterministic mask and expected.
 
-    LM loss: the frozen model under a hard Gumbel-sigmoid sample (straight-through). Budget loss: on the
+    LM loss: the frozen model under a hard Gumbel-sigmoid sample (straight-through); with ``distill`` the mean
+    per-token KL(dense || masked) of the next-token distributions instead. Budget loss: on the
     deterministic mask ``logit + offset > 0`` with the gradient of the keep probability
     ``sigmoid(logit + offset)`` (see the module docstring).
     """
     dims = hnet.dims
+    teacher = _dense_log_probs(masked, model, ids) if distill else None
     flat = _flatten(hnet()) + offset
     u = torch.rand(flat.numel(), generator=gen).clamp_(1e-6, 1 - 1e-6).to(flat.device)
     soft = torch.sigmoid((flat + torch.log(u) - torch.log1p(-u)) / temperature)  # logistic = Gumbel - Gumbel
     sample = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
     masked.set_masks(_unflatten(sample, dims))
-    lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+    if teacher is None:
+        lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+    else:
+        student = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        lm_loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
 
     keep_p = torch.sigmoid(flat)
     det = (flat > 0).to(flat.dtype) + keep_p - keep_p.detach()
@@ -728,6 +747,13 @@ def _losses(hnet, masked, model, ids, budget: Budget, gen, *, lam, temperature, 
     with torch.no_grad():
         expected = float(budget.kept_ratio(_widths(keep_p, dims)))
     return lm_loss, budget_loss, r.item(), expected
+
+
+@torch.no_grad()
+def _dense_log_probs(masked, model, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, vocab]`` float32 log-probabilities of the unmasked model (the distillation teacher)."""
+    masked.set_masks([dict.fromkeys(STRUCTURES) for _ in range(masked.dims.num_layers)])
+    return F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
 
 
 def _widths(flat_masks: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
