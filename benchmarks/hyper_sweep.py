@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--configs", default='[{"lr": 1e-3}]', help="JSON list of learn_masks_hypernetwork options")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibration-checkpoint", default="/tmp/dip_ext-sweep-calibration.safetensors")
+    p.add_argument("--out", default=None, help="also append each result as a JSON line to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = zoo.load_default()
@@ -43,9 +44,14 @@ def main() -> None:
         learn_masks_hypernetwork(model, train, budget, steps=args.steps, init_masks=init, val_blocks=val,
                                  val_every=args.val_every, progress=False, report=report, **cfg)
         history = [(s, round(loss, 4)) for s, loss in report["val_history"]]
-        print(json.dumps({"ratio": args.ratio, "config": cfg, "best_step": report["best_step"],
-                          "best_val_loss": report["best_val_loss"], "history": history,
-                          "seconds": round(time.time() - t0)}), flush=True)
+        line = json.dumps({"date": time.strftime("%Y-%m-%d"), "ratio": args.ratio, "steps": args.steps,
+                           "threads": args.threads, "config": cfg, "best_step": report["best_step"],
+                           "best_val_loss": report["best_val_loss"], "history": history,
+                           "seconds": round(time.time() - t0)})
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
 
 
 if __name__ == "__main__":
