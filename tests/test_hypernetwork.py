@@ -293,6 +293,25 @@ def test_distill_and_margin_runs_resume_exactly(model, blocks, tmp_path):
                                  resume=True)
 
 
+def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, blocks, tmp_path):
+    """A checkpoint written before ``margin`` / ``distill`` existed (no such fingerprint keys) ran with their
+    defaults: it resumes under the defaults and is refused under other values."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    whole = _run(model, blocks, steps=3, lr=0.05)
+    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["json"])
+    del meta["fingerprint"]["margin"], meta["fingerprint"]["distill"]
+    save_file(tensors, str(path), metadata={**header, "json": json.dumps(meta)})
+    with pytest.raises(ValueError, match="different run.*distill: checkpoint False vs now True"):
+        _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True, distill=True)
+    assert _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True) == whole
+
+
 def test_warm_started_training_stays_near_init(model, blocks, dims):
     init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=12)
     log = []

@@ -234,6 +234,9 @@ def _digest_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+_FINGERPRINT_BEFORE_OPTIONS = {"margin": 3.0, "distill": False}
+
+
 def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *, seed, lam, lr, weight_decay,
                  temperature, offset, batch_size, val_blocks=None, val_every=None, margin=3.0,
                  distill=False) -> dict:
@@ -705,7 +708,8 @@ def _resume_from(path: Path, loaded: tuple[dict, dict], resume: bool, fingerprin
     if not resume:
         raise ValueError(f"{path} already holds a hypernetwork checkpoint (step {meta.get('step')}); "
                          f"pass resume=True to continue it, or use another checkpoint_dir")
-    saved = meta["fingerprint"]
+    # Checkpoints written before an option existed ran with its default: they resume under that default.
+    saved = {**_FINGERPRINT_BEFORE_OPTIONS, **meta["fingerprint"]}
     diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diff)
