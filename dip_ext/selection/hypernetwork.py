@@ -356,7 +356,7 @@ def _check_blocks(model, blocks, name: str) -> None:
 
 
 def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every):
+                multiple_of, checkpoint_every, val_blocks, val_every, margin):
     _check_blocks(model, blocks, "blocks")
     if val_blocks is not None:
         _check_blocks(model, val_blocks, "val_blocks")
@@ -365,9 +365,10 @@ def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, tempe
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name, value, ok in (("lam", lam, lam >= 0), ("lr", lr, lr > 0), ("weight_decay", weight_decay,
-                            weight_decay >= 0), ("temperature", temperature, temperature > 0)):
+                            weight_decay >= 0), ("temperature", temperature, temperature > 0),
+                            ("margin", margin, margin > 0)):
         if not (math.isfinite(value) and ok):
-            bound = "> 0" if name in ("lr", "temperature") else ">= 0"
+            bound = "> 0" if name in ("lr", "temperature", "margin") else ">= 0"
             raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a dip_ext.selection.Budget (Budget.for_model(model, ratio)), "
@@ -429,8 +430,9 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             ``resume``; ``resume=True`` continues from it exactly (the same final masks as an uninterrupted
             run), refuses one whose fingerprint differs, and starts fresh when there is none.
         progress: a tqdm bar with the LM loss, the deterministic mask's kept ratio and the ETA.
-        log: if given, receives one dict per step run: step, lm_loss, budget_loss, kept_ratio (deterministic
-            mask), expected_ratio (under the noise), seconds, and val_loss at validation steps.
+        log: if given, receives one dict per step run: step, lm_loss (the KL with ``distill``), budget_loss,
+            kept_ratio (deterministic mask), expected_ratio (under the noise), seconds, and val_loss at
+            validation steps.
         callback: called with each step's log dict after that step (and its checkpoint); may raise to stop.
         report: if given, updated with the export info (kept/target parameters, threshold) and the run
             summary (with validation: best_step, best_val_loss and the val_history ``[[step, loss], ...]``).
@@ -450,9 +452,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every)
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
-        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+                multiple_of, checkpoint_every, val_blocks, val_every, margin)
     if init_masks is not None:
         init_masks.validate(dims)
     device = next(model.parameters()).device
