@@ -29,6 +29,7 @@ from dip_ext.calibration import CalibrationResult, run_calibration
 from dip_ext.data import get_blocks
 from dip_ext.eval import perplexity
 from dip_ext.prune import split_calibration
+from dip_ext.refit import refit_pruned_inputs
 from dip_ext.selection import Budget
 from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
 
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--margin", type=float, default=3.0)
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                   help="also score every method's masks after the least-squares refit (rows 'METHOD+refit')")
+    p.add_argument("--refit-damping", type=float, default=0.1)
     p.add_argument("--calibration-windows", type=int, default=64)
     p.add_argument("--val-windows", type=int, default=16, help="held-out windows for early stopping")
     p.add_argument("--val-every", type=int, default=50)
@@ -121,6 +125,19 @@ def main() -> None:
                   f"({select_s:.1f} s)", flush=True)
             del model
             Path(args.out).write_text(json.dumps(results, indent=1))
+            if args.refit:
+                t0 = time.perf_counter()
+                model = copy.deepcopy(dense)
+                refit_pruned_inputs(model, masks, blocks, damping=args.refit_damping, progress=False)
+                refit_s = time.perf_counter() - t0
+                model = dip_ext.compact(model, masks)
+                run = {**run, "method": f"{method}+refit", "refit_s": refit_s, "refit_damping": args.refit_damping,
+                       "ppl": evaluate(model, tokenizer, args)}
+                results["runs"].append(run)
+                print(f"{run['method']:>12} {100 * ratio:4.0f} %: ppl wiki {run['ppl']['wiki']:.2f} "
+                      f"ptb {run['ppl']['ptb']:.2f} (refit {refit_s:.1f} s)", flush=True)
+                del model
+                Path(args.out).write_text(json.dumps(results, indent=1))
 
     print(table([results]))
     print(f"\nwrote {args.out}")
@@ -130,12 +147,13 @@ def table(all_results: list) -> str:
     """One Markdown table of the runs of several result files (sorted by ratio, then method)."""
     dw, dp = all_results[0]["dense"]["wiki"], all_results[0]["dense"]["ptb"]
     order = {"dependent": 0, "oneshot": 1, "hypernetwork": 2}
-    runs = sorted((r for res in all_results for r in res["runs"]), key=lambda r: (r["ratio"], order[r["method"]]))
+    runs = sorted((r for res in all_results for r in res["runs"]),
+                  key=lambda r: (r["ratio"], order[r["method"].split("+")[0]], r["method"]))
     lines = ["| ratio | method | wiki ppl (×dense) | ptb ppl (×dense) |", "|---:|---|---:|---:|",
              f"| 0 | dense | {dw:.2f} | {dp:.2f} |"]
     for r in runs:
         name = r["method"]
-        if name == "hypernetwork":
+        if name.startswith("hypernetwork"):
             settings = r.get("settings", {"lr": 1e-3, "distill": False})  # files before the settings were kept
             loss = "KL to dense" if settings["distill"] else "LM loss"
             name += f" ({r['hyper_steps']} steps, best {r.get('best_step')}, lr {settings['lr']:g}, {loss})"

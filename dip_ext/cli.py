@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "distribution instead of the LM loss (one extra forward per step; default off)")
     pr.add_argument("--margin", type=_positive_float, default=3.0,
                     help="warm start: the one-shot masks' logits sit this far from the keep threshold (default 3)")
+    pr.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                    help="before compaction, refit the kept input columns of every weight whose input is pruned "
+                         "by least squares on the calibration windows (one more pass over them; default off)")
+    pr.add_argument("--refit-damping", type=_positive_float, default=0.1,
+                    help="refit ridge toward the original weights, relative to the mean input energy (default 0.1)")
     pr.add_argument("--multiple-of", type=_positive, default=1,
                     help="round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs)")
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -197,7 +202,7 @@ def _prune(args) -> int:
         resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL,
         hypernetwork_options=dict(val_every=args.val_every, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
                                   distill=args.distill, margin=args.margin),
-        full_model=full)
+        refit=args.refit, refit_damping=args.refit_damping, full_model=full)
     if dist.is_main():  # every rank holds the same compacted model; one writes it
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

@@ -21,6 +21,7 @@ from .compaction import compact, is_compacted
 from .families import adapter_for
 from .masks import STRUCTURES, DispMasks
 from .params import param_report
+from .refit import check_damping, refit_pruned_inputs
 from .selection.budget import RATIO_OF, Budget
 
 METHODS = ("oneshot", "dependent", "hypernetwork")
@@ -73,6 +74,10 @@ class PruneReport:
                           f"(lowest LM loss on {self.options.get('val_windows')} held-out calibration windows: "
                           f"{sel['best_val_loss']:.4f}; warm start {history.get(0, float('nan')):.4f}, "
                           f"last step {sel['val_history'][-1][1]:.4f})."]
+        refit = self.options.get("refit")
+        if refit:
+            lines += ["", f"Refit: {refit['weights']} weights reading a pruned input were refitted by least squares "
+                          f"on {refit['tokens']:,} calibration tokens (damping {refit['damping']})."]
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
@@ -240,7 +245,8 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                       eval_seq_len: int = 256, measure_speed: bool = True,
                       work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
                       progress: bool = True, model_name: Optional[str] = None,
-                      hypernetwork_options: Optional[dict] = None, full_model: Optional[nn.Module] = None):
+                      hypernetwork_options: Optional[dict] = None, refit: bool = False, refit_damping: float = 0.1,
+                      full_model: Optional[nn.Module] = None):
     """Prunes ``model`` with DISP and compacts it in place; returns ``(model, PruneReport)``.
 
     ``ratio``: fraction of decoder-linear parameters removed (``ratio_of="total"``: of all parameters).
@@ -250,7 +256,9 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     calibration window but ``val_windows`` held out, whose LM loss picks the best export: early stopping; see
     :func:`split_calibration`), ``"oneshot"`` (Fisher scores, no training) or ``"dependent"`` (one shared embedding subset:
     the baseline). ``work_dir`` keeps calibration and training checkpoints; ``resume=True`` continues from
-    them. ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
+    them. ``refit=True`` refits, before compaction, the kept input columns of every weight whose input is
+    pruned to what the whole row computed on the calibration-pass windows (least squares, ridge ``refit_damping``
+    toward the original weights; :mod:`dip_ext.refit`). ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
     ``eval_seq_len`` tokens; empty to skip); prefill speed is measured unless ``measure_speed=False``.
     Under ``torch.distributed`` every rank calls this: calibration and mask learning run data-parallel (see
     ``docs/distributed.md``), every rank returns the same compacted model, and only rank 0 evaluates (the
@@ -265,6 +273,9 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     validate_options(method, ratio, ratio_of, multiple_of, steps)
     if isinstance(val_windows, bool) or not isinstance(val_windows, int) or val_windows < 0:
         raise ValueError(f"val_windows must be an int >= 0, got {val_windows!r}")
+    if not isinstance(refit, bool):
+        raise ValueError(f"refit must be True or False, got {refit!r}")
+    check_damping(refit_damping)
     if is_compacted(model):
         raise ValueError("the model is already compacted; prune the dense original")
     adapter_for(model)  # unsupported architectures fail here, before any work
@@ -310,6 +321,11 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                              seed=seed, work_dir=work, resume=resume, progress=progress,
                              hypernetwork_options=hypernetwork_options, train_blocks=train_blocks,
                              val_blocks=val_blocks, report=selection)
+    refit_info = None
+    if refit:
+        with _timed(seconds, "refit"):
+            refit_info = refit_pruned_inputs(model, masks, blocks, damping=refit_damping, progress=progress,
+                                             target=full_model if sharded else None)
     config = model.config
     if sharded:
         device = next(model.parameters()).device
@@ -334,7 +350,7 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                      train_windows=int(train_blocks.shape[0]) if learns else 0,
                      val_windows=0 if val_blocks is None else int(val_blocks.shape[0]),
                      multiple_of=multiple_of, seed=seed, eval_windows=eval_windows, eval_seq_len=eval_seq_len,
-                     hypernetwork=dict(hypernetwork_options or {}) if learns else None),
+                     hypernetwork=dict(hypernetwork_options or {}) if learns else None, refit=refit_info),
         params_before={"total": before.total, "decoder_linear": before.decoder_linear},
         params_after={"total": after.total if after else None,
                       "decoder_linear": after.decoder_linear if after else None,

@@ -109,6 +109,7 @@ def test_help(capsys):
     (("prune", "--lam", "inf"), "must be a finite number >= 0"),
     (("prune", "--margin", "-1"), "must be a finite number > 0"),
     (("prune", "--distill", "yes"), "unrecognized arguments"),
+    (("prune", "--refit-damping", "0"), "must be a finite number > 0"),
     (("prune", "--val-every", "0"), "must be >= 1"),
     (("prune", "--batch-size", "0"), "must be >= 1"),
     (("frobnicate",), "invalid choice"),
@@ -265,6 +266,17 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
     assert report["options"]["hypernetwork"] == {"val_every": 1, "batch_size": 1, "lr": 0.01, "lam": 16.0,
                                                  "distill": True, "margin": 1.5}
     assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
+    assert report["options"]["refit"] is None
+
+
+def test_refit_option_reaches_the_run(capsys, folders, word_text, tmp_path):
+    args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "--refit-damping", "0.5")
+    code, stdout, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    refit = report["options"]["refit"]
+    assert refit["damping"] == 0.5 and refit["weights"] > 0 and refit["passes"] == 1 and "refit" in report["seconds"]
+    assert "Refit:" in stdout
 
 
 # ---------------------------------------------------------------------------------------- integration

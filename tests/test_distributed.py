@@ -62,6 +62,23 @@ def _train(model, blocks, out: Path, *, batch_size, resume=False, callback=None,
     return calib, masks
 
 
+def _save_grams(model, masks, path: Path) -> None:
+    """The refit's input statistics under the learned masks (3 windows per forward: 2 + 1 batches over the
+    two ranks, so a sharded run pads one rank with a filler forward)."""
+    from safetensors.torch import save_file
+
+    from dip_ext.refit import collect_input_grams
+
+    grams = collect_input_grams(model, masks, tiny_blocks(), batch_size=3, progress=False)
+    save_file({f"{i}.{s}": g for (i, s), g in grams.items()}, str(path))
+
+
+def _load_grams(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def worker(scenario: str, out: Path) -> None:
     """One rank of a 2-process job; writes rank<R>.json (+ its calibration result) into ``out``."""
     from dip_ext import distributed as D
@@ -85,6 +102,7 @@ def worker(scenario: str, out: Path) -> None:
         calib, masks = _train(model, tiny_blocks(), out, batch_size=1, resume=scenario == "resume",
                               callback=fail, log=log, report=report)
         calib.save(out / f"calibration.rank{r}.safetensors")
+        _save_grams(model, masks, out / f"grams.rank{r}.safetensors")
         (out / f"rank{r}.json").write_text(json.dumps({"masks": masks.to_dict(), "log": log,
                                                        "val_history": report["val_history"]}))
         D.barrier()
@@ -234,6 +252,14 @@ def test_two_ranks_identical_and_match_one_process(full_run, single):
     # Measured 8e-6 on logits up to 7.6 (AdamW's g / sqrt(v) magnifies rounding on near-zero gradients:
     # single GRU weights differ by up to 1.3e-4, the logits far less).
     assert float((logits[0] - logits[1]).abs().max()) < 1e-4
+    # The refit's statistics: identical on both ranks, the one-process sums to rounding.
+    g0, g1 = (_load_grams(full_run / f"grams.rank{r}.safetensors") for r in range(2))
+    _save_grams(tiny_model(), s_masks, s_out / "grams.safetensors")
+    gs = _load_grams(s_out / "grams.safetensors")
+    assert g0.keys() == g1.keys() == gs.keys() and len(gs) > 0
+    for k in gs:
+        assert torch.equal(g0[k], g1[k])
+        torch.testing.assert_close(g0[k], gs[k], rtol=1e-5, atol=1e-6)  # fp32 forwards, other batches
 
 
 def test_fsdp_sharded_model_matches_data_parallel(full_run, tmp_path):
@@ -252,6 +278,10 @@ def test_fsdp_sharded_model_matches_data_parallel(full_run, tmp_path):
     for layer_f, layer_d in zip(fc0.scores, dc0.scores):
         for s in layer_f:
             torch.testing.assert_close(layer_f[s], layer_d[s], rtol=1e-4, atol=1e-12)
+    gf, gd = (_load_grams(d / "grams.rank0.safetensors") for d in (tmp_path, full_run))
+    assert gf.keys() == gd.keys() and len(gf) > 0
+    for k in gf:  # the filler forward of the rank with fewer batches added nothing
+        torch.testing.assert_close(gf[k], gd[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # two more 2-process launches: ~45 s on the 2-core CI machine

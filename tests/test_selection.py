@@ -499,6 +499,9 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     (dict(method="magic"), ValueError, "unknown method"),
     (dict(steps=-1), ValueError, "steps"),
     (dict(multiple_of=0), ValueError, "multiple_of"),
+    (dict(refit="yes"), ValueError, "refit must be True or False"),
+    (dict(refit=True, refit_damping=0), ValueError, "damping"),
+    (dict(refit=True, refit_damping=float("nan")), ValueError, "damping"),
     (dict(calibration="c4"), ValueError, "unknown text 'c4'"),
     (dict(calibration="file:EMPTY"), ValueError, "empty"),
     (dict(calibration="file:MISSING"), FileNotFoundError, "does not exist"),
@@ -525,3 +528,111 @@ def test_prune_already_compacted_refused():
     _prune(model, "oneshot")
     with pytest.raises(ValueError, match="already compacted"):
         _prune(model, "oneshot")
+
+
+# ---- refit (dip_ext.refit) -------------------------------------------------------------------------------------
+
+def _inputs_by_hand(model, masks, blocks):
+    """Every refit point's inputs [tokens, width] in the masked model, captured by hooks of this test's own."""
+    adapter = adapter_for(model)
+    seen: dict = {}
+    hooks = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for s in ("attn_in", "mlp_in", "mlp_mid"):
+            module = adapter.mask_points(layer)[s][0][0]
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, key=(i, s): seen.setdefault(key, []).append(args[0].detach().reshape(
+                    -1, args[0].shape[-1]).double())))
+    with dip_ext.apply_masks(model, masks), torch.no_grad():
+        model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_is_the_weighted_ridge_least_squares_solution(models, calibs, family):
+    from dip_ext.refit import refit_pruned_inputs
+
+    dense = models[family]
+    masks = oneshot_masks(calibs[family], Budget.for_model(dense, 0.4))
+    model = copy.deepcopy(dense)
+    info = refit_pruned_inputs(model, masks, BLOCKS, damping=0.3, batch_size=4, progress=False)
+    xs = _inputs_by_hand(dense, masks, BLOCKS)
+    adapter = adapter_for(dense)
+    layers_d, layers_r = adapter.decoder_layers(dense), adapter.decoder_layers(model)
+    refitted = 0
+    for (i, s), x in xs.items():
+        keep = masks[i][s]
+        for (mod_d, _), (mod_r, _) in zip(adapter.mask_points(layers_d[i])[s], adapter.mask_points(layers_r[i])[s]):
+            w, got = mod_d.weight.detach().double(), mod_r.weight.detach().double()
+            drop = torch.ones(w.shape[1], dtype=torch.bool)
+            drop[keep] = False
+            assert torch.equal(got[:, drop], w[:, drop])  # columns compaction drops are not touched
+            if keep.numel() in (0, w.shape[1]):
+                assert torch.equal(got, w)
+                continue
+            # the ridge least-squares problem written out row-stacked and solved by lstsq
+            # tokens weighted by 1/|x|^2; all-zero rows (Phi's zero pad embedding, layer-normed) count for nothing
+            a = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            delta = 0.3 * float((a[:, keep] ** 2).sum(0).mean())
+            lhs = torch.cat([a[:, keep], delta ** 0.5 * torch.eye(keep.numel(), dtype=torch.float64)])
+            rhs = torch.cat([a @ w.T, delta ** 0.5 * w[:, keep].T])
+            want = torch.linalg.lstsq(lhs, rhs).solution.T
+            torch.testing.assert_close(got[:, keep], want, rtol=1e-4, atol=1e-5)
+            # and it beats the weights it started from on the weighted error it minimises
+            err = lambda v: float(((a @ w.T - a[:, keep] @ v.T) ** 2).sum())  # noqa: E731
+            assert err(got[:, keep]) < err(w[:, keep])
+            refitted += 1
+    assert refitted == info["weights"] > 0 and info["tokens"] == BLOCKS.numel()
+    # everything else is the dense model's
+    refit_names = {n for n, p in model.named_parameters() if not torch.equal(p, dense.get_parameter(n))}
+    assert refit_names and all(n.endswith("weight") for n in refit_names)
+
+
+def test_refit_in_groups_of_layers_and_data_shape_checks(models, calibs):
+    from dip_ext.refit import refit_pruned_inputs
+
+    dense = models["llama"]
+    masks = oneshot_masks(calibs["llama"], Budget.for_model(dense, 0.4))
+    one, grouped = copy.deepcopy(dense), copy.deepcopy(dense)
+    refit_pruned_inputs(one, masks, BLOCKS, progress=False)
+    info = refit_pruned_inputs(grouped, masks, BLOCKS, progress=False, max_gram_bytes=1)  # a pass per layer
+    assert info["passes"] == dense.config.num_hidden_layers
+    # layer 0 sees the same inputs either way; later groups see the earlier ones refitted already
+    for (n, p), q in zip(one.named_parameters(), grouped.parameters()):
+        if n.startswith("model.layers.0."):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        else:
+            torch.testing.assert_close(p, q, rtol=0.05, atol=0.05)
+    assert any(not torch.equal(p, q) for p, q in zip(one.parameters(), grouped.parameters()))
+    for bad, err, match in [(dict(damping=-1.0), ValueError, "damping"), (dict(batch_size=0), ValueError, "batch_size"),
+                            (dict(blocks=BLOCKS.float()), ValueError, "LongTensor"),
+                            (dict(masks=masks.to_dict()), TypeError, "DispMasks")]:
+        args = {"masks": masks, "blocks": BLOCKS, **bad}
+        with pytest.raises(err, match=match):
+            refit_pruned_inputs(copy.deepcopy(dense), args.pop("masks"), args.pop("blocks"), progress=False, **args)
+    with pytest.raises(dip_ext.MaskError):
+        refit_pruned_inputs(copy.deepcopy(models["opt"]), masks, BLOCKS, progress=False)  # other widths
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_prune_and_compact_with_refit(family, tmp_path):
+    from dip_ext.refit import refit_pruned_inputs
+
+    model = make_model(family)
+    dense = copy.deepcopy(model)
+    _, report = _prune(model, "oneshot", refit=True, refit_damping=0.2)
+    masks = DispMasks.from_dict(report.masks)
+    refit_pruned_inputs(dense, masks, BLOCKS, damping=0.2, progress=False)
+    ref = dip_ext.compact(dense, masks)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert report.options["refit"]["damping"] == 0.2 and report.options["refit"]["weights"] > 0
+    assert "refit" in report.seconds and "Refit:" in report.to_markdown()
+    # the compacted, refitted model saves and loads like any other
+    model.save_pretrained(tmp_path / "m")
+    back = dip_ext.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, ref(input_ids=ids).logits)

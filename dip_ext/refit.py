@@ -1,0 +1,197 @@
+"""Least-squares refit of the weights that read a pruned input: an optional stage between selection and compaction.
+
+DISP removes input columns: of q/k/v (``attn_in``), of the MLP's first projections (``mlp_in``) and of its last
+projection (``mlp_mid``). Left as they are, the kept columns compute what they computed in the dense model and
+the removed columns' share of the output is simply lost. The refit gives the kept columns ``K`` of each such
+weight ``W [out, in]`` the values that best reproduce, on calibration text, what the whole row computed:
+
+    W'_K = argmin_V  Σ_t w_t ‖W x_t − V x_t[K]‖²  +  δ ‖V − W_K‖²
+         = (W G[:, K] + δ W_K) (G[K, K] + δ I)⁻¹ ,      G = Σ_t w_t x_t x_tᵀ ,  δ = damping · mean diag G[K, K]
+
+- ``x_t`` is the layer's input on calibration token ``t`` in the *masked* model (every earlier mask applied, and
+  for the MLP's last projection this layer's ``mlp_in`` as well), i.e. what the compacted model will feed the
+  weight. With the dense model's inputs instead, the refit tunes the weights to activations that no longer
+  occur once earlier blocks are pruned.
+- ``w_t = 1/‖x_t‖²``: every token counts by its relative error. Unweighted, a handful of attention-sink tokens
+  whose activations are ~500× the median (SmolLM2: position 0 in layers 11 and 28 holds > 88 % of the energy
+  of the MLP's last input) decide the fit, and the refit raised SmolLM2's perplexity from 37 to over 200 at
+  30 % removed (benchmarks/RESULTS.md, session 4).
+- δ pulls the fit toward the original weights where the calibration text says little (a ridge toward ``W_K``
+  rather than toward zero, which would shrink every weight).
+
+Biases are left alone: the target and the fit carry the same bias, so the least-squares error is the one of
+the linear part. Attention heads and block outputs (``attn_out``, ``mlp_out``) are not refitted: removing an
+output row is not something the remaining weights of that row can make up for.
+
+The Gram matrices are float64 ``[in, in]`` per layer and structure (SmolLM2-135M: 725 MB); layers are taken in
+groups that fit ``max_gram_bytes``, one pass over the calibration windows per group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .eval import _model_device
+from .families import adapter_for
+from .masking import MaskedModel
+from .masks import DispMasks
+from .ops import CalibrationStats, calibration_stats
+
+#: the structures whose index sets select input columns of weights (the ones a refit can compensate)
+INPUT_STRUCTURES = ("attn_in", "mlp_in", "mlp_mid")
+
+__all__ = ["INPUT_STRUCTURES", "check_damping", "collect_input_grams", "refit_weights", "refit_pruned_inputs"]
+
+
+def check_damping(damping) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < float("inf"):
+        raise ValueError(f"refit: damping must be a finite number > 0, got {damping!r}")
+
+
+def _check(masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: int) -> None:
+    if not isinstance(masks, DispMasks):
+        raise TypeError(f"refit: masks must be DispMasks, got {type(masks).__name__}")
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long or blocks.shape[0] == 0:
+        raise ValueError("refit: blocks must be a non-empty LongTensor [n_windows, seq_len] of token ids")
+    check_damping(damping)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"refit: batch_size must be a positive int, got {batch_size!r}")
+
+
+def _layer_groups(widths: list[dict[str, int]], max_gram_bytes: int) -> list[list[int]]:
+    """Consecutive layers whose Gram matrices (float64) together fit ``max_gram_bytes`` (at least one each)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, w in enumerate(widths):
+        need = sum(8 * w[s] * w[s] for s in INPUT_STRUCTURES)
+        if groups[-1] and used + need > max_gram_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += need
+    return groups
+
+
+def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, layers: Optional[list] = None,
+                        batch_size: int = 4, progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+    """Token-weighted Gram matrices of the inputs that ``masks`` prune, in the masked ``model``.
+
+    Returns ``{(layer, structure): G}`` with ``G`` float64 ``[width, width]`` on the CPU (full width of the
+    structure: d for ``attn_in``/``mlp_in``, ffn for ``mlp_mid``), ``G = Σ_t x_t x_tᵀ / ‖x_t‖²`` over every
+    token of ``blocks`` ``[n, seq_len]``, ``x_t`` the input of the structure's first weight before its mask is
+    multiplied in. ``layers``: only these layers (default all). Structures that keep every column are skipped
+    (nothing to refit). Data-parallel: the windows are dealt out over the ranks and the sums are reduced, so
+    every rank returns the same matrices; a sharded (FSDP) model runs the same number of forwards on every rank.
+    """
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    masks.validate(dims)
+    layer_modules = adapter.decoder_layers(model)
+    wanted = range(dims.num_layers) if layers is None else layers
+    device = _model_device(model)
+    stats: dict[tuple[int, str], CalibrationStats] = {}
+    counting = [True]  # False during a sharded run's filler forwards
+    hooks = []
+    for i in wanted:
+        points = adapter.mask_points(layer_modules[i])
+        for s in INPUT_STRUCTURES:
+            if masks[i][s].numel() == dims.size(s):
+                continue
+            stats[(i, s)] = CalibrationStats.empty(dims.size(s), gram=True, device=device)
+
+            def hook(mod, args, key=(i, s)):
+                if not counting[0]:
+                    return None
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).float()
+                # relative weighting; an all-zero row contributes nothing rather than NaN
+                calibration_stats(x / x.norm(dim=1, keepdim=True).clamp_min(1e-12), stats[key])
+                return None
+            # registered before the MaskedModel's hooks: this sees the input before its own mask is applied
+            hooks.append(points[s][0][0].register_forward_pre_hook(hook))
+    if not stats:
+        for h in hooks:
+            h.remove()
+        return {}
+    world, rank = dist.world_size(), dist.rank()
+    mine = list(range(rank, blocks.shape[0], world))
+    batches = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    if dist.is_sharded(model):  # forwards are collectives: every rank runs as many (extra ones are discarded)
+        most = max(dist.all_gather_object(len(batches)))
+        batches += [None] * (most - len(batches))
+    was_training = model.training
+    model.eval()
+    try:
+        with MaskedModel(model, masks), torch.no_grad():
+            for batch in tqdm(batches, desc="refit (input statistics)", disable=not progress or rank != 0):
+                counting[0] = batch is not None
+                model(input_ids=blocks[batch if batch is not None else [0]].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    keys = sorted(stats)
+    dist.all_reduce_sum_([stats[k].gram for k in keys])
+    grams = {k: stats[k].gram.cpu() for k in keys}
+    for (i, s), g in grams.items():
+        if not torch.isfinite(g).all():
+            raise ValueError(f"refit: non-finite activations at layer {i} ({s}) on the calibration text")
+    return grams
+
+
+def refit_weights(model: nn.Module, masks: DispMasks, grams: dict[tuple[int, str], torch.Tensor], *,
+                  damping: float = 0.1) -> int:
+    """Replaces, in place, the kept input columns of every weight reading a pruned input (see the module doc).
+
+    ``model``: the dense model (not compacted); ``grams`` from :func:`collect_input_grams`. Columns outside the
+    index sets are left as they are (compaction drops them). Returns the number of weights refitted.
+    """
+    adapter = adapter_for(model)
+    layer_modules = adapter.decoder_layers(model)
+    done = 0
+    for (i, s), g in sorted(grams.items()):
+        keep = masks[i][s]
+        if keep.numel() == 0 or keep.numel() == g.shape[0]:
+            continue  # nothing kept (the weight goes) or nothing removed (nothing to make up for)
+        g_kk = g[keep][:, keep]
+        delta = damping * float(g_kk.diagonal().mean().clamp_min(1e-30))
+        lhs = g_kk + delta * torch.eye(keep.numel(), dtype=torch.float64)
+        for module, where in adapter.mask_points(layer_modules[i])[s]:
+            weight = module.weight
+            w = weight.detach().to("cpu", torch.float64)
+            rhs = g[keep] @ w.T + delta * w[:, keep].T  # [|K|, out]
+            new = torch.linalg.solve(lhs, rhs).T
+            with torch.no_grad():
+                weight[:, keep.to(weight.device)] = new.to(weight.dtype).to(weight.device)
+            done += 1
+    return done
+
+
+def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, damping: float = 0.1,
+                        batch_size: int = 4, max_gram_bytes: int = 4 << 30, progress: bool = True,
+                        target: Optional[nn.Module] = None) -> dict:
+    """Collects the input statistics on ``model`` under ``masks`` and refits ``target`` (default ``model``).
+
+    ``blocks`` ``[n, seq_len]``: calibration token windows. ``target``: the dense model whose weights change, when
+    it is not ``model`` itself (a sharded run's rank 0 passes its full copy; other ranks pass None and only
+    help collect). Returns ``{"weights": refitted count, "passes": passes over blocks, "tokens": tokens seen}``.
+    """
+    _check(masks, blocks, damping, batch_size)
+    if target is None and not dist.is_sharded(model):  # sharded: ranks > 0 only take part in the forwards
+        target = model
+    dims = adapter_for(model).dims(model.config)
+    masks.validate(dims)
+    widths = [{s: dims.size(s) for s in INPUT_STRUCTURES} for _ in range(dims.num_layers)]
+    groups = _layer_groups(widths, max_gram_bytes)
+    weights = 0
+    for group in groups:
+        grams = collect_input_grams(model, masks, blocks, layers=group, batch_size=batch_size, progress=progress)
+        if target is not None:
+            weights += refit_weights(target, masks, grams, damping=damping)
+        del grams
+    return {"weights": weights, "passes": len(groups), "tokens": int(blocks.numel()), "damping": damping}
