@@ -254,17 +254,17 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks
     assert resumed["options"]["hypernetwork"] == {"val_every": 50, "batch_size": 1, "lr": 1e-3, "lam": 16.0,
-                                                  "distill": False, "margin": 3.0}
+                                                  "distill": False, "margin": 3.0, "lr_schedule": "constant"}
 
 
 def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path):
     args = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0", "--val-windows", "2", "--steps", "3",
-            "--distill", "--margin", "1.5", "--lr", "0.01", "--val-every", "1")
+            "--distill", "--margin", "1.5", "--lr", "0.01", "--val-every", "1", "--lr-schedule", "cosine")
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["options"]["hypernetwork"] == {"val_every": 1, "batch_size": 1, "lr": 0.01, "lam": 16.0,
-                                                 "distill": True, "margin": 1.5}
+                                                 "distill": True, "margin": 1.5, "lr_schedule": "cosine"}
     assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
     assert report["options"]["refit"] is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -293,6 +294,42 @@ def test_distill_and_margin_runs_resume_exactly(model, blocks, tmp_path):
                                  resume=True)
 
 
+def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, monkeypatch):
+    from dip_ext.selection import hypernetwork as hn
+
+    assert hn.scheduled_lr(0.1, "cosine", 0, 4) == pytest.approx(0.1)
+    assert hn.scheduled_lr(0.1, "cosine", 2, 4) == pytest.approx(0.05)
+    assert hn.scheduled_lr(0.1, "constant", 3, 4) == 0.1
+    seen = []  # the lr each AdamW step ran with
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    kw = dict(steps=4, lr=0.05, seed=3, lr_schedule="cosine")
+    full_log = []
+    full = _run(model, blocks, log=full_log, **kw)
+    assert seen == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)])
+    constant = _run(model, blocks, **{**kw, "lr_schedule": "constant"})
+    assert seen[4:] == [0.05] * 4 and isinstance(constant, DispMasks)
+    def stop_at_2(entry):
+        if entry["step"] == 2:
+            raise KeyboardInterrupt
+
+    part_log = []
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, blocks, **kw, checkpoint_dir=tmp_path, checkpoint_every=1, callback=stop_at_2, log=part_log)
+    resumed = _run(model, blocks, **kw, checkpoint_dir=tmp_path, resume=True, log=part_log)
+    assert resumed == full
+    assert [e["lm_loss"] for e in part_log] == [e["lm_loss"] for e in full_log]
+    # the cosine is laid out over `steps`: a longer run is another run
+    with pytest.raises(ValueError, match="different run.*schedule_steps: checkpoint 4 vs now 6"):
+        _run(model, blocks, **{**kw, "steps": 6}, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="different run.*lr_schedule"):
+        _run(model, blocks, **{**kw, "lr_schedule": "constant"}, checkpoint_dir=tmp_path, resume=True)
+
+
 def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, blocks, tmp_path):
     """A checkpoint written before ``margin`` / ``distill`` existed (no such fingerprint keys) ran with their
     defaults: it resumes under the defaults and is refused under other values."""
@@ -305,7 +342,8 @@ def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, 
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header["json"])
-    del meta["fingerprint"]["margin"], meta["fingerprint"]["distill"]
+    for key in ("margin", "distill", "lr_schedule", "schedule_steps"):
+        del meta["fingerprint"][key]
     save_file(tensors, str(path), metadata={**header, "json": json.dumps(meta)})
     with pytest.raises(ValueError, match="different run.*distill: checkpoint False vs now True"):
         _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True, distill=True)
@@ -346,6 +384,7 @@ def test_batch_order_is_seeded_epoch_shuffles():
     (None, dict(val_every=0), ValueError, "val_every"),
     (None, dict(margin=0.0), ValueError, "margin"),
     (None, dict(margin=float("inf")), ValueError, "margin"),
+    (None, dict(lr_schedule="linear"), ValueError, "lr_schedule must be one of constant, cosine"),
     (None, dict(val_blocks=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_blocks is empty"),
     (None, dict(val_blocks=torch.zeros(2, 16)), TypeError, "val_blocks must be"),
     (None, dict(val_blocks=torch.full((2, 16), 99)), ValueError, "val_blocks hold token ids outside"),

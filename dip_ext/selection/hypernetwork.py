@@ -234,12 +234,22 @@ def _digest_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-_FINGERPRINT_BEFORE_OPTIONS = {"margin": 3.0, "distill": False}
+_FINGERPRINT_BEFORE_OPTIONS = {"margin": 3.0, "distill": False, "lr_schedule": "constant", "schedule_steps": None}
+
+#: learning-rate schedules: constant (the paper's) or a half cosine from ``lr`` down to 0 at ``steps``
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of (0-based) ``step`` of ``steps``."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr
 
 
 def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *, seed, lam, lr, weight_decay,
                  temperature, offset, batch_size, val_blocks=None, val_every=None, margin=3.0,
-                 distill=False) -> dict:
+                 distill=False, lr_schedule="constant", steps=None) -> dict:
     cfg = model.config
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers,
             "hidden": dims.hidden, "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
@@ -247,7 +257,9 @@ def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "lam": float(lam), "lr": float(lr), "weight_decay": float(weight_decay),
             "temperature": float(temperature), "offset": float(offset), "batch_size": int(batch_size),
-            "margin": float(margin), "distill": bool(distill),
+            "margin": float(margin), "distill": bool(distill), "lr_schedule": lr_schedule,
+            # a decaying schedule is laid out over the run's length: another length is another run
+            "schedule_steps": None if lr_schedule == "constant" else int(steps),
             "blocks": [int(blocks.shape[0]), int(blocks.shape[1]), _digest_tensor(blocks)],
             "val_blocks": None if val_blocks is None else [int(val_blocks.shape[0]), int(val_blocks.shape[1]),
                                                            _digest_tensor(val_blocks), int(val_every)]}
@@ -356,8 +368,10 @@ def _check_blocks(model, blocks, name: str) -> None:
 
 
 def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every, margin):
+                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule="constant"):
     _check_blocks(model, blocks, "blocks")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if val_blocks is not None:
         _check_blocks(model, val_blocks, "val_blocks")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("multiple_of", multiple_of),
@@ -382,7 +396,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                              init_masks: Optional[DispMasks] = None, lam: float = 16.0, lr: float = 1e-3,
                              weight_decay: float = 0.05, temperature: float = 0.4, offset: float = 3.0,
                              batch_size: int = 1, seed: int = 0, multiple_of: int = 1, margin: float = 3.0,
-                             distill: bool = False, val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
+                             distill: bool = False, lr_schedule: str = "constant",
+                             val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
                              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
                              resume: bool = False, progress: bool = True, log: Optional[list] = None,
                              callback: Optional[Callable[[dict], None]] = None,
@@ -414,8 +429,10 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             (held-out LM loss 4.026 against 4.151); after 1 000 steps worse on the calibration domain (wiki
             perplexity x1.90 against x1.78 for 1 300 LM-loss steps) and far better on another text (PTB x1.91
             against x2.19); at 20 %, lr 3e-3 was too high.
-        lam, lr, weight_decay, temperature, offset: the paper's λ, AdamW settings (constant lr),
-            Gumbel-sigmoid temperature and logit offset.
+        lam, lr, weight_decay, temperature, offset: the paper's λ, AdamW settings, Gumbel-sigmoid temperature
+            and logit offset.
+        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: a half cosine from ``lr`` at step 0 to 0 at
+            ``steps``. The cosine run is laid out over ``steps``, so it resumes only with the same ``steps``.
         multiple_of: round every exported kept width to a multiple (see :func:`export_masks`).
         val_blocks: ``[n_val, seq_len]`` held-out calibration windows (never trained on). When given, the
             exported masks (the ones that would be returned) are scored by their mean LM loss on these
@@ -452,7 +469,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every, margin)
+                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule)
     if init_masks is not None:
         init_masks.validate(dims)
     device = next(model.parameters()).device
@@ -463,7 +480,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     fingerprint = _fingerprint(model, dims, budget, blocks, seed=seed, lam=lam, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, offset=offset,
                                batch_size=global_batch, val_blocks=val_blocks, val_every=val_every,
-                               margin=margin, distill=distill)
+                               margin=margin, distill=distill, lr_schedule=lr_schedule, steps=steps)
     init_digest = None if init_masks is None else _masks_digest(init_masks, dims)
     if world > 1:  # ranks given different data or settings would silently train different hypernetworks
         dist.check_same((fingerprint, init_digest, steps, checkpoint_dir is None), "run settings")
@@ -539,6 +556,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                     loss.backward()
                     lm_loss = _average_grads(hnet, lm_loss, world)
                     _check_loss(lm_loss + budget_loss, lm_loss, step)  # the same verdict on every rank
+                for group in opt.param_groups:
+                    group["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
                 opt.step()
                 entry = {"step": step + 1, "lm_loss": lm_loss.item(), "budget_loss": budget_loss.item(),
                          "kept_ratio": r, "expected_ratio": expected, "seconds": time.perf_counter() - t0}
