@@ -29,7 +29,7 @@ from dip_ext.calibration import CalibrationResult, run_calibration
 from dip_ext.data import get_blocks
 from dip_ext.eval import perplexity
 from dip_ext.prune import split_calibration
-from dip_ext.refit import refit_pruned_inputs
+from dip_ext.refit import choose_refit
 from dip_ext.selection import Budget
 from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
 
@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--margin", type=float, default=3.0)
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
-                   help="also score every method's masks after the least-squares refit (rows 'METHOD+refit')")
-    p.add_argument("--refit-damping", type=float, default=0.1)
+                   help="also score every method's masks after the refit prune_and_compact does by default (auto: "
+                        "the best of dip_ext.refit.CANDIDATES or none on the --val-windows; rows 'METHOD+refit')")
     p.add_argument("--calibration-windows", type=int, default=64)
     p.add_argument("--val-windows", type=int, default=16, help="held-out windows for early stopping")
     p.add_argument("--val-every", type=int, default=50)
@@ -130,14 +130,16 @@ def main() -> None:
             if args.refit:
                 t0 = time.perf_counter()
                 model = copy.deepcopy(dense)
-                refit_pruned_inputs(model, masks, blocks, damping=args.refit_damping, progress=False)
+                refit = choose_refit(model, masks, blocks, val_blocks, progress=False)
                 refit_s = time.perf_counter() - t0
                 model = dip_ext.compact(model, masks)
-                run = {**run, "method": f"{method}+refit", "refit_s": refit_s, "refit_damping": args.refit_damping,
+                run = {**run, "method": f"{method}+refit", "refit_s": refit_s, "refit": refit,
                        "ppl": evaluate(model, tokenizer, args)}
                 results["runs"].append(run)
                 print(f"{run['method']:>12} {100 * ratio:4.0f} %: ppl wiki {run['ppl']['wiki']:.2f} "
-                      f"ptb {run['ppl']['ptb']:.2f} (refit {refit_s:.1f} s)", flush=True)
+                      f"ptb {run['ppl']['ptb']:.2f} (refit {refit_s:.1f} s: {refit['structures']} damping "
+                      f"{refit['damping']}, held-out loss {refit['val_loss'][0]:.4f} -> {refit['val_loss'][1]:.4f})",
+                      flush=True)
                 del model
                 Path(args.out).write_text(json.dumps(results, indent=1))
 

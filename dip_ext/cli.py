@@ -122,11 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "distribution instead of the LM loss (one extra forward per step; default off)")
     pr.add_argument("--margin", type=_positive_float, default=3.0,
                     help="warm start: the one-shot masks' logits sit this far from the keep threshold (default 3)")
-    pr.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
-                    help="before compaction, refit the kept input columns of every weight whose input is pruned "
-                         "by least squares on the calibration windows (one more pass over them; default off)")
-    pr.add_argument("--refit-damping", type=_positive_float, default=0.1,
-                    help="refit ridge toward the original weights, relative to the mean input energy (default 0.1)")
+    pr.add_argument("--refit", choices=("auto", "on", "off"), default="auto",
+                    help="before compaction, refit the kept input columns of the weights whose input is pruned, by "
+                         "least squares on the calibration windows. auto (default): try a few settings and no "
+                         "refit, keep the best on the held-out windows; on: the MLP's last projection with "
+                         "--refit-damping; off")
+    pr.add_argument("--refit-damping", type=_positive_float, default=1.0,
+                    help="--refit on: ridge toward the original weights, relative to the mean input energy "
+                         "(default 1)")
     pr.add_argument("--multiple-of", type=_positive, default=1,
                     help="round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs)")
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

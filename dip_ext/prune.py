@@ -21,10 +21,12 @@ from .compaction import compact, is_compacted
 from .families import adapter_for
 from .masks import STRUCTURES, DispMasks
 from .params import param_report
-from .refit import check_damping, refit_pruned_inputs
+from .refit import check_damping, choose_refit, refit_pruned_inputs
 from .selection.budget import RATIO_OF, Budget
 
 METHODS = ("oneshot", "dependent", "hypernetwork")
+#: prune_and_compact(refit=...): choose on held-out windows, always (fixed settings), never
+REFIT_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -75,9 +77,17 @@ class PruneReport:
                           f"{sel['best_val_loss']:.4f}; warm start {history.get(0, float('nan')):.4f}, "
                           f"last step {sel['val_history'][-1][1]:.4f})."]
         refit = self.options.get("refit")
-        if refit:
-            lines += ["", f"Refit: {refit['weights']} weights reading a pruned input were refitted by least squares "
-                          f"on {refit['tokens']:,} calibration tokens (damping {refit['damping']})."]
+        if refit and refit.get("structures") is None:
+            lines += ["", f"Refit ({refit['mode']}): no refit scored better on the held-out calibration windows than "
+                          f"none (loss {refit['val_loss'][0]:.4f}); the weights are the dense model's."]
+        elif refit:
+            scored = ""
+            if "val_loss" in refit:
+                scored = (f"; held-out calibration loss {refit['val_loss'][0]:.4f} → {refit['val_loss'][1]:.4f}, the "
+                          f"best of {len(refit['candidates'])} choices")
+            lines += ["", f"Refit ({refit['mode']}): {refit['weights']} weights reading a pruned input "
+                          f"({', '.join(refit['structures'])}) refitted by least squares on {refit['tokens']:,} "
+                          f"calibration tokens, damping {refit['damping']:g}{scored}."]
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
@@ -245,7 +255,7 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                       eval_seq_len: int = 256, measure_speed: bool = True,
                       work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
                       progress: bool = True, model_name: Optional[str] = None,
-                      hypernetwork_options: Optional[dict] = None, refit: bool = False, refit_damping: float = 0.1,
+                      hypernetwork_options: Optional[dict] = None, refit: str = "auto", refit_damping: float = 1.0,
                       full_model: Optional[nn.Module] = None):
     """Prunes ``model`` with DISP and compacts it in place; returns ``(model, PruneReport)``.
 
@@ -256,9 +266,12 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     calibration window but ``val_windows`` held out, whose LM loss picks the best export: early stopping; see
     :func:`split_calibration`), ``"oneshot"`` (Fisher scores, no training) or ``"dependent"`` (one shared embedding subset:
     the baseline). ``work_dir`` keeps calibration and training checkpoints; ``resume=True`` continues from
-    them. ``refit=True`` refits, before compaction, the kept input columns of every weight whose input is
-    pruned to what the whole row computed on the calibration-pass windows (least squares, ridge ``refit_damping``
-    toward the original weights; :mod:`dip_ext.refit`). ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
+    them. ``refit`` (:mod:`dip_ext.refit`): before compaction, refit the kept input columns of the weights whose
+    input is pruned to what the whole row computed on the calibration-pass windows (least squares). ``"auto"``
+    (default) scores a few choices (which weights, how much damping) and no refit at all by the LM loss on
+    ``val_windows`` held-out calibration windows and keeps the best; ``"on"`` refits the MLP's last projection
+    with ``refit_damping`` unscored (also what ``"auto"`` does without held-out windows or on a sharded model);
+    ``"off"``. ``eval_texts`` (held-out wiki, PTB test) are scored before and after (``eval_windows`` windows of
     ``eval_seq_len`` tokens; empty to skip); prefill speed is measured unless ``measure_speed=False``.
     Under ``torch.distributed`` every rank calls this: calibration and mask learning run data-parallel (see
     ``docs/distributed.md``), every rank returns the same compacted model, and only rank 0 evaluates (the
@@ -273,8 +286,8 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     validate_options(method, ratio, ratio_of, multiple_of, steps)
     if isinstance(val_windows, bool) or not isinstance(val_windows, int) or val_windows < 0:
         raise ValueError(f"val_windows must be an int >= 0, got {val_windows!r}")
-    if not isinstance(refit, bool):
-        raise ValueError(f"refit must be True or False, got {refit!r}")
+    if refit not in REFIT_MODES:
+        raise ValueError(f"refit must be one of {', '.join(REFIT_MODES)}, got {refit!r}")
     check_damping(refit_damping)
     if is_compacted(model):
         raise ValueError("the model is already compacted; prune the dense original")
@@ -303,7 +316,7 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
         given = isinstance(calibration, torch.Tensor)  # given blocks: "up to calibration_windows of them"
         blocks, train_blocks, val_blocks = split_calibration(
             all_blocks, None if given and calibration_windows >= all_blocks.shape[0] else calibration_windows,
-            val_windows if learns else 0)
+            val_windows if learns or refit == "auto" else 0)
     before = param_report(full_model if full_model is not None else model)
     with _timed(seconds, "eval before"):
         ppl_before = _evaluate(model, tokenizer, eval_texts, eval_seq_len, eval_windows, progress and dist.is_main())
@@ -322,10 +335,14 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                              hypernetwork_options=hypernetwork_options, train_blocks=train_blocks,
                              val_blocks=val_blocks, report=selection)
     refit_info = None
-    if refit:
+    if refit != "off":
         with _timed(seconds, "refit"):
-            refit_info = refit_pruned_inputs(model, masks, blocks, damping=refit_damping, progress=progress,
-                                             target=full_model if sharded else None)
+            if refit == "auto" and val_blocks is not None and not sharded:
+                refit_info = choose_refit(model, masks, blocks, val_blocks, progress=progress)
+            else:
+                refit_info = refit_pruned_inputs(model, masks, blocks, damping=refit_damping, progress=progress,
+                                                 target=full_model if sharded else None)
+            refit_info["mode"] = refit
     config = model.config
     if sharded:
         device = next(model.parameters()).device

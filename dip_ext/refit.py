@@ -29,7 +29,7 @@ groups that fit ``max_gram_bytes``, one pass over the calibration windows per gr
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,8 +44,16 @@ from .ops import CalibrationStats, calibration_stats
 
 #: the structures whose index sets select input columns of weights (the ones a refit can compensate)
 INPUT_STRUCTURES = ("attn_in", "mlp_in", "mlp_mid")
+#: a fixed refit's defaults: the MLP's last projection alone, damping 1 (the best of the six candidates on
+#: SmolLM2's held-out calibration windows at 20 % and 30 %, RESULTS.md)
+DEFAULT_STRUCTURES = ("mlp_mid",)
+DEFAULT_DAMPING = 1.0
+#: what :func:`choose_refit` tries by default (besides no refit)
+CANDIDATES = tuple((structures, damping) for structures in (("mlp_mid",), INPUT_STRUCTURES)
+                   for damping in (0.1, 1.0, 10.0))
 
-__all__ = ["INPUT_STRUCTURES", "check_damping", "collect_input_grams", "refit_weights", "refit_pruned_inputs"]
+__all__ = ["INPUT_STRUCTURES", "CANDIDATES", "check_damping", "collect_input_grams", "refit_weights",
+           "refit_pruned_inputs", "masked_loss", "choose_refit"]
 
 
 def check_damping(damping) -> None:
@@ -53,7 +61,11 @@ def check_damping(damping) -> None:
         raise ValueError(f"refit: damping must be a finite number > 0, got {damping!r}")
 
 
-def _check(masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: int) -> None:
+def _check(masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: int,
+           structures: Sequence[str] = INPUT_STRUCTURES) -> None:
+    if isinstance(structures, str) or not structures or any(s not in INPUT_STRUCTURES for s in structures):
+        raise ValueError(f"refit: structures must be a non-empty list of {', '.join(INPUT_STRUCTURES)}, "
+                         f"got {structures!r}")
     if not isinstance(masks, DispMasks):
         raise TypeError(f"refit: masks must be DispMasks, got {type(masks).__name__}")
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long or blocks.shape[0] == 0:
@@ -68,7 +80,7 @@ def _layer_groups(widths: list[dict[str, int]], max_gram_bytes: int) -> list[lis
     groups: list[list[int]] = [[]]
     used = 0
     for i, w in enumerate(widths):
-        need = sum(8 * w[s] * w[s] for s in INPUT_STRUCTURES)
+        need = sum(8 * n * n for n in w.values())
         if groups[-1] and used + need > max_gram_bytes:
             groups.append([])
             used = 0
@@ -78,13 +90,14 @@ def _layer_groups(widths: list[dict[str, int]], max_gram_bytes: int) -> list[lis
 
 
 def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, layers: Optional[list] = None,
-                        batch_size: int = 4, progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+                        structures: Sequence[str] = INPUT_STRUCTURES, batch_size: int = 4,
+                        progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """Token-weighted Gram matrices of the inputs that ``masks`` prune, in the masked ``model``.
 
     Returns ``{(layer, structure): G}`` with ``G`` float64 ``[width, width]`` on the CPU (full width of the
     structure: d for ``attn_in``/``mlp_in``, ffn for ``mlp_mid``), ``G = Σ_t x_t x_tᵀ / ‖x_t‖²`` over every
     token of ``blocks`` ``[n, seq_len]``, ``x_t`` the input of the structure's first weight before its mask is
-    multiplied in. ``layers``: only these layers (default all). Structures that keep every column are skipped
+    multiplied in. ``layers``, ``structures``: only these (default all). Structures that keep every column are skipped
     (nothing to refit). Data-parallel: the windows are dealt out over the ranks and the sums are reduced, so
     every rank returns the same matrices; a sharded (FSDP) model runs the same number of forwards on every rank.
     """
@@ -99,7 +112,7 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     hooks = []
     for i in wanted:
         points = adapter.mask_points(layer_modules[i])
-        for s in INPUT_STRUCTURES:
+        for s in structures:
             if masks[i][s].numel() == dims.size(s):
                 continue
             stats[(i, s)] = CalibrationStats.empty(dims.size(s), gram=True, device=device)
@@ -145,16 +158,19 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
 
 
 def refit_weights(model: nn.Module, masks: DispMasks, grams: dict[tuple[int, str], torch.Tensor], *,
-                  damping: float = 0.1) -> int:
+                  damping: float = DEFAULT_DAMPING, structures: Sequence[str] = INPUT_STRUCTURES) -> int:
     """Replaces, in place, the kept input columns of every weight reading a pruned input (see the module doc).
 
-    ``model``: the dense model (not compacted); ``grams`` from :func:`collect_input_grams`. Columns outside the
-    index sets are left as they are (compaction drops them). Returns the number of weights refitted.
+    ``model``: the dense model (not compacted); ``grams`` from :func:`collect_input_grams`; only the weights of
+    ``structures`` are refitted. Columns outside the index sets are left as they are (compaction drops them).
+    Returns the number of weights refitted.
     """
     adapter = adapter_for(model)
     layer_modules = adapter.decoder_layers(model)
     done = 0
     for (i, s), g in sorted(grams.items()):
+        if s not in structures:
+            continue
         keep = masks[i][s]
         if keep.numel() == 0 or keep.numel() == g.shape[0]:
             continue  # nothing kept (the weight goes) or nothing removed (nothing to make up for)
@@ -172,26 +188,99 @@ def refit_weights(model: nn.Module, masks: DispMasks, grams: dict[tuple[int, str
     return done
 
 
-def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, damping: float = 0.1,
+def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *,
+                        damping: float = DEFAULT_DAMPING, structures: Sequence[str] = DEFAULT_STRUCTURES,
                         batch_size: int = 4, max_gram_bytes: int = 4 << 30, progress: bool = True,
                         target: Optional[nn.Module] = None) -> dict:
     """Collects the input statistics on ``model`` under ``masks`` and refits ``target`` (default ``model``).
 
-    ``blocks`` ``[n, seq_len]``: calibration token windows. ``target``: the dense model whose weights change, when
-    it is not ``model`` itself (a sharded run's rank 0 passes its full copy; other ranks pass None and only
-    help collect). Returns ``{"weights": refitted count, "passes": passes over blocks, "tokens": tokens seen}``.
+    ``blocks`` ``[n, seq_len]``: calibration token windows. ``structures``: whose weights are refitted (default
+    the MLP's last projection alone). ``target``: the dense model whose weights change, when it is not ``model``
+    itself (a sharded run's rank 0 passes its full copy; other ranks pass None and only help collect). Returns
+    ``{"weights": refitted count, "passes": passes over blocks, "tokens", "damping", "structures"}``.
     """
-    _check(masks, blocks, damping, batch_size)
+    _check(masks, blocks, damping, batch_size, structures)
     if target is None and not dist.is_sharded(model):  # sharded: ranks > 0 only take part in the forwards
         target = model
     dims = adapter_for(model).dims(model.config)
     masks.validate(dims)
-    widths = [{s: dims.size(s) for s in INPUT_STRUCTURES} for _ in range(dims.num_layers)]
+    widths = [{s: dims.size(s) for s in structures} for _ in range(dims.num_layers)]
     groups = _layer_groups(widths, max_gram_bytes)
     weights = 0
     for group in groups:
-        grams = collect_input_grams(model, masks, blocks, layers=group, batch_size=batch_size, progress=progress)
+        grams = collect_input_grams(model, masks, blocks, layers=group, structures=structures,
+                                    batch_size=batch_size, progress=progress)
         if target is not None:
-            weights += refit_weights(target, masks, grams, damping=damping)
+            weights += refit_weights(target, masks, grams, damping=damping, structures=structures)
         del grams
-    return {"weights": weights, "passes": len(groups), "tokens": int(blocks.numel()), "damping": damping}
+    return {"weights": weights, "passes": len(groups), "tokens": int(blocks.numel()), "damping": damping,
+            "structures": list(structures)}
+
+
+def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Mean LM loss of ``model`` under ``masks`` (the compacted model's loss) over ``blocks`` [n, seq_len]."""
+    device = _model_device(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with MaskedModel(model, masks), torch.no_grad():
+            for batch in blocks.split(batch_size):
+                ids = batch.to(device)
+                total += float(model(input_ids=ids, labels=ids).loss) * batch.shape[0]
+                count += batch.shape[0]
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_blocks: torch.Tensor, *,
+                 candidates: Sequence[tuple[Sequence[str], float]] = CANDIDATES, batch_size: int = 4,
+                 progress: bool = True) -> dict:
+    """Refits ``model`` in place with the candidate that gives the lowest LM loss on ``val_blocks``, or not at all.
+
+    ``candidates``: ``(structures, damping)`` pairs (default :data:`CANDIDATES`); the statistics are collected
+    once on ``blocks`` (all layers at once: their Gram matrices must fit in memory) and every candidate is scored
+    by :func:`masked_loss` on the held-out ``val_blocks`` (windows the masks were not chosen on), against no
+    refit at all. The original weights of every refittable layer are kept (CPU) meanwhile. Returns the info of
+    :func:`refit_pruned_inputs` for the chosen candidate (``structures`` None when no refit won) plus
+    ``"val_loss"`` (before, after) and ``"candidates"`` ``[{"structures", "damping", "val_loss"}, ...]``.
+    Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
+    sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
+    :func:`refit_pruned_inputs`.
+    """
+    if dist.is_sharded(model):
+        raise ValueError("choose_refit needs whole weights on every rank; for a sharded (FSDP) model use "
+                         "refit_pruned_inputs (a fixed structures / damping)")
+    if not candidates:
+        raise ValueError("choose_refit: no candidates")
+    for structures, damping in candidates:
+        _check(masks, blocks, damping, batch_size, structures)
+    if not isinstance(val_blocks, torch.Tensor) or val_blocks.dim() != 2 or val_blocks.shape[0] == 0:
+        raise ValueError("choose_refit: val_blocks must be a non-empty LongTensor [n_windows, seq_len]")
+    used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
+    grams = collect_input_grams(model, masks, blocks, structures=used, batch_size=batch_size, progress=progress)
+    adapter = adapter_for(model)
+    layer_modules = adapter.decoder_layers(model)
+    weights = {(i, s): [m.weight for m, _ in adapter.mask_points(layer_modules[i])[s]] for i, s in grams}
+    originals = {key: [w.detach().to("cpu", copy=True) for w in ws] for key, ws in weights.items()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for key, ws in weights.items():
+                for w, orig in zip(ws, originals[key]):
+                    w.copy_(orig)
+
+    scored = [{"structures": None, "damping": None, "val_loss": masked_loss(model, masks, val_blocks)}]
+    for structures, damping in tqdm(candidates, desc="refit (choosing)", disable=not progress or dist.rank() != 0):
+        refit_weights(model, masks, grams, damping=damping, structures=structures)
+        scored.append({"structures": list(structures), "damping": damping,
+                       "val_loss": masked_loss(model, masks, val_blocks)})
+        restore()
+    best = min(scored, key=lambda c: c["val_loss"])  # ties: the earlier (no refit first)
+    n = 0
+    if best["structures"] is not None:
+        n = refit_weights(model, masks, grams, damping=best["damping"], structures=best["structures"])
+    return {"weights": n, "passes": 1, "tokens": int(blocks.numel()), "damping": best["damping"],
+            "structures": best["structures"], "val_loss": [scored[0]["val_loss"], best["val_loss"]],
+            "candidates": scored}

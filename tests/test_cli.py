@@ -110,6 +110,7 @@ def test_help(capsys):
     (("prune", "--margin", "-1"), "must be a finite number > 0"),
     (("prune", "--distill", "yes"), "unrecognized arguments"),
     (("prune", "--refit-damping", "0"), "must be a finite number > 0"),
+    (("prune", "--refit", "yes"), "invalid choice"),
     (("prune", "--val-every", "0"), "must be >= 1"),
     (("prune", "--batch-size", "0"), "must be >= 1"),
     (("frobnicate",), "invalid choice"),
@@ -235,7 +236,7 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
         return model, tok
 
     monkeypatch.setattr(zoo, "resolve_model", counting)
-    hn = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0", "--val-windows", "3")
+    hn = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0", "--val-windows", "3", "--refit", "off")
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "2"))[0] == 0
     assert len(forwards) == 4 + 2 + 2  # 4 calibration windows, 2 steps of one window, validation at steps 0, 2
@@ -266,17 +267,24 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
     assert report["options"]["hypernetwork"] == {"val_every": 1, "batch_size": 1, "lr": 0.01, "lam": 16.0,
                                                  "distill": True, "margin": 1.5, "lr_schedule": "cosine"}
     assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
-    assert report["options"]["refit"] is None
+    # the default refit (auto) chose among its candidates on the same 2 held-out windows
+    refit = report["options"]["refit"]
+    assert refit["mode"] == "auto" and len(refit["candidates"]) == 7
+    assert refit["val_loss"][1] == min(c["val_loss"] for c in refit["candidates"])
 
 
 def test_refit_option_reaches_the_run(capsys, folders, word_text, tmp_path):
-    args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "--refit-damping", "0.5")
+    args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "on", "--refit-damping", "0.5")
     code, stdout, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     refit = report["options"]["refit"]
-    assert refit["damping"] == 0.5 and refit["weights"] > 0 and refit["passes"] == 1 and "refit" in report["seconds"]
-    assert "Refit:" in stdout
+    assert refit["mode"] == "on" and refit["damping"] == 0.5 and refit["structures"] == ["mlp_mid"]
+    assert refit["weights"] > 0 and refit["passes"] == 1 and "refit" in report["seconds"]
+    assert "Refit (on):" in stdout
+    args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "off")
+    code, stdout, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "off", *args))
+    assert code == 0 and json.loads((tmp_path / "off" / "report.json").read_text())["options"]["refit"] is None
 
 
 # ---------------------------------------------------------------------------------------- integration

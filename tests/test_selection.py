@@ -384,7 +384,7 @@ def test_calibration_bad_blocks(models, blocks, match):
 
 def _prune(model, method, **kw):
     kw = {"ratio": 0.4, "calibration": BLOCKS, "method": method, "steps": 3, "eval_texts": (), "val_windows": 0,
-          "measure_speed": False, "progress": False, "seq_len": SEQ, **kw}
+          "measure_speed": False, "progress": False, "seq_len": SEQ, "refit": "off", **kw}
     return prune_and_compact(model, kw.pop("tokenizer", None), **kw)
 
 
@@ -499,9 +499,10 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     (dict(method="magic"), ValueError, "unknown method"),
     (dict(steps=-1), ValueError, "steps"),
     (dict(multiple_of=0), ValueError, "multiple_of"),
-    (dict(refit="yes"), ValueError, "refit must be True or False"),
-    (dict(refit=True, refit_damping=0), ValueError, "damping"),
-    (dict(refit=True, refit_damping=float("nan")), ValueError, "damping"),
+    (dict(refit="yes"), ValueError, "refit must be one of auto, on, off"),
+    (dict(refit=True), ValueError, "refit must be one of"),
+    (dict(refit="on", refit_damping=0), ValueError, "damping"),
+    (dict(refit="on", refit_damping=float("nan")), ValueError, "damping"),
     (dict(calibration="c4"), ValueError, "unknown text 'c4'"),
     (dict(calibration="file:EMPTY"), ValueError, "empty"),
     (dict(calibration="file:MISSING"), FileNotFoundError, "does not exist"),
@@ -557,7 +558,8 @@ def test_refit_is_the_weighted_ridge_least_squares_solution(models, calibs, fami
     dense = models[family]
     masks = oneshot_masks(calibs[family], Budget.for_model(dense, 0.4))
     model = copy.deepcopy(dense)
-    info = refit_pruned_inputs(model, masks, BLOCKS, damping=0.3, batch_size=4, progress=False)
+    info = refit_pruned_inputs(model, masks, BLOCKS, damping=0.3, batch_size=4, progress=False,
+                               structures=("attn_in", "mlp_in", "mlp_mid"))
     xs = _inputs_by_hand(dense, masks, BLOCKS)
     adapter = adapter_for(dense)
     layers_d, layers_r = adapter.decoder_layers(dense), adapter.decoder_layers(model)
@@ -596,8 +598,9 @@ def test_refit_in_groups_of_layers_and_data_shape_checks(models, calibs):
     dense = models["llama"]
     masks = oneshot_masks(calibs["llama"], Budget.for_model(dense, 0.4))
     one, grouped = copy.deepcopy(dense), copy.deepcopy(dense)
-    refit_pruned_inputs(one, masks, BLOCKS, progress=False)
-    info = refit_pruned_inputs(grouped, masks, BLOCKS, progress=False, max_gram_bytes=1)  # a pass per layer
+    every = ("attn_in", "mlp_in", "mlp_mid")
+    refit_pruned_inputs(one, masks, BLOCKS, progress=False, structures=every)
+    info = refit_pruned_inputs(grouped, masks, BLOCKS, progress=False, max_gram_bytes=1, structures=every)
     assert info["passes"] == dense.config.num_hidden_layers
     # layer 0 sees the same inputs either way; later groups see the earlier ones refitted already
     for (n, p), q in zip(one.named_parameters(), grouped.parameters()):
@@ -608,6 +611,8 @@ def test_refit_in_groups_of_layers_and_data_shape_checks(models, calibs):
     assert any(not torch.equal(p, q) for p, q in zip(one.parameters(), grouped.parameters()))
     for bad, err, match in [(dict(damping=-1.0), ValueError, "damping"), (dict(batch_size=0), ValueError, "batch_size"),
                             (dict(blocks=BLOCKS.float()), ValueError, "LongTensor"),
+                            (dict(structures="mlp_mid"), ValueError, "structures"),
+                            (dict(structures=("attn_out",)), ValueError, "structures"),
                             (dict(masks=masks.to_dict()), TypeError, "DispMasks")]:
         args = {"masks": masks, "blocks": BLOCKS, **bad}
         with pytest.raises(err, match=match):
@@ -622,17 +627,73 @@ def test_prune_and_compact_with_refit(family, tmp_path):
 
     model = make_model(family)
     dense = copy.deepcopy(model)
-    _, report = _prune(model, "oneshot", refit=True, refit_damping=0.2)
+    _, report = _prune(model, "oneshot", refit="on", refit_damping=0.2)
     masks = DispMasks.from_dict(report.masks)
-    refit_pruned_inputs(dense, masks, BLOCKS, damping=0.2, progress=False)
+    refit_pruned_inputs(dense, masks, BLOCKS, damping=0.2, progress=False)  # the MLP's last projection
     ref = dip_ext.compact(dense, masks)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     assert report.options["refit"]["damping"] == 0.2 and report.options["refit"]["weights"] > 0
-    assert "refit" in report.seconds and "Refit:" in report.to_markdown()
+    assert report.options["refit"]["structures"] == ["mlp_mid"] and report.options["refit"]["mode"] == "on"
+    assert "refit" in report.seconds and "Refit (on):" in report.to_markdown()
     # the compacted, refitted model saves and loads like any other
     model.save_pretrained(tmp_path / "m")
     back = dip_ext.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_choose_refit_keeps_the_best_candidate_or_none(models, calibs, monkeypatch):
+    from dip_ext import refit as R
+
+    dense = models["llama"]
+    masks = oneshot_masks(calibs["llama"], Budget.for_model(dense, 0.4))
+    val = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(9))
+    model = copy.deepcopy(dense)
+    info = R.choose_refit(model, masks, BLOCKS, val, progress=False)
+    cands = info["candidates"]
+    assert [(c["structures"], c["damping"]) for c in cands[1:]] == [(list(s), d) for s, d in R.CANDIDATES]
+    assert cands[0]["structures"] is None and cands[0]["val_loss"] == pytest.approx(R.masked_loss(dense, masks, val))
+    best = min(cands, key=lambda c: c["val_loss"])
+    assert info["val_loss"] == [cands[0]["val_loss"], best["val_loss"]] and info["structures"] == best["structures"]
+    # the model holds exactly the chosen refit, and every candidate's loss is what that refit gives
+    for c in cands[1:]:
+        ref = copy.deepcopy(dense)
+        R.refit_pruned_inputs(ref, masks, BLOCKS, damping=c["damping"], structures=c["structures"], progress=False)
+        assert R.masked_loss(ref, masks, val) == pytest.approx(c["val_loss"], rel=1e-5)
+        if c is best:
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # when no candidate beats the masks alone, the weights are given back untouched
+    losses = iter([1.0] + [2.0] * len(R.CANDIDATES))
+    monkeypatch.setattr(R, "masked_loss", lambda *a, **k: next(losses))
+    model = copy.deepcopy(dense)
+    info = R.choose_refit(model, masks, BLOCKS, val, progress=False)
+    assert info["structures"] is None and info["weights"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), dense.parameters()))
+    with pytest.raises(ValueError, match="no candidates"):
+        R.choose_refit(model, masks, BLOCKS, val, candidates=(), progress=False)
+    with pytest.raises(ValueError, match="val_blocks"):
+        R.choose_refit(model, masks, BLOCKS, val[:0], progress=False)
+
+
+def test_prune_and_compact_refit_auto_holds_out_validation_for_oneshot():
+    from dip_ext.refit import refit_pruned_inputs
+
+    model = make_model("opt")
+    dense = copy.deepcopy(model)
+    blocks = torch.randint(0, VOCAB, (10, SEQ), generator=torch.Generator().manual_seed(4))
+    _, report = _prune(model, "oneshot", calibration=blocks, val_windows=3, refit="auto")
+    refit = report.options["refit"]
+    assert report.options["val_windows"] == 3 and report.options["calibration_windows"] == 7
+    assert refit["mode"] == "auto" and len(refit["candidates"]) == 7
+    masks = DispMasks.from_dict(report.masks)
+    if refit["structures"] is not None:
+        _, rest, _ = dip_ext.prune.split_calibration(blocks, None, 3)
+        refit_pruned_inputs(dense, masks, rest, damping=refit["damping"], structures=refit["structures"],
+                            progress=False)
+    ref = dip_ext.compact(dense, masks)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
