@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=_non_negative, default=200,
                     help="hypernetwork training steps (default 200; 0 exports the warm start)")
     pr.add_argument("--val-windows", type=_non_negative, default=16,
-                    help="calibration windows held out from hypernetwork training; the export with the lowest LM "
-                         "loss on them is kept (early stopping; default 16, 0 keeps the last step's masks)")
+                    help="calibration windows held out from hypernetwork training and from the refit; the export "
+                         "with the lowest LM loss on them is kept (early stopping) and --refit auto chooses on them "
+                         "(default 16; 0: the last step's masks, and --refit auto refits as --refit on)")
     pr.add_argument("--val-every", type=_positive, default=50,
                     help="score the exported masks on the held-out windows every N steps (default 50)")
     pr.add_argument("--batch-size", type=_positive, default=1,
