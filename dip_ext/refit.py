@@ -36,6 +36,7 @@ groups that fit ``max_gram_bytes``, one pass over the calibration windows per gr
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -243,7 +244,7 @@ def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, bat
 
 def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_blocks: torch.Tensor, *,
                  candidates: Sequence[tuple[Sequence[str], float]] = CANDIDATES, batch_size: int = 4,
-                 progress: bool = True) -> dict:
+                 max_gram_bytes: int = 4 << 30, progress: bool = True) -> dict:
     """Refits ``model`` in place with the candidate that gives the lowest LM loss on ``val_blocks``, or not at all.
 
     ``candidates``: ``(structures, damping)`` pairs (default :data:`CANDIDATES`); the statistics are collected
@@ -252,7 +253,9 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     refit at all. The original weights of every refittable layer are kept (CPU) meanwhile. Returns the info of
     :func:`refit_pruned_inputs` for the chosen candidate (``structures`` None when no refit won) plus
     ``"val_loss"`` (before, after) and ``"candidates"`` ``[{"structures", "damping", "val_loss"}, ...]``.
-    Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
+    When the Gram matrices of every layer do not fit ``max_gram_bytes`` (float64; SmolLM2-135M: 725 MB,
+    a 7B Llama: ~38 GB), it warns and refits as :func:`refit_pruned_inputs` with its defaults, layer group by
+    layer group, unscored. Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
     sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
     :func:`refit_pruned_inputs`.
     """
@@ -266,6 +269,12 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     if not isinstance(val_blocks, torch.Tensor) or val_blocks.dim() != 2 or val_blocks.shape[0] == 0:
         raise ValueError("choose_refit: val_blocks must be a non-empty LongTensor [n_windows, seq_len]")
     used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
+    dims = adapter_for(model).dims(model.config)
+    if dims.num_layers * sum(8 * dims.size(s) ** 2 for s in used) > max_gram_bytes:
+        warnings.warn(f"refit: the input statistics of every layer do not fit max_gram_bytes={max_gram_bytes}; "
+                      "refitting with the default settings, unscored", stacklevel=2)
+        return refit_pruned_inputs(model, masks, blocks, batch_size=batch_size, max_gram_bytes=max_gram_bytes,
+                                   progress=progress)
     grams = collect_input_grams(model, masks, blocks, structures=used, batch_size=batch_size, progress=progress)
     adapter = adapter_for(model)
     layer_modules = adapter.decoder_layers(model)

@@ -674,6 +674,13 @@ def test_choose_refit_keeps_the_best_candidate_or_none(models, calibs, monkeypat
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), dense.parameters()))
     with pytest.raises(ValueError, match="no candidates"):
         R.choose_refit(model, masks, BLOCKS, val, candidates=(), progress=False)
+    # statistics too large to hold at once: the default refit, group by group, unscored
+    model, ref = copy.deepcopy(dense), copy.deepcopy(dense)
+    with pytest.warns(UserWarning, match="do not fit max_gram_bytes"):
+        info = R.choose_refit(model, masks, BLOCKS, val, max_gram_bytes=1000, progress=False)
+    R.refit_pruned_inputs(ref, masks, BLOCKS, max_gram_bytes=1000, progress=False)
+    assert "candidates" not in info and info["structures"] == ["mlp_mid"] and info["passes"] > 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
     with pytest.raises(ValueError, match="val_blocks"):
         R.choose_refit(model, masks, BLOCKS, val[:0], progress=False)
 
