@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .eval import _model_device
+from .eval import _model_device, window_losses
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import DispMasks
@@ -227,18 +227,8 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
 
 def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, batch_size: int = 4) -> float:
     """Mean LM loss of ``model`` under ``masks`` (the compacted model's loss) over ``blocks`` [n, seq_len]."""
-    device = _model_device(model)
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with MaskedModel(model, masks), torch.no_grad():
-            for batch in blocks.split(batch_size):
-                ids = batch.to(device)
-                total += float(model(input_ids=ids, labels=ids).loss) * batch.shape[0]
-                count += batch.shape[0]
-    finally:
-        model.train(was_training)
+    with MaskedModel(model, masks):
+        total, count = window_losses(model, blocks, batch_size=batch_size, progress=False)
     return total / count
 
 
@@ -269,14 +259,14 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     if not isinstance(val_blocks, torch.Tensor) or val_blocks.dim() != 2 or val_blocks.shape[0] == 0:
         raise ValueError("choose_refit: val_blocks must be a non-empty LongTensor [n_windows, seq_len]")
     used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
-    dims = adapter_for(model).dims(model.config)
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
     if dims.num_layers * sum(8 * dims.size(s) ** 2 for s in used) > max_gram_bytes:
         warnings.warn(f"refit: the input statistics of every layer do not fit max_gram_bytes={max_gram_bytes}; "
                       "refitting with the default settings, unscored", stacklevel=2)
         return refit_pruned_inputs(model, masks, blocks, batch_size=batch_size, max_gram_bytes=max_gram_bytes,
                                    progress=progress)
     grams = collect_input_grams(model, masks, blocks, structures=used, batch_size=batch_size, progress=progress)
-    adapter = adapter_for(model)
     layer_modules = adapter.decoder_layers(model)
     weights = {(i, s): [m.weight for m, _ in adapter.mask_points(layer_modules[i])[s]] for i, s in grams}
     originals = {key: [w.detach().to("cpu", copy=True) for w in ws] for key, ws in weights.items()}
