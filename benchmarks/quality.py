@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="hypernetwork steps per ratio")
     p.add_argument("--lam", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine", "cosine-tail"), default="constant")
+    p.add_argument("--decay-steps", type=int, default=None, help="length of the cosine-tail decay")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--margin", type=float, default=3.0)
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
@@ -103,6 +104,7 @@ def main() -> None:
                     masks = learn_masks_hypernetwork(
                         dense, train_blocks, budget, steps=args.steps, init_masks=oneshot, lam=args.lam, lr=args.lr,
                         distill=args.distill, margin=args.margin, lr_schedule=args.lr_schedule,
+                        decay_steps=args.decay_steps,
                         val_blocks=val_blocks, val_every=args.val_every, checkpoint_dir=work / f"hyper-{ratio}",
                         resume=True, log=log, report=hyper_report)
             select_s = time.perf_counter() - t0
@@ -120,7 +122,7 @@ def main() -> None:
                 run["best_step"] = hyper_report.get("best_step")
                 run["train_windows"] = int(train_blocks.shape[0])
                 run["settings"] = {"lr": args.lr, "lam": args.lam, "distill": args.distill, "margin": args.margin,
-                                   "lr_schedule": args.lr_schedule}
+                                   "lr_schedule": args.lr_schedule, "decay_steps": args.decay_steps}
             results["runs"].append(run)
             print(f"{method:>12} {100 * ratio:4.0f} %: removed {100 * rep.removed_decoder_linear:.2f} % "
                   f"decoder-linear, ppl wiki {run['ppl']['wiki']:.2f} ptb {run['ppl']['ptb']:.2f} "
@@ -160,7 +162,8 @@ def table(all_results: list) -> str:
         if name.startswith("hypernetwork"):
             settings = r.get("settings", {"lr": 1e-3, "distill": False})  # files before the settings were kept
             loss = "KL to dense" if settings["distill"] else "LM loss"
-            schedule = " cosine" if settings.get("lr_schedule") == "cosine" else ""
+            schedule = {"cosine": " cosine", "cosine-tail": f" cosine over the last {settings.get('decay_steps')}"
+                        }.get(settings.get("lr_schedule"), "")
             name += f" ({r['hyper_steps']} steps, best {r.get('best_step')}, lr {settings['lr']:g}{schedule}, {loss})"
         lines.append(f"| {100 * r['ratio']:.0f} % | {name} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
                      f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")

@@ -113,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration windows per hypernetwork step and process (default 1; under torchrun the "
                          "global batch is this times the number of processes)")
     pr.add_argument("--lr", type=_positive_float, default=1e-3, help="hypernetwork AdamW learning rate (default 1e-3)")
-    pr.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                    help="hypernetwork learning rate: constant (default, the paper's) or cosine, decaying to 0 at "
-                         "--steps (a cosine run resumes only with the same --steps)")
+    pr.add_argument("--lr-schedule", choices=("constant", "cosine", "cosine-tail"), default="constant",
+                    help="hypernetwork learning rate: constant (default, the paper's); cosine, decaying to 0 at "
+                         "--steps; or cosine-tail, constant and then decaying to 0 over the last --decay-steps. "
+                         "--resume continues a checkpoint under any schedule with the same learning rates so far: "
+                         "a constant run can be extended and annealed with cosine-tail")
+    pr.add_argument("--decay-steps", type=_positive, default=None,
+                    help="length of the cosine-tail decay (needed with --lr-schedule cosine-tail)")
     pr.add_argument("--lam", type=_non_negative_float, default=16.0,
                     help="weight of the budget term lam*|log r - log p| (default 16)")
     pr.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
@@ -177,6 +181,10 @@ def _prune(args) -> int:
     from .prune import prune_and_compact, validate_options
 
     validate_options(args.method, args.ratio, args.ratio_of, args.multiple_of, args.steps)
+    if args.method == "hypernetwork":
+        from .selection.hypernetwork import check_lr_schedule
+
+        check_lr_schedule(args.lr_schedule, args.decay_steps, args.steps)
     out = Path(args.out)
     # Under torchrun rank 0 decides (the others could already see its work folder) and tells everyone.
     occupied = dist.broadcast_object(out.exists() and any(out.iterdir()) if dist.is_main() else None)
@@ -208,7 +216,8 @@ def _prune(args) -> int:
         eval_windows=args.eval_windows or None, measure_speed=not args.no_speed, work_dir=out / "work",
         resume=args.resume, progress=not args.quiet, model_name=args.model or zoo.DEFAULT_MODEL,
         hypernetwork_options=dict(val_every=args.val_every, batch_size=args.batch_size, lr=args.lr, lam=args.lam,
-                                  distill=args.distill, margin=args.margin, lr_schedule=args.lr_schedule),
+                                  distill=args.distill, margin=args.margin, lr_schedule=args.lr_schedule,
+                                  decay_steps=args.decay_steps),
         refit=args.refit, refit_damping=args.refit_damping, full_model=full)
     if dist.is_main():  # every rank holds the same compacted model; one writes it
         model.save_pretrained(out)

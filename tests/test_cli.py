@@ -113,6 +113,8 @@ def test_help(capsys):
     (("prune", "--refit", "yes"), "invalid choice"),
     (("prune", "--val-every", "0"), "must be >= 1"),
     (("prune", "--batch-size", "0"), "must be >= 1"),
+    (("prune", "--decay-steps", "0"), "must be >= 1"),
+    (("prune", "--lr-schedule", "linear"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
     ((), "required"),
 ])
@@ -128,6 +130,9 @@ def test_bad_argument_is_one_line_exit_2(capsys, argv, match):
     (("--eval-text", "c4"), "unknown text 'c4'"),
     (("--model", "/nonexistent/model"), "does not exist"),
     (("--fsdp",), "launch with torchrun"),
+    (("--lr-schedule", "cosine-tail"), "needs decay_steps"),
+    (("--lr-schedule", "cosine-tail", "--decay-steps", "300", "--steps", "200"), "must not exceed steps (200)"),
+    (("--decay-steps", "50"), "only for lr_schedule 'cosine-tail'"),
 ])
 def test_bad_input_after_parsing_is_one_line_exit_2(capsys, tmp_path, word_text, extra, match):
     argv = ["prune", "--calibration", word_text, "--eval-text", word_text, "--out", tmp_path / "out", *extra]
@@ -255,7 +260,8 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks
     assert resumed["options"]["hypernetwork"] == {"val_every": 50, "batch_size": 1, "lr": 1e-3, "lam": 16.0,
-                                                  "distill": False, "margin": 3.0, "lr_schedule": "constant"}
+                                                  "distill": False, "margin": 3.0, "lr_schedule": "constant",
+                                                  "decay_steps": None}
 
 
 def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path):
@@ -265,7 +271,8 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["options"]["hypernetwork"] == {"val_every": 1, "batch_size": 1, "lr": 0.01, "lam": 16.0,
-                                                 "distill": True, "margin": 1.5, "lr_schedule": "cosine"}
+                                                 "distill": True, "margin": 1.5, "lr_schedule": "cosine",
+                                                 "decay_steps": None}
     assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
     # the default refit (auto) chose among its candidates on the same 2 held-out windows
     refit = report["options"]["refit"]

@@ -324,10 +324,40 @@ def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, m
     assert resumed == full
     assert [e["lm_loss"] for e in part_log] == [e["lm_loss"] for e in full_log]
     # the cosine is laid out over `steps`: a longer run is another run
-    with pytest.raises(ValueError, match="different run.*schedule_steps: checkpoint 4 vs now 6"):
+    with pytest.raises(ValueError, match="different run.*at step 1 differs.*schedule_steps: checkpoint 4 vs now 6"):
         _run(model, blocks, **{**kw, "steps": 6}, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="different run.*lr_schedule"):
         _run(model, blocks, **{**kw, "lr_schedule": "constant"}, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_cosine_tail_anneals_a_constant_run_exactly(model, blocks, tmp_path, monkeypatch):
+    """A constant run's checkpoint continues as a cosine-tail run (same learning rates so far) and gives the
+    masks of an uninterrupted cosine-tail run; a tail that would have started before the checkpoint is refused."""
+    from dip_ext.selection import hypernetwork as hn
+
+    assert [hn.scheduled_lr(0.1, "cosine-tail", t, 5, 2) for t in range(5)] == pytest.approx([0.1, 0.1, 0.1, 0.1,
+                                                                                                0.05])
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    tail = dict(steps=5, lr=0.05, seed=3, lr_schedule="cosine-tail", decay_steps=2)
+    full_log = []
+    full = _run(model, blocks, log=full_log, **tail)
+    assert seen == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.025])
+    part_log = []
+    _run(model, blocks, steps=3, lr=0.05, seed=3, checkpoint_dir=tmp_path, log=part_log)  # constant, 3 steps
+    assert _run(model, blocks, **tail, checkpoint_dir=tmp_path, resume=True, log=part_log) == full
+    assert [e["lm_loss"] for e in part_log] == [e["lm_loss"] for e in full_log]
+    # the checkpoint (now at step 5) took step 4 at 0.025; a tail over the last 3 of 6 steps would run it at 0.0375
+    with pytest.raises(ValueError, match="learning rate at step 4 differs.*decay_steps: checkpoint 2 vs now 3"):
+        _run(model, blocks, **{**tail, "steps": 6, "decay_steps": 3}, checkpoint_dir=tmp_path, resume=True)
+    # an annealed run cannot be extended as a constant one either
+    with pytest.raises(ValueError, match="learning rate at step 4 differs.*lr_schedule: checkpoint 'cosine-tail'"):
+        _run(model, blocks, steps=7, lr=0.05, seed=3, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, blocks, tmp_path):
@@ -342,7 +372,7 @@ def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, 
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header["json"])
-    for key in ("margin", "distill", "lr_schedule", "schedule_steps"):
+    for key in ("margin", "distill", "lr_schedule", "schedule_steps", "decay_steps"):
         del meta["fingerprint"][key]
     save_file(tensors, str(path), metadata={**header, "json": json.dumps(meta)})
     with pytest.raises(ValueError, match="different run.*distill: checkpoint False vs now True"):
@@ -384,7 +414,11 @@ def test_batch_order_is_seeded_epoch_shuffles():
     (None, dict(val_every=0), ValueError, "val_every"),
     (None, dict(margin=0.0), ValueError, "margin"),
     (None, dict(margin=float("inf")), ValueError, "margin"),
-    (None, dict(lr_schedule="linear"), ValueError, "lr_schedule must be one of constant, cosine"),
+    (None, dict(lr_schedule="linear"), ValueError, "lr_schedule must be one of constant, cosine, cosine-tail"),
+    (None, dict(lr_schedule="cosine-tail"), ValueError, "needs decay_steps, an integer >= 1, got None"),
+    (None, dict(lr_schedule="cosine-tail", decay_steps=0), ValueError, "needs decay_steps"),
+    (None, dict(steps=4, lr_schedule="cosine-tail", decay_steps=9), ValueError, r"decay_steps \(9\) must not exceed steps"),
+    (None, dict(decay_steps=2), ValueError, "decay_steps is only for lr_schedule 'cosine-tail', not 'constant'"),
     (None, dict(val_blocks=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_blocks is empty"),
     (None, dict(val_blocks=torch.zeros(2, 16)), TypeError, "val_blocks must be"),
     (None, dict(val_blocks=torch.full((2, 16), 99)), ValueError, "val_blocks hold token ids outside"),

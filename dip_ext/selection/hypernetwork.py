@@ -234,22 +234,52 @@ def _digest_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-_FINGERPRINT_BEFORE_OPTIONS = {"margin": 3.0, "distill": False, "lr_schedule": "constant", "schedule_steps": None}
+_FINGERPRINT_BEFORE_OPTIONS = {"margin": 3.0, "distill": False, "lr_schedule": "constant", "schedule_steps": None,
+                               "decay_steps": None}
 
-#: learning-rate schedules: constant (the paper's) or a half cosine from ``lr`` down to 0 at ``steps``
-LR_SCHEDULES = ("constant", "cosine")
+#: learning-rate schedules: constant (the paper's); a half cosine from ``lr`` down to 0 at ``steps``; or
+#: "cosine-tail": constant, then a half cosine down to 0 over the last ``decay_steps`` steps (so a constant
+#: run can be extended and annealed: its checkpoints resume under it, see :func:`learn_masks_hypernetwork`)
+LR_SCHEDULES = ("constant", "cosine", "cosine-tail")
+
+#: fingerprint keys that lay out the schedule: a resume compares the learning rates they give, not the keys
+_SCHEDULE_KEYS = ("lr_schedule", "schedule_steps", "decay_steps")
 
 
-def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+def scheduled_lr(lr: float, schedule: str, step: int, steps: int, decay_steps: Optional[int] = None) -> float:
     """The learning rate of (0-based) ``step`` of ``steps``."""
     if schedule == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    if schedule == "cosine-tail":
+        into = step - (steps - decay_steps)
+        return lr if into < 0 else lr * 0.5 * (1.0 + math.cos(math.pi * into / decay_steps))
     return lr
+
+
+def check_lr_schedule(lr_schedule: str, decay_steps: Optional[int], steps) -> None:
+    """Raises ValueError for an unknown schedule or a ``decay_steps`` that does not fit it."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if lr_schedule == "cosine-tail":
+        if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or not 1 <= decay_steps:
+            raise ValueError(f"lr_schedule 'cosine-tail' needs decay_steps, an integer >= 1, got {decay_steps!r}")
+        if isinstance(steps, int) and decay_steps > steps:
+            raise ValueError(f"decay_steps ({decay_steps}) must not exceed steps ({steps})")
+    elif decay_steps is not None:
+        raise ValueError(f"decay_steps is only for lr_schedule 'cosine-tail', not {lr_schedule!r}")
+
+
+def _first_lr_difference(saved: dict, now: dict, start: int) -> Optional[int]:
+    """The first step below ``start`` whose learning rate differs between two fingerprints' schedules."""
+    def lr_at(fp: dict, step: int) -> float:
+        return scheduled_lr(fp["lr"], fp["lr_schedule"], step, fp["schedule_steps"], fp["decay_steps"])
+
+    return next((s for s in range(start) if lr_at(saved, s) != lr_at(now, s)), None)
 
 
 def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *, seed, lam, lr, weight_decay,
                  temperature, offset, batch_size, val_blocks=None, val_every=None, margin=3.0,
-                 distill=False, lr_schedule="constant", steps=None) -> dict:
+                 distill=False, lr_schedule="constant", steps=None, decay_steps=None) -> dict:
     cfg = model.config
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers,
             "hidden": dims.hidden, "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
@@ -258,8 +288,9 @@ def _fingerprint(model, dims: ModelDims, budget: Budget, blocks: torch.Tensor, *
             "seed": int(seed), "lam": float(lam), "lr": float(lr), "weight_decay": float(weight_decay),
             "temperature": float(temperature), "offset": float(offset), "batch_size": int(batch_size),
             "margin": float(margin), "distill": bool(distill), "lr_schedule": lr_schedule,
-            # a decaying schedule is laid out over the run's length: another length is another run
+            # a decaying schedule is laid out over the run's length (checked on resume, _first_lr_difference)
             "schedule_steps": None if lr_schedule == "constant" else int(steps),
+            "decay_steps": int(decay_steps) if lr_schedule == "cosine-tail" else None,
             "blocks": [int(blocks.shape[0]), int(blocks.shape[1]), _digest_tensor(blocks)],
             "val_blocks": None if val_blocks is None else [int(val_blocks.shape[0]), int(val_blocks.shape[1]),
                                                            _digest_tensor(val_blocks), int(val_every)]}
@@ -368,10 +399,10 @@ def _check_blocks(model, blocks, name: str) -> None:
 
 
 def _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule="constant"):
+                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule="constant",
+                decay_steps=None):
     _check_blocks(model, blocks, "blocks")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    check_lr_schedule(lr_schedule, decay_steps, steps)
     if val_blocks is not None:
         _check_blocks(model, val_blocks, "val_blocks")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("multiple_of", multiple_of),
@@ -397,6 +428,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                              weight_decay: float = 0.05, temperature: float = 0.4, offset: float = 3.0,
                              batch_size: int = 1, seed: int = 0, multiple_of: int = 1, margin: float = 3.0,
                              distill: bool = False, lr_schedule: str = "constant",
+                             decay_steps: Optional[int] = None,
                              val_blocks: Optional[torch.Tensor] = None, val_every: int = 50,
                              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
                              resume: bool = False, progress: bool = True, log: Optional[list] = None,
@@ -431,8 +463,13 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
             against x2.19); at 20 %, lr 3e-3 was too high.
         lam, lr, weight_decay, temperature, offset: the paper's λ, AdamW settings, Gumbel-sigmoid temperature
             and logit offset.
-        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: a half cosine from ``lr`` at step 0 to 0 at
-            ``steps``. The cosine run is laid out over ``steps``, so it resumes only with the same ``steps``.
+        lr_schedule: ``"constant"`` (the paper's); ``"cosine"``: a half cosine from ``lr`` at step 0 to 0 at
+            ``steps``; or ``"cosine-tail"``: ``lr`` until the last ``decay_steps`` steps, then a half cosine to
+            0 over them (anneal at the end of a constant run). A checkpoint resumes under any schedule that
+            gives the same learning rate at every step it has already taken: a constant run's checkpoint
+            continues as a ``"cosine-tail"`` run whose decay starts at or after it, whereas a cosine run
+            resumes only with the same ``steps``.
+        decay_steps: the length of the ``"cosine-tail"`` decay (only with that schedule).
         multiple_of: round every exported kept width to a multiple (see :func:`export_masks`).
         val_blocks: ``[n_val, seq_len]`` held-out calibration windows (never trained on). When given, the
             exported masks (the ones that would be returned) are scored by their mean LM loss on these
@@ -469,7 +506,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     _check_args(model, blocks, budget, dims, steps, lam, lr, weight_decay, temperature, batch_size,
-                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule)
+                multiple_of, checkpoint_every, val_blocks, val_every, margin, lr_schedule, decay_steps)
     if init_masks is not None:
         init_masks.validate(dims)
     device = next(model.parameters()).device
@@ -480,7 +517,8 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
     fingerprint = _fingerprint(model, dims, budget, blocks, seed=seed, lam=lam, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, offset=offset,
                                batch_size=global_batch, val_blocks=val_blocks, val_every=val_every,
-                               margin=margin, distill=distill, lr_schedule=lr_schedule, steps=steps)
+                               margin=margin, distill=distill, lr_schedule=lr_schedule, steps=steps,
+                               decay_steps=decay_steps)
     init_digest = None if init_masks is None else _masks_digest(init_masks, dims)
     if world > 1:  # ranks given different data or settings would silently train different hypernetworks
         dist.check_same((fingerprint, init_digest, steps, checkpoint_dir is None), "run settings")
@@ -557,7 +595,7 @@ def learn_masks_hypernetwork(model: nn.Module, blocks: torch.Tensor, budget: Bud
                     lm_loss = _average_grads(hnet, lm_loss, world)
                     _check_loss(lm_loss + budget_loss, lm_loss, step)  # the same verdict on every rank
                 for group in opt.param_groups:
-                    group["lr"] = scheduled_lr(lr, lr_schedule, step, steps)
+                    group["lr"] = scheduled_lr(lr, lr_schedule, step, steps, decay_steps)
                 opt.step()
                 entry = {"step": step + 1, "lm_loss": lm_loss.item(), "budget_loss": budget_loss.item(),
                          "kept_ratio": r, "expected_ratio": expected, "seconds": time.perf_counter() - t0}
@@ -732,10 +770,17 @@ def _resume_from(path: Path, loaded: tuple[dict, dict], resume: bool, fingerprin
                          f"pass resume=True to continue it, or use another checkpoint_dir")
     # Checkpoints written before an option existed ran with its default: they resume under that default.
     saved = {**_FINGERPRINT_BEFORE_OPTIONS, **meta["fingerprint"]}
-    diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    diff = sorted(k for k in set(saved) | set(fingerprint)
+                  if k not in _SCHEDULE_KEYS and saved.get(k) != fingerprint.get(k))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diff)
         raise ValueError(f"{path} was written by a different run and cannot be resumed ({detail})")
+    differs = _first_lr_difference(saved, fingerprint, int(meta["step"]))
+    if differs is not None:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in _SCHEDULE_KEYS
+                           if saved.get(k) != fingerprint.get(k))
+        raise ValueError(f"{path} was written by a different run and cannot be resumed: its learning rate at step "
+                         f"{differs} differs from this run's ({detail})")
     if init_digest is not None and meta.get("init_masks") not in (None, init_digest):
         # Not an error: init_masks only shape step 0, and a recomputed one-shot selection may differ by a dim.
         warnings.warn("resuming a hypernetwork run warm-started from different init_masks; the warm start "
