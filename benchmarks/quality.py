@@ -58,6 +58,9 @@ def main() -> None:
                    help="also score every method's masks after the refit prune_and_compact does by default (auto: "
                         "the best of dip_ext.refit.CANDIDATES or none on the --val-windows; rows 'METHOD+refit')")
     p.add_argument("--calibration-windows", type=int, default=64)
+    p.add_argument("--refit-windows", type=int, default=None,
+                   help="with --refit: the refit's statistics from this many training windows (evenly spaced) "
+                        "instead of the calibration pass's --calibration-windows")
     p.add_argument("--val-windows", type=int, default=16, help="held-out windows for early stopping")
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--seq-len", type=int, default=256)
@@ -132,7 +135,9 @@ def main() -> None:
             if args.refit:
                 t0 = time.perf_counter()
                 model = copy.deepcopy(dense)
-                refit = choose_refit(model, masks, blocks, val_blocks, progress=False)
+                refit_blocks = blocks if args.refit_windows is None else train_blocks[
+                    torch.linspace(0, train_blocks.shape[0] - 1, args.refit_windows).round().long()]
+                refit = choose_refit(model, masks, refit_blocks, val_blocks, progress=False)
                 refit_s = time.perf_counter() - t0
                 model = dip_ext.compact(model, masks)
                 run = {**run, "method": f"{method}+refit", "refit_s": refit_s, "refit": refit,
