@@ -360,6 +360,21 @@ def test_cosine_tail_anneals_a_constant_run_exactly(model, blocks, tmp_path, mon
         _run(model, blocks, steps=7, lr=0.05, seed=3, checkpoint_dir=tmp_path, resume=True)
 
 
+def test_corrupt_schedule_in_checkpoint_is_refused(model, blocks, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _run(model, blocks, steps=2, lr=0.05, lr_schedule="cosine", checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["json"])
+    meta["fingerprint"]["schedule_steps"] = None
+    save_file(tensors, str(path), metadata={**header, "json": json.dumps(meta)})
+    with pytest.raises(ValueError, match="corrupt learning-rate schedule.*schedule_steps: checkpoint None vs now 2"):
+        _run(model, blocks, steps=2, lr=0.05, lr_schedule="cosine", checkpoint_dir=tmp_path, resume=True)
+
+
 def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, blocks, tmp_path):
     """A checkpoint written before ``margin`` / ``distill`` existed (no such fingerprint keys) ran with their
     defaults: it resumes under the defaults and is refused under other values."""

@@ -770,17 +770,21 @@ def _resume_from(path: Path, loaded: tuple[dict, dict], resume: bool, fingerprin
                          f"pass resume=True to continue it, or use another checkpoint_dir")
     # Checkpoints written before an option existed ran with its default: they resume under that default.
     saved = {**_FINGERPRINT_BEFORE_OPTIONS, **meta["fingerprint"]}
-    diff = sorted(k for k in set(saved) | set(fingerprint)
-                  if k not in _SCHEDULE_KEYS and saved.get(k) != fingerprint.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in diff)
+    def differences(keys) -> str:
+        return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in sorted(keys)
+                         if saved.get(k) != fingerprint.get(k))
+
+    detail = differences((set(saved) | set(fingerprint)) - set(_SCHEDULE_KEYS))
+    if detail:
         raise ValueError(f"{path} was written by a different run and cannot be resumed ({detail})")
-    differs = _first_lr_difference(saved, fingerprint, int(meta["step"]))
+    try:
+        differs = _first_lr_difference(saved, fingerprint, int(meta["step"]))
+    except (TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: corrupt learning-rate schedule in the checkpoint ({differences(_SCHEDULE_KEYS)})"
+                         ) from e
     if differs is not None:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in _SCHEDULE_KEYS
-                           if saved.get(k) != fingerprint.get(k))
         raise ValueError(f"{path} was written by a different run and cannot be resumed: its learning rate at step "
-                         f"{differs} differs from this run's ({detail})")
+                         f"{differs} differs from this run's ({differences(_SCHEDULE_KEYS)})")
     if init_digest is not None and meta.get("init_masks") not in (None, init_digest):
         # Not an error: init_masks only shape step 0, and a recomputed one-shot selection may differ by a dim.
         warnings.warn("resuming a hypernetwork run warm-started from different init_masks; the warm start "
