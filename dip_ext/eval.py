@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import data
 
-__all__ = ["perplexity", "window_losses", "prefill_tokens_per_second", "DEFAULT_EVAL_SPLIT"]
+__all__ = ["perplexity", "window_losses", "mean_window_loss", "prefill_tokens_per_second", "DEFAULT_EVAL_SPLIT"]
 
 # A named text is evaluated on its held-out part unless a split is given.
 DEFAULT_EVAL_SPLIT = "heldout"
@@ -105,6 +105,28 @@ def _window_losses(model, windows, batch_size, device, progress):
     finally:
         model.train(was_training)
     return float(total), count
+
+
+def mean_window_loss(model, windows: torch.Tensor, *, batch_size: int = 4, device=None) -> float:
+    """Mean next-token LM loss per predicted token of ``model`` over ``windows`` ``[n, seq_len]`` (as
+    :func:`window_losses`), the same on every rank.
+
+    Under torch.distributed rank r scores windows r, r + N, ... and the sums are reduced. An FSDP-sharded model
+    runs the same number of forwards on every rank (its forwards are collectives): a rank with fewer windows
+    runs the missing ones on a filler window whose loss is not counted.
+    """
+    from . import distributed as dist
+
+    world = dist.world_size()
+    mine = windows[dist.rank()::world]
+    total, count = window_losses(model, mine, batch_size=batch_size, device=device, progress=False)
+    if dist.is_sharded(model):
+        missing = math.ceil(math.ceil(windows.shape[0] / world) / batch_size) - math.ceil(mine.shape[0] / batch_size)
+        for _ in range(missing):
+            window_losses(model, windows[:1], batch_size=1, device=device, progress=False)
+    sums = torch.tensor([total, count], dtype=torch.float64)
+    dist.all_reduce_sum_([sums])
+    return float(sums[0] / sums[1])
 
 
 def perplexity(model, tokenizer, text_or_name, seq_len: int = 512, max_windows: int | None = None,

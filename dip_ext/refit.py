@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .eval import _model_device, window_losses
+from .eval import _model_device, mean_window_loss
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import DispMasks
@@ -226,10 +226,10 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
 
 
 def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, batch_size: int = 4) -> float:
-    """Mean LM loss of ``model`` under ``masks`` (the compacted model's loss) over ``blocks`` [n, seq_len]."""
+    """Mean LM loss of ``model`` under ``masks`` (the compacted model's loss) over ``blocks`` [n, seq_len]
+    (split across data-parallel ranks, :func:`dip_ext.eval.mean_window_loss`)."""
     with MaskedModel(model, masks):
-        total, count = window_losses(model, blocks, batch_size=batch_size, progress=False)
-    return total / count
+        return mean_window_loss(model, blocks, batch_size=batch_size)
 
 
 def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_blocks: torch.Tensor, *,

@@ -103,6 +103,14 @@ def test_max_windows_respected_and_spread(model, tok, text, monkeypatch):
     assert count == n * (L - 1)
 
 
+def test_mean_window_loss_is_the_mean_token_cross_entropy(model, tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor([ids[i * 16:(i + 1) * 16] for i in range(5)])
+    by_hand = math.log(_by_hand(model, windows.tolist()))  # log perplexity = mean token cross-entropy
+    for batch_size in (1, 2, 8):
+        assert ev.mean_window_loss(model, windows, batch_size=batch_size) == pytest.approx(by_hand, rel=1e-6)
+
+
 def test_bos_auto_from_tokenizer(model, text):
     tok_bos = _tokenizer(bos_template=True)
     assert data.needs_bos(tok_bos) is True

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
+from ..eval import mean_window_loss
 from ..families import adapter_for
 from ..masking import apply_masks
 from ..masks import STRUCTURES, DispMasks, ModelDims
@@ -680,25 +681,11 @@ class _Best:
 @torch.no_grad()
 def _validation_loss(logits, masked, model, val_blocks: torch.Tensor, budget: Budget, *, offset: float,
                      multiple_of: int, device, batch: int = 8) -> float:
-    """Mean LM loss over ``val_blocks`` of the model under the masks :func:`export_masks` makes of ``logits``.
-
-    Under torch.distributed rank r scores windows r, r + N, ... and the sums are reduced, so every rank gets
-    the same number (and the same best step).
-    """
+    """Mean LM loss over ``val_blocks`` of the model under the masks :func:`export_masks` makes of ``logits``;
+    the same number (and so the same best step) on every rank (:func:`dip_ext.eval.mean_window_loss`)."""
     masks, _ = export_masks(logits, budget, offset=offset, multiple_of=multiple_of)
     masked.set_masks(masks)
-    n, world = val_blocks.shape[0], dist.world_size()
-    mine = torch.arange(dist.rank(), n, world)
-    chunks = list(mine.split(batch))
-    if dist.is_sharded(model):  # forwards are collectives: every rank runs as many (extra ones score nothing)
-        chunks += [mine[:0]] * (math.ceil(math.ceil(n / world) / batch) - len(chunks))
-    total = torch.zeros(2, dtype=torch.float64)
-    for chunk in chunks:
-        ids = val_blocks[chunk if len(chunk) else slice(0, 1)].to(device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # token mean = window mean (equal lengths)
-        total += torch.tensor([float(loss) * len(chunk), len(chunk)], dtype=torch.float64)
-    dist.all_reduce_sum_([total])
-    value = float(total[0] / total[1])
+    value = mean_window_loss(model, val_blocks, batch_size=batch, device=device)
     if not math.isfinite(value):
         raise FloatingPointError(f"validation loss of the exported masks is {value}")
     return value
