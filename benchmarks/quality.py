@@ -26,7 +26,7 @@ import torch
 import dip_ext
 from dip_ext import zoo
 from dip_ext.calibration import CalibrationResult, run_calibration
-from dip_ext.data import get_blocks
+from dip_ext.data import get_blocks, spread_indices
 from dip_ext.eval import perplexity
 from dip_ext.prune import split_calibration
 from dip_ext.refit import choose_refit
@@ -136,7 +136,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model = copy.deepcopy(dense)
                 refit_blocks = blocks if args.refit_windows is None else train_blocks[
-                    torch.linspace(0, train_blocks.shape[0] - 1, args.refit_windows).round().long()]
+                    spread_indices(train_blocks.shape[0], args.refit_windows)]
                 refit = choose_refit(model, masks, refit_blocks, val_blocks, progress=False)
                 refit_s = time.perf_counter() - t0
                 model = dip_ext.compact(model, masks)
