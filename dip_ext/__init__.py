@@ -25,6 +25,7 @@ from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
 from .modeling import from_pretrained
 from .params import ParamReport, param_report
+from .prune import PruneReport, prune_and_compact
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,4 @@ def build_info() -> dict:
 
 __all__ = ["ops", "build_info", "__version__", "DispMasks", "ModelDims", "STRUCTURES", "apply_masks",
            "MaskedModel", "compact", "is_compacted", "from_pretrained", "param_report", "ParamReport",
-           "MaskError", "UnsupportedModelError"]
+           "MaskError", "UnsupportedModelError", "prune_and_compact", "PruneReport"]
