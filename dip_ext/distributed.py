@@ -22,13 +22,16 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Optional, TypeVar
 
 import torch
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "launched_distributed",
            "init_from_env", "is_sharded", "all_reduce_sum_", "broadcast_object", "all_gather_object", "barrier",
-           "check_same", "fail_fast", "DEFAULT_TIMEOUT_S"]
+           "check_same", "fail_fast", "read_on_main", "rank_batches", "Placement", "DEFAULT_TIMEOUT_S"]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -210,3 +213,78 @@ def fail_fast(exit_code: int = 1, brief: tuple = ()):
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(exit_code)
+
+
+def read_on_main(read: Callable[[], T], *, errors: tuple = (ValueError,)) -> T:
+    """``read()`` called on rank 0 only; every rank returns its value, or raises its error.
+
+    For files only rank 0 is sure to see (checkpoints it wrote, the output folder): the others receive the
+    value (pickled, keep it small-ish), so every rank continues from the same state. An exception of a type in
+    ``errors`` raised by ``read`` on rank 0 is raised on every rank as a ValueError with the same message (any
+    other exception ends rank 0, and :func:`fail_fast` the job). Without a process group: ``read()``.
+    """
+    if world_size() == 1:
+        return read()
+    payload = None
+    if is_main():
+        try:
+            payload = ("ok", read())
+        except errors as e:
+            payload = ("error", str(e))
+    kind, value = broadcast_object(payload)
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rank_batches(n: int, batch_size: int, *, lockstep: bool) -> list[Optional[list[int]]]:
+    """The windows this rank processes, batch by batch: rank ``r`` of ``N`` takes windows ``r, r + N, ...``.
+
+    With ``lockstep`` (an FSDP-sharded model, whose forwards are collectives) every rank gets as many batches as
+    the busiest one: the missing ones are None, meaning "run a filler forward and keep nothing of it".
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    world = world_size()
+    mine = list(range(rank(), n, world))
+    batches: list[Optional[list[int]]] = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    if lockstep and world > 1:
+        most = _ceil_div(_ceil_div(n, world), batch_size)  # rank 0's count: it has the most windows
+        batches += [None] * (most - len(batches))
+    return batches
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's model lives: one process, data-parallel ranks holding whole copies, or FSDP shards.
+
+    The pipeline's stages receive this instead of asking ``torch.distributed`` themselves. ``kind``:
+    ``"single"`` (no process group, or one process), ``"data_parallel"`` (every rank holds the whole model and
+    takes a share of the windows; sums are all-reduced) or ``"fsdp"`` (the frozen model is sharded: every
+    forward is a collective, so ranks run forwards in lockstep; see :mod:`dip_ext.sharding`).
+    """
+
+    kind: Literal["single", "data_parallel", "fsdp"]
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, model=None) -> "Placement":
+        """The placement of ``model`` in this process (sharded or not) and the current process group."""
+        world = world_size()
+        if model is not None and is_sharded(model):
+            return cls("fsdp", rank(), world)
+        return cls("data_parallel" if world > 1 else "single", rank(), world)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that reads checkpoints, writes files and reports."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..calibration import HIDDEN, CalibrationResult
 from ..masks import STRUCTURES, DispMasks
+from .base import SelectionInputs, SelectionResult
 from .budget import Budget
 from .greedy import GroupSpace, greedy_select
 
@@ -39,3 +42,33 @@ def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int =
         unit_score.append(calib.scores[i]["mlp_mid"])
     return greedy_select(GroupSpace(dims, groups), budget, torch.cat(unit_group), torch.cat(unit_index),
                          torch.cat(unit_score).double(), multiple_of)
+
+
+class OneShot:
+    """DISP one-shot selection (:func:`oneshot_masks`): Fisher scores, one global budget, no training."""
+
+    name = "oneshot"
+    options_class = None
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
+        t0 = time.perf_counter()
+        masks = oneshot_masks(inputs.calibration, inputs.budget, inputs.multiple_of)
+        return SelectionResult(self.name, masks, seconds=time.perf_counter() - t0)
+
+
+class Dependent:
+    """The dimension-dependent baseline (:func:`dependent_masks`): one embedding subset shared by every block."""
+
+    name = "dependent"
+    options_class = None
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
+        t0 = time.perf_counter()
+        masks = dependent_masks(inputs.calibration, inputs.budget, inputs.multiple_of)
+        return SelectionResult(self.name, masks, seconds=time.perf_counter() - t0)

@@ -1,0 +1,84 @@
+"""The pipeline's options: one frozen dataclass per stage, the single place each option is declared.
+
+The command line (``dip-ext prune --help``), :func:`dip_ext.prune_and_compact`'s keywords, checkpoint
+fingerprints and the report all read these fields. A selection method with options of its own declares them
+the same way in its own file (e.g. ``HypernetworkConfig``) and names the class in its registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .options import check_fields, option
+
+__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES"]
+
+#: what a ratio is a fraction of
+RATIO_OF = ("decoder_linear", "total")
+#: refit modes: choose on held-out windows, always (fixed settings), never
+REFIT_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how to choose it: the selection method, the budget and the calibration text."""
+
+    _argument_group_name = "pruning"
+
+    method: str = option("hypernetwork", "how masks are chosen: hypernetwork (the paper's learned masks, "
+                         "warm-started from oneshot), oneshot (Fisher scores, no training: minutes on a CPU), "
+                         "dependent (one shared embedding subset: the dimension-dependent baseline), or any "
+                         "registered method")
+    ratio: float = option(0.3, "fraction of parameters removed, in (0, 1): of the decoder-linear parameters "
+                          "(q/k/v/o and MLP linears, biases included) unless --ratio-of total", above=0.0, below=1.0)
+    ratio_of: Literal["decoder_linear", "total"] = option(
+        "decoder_linear", "what --ratio is a fraction of: the decoder linear layers, or all parameters (embeddings, "
+        "norms and the LM head are kept, so the decoder linears pay for it)")
+    calibration: str = option("wiki", "calibration text: wiki, ptb, wikitext2 (online) or file:PATH")
+    calibration_windows: int = option(64, "calibration-pass windows (Fisher scores, statistics), evenly spaced "
+                                      "over the calibration text", minimum=1)
+    seq_len: int = option(256, "tokens per calibration window", minimum=2)
+    val_windows: int = option(16, "calibration windows held out from training and from the refit: the "
+                              "hypernetwork keeps the export with the lowest LM loss on them (early stopping) and "
+                              "--refit auto chooses on them (0: no early stopping; --refit auto then refits as "
+                              "--refit on)", minimum=0)
+    multiple_of: int = option(1, "round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs); "
+                              "see dip_ext.selection.budget for the rounding rule", minimum=1)
+    seed: int = option(0, "random seed of every stage")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """The least-squares refit between selection and compaction (:mod:`dip_ext.refit`)."""
+
+    _argument_group_name = "refit"
+
+    refit: Literal["auto", "on", "off"] = option(
+        "auto", "before compaction, refit the kept input columns of the weights whose input is pruned, by least "
+        "squares on the calibration windows. auto: try a few settings and no refit, keep the best on the held-out "
+        "windows; on: the MLP's last projection with --refit-damping; off: the paper's method (masks only)")
+    refit_damping: float = option(1.0, "--refit on: ridge toward the original weights, relative to the mean input "
+                                  "energy", above=0.0)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the model is measured before and after pruning (perplexity windows and prefill speed)."""
+
+    _argument_group_name = "evaluation"
+
+    eval_text: list[str] = option(help="texts scored before/after, each on its held-out part: wiki, ptb, "
+                                  "wikitext2 (online) or file:PATH", default_factory=lambda: ["wiki", "ptb"])
+    eval_windows: int = option(16, "perplexity windows per text (evenly spaced; 0 skips evaluation)", minimum=0)
+    eval_seq_len: int = option(256, "tokens per perplexity window", minimum=2)
+    speed: bool = option(True, "measure prefill tokens/s before and after")
+
+    def __post_init__(self):
+        check_fields(self)

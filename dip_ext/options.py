@@ -1,0 +1,174 @@
+"""Options declared once: frozen dataclasses whose fields carry their default, help, choices and range.
+
+Every option of a pipeline stage is a field of a frozen dataclass (``PruneConfig``, ``RefitConfig``,
+``EvalConfig``, a selection method's own options). The same declaration gives
+
+- validation: :func:`check_fields`, called from the dataclass's ``__post_init__``, raises ValueError naming the
+  option (type, range, choices) whether the value came from Python or from the command line;
+- the command line: :class:`OptionParser` (transformers' ``HfArgumentParser``) turns each field into
+  ``--field-name`` with the help text, choices and default, and every ``bool`` into a ``--flag`` /
+  ``--no-flag`` pair;
+- records: :func:`as_dict` for checkpoint fingerprints and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal, Union
+
+from transformers import HfArgumentParser
+
+__all__ = ["option", "check_fields", "as_dict", "from_namespace", "OptionParser", "EXIT_USAGE"]
+
+#: exit status of a command-line usage error (argparse's)
+EXIT_USAGE = 2
+
+# metadata keys read by check_fields only (HfArgumentParser would pass them on to argparse)
+_RANGE_KEYS = ("minimum", "maximum", "above", "below")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, minimum=None, maximum=None,
+           above=None, below=None, aliases=None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is also a validated command-line option.
+
+    ``minimum`` / ``maximum``: inclusive bounds; ``above`` / ``below``: exclusive bounds (numbers only).
+    ``choices``: allowed values (``Literal[...]`` annotations give them too). ``aliases``: extra flag names.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    for key, value in (("choices", choices), ("minimum", minimum), ("maximum", maximum), ("above", above),
+                       ("below", below), ("aliases", aliases)):
+        if value is not None:
+            metadata[key] = list(value) if key in ("choices", "aliases") else value
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _describe(kind) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _check_value(name: str, value, hint, meta) -> Any:
+    """``value`` checked against the annotation ``hint`` and the field's metadata (and coerced int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint, origin = args[0], typing.get_origin(args[0])
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int) or (hint is float and isinstance(value, float))
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}")
+        if hint is float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        bounds = [(meta.get("minimum"), ">=", lambda v, b: v >= b), (meta.get("maximum"), "<=", lambda v, b: v <= b),
+                  (meta.get("above"), ">", lambda v, b: v > b), (meta.get("below"), "<", lambda v, b: v < b)]
+        for bound, sign, ok in bounds:
+            if bound is not None and not ok(value, bound):
+                text = " and ".join(f"{s} {b}" for b, s, _ in bounds if b is not None)
+                raise ValueError(f"{name} must be {text}, got {value!r}")
+        return value
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    return value
+
+
+def check_fields(config) -> None:
+    """Validates every field of the dataclass instance ``config`` against its annotation and metadata.
+
+    Raises ValueError ``"<field> must be ..., got <value>"``. Integers given for float fields become floats
+    (the frozen instance is updated in place), so equal options compare and fingerprint equal.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = _check_value(f.name, getattr(config, f.name), hints[f.name], f.metadata)
+        object.__setattr__(config, f.name, value)
+
+
+def as_dict(config) -> dict:
+    """The fields of ``config`` as a JSON-safe dict (for fingerprints and reports)."""
+    return {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+
+
+def from_namespace(cls, namespace: argparse.Namespace):
+    """An instance of the options dataclass ``cls`` from parsed arguments (its fields by name)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+class _ReplaceThenExtend(argparse.Action):
+    """A list option: the first use replaces the default, later uses add to it (``--x a --x b`` or ``--x a b``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, f"_{self.dest}_given", False)
+        current = list(getattr(namespace, self.dest) or []) if seen else []
+        setattr(namespace, self.dest, current + list(values))
+        setattr(namespace, f"_{self.dest}_given", True)
+
+
+class OptionParser(HfArgumentParser):
+    """``HfArgumentParser`` whose usage errors are one line on stderr with exit status 2.
+
+    Fields declared with :func:`option` become flags (range metadata stays with :func:`check_fields`); a
+    ``bool`` field gets ``--flag`` and ``--no-flag``; a list field accepts ``--x a b`` and ``--x a --x b``.
+    """
+
+    def error(self, message):  # noqa: D401
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _add_dataclass_arguments(self, dtype):
+        group = self.add_argument_group(dtype._argument_group_name) if hasattr(dtype, "_argument_group_name") \
+            else self
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if f.init:
+                self._add_option(group, f, hints[f.name])
+
+    @staticmethod
+    def _add_option(group, f: dataclasses.Field, hint) -> None:
+        names = [f"--{f.name.replace('_', '-')}"] + f.metadata.get("aliases", [])
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint
+        if base is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            return
+        if typing.get_origin(base) is Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+        elif typing.get_origin(base) in (list, tuple):
+            kwargs.update(nargs="+", action=_ReplaceThenExtend, metavar=f.name.upper().rstrip("S"))
+        else:
+            kwargs["type"] = base
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(*names, **kwargs)
+

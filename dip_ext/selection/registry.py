@@ -1,0 +1,66 @@
+"""Selection methods by name: the one place the pipeline, the command line and the benchmarks look them up."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .base import SelectionMethod
+
+__all__ = ["register_method", "get_method", "method_names", "method_options"]
+
+_METHODS: dict[str, type] = {}
+
+
+def register_method(cls: type) -> type:
+    """Registers the selection method class ``cls`` under ``cls.name`` (replacing one of the same name).
+
+    ``cls`` implements :class:`~dip_ext.selection.base.SelectionMethod`; it is instantiated without arguments.
+    Returns ``cls``, so it also works as a class decorator.
+    """
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a selection method needs a class attribute `name` (an identifier), got {name!r}")
+    for attr in ("select", "uses_validation"):
+        if not callable(getattr(cls, attr, None)):
+            raise TypeError(f"selection method {name!r} has no method {attr}()")
+    if not hasattr(cls, "options_class"):
+        raise TypeError(f"selection method {name!r} has no options_class (None when it has no options)")
+    _METHODS[name] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order."""
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> SelectionMethod:
+    """A new instance of the method registered as ``name``; ValueError listing the registered ones otherwise."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
+    return _METHODS[name]()
+
+
+def method_options(name: str, options: Optional[Any] = None, **values) -> Optional[Any]:
+    """The options instance of method ``name``: ``options`` as given (checked to be of its options class), or
+    its options class built from ``values`` (ValueError for a keyword the class does not have)."""
+    method = get_method(name)
+    cls = method.options_class
+    if options is not None:
+        if cls is None or not isinstance(options, cls):
+            want = cls.__name__ if cls is not None else "no options"
+            raise ValueError(f"method {name!r} takes {want}, got {type(options).__name__}")
+        if values:
+            raise ValueError("pass method options either as an options object or as keywords, not both")
+        return options
+    if cls is None:
+        if values:
+            raise ValueError(f"method {name!r} has no options, got {', '.join(sorted(values))}")
+        return None
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option {', '.join(unknown)} (its options: {', '.join(sorted(known))})")
+    return cls(**values)
