@@ -28,10 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .eval import _model_device
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
+from .model_state import model_device
 from .ops import CalibrationStats, calibration_stats
 
 #: activation statistics points: name -> (structure whose mask point it shares, input side)
@@ -139,7 +139,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     blocks = _check_blocks(blocks)
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
-    device = _model_device(model)
+    device = model_device(model)
     world, rank = dist.world_size(), dist.rank()
     result = _load_checkpoint(checkpoint)
     if result is None:

@@ -16,18 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .model_state import model_device
 
 __all__ = ["perplexity", "window_losses", "mean_window_loss", "prefill_tokens_per_second", "DEFAULT_EVAL_SPLIT"]
 
 # A named text is evaluated on its held-out part unless a split is given.
 DEFAULT_EVAL_SPLIT = "heldout"
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _windows(model, tokenizer, text_or_name, seq_len, max_windows, add_bos, split) -> torch.Tensor:
@@ -83,7 +77,7 @@ def _window_losses(model, windows, batch_size, device, progress):
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and windows.numel() and (int(windows.max()) >= vocab or int(windows.min()) < 0):
         raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocabulary)")
@@ -163,7 +157,7 @@ def prefill_tokens_per_second(model, seq_len: int = 256, batch: int = 1, repeats
     for name, v in (("seq_len", seq_len), ("batch", batch), ("repeats", repeats)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)

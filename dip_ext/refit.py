@@ -44,10 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .eval import _model_device, mean_window_loss
+from .eval import mean_window_loss
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import DispMasks
+from .model_state import model_device
 from .ops import CalibrationStats, calibration_stats
 
 #: the structures whose index sets select input columns of weights (the ones a refit can compensate)
@@ -114,7 +115,7 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     masks.validate(dims)
     layer_modules = adapter.decoder_layers(model)
     wanted = range(dims.num_layers) if layers is None else layers
-    device = _model_device(model)
+    device = model_device(model)
     stats: dict[tuple[int, str], CalibrationStats] = {}
     counting = [True]  # False during a sharded run's filler forwards
     hooks = []
