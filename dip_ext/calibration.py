@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .files import atomic_save_safetensors
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
-from .model_state import model_device
+from .model_state import frozen, model_device, model_digest
 from .ops import CalibrationStats, calibration_stats
+from .tokens import check_windows
 
 #: activation statistics points: name -> (structure whose mask point it shares, input side)
 STAT_POINTS = {"attn_in": "attn_in", "attn_proj_in": "attn_out", "mlp_in": "mlp_in", "mlp_mid": "mlp_mid"}
@@ -55,6 +57,8 @@ class CalibrationResult:
     losses: list[float] = field(default_factory=list)
     #: fingerprint of the ``windows`` token blocks seen (a resume must continue the same windows)
     blocks_sha: Optional[str] = None
+    #: fingerprint of the model's weights (:func:`dip_ext.model_state.model_digest`; a resume must use the same)
+    model_sha: Optional[str] = None
 
     @classmethod
     def empty(cls, dims: ModelDims) -> "CalibrationResult":
@@ -73,13 +77,10 @@ class CalibrationResult:
                     tensors[f"stats.{point}.{i}.{k}"] = v.reshape(-1) if k == "count" else v
         meta = {"format": "dip_ext.calibration.v1", "windows": str(self.windows), "losses": json.dumps(self.losses),
                 "dims": json.dumps([self.dims.num_layers, self.dims.hidden, self.dims.ffn])}
-        if self.blocks_sha is not None:
-            meta["blocks_sha"] = self.blocks_sha
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        for key in ("blocks_sha", "model_sha"):
+            if getattr(self, key) is not None:
+                meta[key] = getattr(self, key)
+        atomic_save_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path) -> "CalibrationResult":
@@ -96,21 +97,13 @@ class CalibrationResult:
         dims = ModelDims(*json.loads(meta["dims"]))
         res = cls(dims, int(meta["windows"]),
                   [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
-                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"))
+                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"), meta.get("model_sha"))
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
                 res.stats[point] = [CalibrationStats.from_state_dict(
                     {k: tensors[f"stats.{point}.{i}.{k}"] for k in ("count", "sum", "sumsq")})
                     for i in range(dims.num_layers)]
         return res
-
-
-def _check_blocks(blocks) -> torch.Tensor:
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise ValueError("calibration blocks must be a LongTensor [n_windows, seq_len] of token ids")
-    if blocks.shape[0] == 0 or blocks.shape[1] < 2:
-        raise ValueError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(blocks.shape)}")
-    return blocks
 
 
 def blocks_sha(blocks: torch.Tensor) -> str:
@@ -136,16 +129,23 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     one-process sums, up to the rounding of the different summation order. Only rank 0 reads and writes the
     checkpoint (the others receive what it read); a checkpoint always holds complete, reduced rounds.
     """
-    blocks = _check_blocks(blocks)
     adapter = adapter_for(model)
+    check_windows(blocks, "calibration blocks", config=model.config)
     dims = adapter.dims(model.config)
     device = model_device(model)
     world, rank = dist.world_size(), dist.rank()
     result = _load_checkpoint(checkpoint)
+    # every rank's digest (an FSDP rank sees its own shards): one string, the same on every rank
+    model_sha = "+".join(dist.all_gather_object(model_digest(model))) if checkpoint is not None else None
     if result is None:
         result = CalibrationResult.empty(dims)
+        result.model_sha = model_sha
     elif result.dims != dims:
         raise ValueError(f"{checkpoint}: calibration checkpoint of another model ({result.dims} vs {dims})")
+    elif result.model_sha is not None and result.model_sha != model_sha:
+        raise ValueError(f"{checkpoint}: calibration checkpoint made on other weights (model digest "
+                         f"{result.model_sha} vs {model_sha} now): another model of the same shape; delete it or "
+                         "run without resume")
     start = result.windows
     if start > blocks.shape[0]:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {blocks.shape[0]} were given")
@@ -165,16 +165,21 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     layers = adapter.decoder_layers(model)
     hooks = []
     if stats:
+        modules = [{p: adapter.mask_points(layer)[s][0][0] for p, s in STAT_POINTS.items()} for layer in layers]
+
+        def empty_stats() -> dict[str, list[CalibrationStats]]:
+            # widths read from the module the statistics describe: o_proj's input is heads * head_dim wide,
+            # which need not be the residual width
+            return {p: [CalibrationStats.empty(_input_width(m[p], dims.size(STAT_POINTS[p]))) for m in modules]
+                    for p in STAT_POINTS}
+
         if not result.stats:
-            result.stats = {p: [CalibrationStats.empty(dims.size(s)) for _ in range(dims.num_layers)]
-                            for p, s in STAT_POINTS.items()}
+            result.stats = empty_stats()
         if acc is not result:
-            acc.stats = {p: [CalibrationStats.empty(dims.size(s)) for _ in range(dims.num_layers)]
-                         for p, s in STAT_POINTS.items()}
+            acc.stats = empty_stats()
         for i, layer in enumerate(layers):
-            points = adapter.mask_points(layer)
-            for p, s in STAT_POINTS.items():
-                module = points[s][0][0]
+            for p in STAT_POINTS:
+                module = modules[i][p]
 
                 def hook(mod, args, p=p, i=i):
                     x = args[0].detach()
@@ -182,13 +187,8 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                         acc.stats[p][i].merge(calibration_stats(x))
                 hooks.append(module.register_forward_pre_hook(hook))
 
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        with MaskedModel(model, ones):
+        with frozen(model), MaskedModel(model, ones):
             n = blocks.shape[0]
             bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
             # A sharded (FSDP) model's forward and backward are collectives: a rank without a window in the last
@@ -233,9 +233,6 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     finally:
         for h in hooks:
             h.remove()
-        for p, req in frozen:
-            p.requires_grad_(req)
-        model.train(was_training)
     if result.windows < blocks.shape[0]:
         _sync(result, acc, pending_losses, blocks.shape[0])
     _check_finite(result)
@@ -245,22 +242,15 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     return result
 
 
+def _input_width(module: nn.Module, fallback: int) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else fallback
+
+
 def _load_checkpoint(checkpoint) -> Optional[CalibrationResult]:
     """The checkpoint as rank 0 reads it, on every rank (None when there is none); errors raise on all."""
     if checkpoint is None:
         return None
-    if dist.world_size() == 1:
-        return CalibrationResult.load(checkpoint) if Path(checkpoint).is_file() else None
-    payload = ("none", None)
-    if dist.is_main():
-        try:
-            payload = ("ok", CalibrationResult.load(checkpoint)) if Path(checkpoint).is_file() else payload
-        except ValueError as e:
-            payload = ("error", str(e))
-    kind, value = dist.broadcast_object(payload)
-    if kind == "error":
-        raise ValueError(value)
-    return value
+    return dist.read_on_main(lambda: CalibrationResult.load(checkpoint) if Path(checkpoint).is_file() else None)
 
 
 def _save_on_main(result: CalibrationResult, checkpoint) -> None:

@@ -7,12 +7,15 @@ the same way in its own file (e.g. ``HypernetworkConfig``) and names the class i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 from .options import check_fields, option
 
-__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES"]
+__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES", "DEFAULT_SEQ_LEN", "window_length"]
+
+#: tokens per window (calibration and evaluation) unless the model's position limit is shorter
+DEFAULT_SEQ_LEN = 256
 
 #: what a ratio is a fraction of
 RATIO_OF = ("decoder_linear", "total")
@@ -38,7 +41,8 @@ class PruneConfig:
     calibration: str = option("wiki", "calibration text: wiki, ptb, wikitext2 (online) or file:PATH")
     calibration_windows: int = option(64, "calibration-pass windows (Fisher scores, statistics), evenly spaced "
                                       "over the calibration text", minimum=1)
-    seq_len: int = option(256, "tokens per calibration window", minimum=2)
+    seq_len: Optional[int] = option(None, "tokens per calibration window (default: 256, or the model's position "
+                                    "limit when that is shorter)", minimum=2)
     val_windows: int = option(16, "calibration windows held out from training and from the refit: the "
                               "hypernetwork keeps the export with the lowest LM loss on them (early stopping) and "
                               "--refit auto chooses on them (0: no early stopping; --refit auto then refits as "
@@ -76,9 +80,23 @@ class EvalConfig:
 
     eval_text: list[str] = option(help="texts scored before/after, each on its held-out part: wiki, ptb, "
                                   "wikitext2 (online) or file:PATH", default_factory=lambda: ["wiki", "ptb"])
-    eval_windows: int = option(16, "perplexity windows per text (evenly spaced; 0 skips evaluation)", minimum=0)
-    eval_seq_len: int = option(256, "tokens per perplexity window", minimum=2)
+    eval_windows: Optional[int] = option(16, "perplexity windows per text (evenly spaced; 0 skips evaluation; "
+                                         "None, from Python: every window)", minimum=0)
+    eval_seq_len: Optional[int] = option(None, "tokens per perplexity window and per prefill-speed sequence "
+                                         "(default: 256, or the model's position limit when that is shorter)",
+                                         minimum=2)
     speed: bool = option(True, "measure prefill tokens/s before and after")
 
     def __post_init__(self):
         check_fields(self)
+
+
+def window_length(requested: Optional[int], limit: Optional[int], name: str = "seq_len") -> int:
+    """The window length to use: ``requested``, or :data:`DEFAULT_SEQ_LEN` capped at the model's position limit
+    ``limit`` when None. ValueError when a requested length exceeds the limit."""
+    if requested is None:
+        return DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
+    if limit is not None and requested > limit:
+        raise ValueError(f"{name} {requested} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); pass {name} <= {limit}")
+    return requested

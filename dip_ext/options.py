@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import operator
 import types
 import typing
 from typing import Any, Literal, Union
@@ -27,9 +28,6 @@ __all__ = ["option", "check_fields", "as_dict", "from_namespace", "OptionParser"
 
 #: exit status of a command-line usage error (argparse's)
 EXIT_USAGE = 2
-
-# metadata keys read by check_fields only (HfArgumentParser would pass them on to argparse)
-_RANGE_KEYS = ("minimum", "maximum", "above", "below")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, minimum=None, maximum=None,
@@ -45,6 +43,23 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, 
         if value is not None:
             metadata[key] = list(value) if key in ("choices", "aliases") else value
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+#: a numeric option's bounds (metadata key -> the test a value must pass against it)
+_BOUND_TESTS = {"minimum": operator.ge, "maximum": operator.le, "above": operator.gt, "below": operator.lt}
+
+
+def _bounds(meta) -> str:
+    """The range of a numeric option in words: "in (0, 1)", "in [1, 8]", ">= 0" ..."""
+    lo = ("(", meta["above"]) if "above" in meta else ("[", meta["minimum"]) if "minimum" in meta else None
+    hi = (")", meta["below"]) if "below" in meta else ("]", meta["maximum"]) if "maximum" in meta else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+    if hi:
+        return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+    return ""
 
 
 def _describe(kind) -> str:
@@ -80,14 +95,11 @@ def _check_value(name: str, value, hint, meta) -> Any:
             raise ValueError(f"{name} must be {_describe(hint)}, got {value!r}")
         if hint is float:
             value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        bounds = [(meta.get("minimum"), ">=", lambda v, b: v >= b), (meta.get("maximum"), "<=", lambda v, b: v <= b),
-                  (meta.get("above"), ">", lambda v, b: v > b), (meta.get("below"), "<", lambda v, b: v < b)]
-        for bound, sign, ok in bounds:
-            if bound is not None and not ok(value, bound):
-                text = " and ".join(f"{s} {b}" for b, s, _ in bounds if b is not None)
-                raise ValueError(f"{name} must be {text}, got {value!r}")
+        bounds = _bounds(meta)
+        inside = all(test(value, meta[key]) for key, test in _BOUND_TESTS.items() if key in meta)
+        if (hint is float and not math.isfinite(value)) or not inside:
+            what = "a finite number" if hint is float else "an integer"
+            raise ValueError(f"{name} must be {what}{' ' + bounds if bounds else ''}, got {value!r}")
         return value
     if hint is str and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
@@ -151,7 +163,8 @@ class OptionParser(HfArgumentParser):
     @staticmethod
     def _add_option(group, f: dataclasses.Field, hint) -> None:
         names = [f"--{f.name.replace('_', '-')}"] + f.metadata.get("aliases", [])
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
+        # argparse formats help with %: a literal percent sign must be doubled
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "dest": f.name}
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is dataclasses.MISSING:
             kwargs["required"] = True

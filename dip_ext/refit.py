@@ -37,6 +37,7 @@ groups that fit ``max_gram_bytes``, one pass over the calibration windows per gr
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -48,8 +49,9 @@ from .eval import mean_window_loss
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import DispMasks
-from .model_state import model_device
+from .model_state import frozen, model_device
 from .ops import CalibrationStats, calibration_stats
+from .tokens import check_windows
 
 #: the structures whose index sets select input columns of weights (the ones a refit can compensate)
 INPUT_STRUCTURES = ("attn_in", "mlp_in", "mlp_mid")
@@ -61,8 +63,42 @@ DEFAULT_DAMPING = 1.0
 CANDIDATES = tuple((structures, damping) for structures in (("mlp_mid",), INPUT_STRUCTURES)
                    for damping in (0.1, 1.0, 10.0))
 
-__all__ = ["INPUT_STRUCTURES", "CANDIDATES", "check_damping", "collect_input_grams", "refit_weights",
-           "refit_pruned_inputs", "masked_loss", "choose_refit"]
+__all__ = ["INPUT_STRUCTURES", "CANDIDATES", "RefitResult", "RefitCandidate", "check_damping", "collect_input_grams",
+           "refit_weights", "refit_pruned_inputs", "masked_loss", "choose_refit", "run_refit"]
+
+
+@dataclass
+class RefitCandidate:
+    """One setting :func:`choose_refit` scored: the refitted structures (None: no refit), damping, held-out loss."""
+
+    structures: Optional[list[str]]
+    damping: Optional[float]
+    val_loss: float
+
+
+@dataclass
+class RefitResult:
+    """What a refit did: ``weights`` refitted (0 when no refit won), ``passes`` over ``tokens`` calibration tokens,
+    the ``structures`` and ``damping`` used (None when no refit won), and, when scored on held-out windows, the
+    loss before and after (``val_loss``) and every ``candidates``' score. ``mode``: the RefitConfig mode."""
+
+    weights: int
+    passes: int
+    tokens: int
+    damping: Optional[float]
+    structures: Optional[list[str]]
+    mode: str = "on"
+    val_loss: Optional[tuple[float, float]] = None
+    candidates: list[RefitCandidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-safe record for the report (``val_loss`` and ``candidates`` only when scored)."""
+        out = {"weights": self.weights, "passes": self.passes, "tokens": self.tokens, "damping": self.damping,
+               "structures": self.structures, "mode": self.mode}
+        if self.val_loss is not None:
+            out["val_loss"] = list(self.val_loss)
+            out["candidates"] = [asdict(c) for c in self.candidates]
+        return out
 
 
 def check_damping(damping) -> None:
@@ -77,8 +113,7 @@ def _check(masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: i
                          f"got {structures!r}")
     if not isinstance(masks, DispMasks):
         raise TypeError(f"refit: masks must be DispMasks, got {type(masks).__name__}")
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long or blocks.shape[0] == 0:
-        raise ValueError("refit: blocks must be a non-empty LongTensor [n_windows, seq_len] of token ids")
+    check_windows(blocks, "refit: blocks")
     check_damping(damping)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"refit: batch_size must be a positive int, got {batch_size!r}")
@@ -140,23 +175,16 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
         for h in hooks:
             h.remove()
         return {}
-    world, rank = dist.world_size(), dist.rank()
-    mine = list(range(rank, blocks.shape[0], world))
-    batches = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
-    if dist.is_sharded(model):  # forwards are collectives: every rank runs as many (extra ones are discarded)
-        most = max(dist.all_gather_object(len(batches)))
-        batches += [None] * (most - len(batches))
-    was_training = model.training
-    model.eval()
+    # forwards of a sharded model are collectives: every rank runs as many (filler ones are not counted)
+    batches = dist.rank_batches(blocks.shape[0], batch_size, lockstep=dist.is_sharded(model))
     try:
-        with MaskedModel(model, masks), torch.no_grad():
-            for batch in tqdm(batches, desc="refit (input statistics)", disable=not progress or rank != 0):
+        with frozen(model, grad=True), MaskedModel(model, masks), torch.no_grad():
+            for batch in tqdm(batches, desc="refit (input statistics)", disable=not progress or not dist.is_main()):
                 counting[0] = batch is not None
                 model(input_ids=blocks[batch if batch is not None else [0]].to(device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     keys = sorted(stats)
     dist.all_reduce_sum_([stats[k].gram for k in keys])
     grams = {k: stats[k].gram.cpu() for k in keys}
@@ -200,13 +228,13 @@ def refit_weights(model: nn.Module, masks: DispMasks, grams: dict[tuple[int, str
 def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *,
                         damping: float = DEFAULT_DAMPING, structures: Sequence[str] = DEFAULT_STRUCTURES,
                         batch_size: int = 4, max_gram_bytes: int = 4 << 30, progress: bool = True,
-                        target: Optional[nn.Module] = None) -> dict:
+                        target: Optional[nn.Module] = None) -> RefitResult:
     """Collects the input statistics on ``model`` under ``masks`` and refits ``target`` (default ``model``).
 
     ``blocks`` ``[n, seq_len]``: calibration token windows. ``structures``: whose weights are refitted (default
     the MLP's last projection alone). ``target``: the dense model whose weights change, when it is not ``model``
     itself (a sharded run's rank 0 passes its full copy; other ranks pass None and only help collect). Returns
-    ``{"weights": refitted count, "passes": passes over blocks, "tokens", "damping", "structures"}``.
+    a :class:`RefitResult` (unscored: no ``val_loss``).
     """
     _check(masks, blocks, damping, batch_size, structures)
     if target is None and not dist.is_sharded(model):  # sharded: ranks > 0 only take part in the forwards
@@ -222,8 +250,8 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
         if target is not None:
             weights += refit_weights(target, masks, grams, damping=damping, structures=structures)
         del grams
-    return {"weights": weights, "passes": len(groups), "tokens": int(blocks.numel()), "damping": damping,
-            "structures": list(structures)}
+    return RefitResult(weights=weights, passes=len(groups), tokens=int(blocks.numel()), damping=damping,
+                       structures=list(structures))
 
 
 def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, batch_size: int = 4) -> float:
@@ -235,15 +263,15 @@ def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, bat
 
 def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_blocks: torch.Tensor, *,
                  candidates: Sequence[tuple[Sequence[str], float]] = CANDIDATES, batch_size: int = 4,
-                 max_gram_bytes: int = 4 << 30, progress: bool = True) -> dict:
+                 max_gram_bytes: int = 4 << 30, progress: bool = True) -> RefitResult:
     """Refits ``model`` in place with the candidate that gives the lowest LM loss on ``val_blocks``, or not at all.
 
     ``candidates``: ``(structures, damping)`` pairs (default :data:`CANDIDATES`); the statistics are collected
     once on ``blocks`` (all layers at once: their Gram matrices must fit in memory) and every candidate is scored
     by :func:`masked_loss` on the held-out ``val_blocks`` (windows the masks were not chosen on), against no
-    refit at all. The original weights of every refittable layer are kept (CPU) meanwhile. Returns the info of
-    :func:`refit_pruned_inputs` for the chosen candidate (``structures`` None when no refit won) plus
-    ``"val_loss"`` (before, after) and ``"candidates"`` ``[{"structures", "damping", "val_loss"}, ...]``.
+    refit at all. The original weights of every refittable layer are kept (CPU) meanwhile. Returns a
+    :class:`RefitResult` for the chosen candidate (``structures`` None when no refit won) with ``val_loss``
+    (before, after) and every candidate's score.
     When the Gram matrices of every layer do not fit ``max_gram_bytes`` (float64; SmolLM2-135M: 725 MB,
     a 7B Llama: ~38 GB), it warns and refits as :func:`refit_pruned_inputs` with its defaults, layer group by
     layer group, unscored. Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
@@ -257,8 +285,7 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
         raise ValueError("choose_refit: no candidates")
     for structures, damping in candidates:
         _check(masks, blocks, damping, batch_size, structures)
-    if not isinstance(val_blocks, torch.Tensor) or val_blocks.dim() != 2 or val_blocks.shape[0] == 0:
-        raise ValueError("choose_refit: val_blocks must be a non-empty LongTensor [n_windows, seq_len]")
+    check_windows(val_blocks, "choose_refit: val_blocks")
     used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
@@ -278,16 +305,34 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
                 for w, orig in zip(ws, originals[key]):
                     w.copy_(orig)
 
-    scored = [{"structures": None, "damping": None, "val_loss": masked_loss(model, masks, val_blocks)}]
+    scored = [RefitCandidate(None, None, masked_loss(model, masks, val_blocks))]
     for structures, damping in tqdm(candidates, desc="refit (choosing)", disable=not progress or dist.rank() != 0):
         refit_weights(model, masks, grams, damping=damping, structures=structures)
-        scored.append({"structures": list(structures), "damping": damping,
-                       "val_loss": masked_loss(model, masks, val_blocks)})
+        scored.append(RefitCandidate(list(structures), damping, masked_loss(model, masks, val_blocks)))
         restore()
-    best = min(scored, key=lambda c: c["val_loss"])  # ties: the earlier (no refit first)
+    best = min(scored, key=lambda c: c.val_loss)  # ties: the earlier (no refit first)
     n = 0
-    if best["structures"] is not None:
-        n = refit_weights(model, masks, grams, damping=best["damping"], structures=best["structures"])
-    return {"weights": n, "passes": 1, "tokens": int(blocks.numel()), "damping": best["damping"],
-            "structures": best["structures"], "val_loss": [scored[0]["val_loss"], best["val_loss"]],
-            "candidates": scored}
+    if best.structures is not None:
+        n = refit_weights(model, masks, grams, damping=best.damping, structures=best.structures)
+    return RefitResult(weights=n, passes=1, tokens=int(blocks.numel()), damping=best.damping,
+                       structures=best.structures, mode="auto", val_loss=(scored[0].val_loss, best.val_loss),
+                       candidates=scored)
+
+
+def run_refit(model: nn.Module, masks: DispMasks, windows: torch.Tensor, val_windows: Optional[torch.Tensor],
+              mode: str, damping: float = DEFAULT_DAMPING, *, target: Optional[nn.Module] = None,
+              progress: bool = True) -> Optional[RefitResult]:
+    """The refit stage as ``RefitConfig.refit`` names it: ``"off"`` (None), ``"on"`` (:func:`refit_pruned_inputs`
+    of the MLP's last projection at ``damping``) or ``"auto"`` (:func:`choose_refit` on ``val_windows``; without
+    held-out windows, or on a sharded model whose ranks hold no whole weights to score, it refits as ``"on"``).
+    ``target``: see :func:`refit_pruned_inputs` (a sharded run's full copy on rank 0)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"refit mode must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "auto" and val_windows is not None and not dist.is_sharded(model):
+        result = choose_refit(model, masks, windows, val_windows, progress=progress)
+    else:
+        result = refit_pruned_inputs(model, masks, windows, damping=damping, progress=progress, target=target)
+    result.mode = mode
+    return result

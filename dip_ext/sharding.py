@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import zoo
+from .compaction import is_compacted
 from .families import adapter_for
 
-__all__ = ["shard_frozen_model"]
+__all__ = ["shard_frozen_model", "load_sharded"]
 
 
 def _mesh(device: torch.device):
@@ -88,3 +90,25 @@ def _broadcast_(t: torch.Tensor) -> None:
     staged = t.detach().to(dist._collective_device())
     torch.distributed.broadcast(staged, src=0)
     t.detach().copy_(staged)
+
+
+def load_sharded(name_or_path: Optional[str], device, dtype: str) -> tuple[nn.Module, Optional[nn.Module], object]:
+    """Rank 0 loads the dense model on the CPU; every rank gets an FSDP2-sharded copy on ``device``.
+
+    ``name_or_path``: as :func:`dip_ext.zoo.resolve_model`. Returns ``(sharded model, rank 0's full model or
+    None, tokenizer)``. A model rank 0 cannot use fails on every rank with rank 0's message (ValueError).
+    """
+    if dist.world_size() < 2:
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    loaded: list = [None]
+
+    def load():
+        full, tokenizer = zoo.resolve_model(name_or_path, dtype=dtype, device="cpu")
+        if is_compacted(full):
+            raise ValueError("the model is already compacted; prune the dense original")
+        loaded[0] = full
+        return full.config, tokenizer
+
+    config, tokenizer = dist.read_on_main(load, errors=(ValueError, FileNotFoundError, ImportError, zoo.ZooError))
+    model = shard_frozen_model(loaded[0], config, device, zoo.as_dtype(dtype))
+    return model, loaded[0], tokenizer

@@ -94,26 +94,26 @@ def test_help(capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (("prune", "--ratio", "1.5"), "ratio must be in"),
-    (("prune", "--ratio", "0"), "ratio must be in"),
-    (("prune", "--ratio", "-0.2"), "ratio must be in"),
-    (("prune", "--ratio", "abc"), "not a number"),
+    (("prune", "--ratio", "1.5"), "ratio must be a finite number in (0, 1)"),
+    (("prune", "--ratio", "0"), "ratio must be a finite number in (0, 1)"),
+    (("prune", "--ratio", "-0.2"), "ratio must be a finite number in (0, 1)"),
+    (("prune", "--ratio", "abc"), "invalid float value"),
     (("prune", "--method", "magic"), "invalid choice"),
-    (("prune", "--steps", "-1"), "must be >= 0"),
-    (("prune", "--calibration-windows", "0"), "must be >= 1"),
-    (("prune", "--multiple-of", "x"), "not an integer"),
+    (("prune", "--steps", "-1"), "steps must be an integer >= 0"),
+    (("prune", "--calibration-windows", "0"), "must be an integer >= 1"),
+    (("prune", "--multiple-of", "x"), "invalid int value"),
     (("prune", "--ratio-of", "params"), "invalid choice"),
     (("prune", "--dtype", "int8"), "invalid choice"),
     (("prune", "--bogus"), "unrecognized arguments"),
-    (("prune", "--lr", "0"), "must be a finite number > 0"),
-    (("prune", "--lam", "inf"), "must be a finite number >= 0"),
-    (("prune", "--margin", "-1"), "must be a finite number > 0"),
+    (("prune", "--lr", "0"), "lr must be a finite number > 0"),
+    (("prune", "--lam", "inf"), "lam must be a finite number >= 0"),
+    (("prune", "--margin", "-1"), "margin must be a finite number > 0"),
     (("prune", "--distill", "yes"), "unrecognized arguments"),
-    (("prune", "--refit-damping", "0"), "must be a finite number > 0"),
+    (("prune", "--refit-damping", "0"), "refit_damping must be a finite number > 0"),
     (("prune", "--refit", "yes"), "invalid choice"),
-    (("prune", "--val-every", "0"), "must be >= 1"),
-    (("prune", "--batch-size", "0"), "must be >= 1"),
-    (("prune", "--decay-steps", "0"), "must be >= 1"),
+    (("prune", "--val-every", "0"), "val_every must be an integer >= 1"),
+    (("prune", "--batch-size", "0"), "batch_size must be an integer >= 1"),
+    (("prune", "--decay-steps", "0"), "decay_steps must be an integer >= 1"),
     (("prune", "--lr-schedule", "linear"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
     ((), "required"),
@@ -159,7 +159,7 @@ def test_bad_argument_subprocess():
     proc = subprocess.run([sys.executable, "-m", "dip_ext", "prune", "--ratio", "2"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "ratio must be in (0, 1)" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "ratio must be a finite number in (0, 1)" in proc.stderr, proc.stderr
 
 
 def test_existing_output_folder(capsys, tmp_path, word_text):
@@ -259,9 +259,11 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4 and resumed["options"]["val_windows"] == 3
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks
-    assert resumed["options"]["hypernetwork"] == {"val_every": 50, "batch_size": 1, "lr": 1e-3, "lam": 16.0,
-                                                  "distill": False, "margin": 3.0, "lr_schedule": "constant",
-                                                  "decay_steps": None}
+    assert resumed["options"]["hypernetwork"] == {"steps": 4, "val_every": 50, "batch_size": 1, "lr": 1e-3,
+                                                  "lam": 16.0, "distill": False, "margin": 3.0,
+                                                  "lr_schedule": "constant", "decay_steps": None,
+                                                  "weight_decay": 0.05, "temperature": 0.4, "offset": 3.0,
+                                                  "checkpoint_every": 50}
 
 
 def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path):
@@ -270,9 +272,11 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["options"]["hypernetwork"] == {"val_every": 1, "batch_size": 1, "lr": 0.01, "lam": 16.0,
-                                                 "distill": True, "margin": 1.5, "lr_schedule": "cosine",
-                                                 "decay_steps": None}
+    assert report["options"]["hypernetwork"] == {"steps": 3, "val_every": 1, "batch_size": 1, "lr": 0.01,
+                                                 "lam": 16.0, "distill": True, "margin": 1.5,
+                                                 "lr_schedule": "cosine", "decay_steps": None,
+                                                 "weight_decay": 0.05, "temperature": 0.4, "offset": 3.0,
+                                                 "checkpoint_every": 50}
     assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
     # the default refit (auto) chose among its candidates on the same 2 held-out windows
     refit = report["options"]["refit"]

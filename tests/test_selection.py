@@ -6,6 +6,7 @@ hypernetwork has its own tests (test_hypernetwork.py) and appears here only thro
 
 import copy
 import json
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ import dip_ext
 from dip_ext import STRUCTURES, DispMasks
 from dip_ext.calibration import STAT_POINTS, CalibrationResult, run_calibration
 from dip_ext.families import adapter_for
-from dip_ext.prune import METHODS, PruneReport, prune_and_compact
+from dip_ext.prune import PruneReport, prune_and_compact
+from dip_ext.selection import method_names
+from dip_ext.windows import split_calibration
 from dip_ext.selection.budget import RATIO_OF, Budget, check_ratio
 from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
 
@@ -369,8 +372,8 @@ def test_non_finite_names_where_it_started(family):
 
 
 @pytest.mark.parametrize("blocks, match", [
-    (torch.empty(0, SEQ, dtype=torch.long), "at least one window"),
-    (torch.zeros(3, 1, dtype=torch.long), "at least one window"),
+    (torch.empty(0, SEQ, dtype=torch.long), "empty: no token windows"),
+    (torch.zeros(3, 1, dtype=torch.long), "at least 2 tokens per window"),
     (torch.zeros(SEQ, dtype=torch.long), "LongTensor"),
     (torch.zeros(2, SEQ), "LongTensor"),
     ([[1, 2, 3]], "LongTensor"),
@@ -388,7 +391,7 @@ def _prune(model, method, **kw):
     return prune_and_compact(model, kw.pop("tokenizer", None), **kw)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_and_compact(family, method, tmp_path):
     model = make_model(family)
@@ -463,18 +466,17 @@ def test_prune_work_dir_resume(tmp_path):
 
 
 def test_split_calibration():
-    from dip_ext.prune import split_calibration
 
     blocks = torch.arange(40).view(20, 2)  # row k starts with 2k: rows are recognisable
-    calib, train, val = split_calibration(blocks, 5, 4)
+    calib, train, val = astuple(split_calibration(blocks, 5, 4))
     rows = lambda t: (t[:, 0] // 2).tolist()  # noqa: E731
     assert rows(val) == [2, 7, 12, 17]  # evenly spaced, mid-stride
     assert rows(train) == [k for k in range(20) if k not in (2, 7, 12, 17)]
     assert set(rows(calib)) <= set(rows(train)) and len(rows(calib)) == 5 and rows(calib)[0] == 0
-    calib0, train0, val0 = split_calibration(blocks, 5, 0)  # no validation: make_blocks' spread windows
+    calib0, train0, val0 = astuple(split_calibration(blocks, 5, 0))  # no validation: make_blocks' spread windows
     assert val0 is None and torch.equal(train0, blocks) and rows(calib0) == [0, 5, 10, 14, 19]
     with pytest.warns(UserWarning, match="too few to hold out"):
-        assert split_calibration(blocks[:3], 2, 3)[2] is None
+        assert split_calibration(blocks[:3], 2, 3).val is None
     with pytest.warns(UserWarning, match="besides the validation windows"):
         split_calibration(blocks, 19, 4)
 
@@ -497,7 +499,7 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     (dict(ratio=-0.1), ValueError, "ratio"),
     (dict(ratio_of="params"), ValueError, "ratio_of"),
     (dict(method="magic"), ValueError, "unknown method"),
-    (dict(steps=-1), ValueError, "steps"),
+    (dict(method="hypernetwork", steps=-1), ValueError, "steps"),
     (dict(multiple_of=0), ValueError, "multiple_of"),
     (dict(refit="yes"), ValueError, "refit must be one of auto, on, off"),
     (dict(refit=True), ValueError, "refit must be one of"),
@@ -506,7 +508,7 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     (dict(calibration="c4"), ValueError, "unknown text 'c4'"),
     (dict(calibration="file:EMPTY"), ValueError, "empty"),
     (dict(calibration="file:MISSING"), FileNotFoundError, "does not exist"),
-    (dict(calibration=torch.empty(0, SEQ, dtype=torch.long)), ValueError, "non-empty"),
+    (dict(calibration=torch.empty(0, SEQ, dtype=torch.long)), ValueError, "empty: no token windows"),
     (dict(calibration="ptb", tokenizer=None), ValueError, "needs a tokenizer"),
     (dict(eval_texts=("wiki",), tokenizer=None), ValueError, "tokenizer"),
 ])
@@ -586,7 +588,7 @@ def test_refit_is_the_weighted_ridge_least_squares_solution(models, calibs, fami
             err = lambda v: float(((a @ w.T - a[:, keep] @ v.T) ** 2).sum())  # noqa: E731
             assert err(got[:, keep]) < err(w[:, keep])
             refitted += 1
-    assert refitted == info["weights"] > 0 and info["tokens"] == BLOCKS.numel()
+    assert refitted == info.weights > 0 and info.tokens == BLOCKS.numel()
     # everything else is the dense model's
     refit_names = {n for n, p in model.named_parameters() if not torch.equal(p, dense.get_parameter(n))}
     assert refit_names and all(n.endswith("weight") for n in refit_names)
@@ -601,7 +603,7 @@ def test_refit_in_groups_of_layers_and_data_shape_checks(models, calibs):
     every = ("attn_in", "mlp_in", "mlp_mid")
     refit_pruned_inputs(one, masks, BLOCKS, progress=False, structures=every)
     info = refit_pruned_inputs(grouped, masks, BLOCKS, progress=False, max_gram_bytes=1, structures=every)
-    assert info["passes"] == dense.config.num_hidden_layers
+    assert info.passes == dense.config.num_hidden_layers
     # layer 0 sees the same inputs either way; later groups see the earlier ones refitted already
     for (n, p), q in zip(one.named_parameters(), grouped.parameters()):
         if n.startswith("model.layers.0."):
@@ -652,16 +654,16 @@ def test_choose_refit_keeps_the_best_candidate_or_none(models, calibs, monkeypat
     val = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(9))
     model = copy.deepcopy(dense)
     info = R.choose_refit(model, masks, BLOCKS, val, progress=False)
-    cands = info["candidates"]
-    assert [(c["structures"], c["damping"]) for c in cands[1:]] == [(list(s), d) for s, d in R.CANDIDATES]
-    assert cands[0]["structures"] is None and cands[0]["val_loss"] == pytest.approx(R.masked_loss(dense, masks, val))
-    best = min(cands, key=lambda c: c["val_loss"])
-    assert info["val_loss"] == [cands[0]["val_loss"], best["val_loss"]] and info["structures"] == best["structures"]
+    cands = info.candidates
+    assert [(c.structures, c.damping) for c in cands[1:]] == [(list(s), d) for s, d in R.CANDIDATES]
+    assert cands[0].structures is None and cands[0].val_loss == pytest.approx(R.masked_loss(dense, masks, val))
+    best = min(cands, key=lambda c: c.val_loss)
+    assert info.val_loss == (cands[0].val_loss, best.val_loss) and info.structures == best.structures
     # the model holds exactly the chosen refit, and every candidate's loss is what that refit gives
     for c in cands[1:]:
         ref = copy.deepcopy(dense)
-        R.refit_pruned_inputs(ref, masks, BLOCKS, damping=c["damping"], structures=c["structures"], progress=False)
-        assert R.masked_loss(ref, masks, val) == pytest.approx(c["val_loss"], rel=1e-5)
+        R.refit_pruned_inputs(ref, masks, BLOCKS, damping=c.damping, structures=c.structures, progress=False)
+        assert R.masked_loss(ref, masks, val) == pytest.approx(c.val_loss, rel=1e-5)
         if c is best:
             for p, q in zip(model.parameters(), ref.parameters()):
                 torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -670,7 +672,7 @@ def test_choose_refit_keeps_the_best_candidate_or_none(models, calibs, monkeypat
     monkeypatch.setattr(R, "masked_loss", lambda *a, **k: next(losses))
     model = copy.deepcopy(dense)
     info = R.choose_refit(model, masks, BLOCKS, val, progress=False)
-    assert info["structures"] is None and info["weights"] == 0
+    assert info.structures is None and info.weights == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), dense.parameters()))
     with pytest.raises(ValueError, match="no candidates"):
         R.choose_refit(model, masks, BLOCKS, val, candidates=(), progress=False)
@@ -679,7 +681,7 @@ def test_choose_refit_keeps_the_best_candidate_or_none(models, calibs, monkeypat
     with pytest.warns(UserWarning, match="do not fit max_gram_bytes"):
         info = R.choose_refit(model, masks, BLOCKS, val, max_gram_bytes=1000, progress=False)
     R.refit_pruned_inputs(ref, masks, BLOCKS, max_gram_bytes=1000, progress=False)
-    assert "candidates" not in info and info["structures"] == ["mlp_mid"] and info["passes"] > 1
+    assert info.val_loss is None and not info.candidates and info.structures == ["mlp_mid"] and info.passes > 1
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
     with pytest.raises(ValueError, match="val_blocks"):
         R.choose_refit(model, masks, BLOCKS, val[:0], progress=False)
@@ -697,7 +699,7 @@ def test_prune_and_compact_refit_auto_holds_out_validation_for_oneshot():
     assert refit["mode"] == "auto" and len(refit["candidates"]) == 7
     masks = DispMasks.from_dict(report.masks)
     if refit["structures"] is not None:
-        _, rest, _ = dip_ext.prune.split_calibration(blocks, None, 3)
+        rest = split_calibration(blocks, None, 3).train
         refit_pruned_inputs(dense, masks, rest, damping=refit["damping"], structures=refit["structures"],
                             progress=False)
     ref = dip_ext.compact(dense, masks)

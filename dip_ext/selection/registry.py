@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from .base import SelectionMethod
 
-__all__ = ["register_method", "get_method", "method_names", "method_options"]
+__all__ = ["register_method", "get_method", "method_names", "method_options", "registered_options_classes"]
 
 _METHODS: dict[str, type] = {}
 
@@ -57,10 +58,17 @@ def method_options(name: str, options: Optional[Any] = None, **values) -> Option
         if values:
             raise ValueError(f"method {name!r} has no options, got {', '.join(sorted(values))}")
         return None
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"method {name!r} has no option {', '.join(unknown)} (its options: {', '.join(sorted(known))})")
     return cls(**values)
+
+
+def registered_options_classes() -> list[type]:
+    """The options classes of the registered methods (each once, in registration order)."""
+    out: list[type] = []
+    for cls in _METHODS.values():
+        if cls.options_class is not None and cls.options_class not in out:
+            out.append(cls.options_class)
+    return out

@@ -1,0 +1,302 @@
+"""The pruning pipeline as explicit stages: windows → calibrate → select → refit → compact → evaluate.
+
+:class:`Pruner` holds one run. Each stage is a method that runs the stages before it if they have not run yet,
+keeps its typed result and returns it, so a caller (or a benchmark) can run the stages one by one, look at each
+result, and stop anywhere::
+
+    pruner = Pruner(model, tokenizer, PruneConfig(ratio=0.3, method="oneshot"))
+    masks = pruner.select().masks          # runs windows() and calibrate() first
+    pruner.refit(); model = pruner.compact().model
+    after = pruner.evaluate()              # perplexity / speed of the compacted model
+
+:func:`dip_ext.prune_and_compact` is ``Pruner(...).run()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .calibration import CalibrationResult, run_calibration
+from .compaction import compact, is_compacted
+from .config import EvalConfig, PruneConfig, RefitConfig, window_length
+from .distributed import Placement
+from .eval import perplexity, prefill_tokens_per_second
+from .families import adapter_for
+from .options import as_dict
+from .params import ParamReport, param_report
+from .refit import RefitResult, run_refit
+from .report import PruneReport
+from .selection import Budget, SelectionInputs, SelectionResult, get_method
+from .selection import method_options as resolve_method_options
+from .tokens import max_positions
+from .windows import CalibrationWindows, calibration_windows, split_calibration
+
+__all__ = ["Pruner", "Evaluation", "CompactionResult"]
+
+_CALIBRATION_CHECKPOINT = "calibration.safetensors"
+
+
+@dataclass
+class Evaluation:
+    """Perplexity per text (``{name: ppl}``) and prefill tokens/s (None when not measured) of the model as it was
+    when :meth:`Pruner.evaluate` ran; ``label`` is "before" (dense) or "after" (compacted)."""
+
+    label: str
+    perplexity: dict[str, float] = field(default_factory=dict)
+    tokens_per_second: Optional[float] = None
+
+
+@dataclass
+class CompactionResult:
+    """The compacted model (None on the ranks > 0 of a sharded run, which only help choose the masks) and the
+    parameter counts before and after."""
+
+    model: Optional[nn.Module]
+    params_before: ParamReport
+    params_after: Optional[ParamReport]
+
+
+class Pruner:
+    """One DISP pruning run of ``model`` (a dense Hugging Face causal LM of a supported family), in stages.
+
+    ``config``: what to remove and how (:class:`PruneConfig`); ``method_options``: the selection method's own
+    options object (e.g. ``HypernetworkConfig``; None: its defaults); ``refit`` (:class:`RefitConfig`) and
+    ``evaluation`` (:class:`EvalConfig`). ``calibration_tokens``: ready-made windows ``[n, seq_len]`` instead of
+    the text ``config.calibration`` (up to ``config.calibration_windows`` of them feed the calibration pass).
+    ``work_dir``: where stages checkpoint (the calibration pass and a training method, in a folder named after
+    it); without ``resume`` it is emptied first, with ``resume`` every stage continues from what is there (and
+    refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
+    FSDP-sharded ``model`` (see :mod:`dip_ext.sharding`): the masks are chosen on the sharded model in lockstep,
+    the copy is compacted and returned.
+
+    Every argument is checked here, before any work: ValueError (UnsupportedModelError for a family dip_ext does
+    not support) naming the problem.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, config: Optional[PruneConfig] = None, *,
+                 method_options: Any = None, refit: Optional[RefitConfig] = None,
+                 evaluation: Optional[EvalConfig] = None, calibration_tokens: Optional[torch.Tensor] = None,
+                 work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False, progress: bool = True,
+                 model_name: Optional[str] = None, full_model: Optional[nn.Module] = None):
+        self.config = config if config is not None else PruneConfig()
+        self.refit_config = refit if refit is not None else RefitConfig()
+        self.eval_config = evaluation if evaluation is not None else EvalConfig()
+        for name, value, cls in (("config", self.config, PruneConfig), ("refit", self.refit_config, RefitConfig),
+                                 ("evaluation", self.eval_config, EvalConfig)):
+            if not isinstance(value, cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+        self.method = get_method(self.config.method)
+        self.method_options = resolve_method_options(self.config.method, method_options)
+        if is_compacted(model):
+            raise ValueError("pruning needs the dense model; this one is already compacted: prune the dense "
+                             "original again with a larger ratio")
+        adapter_for(model)  # an unsupported family fails here
+        self.placement = Placement.of(model)
+        if self.placement.sharded and self.placement.is_main and full_model is None:
+            raise ValueError("model is sharded (FSDP): rank 0 must pass its full dense copy as full_model (the "
+                             "model that gets compacted and saved)")
+        if not self.placement.sharded and full_model is not None:
+            raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
+        limit = max_positions(model.config)
+        self.seq_len = window_length(self.config.seq_len, limit, "seq_len")
+        self.eval_seq_len = window_length(self.eval_config.eval_seq_len, limit, "eval_seq_len")
+        self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of)
+        texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
+        needs_tokenizer = list(texts) + ([self.config.calibration] if calibration_tokens is None else [])
+        if tokenizer is None and needs_tokenizer:
+            raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
+                             "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")
+        self.model, self.tokenizer, self.full_model = model, tokenizer, full_model
+        self.calibration_tokens = calibration_tokens
+        self.progress = progress
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.resume = bool(resume)
+        self.resumed = False
+        if self.work_dir is not None:
+            self._prepare_work_dir()
+        self.seconds: dict[str, float] = {}
+        self.evaluations: dict[str, Evaluation] = {}
+        self._windows: Optional[CalibrationWindows] = None
+        self._calibration: Optional[CalibrationResult] = None
+        self._selection: Optional[SelectionResult] = None
+        self._refit: Optional[RefitResult] = None
+        self._refit_done = False
+        self._compaction: Optional[CompactionResult] = None
+
+    # ---- checks and bookkeeping ----------------------------------------------------------------------------
+
+    def _prepare_work_dir(self) -> None:
+        work = self.work_dir
+        if work.exists() and not work.is_dir():
+            raise ValueError(f"work_dir {work} exists and is not a folder")
+        if self.placement.is_main:
+            if not self.resume and work.exists():
+                shutil.rmtree(work)  # a run without resume starts from scratch: no stage may find old checkpoints
+            work.mkdir(parents=True, exist_ok=True)
+        self.resumed = dist.broadcast_object(self.resume and any(work.iterdir()) if self.placement.is_main else None)
+        dist.barrier()
+
+    @contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    # ---- stages --------------------------------------------------------------------------------------------
+
+    def windows(self) -> CalibrationWindows:
+        """The calibration text's windows: calibration pass, training, held-out (when the method or the refit
+        asks for them)."""
+        if self._windows is None:
+            with self._timed("calibration data"):
+                cfg = self.config
+                given = self.calibration_tokens is not None
+                blocks = calibration_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
+                                             self.seq_len, config=self.model.config)
+                wants_val = self.method.uses_validation(self.method_options) or self.refit_config.refit == "auto"
+                n_pass = None if given and cfg.calibration_windows >= blocks.shape[0] else cfg.calibration_windows
+                self._windows = split_calibration(blocks, n_pass, cfg.val_windows if wants_val else 0)
+        return self._windows
+
+    def calibrate(self) -> CalibrationResult:
+        """Fisher scores and activation statistics of the dense model on the calibration-pass windows."""
+        if self._calibration is None:
+            windows = self.windows()
+            ckpt = self.work_dir / _CALIBRATION_CHECKPOINT if self.work_dir is not None else None
+            with self._timed("calibration pass"):
+                self._calibration = run_calibration(self.model, windows.calibration, progress=self.progress,
+                                                    checkpoint=ckpt)
+        return self._calibration
+
+    def select(self) -> SelectionResult:
+        """The masks of the configured method, meeting the budget."""
+        if self._selection is None:
+            calib, windows = self.calibrate(), self.windows()
+            work = self.work_dir / self.method.name if self.work_dir is not None else None
+            inputs = SelectionInputs(self.model, self.budget, calib, windows.train, windows.val,
+                                     multiple_of=self.config.multiple_of, seed=self.config.seed,
+                                     placement=self.placement, work_dir=work, resume=self.resume,
+                                     progress=self.progress)
+            with self._timed("selection"):
+                self._selection = self.method.select(inputs, self.method_options)
+        return self._selection
+
+    def refit(self) -> Optional[RefitResult]:
+        """The least-squares refit of the dense weights under the chosen masks (None with ``refit="off"``)."""
+        if not self._refit_done:
+            masks, windows = self.select().masks, self.windows()
+            if self.refit_config.refit != "off":
+                with self._timed("refit"):
+                    self._refit = run_refit(self.model, masks, windows.calibration, windows.val,
+                                            self.refit_config.refit, self.refit_config.refit_damping,
+                                            target=self.full_model, progress=self.progress)
+            self._refit_done = True
+        return self._refit
+
+    def compact(self) -> CompactionResult:
+        """The dense model compacted in place under the masks (after the refit)."""
+        if self._compaction is None:
+            masks = self.select().masks
+            self.refit()
+            dense = self.full_model if self.placement.sharded else self.model
+            before = param_report(dense if dense is not None else self.model)
+            with self._timed("compaction"):
+                model = dense
+                if model is not None:
+                    compact(model, masks)
+                    if self.placement.sharded:
+                        model.to(next(self.model.parameters()).device)
+            self._compaction = CompactionResult(model, before, param_report(model) if model is not None else None)
+        return self._compaction
+
+    def evaluate(self) -> Evaluation:
+        """Perplexity (and prefill speed) of the model now: "before" until :meth:`compact` ran, then "after".
+
+        Data-parallel: rank 0 evaluates, the other ranks return an empty Evaluation. Sharded: every rank scores
+        "before" (its forwards are collectives, speed is not measured); rank 0 alone scores "after".
+        """
+        label = "after" if self._compaction is not None else "before"
+        model = self._compaction.model if self._compaction is not None else self.model
+        cfg = self.eval_config
+        texts = list(cfg.eval_text) if cfg.eval_windows != 0 else []
+        scores = self.placement.sharded and label == "before"
+        if not (self.placement.is_main or scores) or model is None:
+            texts = []
+        result = Evaluation(label)
+        with self._timed(f"eval {label}"):
+            for name in texts:
+                value = perplexity(model, self.tokenizer, name, seq_len=self.eval_seq_len, max_windows=cfg.eval_windows,
+                                   progress=self.progress and self.placement.is_main)
+                if label == "after" and not math.isfinite(value):
+                    raise FloatingPointError(f"pruned model has non-finite perplexity on {name}")
+                result.perplexity[name] = value
+            if cfg.speed and texts and not self.placement.sharded:
+                result.tokens_per_second = prefill_tokens_per_second(model, seq_len=self.eval_seq_len, batch=1,
+                                                                     repeats=3)
+        self.evaluations[label] = result
+        return result
+
+    def run(self) -> tuple[Optional[nn.Module], PruneReport]:
+        """Every stage in order (evaluation before and after); returns ``(compacted model, report)``."""
+        self.windows()
+        if "before" not in self.evaluations:
+            self.evaluate()
+        self.compact()
+        if "after" not in self.evaluations:
+            self.evaluate()
+        return self._compaction.model, self.report()
+
+    # ---- the report ----------------------------------------------------------------------------------------
+
+    def report(self) -> PruneReport:
+        """The report of the stages run so far (compaction must have run)."""
+        compaction, selection, windows = self.compact(), self.select(), self.windows()
+        cfg, opts = self.config, self.method_options
+        before, after = compaction.params_before, compaction.params_after
+        learns = selection.training is not None
+        refit = self._refit.to_dict() if self._refit is not None else None
+        options = dict(seq_len=self.seq_len,
+                       calibration=cfg.calibration if self.calibration_tokens is None else "tokens",
+                       calibration_windows=int(windows.calibration.shape[0]),
+                       steps=int(getattr(opts, "steps", 0)), train_windows=int(windows.train.shape[0]) if learns else 0,
+                       val_windows=0 if windows.val is None else int(windows.val.shape[0]),
+                       multiple_of=cfg.multiple_of, seed=cfg.seed, eval_windows=self.eval_config.eval_windows,
+                       eval_seq_len=self.eval_seq_len,
+                       method_options=as_dict(opts) if opts is not None else None, refit=refit)
+        options[self.method.name] = options["method_options"] if learns else None
+        run = selection.training
+        summary = {} if run is None else {
+            "steps": run.steps, "start_step": run.start_step, "train_seconds": run.seconds, "best_step": run.best_step,
+            "best_val_loss": run.best_val_loss, "val_history": [list(h) for h in run.val_history],
+            "threshold": run.threshold}
+        masks = selection.masks
+        before_eval = self.evaluations.get("before", Evaluation("before"))
+        after_eval = self.evaluations.get("after", Evaluation("after"))
+        return PruneReport(
+            model=str(self.model_name), method=self.method.name, ratio=cfg.ratio, ratio_of=cfg.ratio_of,
+            options=options,
+            params_before={"total": before.total, "decoder_linear": before.decoder_linear},
+            params_after={"total": after.total if after else None,
+                          "decoder_linear": after.decoder_linear if after else None,
+                          **self.budget.describe(masks.widths())},
+            widths=masks.widths(), full_widths=before.full_widths,
+            perplexity_before=before_eval.perplexity, perplexity_after=after_eval.perplexity,
+            tokens_per_second_before=before_eval.tokens_per_second,
+            tokens_per_second_after=after_eval.tokens_per_second, seconds=dict(self.seconds),
+            masks=masks.to_dict(), selection={k: v for k, v in summary.items() if v is not None},
+            dtype=self.dtype, resumed=self.resumed)
