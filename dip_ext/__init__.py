@@ -2,7 +2,8 @@
 
 Data flows one way: text -> calibration statistics -> masks -> compaction -> patched model -> eval / save.
 
-    masks = dip_ext.DispMasks.from_dict({...})      # or learned: dip_ext.prune_and_compact(model)
+    model, report = dip_ext.prune_and_compact(model, tokenizer)   # or stage by stage: dip_ext.Pruner
+    masks = dip_ext.DispMasks.from_dict({...})      # or masks by hand
     dip_ext.compact(model, masks)                   # in place; runs on dip_ext kernels
     model.save_pretrained(dir); dip_ext.from_pretrained(dir)
 """
@@ -25,7 +26,13 @@ from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
 from .modeling import from_pretrained
 from .params import ParamReport, param_report
-from .prune import PruneReport, prune_and_compact
+from .config import EvalConfig, PruneConfig, RefitConfig
+from .pipeline import CompactionResult, Evaluation, Pruner
+from .prune import prune_and_compact
+from .refit import RefitResult
+from .report import PruneReport
+from .selection import (HypernetworkConfig, SelectionInputs, SelectionResult, TrainingSummary, get_method,
+                        method_names, register_method)
 
 __version__ = "0.1.0"
 
@@ -35,6 +42,12 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "build_info", "__version__", "DispMasks", "ModelDims", "STRUCTURES", "apply_masks",
-           "MaskedModel", "compact", "is_compacted", "from_pretrained", "param_report", "ParamReport",
-           "MaskError", "UnsupportedModelError", "prune_and_compact", "PruneReport"]
+__all__ = ["ops", "build_info", "__version__",
+           # the pipeline: one call, or its stages one by one
+           "prune_and_compact", "Pruner", "PruneConfig", "RefitConfig", "EvalConfig", "HypernetworkConfig",
+           "PruneReport", "Evaluation", "CompactionResult", "RefitResult",
+           # selection methods
+           "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",
+           # masks, the masked reference, compaction, loading
+           "DispMasks", "ModelDims", "STRUCTURES", "apply_masks", "MaskedModel", "compact", "is_compacted",
+           "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -84,8 +85,6 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path) -> "CalibrationResult":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}

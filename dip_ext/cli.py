@@ -26,8 +26,8 @@ from typing import Literal, Optional
 from transformers.utils import logging as hf_logging
 
 from . import distributed as dist
-from . import zoo
-from .config import EvalConfig, PruneConfig, RefitConfig
+from . import build_info, zoo
+from .config import EvalConfig, PruneConfig, RefitConfig, window_length
 from .data import get_text
 from .errors import UnsupportedModelError
 from .eval import perplexity
@@ -36,6 +36,7 @@ from .pipeline import Pruner
 from .selection import get_method, method_names
 from .selection.registry import registered_options_classes
 from .sharding import load_sharded
+from .tokens import max_positions
 
 __all__ = ["main", "build_parser", "PruneRun", "EvalRun", "InfoRun"]
 
@@ -189,9 +190,6 @@ def _prune_distributed(args) -> int:
 def _eval(args) -> int:
     run = from_namespace(EvalRun, args)
     model, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
-    from .config import window_length
-    from .tokens import max_positions
-
     seq_len = window_length(run.seq_len, max_positions(model.config))
     ppl = perplexity(model, tokenizer, run.text, seq_len=seq_len, max_windows=run.max_windows,
                      progress=not run.quiet)
@@ -201,8 +199,6 @@ def _eval(args) -> int:
 
 
 def _info(args) -> int:
-    from . import build_info
-
     print(json.dumps(build_info(), indent=1))
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
+from safetensors.torch import save
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors"]
 
@@ -48,8 +49,6 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
 
     ``metadata``: string keys and values stored in the file's header (safetensors' own limit).
     """
-    from safetensors.torch import save
-
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata=dict(metadata) if metadata is not None else None)
     atomic_write_bytes(path, data)

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from . import distributed as dist
 from . import zoo
@@ -54,7 +55,6 @@ def shard_frozen_model(full: Optional[nn.Module], config, device, dtype: torch.d
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM
 
     if not dist.is_distributed():
         raise RuntimeError("sharding the model (--fsdp) needs torch.distributed: launch with torchrun")
