@@ -26,9 +26,8 @@ from typing import Literal, Optional
 from transformers.utils import logging as hf_logging
 
 from . import distributed as dist
-from . import build_info, zoo
+from . import build_info, data, zoo
 from .config import EvalConfig, PruneConfig, RefitConfig, window_length
-from .data import get_text
 from .errors import UnsupportedModelError
 from .eval import perplexity
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
@@ -86,9 +85,9 @@ class EvalRun:
 
 @dataclass(frozen=True)
 class InfoRun:
-    """``dip-ext info``: how the extension was built."""
+    """``dip-ext info``: how the extension was built, and whether the offline default model and texts are here."""
 
-    quiet: bool = option(False, "print nothing but the JSON")
+    assets: bool = option(True, "also check that the default model and the built-in texts are available offline")
 
     def __post_init__(self):
         check_fields(self)
@@ -148,9 +147,9 @@ def _prune(args: argparse.Namespace) -> int:
     if occupied and not (run.overwrite or run.resume):
         return _fail(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
                      "or --resume to continue an interrupted run")
-    get_text(config.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
+    data.get_text(config.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
     for name in (evaluation.eval_text if evaluation.eval_windows else []):
-        get_text(name, "heldout")
+        data.get_text(name, "heldout")
     if run.overwrite and out.exists() and dist.is_main():
         shutil.rmtree(out)
     dist.barrier()
@@ -198,8 +197,25 @@ def _eval(args) -> int:
     return 0
 
 
+def offline_assets() -> dict[str, str]:
+    """``{asset: "ok: ..." | "missing: <what to run>"}`` for the default model and the built-in texts."""
+    try:
+        gguf = zoo.default_gguf_path()
+        converted = zoo.default_model_dir()
+        status = f"ok: {gguf}" + (f" (converted copy in {converted})" if converted.is_dir() else
+                                  " (converted on first use, ~30 s)")
+    except zoo.ZooError as e:
+        status = f"missing: {e}"
+    texts = data.download_data(("wiki", "ptb"), fetch=False)
+    return {"default model": status, **{f"text {name}": line for name, line in texts.items()}}
+
+
 def _info(args) -> int:
-    print(json.dumps(build_info(), indent=1))
+    run = from_namespace(InfoRun, args)
+    info = {"build": build_info()}
+    if run.assets:
+        info["offline assets"] = offline_assets()
+    print(json.dumps(info, indent=1))
     return 0
 
 

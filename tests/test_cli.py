@@ -173,9 +173,15 @@ def test_existing_output_folder(capsys, tmp_path, word_text):
     assert (out / "keep.txt").read_text() == "mine"  # refused without touching it
 
 
-def test_info(capsys):
+def test_info(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, "info", "--no-assets")
+    assert code == 0 and json.loads(out) == {"build": json.loads(json.dumps(dip_ext.build_info()))}
+    # the offline assets: what is there, and for what is missing, what to run
+    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None)
     code, out, _ = run_cli(capsys, "info")
-    assert code == 0 and json.loads(out) == json.loads(json.dumps(dip_ext.build_info()))
+    assets = json.loads(out)["offline assets"]
+    assert code == 0 and assets["default model"].startswith("missing:") and zoo.PIP_COMMAND in assets["default model"]
+    assert set(assets) == {"default model", "text wiki", "text ptb"}
 
 
 # ------------------------------------------------------------------------------------------ end to end
