@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .calibration import CalibrationResult, run_calibration
+from .calibration import CalibrationResult, blocks_sha, run_calibration, weights_fingerprint
 from .compaction import compact, is_compacted
 from .config import EvalConfig, PruneConfig, RefitConfig, window_length
 from .distributed import Placement
@@ -74,6 +74,9 @@ class Pruner:
     options object (e.g. ``HypernetworkConfig``; None: its defaults); ``refit`` (:class:`RefitConfig`) and
     ``evaluation`` (:class:`EvalConfig`). ``calibration_tokens``: ready-made windows ``[n, seq_len]`` instead of
     the text ``config.calibration`` (up to ``config.calibration_windows`` of them feed the calibration pass).
+    ``calibration``: the result of an earlier calibration pass of the same model over the same windows (e.g.
+    one pass serving several ratios), used instead of a new pass; :meth:`calibrate` checks that its windows
+    and weights are this run's.
     ``work_dir``: where stages checkpoint (the calibration pass and a training method, in a folder named after
     it); without ``resume`` it is emptied first, with ``resume`` every stage continues from what is there (and
     refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
@@ -87,6 +90,7 @@ class Pruner:
     def __init__(self, model: nn.Module, tokenizer=None, config: Optional[PruneConfig] = None, *,
                  method_options: Any = None, refit: Optional[RefitConfig] = None,
                  evaluation: Optional[EvalConfig] = None, calibration_tokens: Optional[torch.Tensor] = None,
+                 calibration: Optional[CalibrationResult] = None,
                  work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False, progress: bool = True,
                  model_name: Optional[str] = None, full_model: Optional[nn.Module] = None):
         self.config = config if config is not None else PruneConfig()
@@ -131,6 +135,7 @@ class Pruner:
         self.evaluations: dict[str, Evaluation] = {}
         self._windows: Optional[CalibrationWindows] = None
         self._calibration: Optional[CalibrationResult] = None
+        self._given_calibration = calibration
         self._selection: Optional[SelectionResult] = None
         self._refit: Optional[RefitResult] = None
         self._refit_done = False
@@ -175,6 +180,14 @@ class Pruner:
 
     def calibrate(self) -> CalibrationResult:
         """Fisher scores and activation statistics of the dense model on the calibration-pass windows."""
+        if self._calibration is None and self._given_calibration is not None:
+            given, windows = self._given_calibration, self.windows()
+            if given.blocks_sha != blocks_sha(windows.calibration) or given.windows != windows.calibration.shape[0]:
+                raise ValueError("the given calibration result was computed on other windows than this run's "
+                                 "calibration pass (other text, seq_len, calibration_windows or val_windows?)")
+            if given.model_sha is not None and given.model_sha != weights_fingerprint(self.model):
+                raise ValueError("the given calibration result was computed on other weights than this model's")
+            self._calibration = given
         if self._calibration is None:
             windows = self.windows()
             ckpt = self.work_dir / _CALIBRATION_CHECKPOINT if self.work_dir is not None else None
@@ -252,9 +265,10 @@ class Pruner:
         return result
 
     def run(self) -> tuple[Optional[nn.Module], PruneReport]:
-        """Every stage in order (evaluation before and after); returns ``(compacted model, report)``."""
+        """Every stage not run yet, in order (the dense model is evaluated unless it was compacted already);
+        returns ``(compacted model, report)``."""
         self.windows()
-        if "before" not in self.evaluations:
+        if self._compaction is None and "before" not in self.evaluations:
             self.evaluate()
         self.compact()
         if "after" not in self.evaluations:

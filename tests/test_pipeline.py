@@ -1,0 +1,171 @@
+"""The Pruner's stages one by one, their typed results, reuse of a calibration pass, and a selection method of
+one's own: one class plus one registration line, found by the pipeline and the command line by name."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dip_ext
+from dip_ext import EvalConfig, PruneConfig, Pruner, RefitConfig
+from dip_ext.cli import main
+from dip_ext.selection import SelectionResult, registry
+from dip_ext.selection.oneshot import oneshot_masks
+
+VOCAB, SEQ = 64, 16
+WINDOWS = torch.randint(0, VOCAB, (10, SEQ), generator=torch.Generator().manual_seed(0))
+NO_EVAL = EvalConfig(eval_windows=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads(one_thread):
+    yield one_thread
+
+
+def make_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class RandomScores:
+    """An example selection method: one-shot's budgeted greedy fill on random scores (seeded)."""
+
+    name = "random_scores"
+    options_class = None
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs, options=None) -> SelectionResult:
+        g = torch.Generator().manual_seed(inputs.seed)
+        scores = [{s: torch.rand(t.shape, generator=g, dtype=torch.float64) for s, t in layer.items()}
+                  for layer in inputs.calibration.scores]
+        calib = dataclasses.replace(inputs.calibration, scores=scores)
+        return SelectionResult(self.name, oneshot_masks(calib, inputs.budget, inputs.multiple_of))
+
+
+@pytest.fixture
+def random_scores(monkeypatch):
+    monkeypatch.setitem(registry._METHODS, "random_scores", RandomScores)  # removed again after the test
+    registry.register_method(RandomScores)  # the one registration line a user writes
+    yield RandomScores
+
+
+def test_stages_one_by_one_match_prune_and_compact():
+    pruner = Pruner(make_model(), None, PruneConfig(ratio=0.4, method="oneshot", val_windows=0),
+                    refit=RefitConfig(refit="on"), evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
+    windows = pruner.windows()
+    assert windows.val is None and torch.equal(windows.train, WINDOWS)
+    calib = pruner.calibrate()
+    assert isinstance(calib, dip_ext.calibration.CalibrationResult) and calib.windows == WINDOWS.shape[0]
+    selection = pruner.select()
+    assert selection.method == "oneshot" and selection.training is None
+    refit = pruner.refit()
+    assert isinstance(refit, dip_ext.RefitResult) and refit.mode == "on" and refit.weights > 0
+    compaction = pruner.compact()
+    assert dip_ext.is_compacted(compaction.model) and compaction.params_after.removed_decoder_linear > 0.39
+    model, report = pruner.run()  # the stages that ran do not run again; the dense model is gone: no "before"
+    assert model is compaction.model and set(pruner.seconds) == {"calibration data", "calibration pass",
+                                                                 "selection", "refit", "compaction", "eval after"}
+    ref, ref_report = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "oneshot", val_windows=0,
+                                                refit="on", eval_texts=(), progress=False)
+    assert ref_report.masks == report.masks
+    with torch.no_grad():
+        assert torch.equal(ref(WINDOWS[:2]).logits, model(WINDOWS[:2]).logits)
+
+
+def test_a_stage_runs_the_stages_before_it():
+    pruner = Pruner(make_model(), None, PruneConfig(ratio=0.3, method="dependent"), refit=RefitConfig(refit="off"),
+                    evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
+    assert pruner.compact().model is not None and pruner.refit() is None
+    assert "calibration pass" in pruner.seconds and "refit" not in pruner.seconds
+
+
+def test_calibration_pass_reused_across_ratios_and_refused_for_other_windows_or_weights():
+    first = Pruner(make_model(), None, PruneConfig(ratio=0.3, method="oneshot"), refit=RefitConfig(refit="off"),
+                   evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
+    calib = first.calibrate()
+    again = Pruner(make_model(), None, PruneConfig(ratio=0.5, method="oneshot"), refit=RefitConfig(refit="off"),
+                   evaluation=NO_EVAL, calibration_tokens=WINDOWS, calibration=calib, progress=False)
+    assert again.calibrate() is calib and "calibration pass" not in again.seconds
+    other_windows = Pruner(make_model(), None, PruneConfig(ratio=0.5, method="oneshot"),
+                           refit=RefitConfig(refit="off"), evaluation=NO_EVAL, calibration_tokens=WINDOWS[:8],
+                           calibration=calib, progress=False)
+    with pytest.raises(ValueError, match="other windows"):
+        other_windows.calibrate()
+    other_weights = Pruner(make_model(seed=1), None, PruneConfig(ratio=0.5, method="oneshot"),
+                           refit=RefitConfig(refit="off"), evaluation=NO_EVAL, calibration_tokens=WINDOWS,
+                           calibration=calib, progress=False)
+    with pytest.raises(ValueError, match="other weights"):
+        other_weights.calibrate()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(config=PruneConfig(method="magic")), "unknown method 'magic'"),
+    (dict(config=PruneConfig(method="oneshot"), method_options=dip_ext.HypernetworkConfig()), "takes no options"),
+    (dict(config="oneshot"), "config must be a PruneConfig"),
+    (dict(config=PruneConfig(seq_len=128)), "longer than the model's 64 positions"),
+    (dict(evaluation=EvalConfig(eval_seq_len=65)), "eval_seq_len 65 is longer"),
+])
+def test_bad_pruner_arguments_are_refused_before_any_work(kwargs, match):
+    model = make_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {"config": PruneConfig(method="oneshot"), "evaluation": NO_EVAL, "calibration_tokens": WINDOWS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Pruner(model, None, **kwargs)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_compacted_model_is_refused():
+    model, _ = dip_ext.prune_and_compact(make_model(), None, 0.3, WINDOWS, "oneshot", refit="off", eval_texts=(),
+                                         progress=False)
+    with pytest.raises(ValueError, match="needs the dense model"):
+        Pruner(model, None, PruneConfig(method="oneshot"), evaluation=NO_EVAL, calibration_tokens=WINDOWS)
+
+
+def test_a_method_of_ones_own_runs_in_the_pipeline(random_scores):
+    assert "random_scores" in dip_ext.method_names()
+    model, report = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "random_scores", refit="off",
+                                              eval_texts=(), progress=False)
+    assert report.method == "random_scores" and dip_ext.is_compacted(model)
+    assert report.params_after["removed_fraction_decoder_linear"] == pytest.approx(0.4, abs=0.02)
+    oneshot, _ = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "oneshot", refit="off", eval_texts=(),
+                                           progress=False)
+    assert report.masks != dip_ext.DispMasks.from_config(oneshot.config.disp_masks).to_dict()
+
+
+def test_a_method_of_ones_own_on_the_command_line(random_scores, tmp_path, word_tokenizer, word_text, capsys):
+    folder = tmp_path / "model"
+    make_model().save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    code = main(["prune", "--model", str(folder), "--method", "random_scores", "--calibration", word_text,
+                 "--seq-len", "16", "--calibration-windows", "4", "--eval-windows", "0", "--refit", "off",
+                 "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["method"] == "random_scores" and dip_ext.from_pretrained(tmp_path / "out") is not None
+    # an option of another method is refused rather than ignored
+    code = main(["prune", "--model", str(folder), "--method", "random_scores", "--steps", "9",
+                 "--calibration", word_text, "--out", str(tmp_path / "out2")])
+    assert code == 2 and "--steps is an option of another method" in capsys.readouterr().err
+
+
+def test_register_method_checks_the_protocol():
+    class NoName:
+        options_class = None
+
+    class NoSelect:
+        name = "no_select"
+        options_class = None
+
+        def uses_validation(self, options):
+            return False
+
+    with pytest.raises(ValueError, match="needs a class attribute `name`"):
+        registry.register_method(NoName)
+    with pytest.raises(TypeError, match="has no method select"):
+        registry.register_method(NoSelect)
