@@ -383,7 +383,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _read_text_file(p: Path, what: str) -> str:
-    """A UTF-8 text file's contents without a leading byte-order mark; one clear error when it cannot be read."""
+    """A UTF-8 text file's contents without a leading byte-order mark, line ends as ``\\n``; one clear error when
+    it cannot be read."""
     if p.is_dir():
         raise ValueError(f"{what}: {p} is a folder; pass a text file")
     if not p.is_file():
@@ -395,10 +396,11 @@ def _read_text_file(p: Path, what: str) -> str:
         raise ValueError(f"{what}: could not read {p} ({type(e).__name__}: {e.strerror or e}); check its "
                          "permissions") from e
     try:
-        return raw.decode("utf-8-sig")  # drops a leading byte-order mark
+        text = raw.decode("utf-8-sig")  # drops a leading byte-order mark
     except UnicodeDecodeError as e:
         raise ValueError(f"{what}: {p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                          "convert it first, e.g. iconv -f latin1 -t utf-8 IN > OUT") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
 
 
 def _split_user_text(text: str, split: str, what: str) -> str:

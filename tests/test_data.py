@@ -123,6 +123,8 @@ def test_byte_order_mark_is_not_text(tmp_path, monkeypatch):
     assert data.get_text(f"file:{f}", "all") == "w1 w2\n\nw3 w4\n"
     assert data.get_text(f"file:{f}", "calibration") == "w1 w2"
     assert data.Text("\ufeffw1 w2") == "w1 w2"
+    f.write_bytes("\ufeffw1 w2\r\n\r\nw3 w4\r\n".encode("utf-8"))  # Windows line ends read as text mode does
+    assert data.get_text(f"file:{f}", "all") == "w1 w2\n\nw3 w4\n"
     (tmp_path / "wiki.test.raw").write_bytes("\ufeff = T = \n".encode("utf-8"))
     monkeypatch.setenv("DIP_EXT_WIKITEXT2_DIR", str(tmp_path))
     assert "\ufeff" not in data.get_text("wikitext2", "test")
