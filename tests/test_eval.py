@@ -341,3 +341,18 @@ def test_mean_window_loss_fsdp_lockstep_fillers(model, tok, text, monkeypatch):
     assert forwards == [2, 1]  # windows 1 and 3 in one batch, then one filler forward
     monkeypatch.setattr(model, "forward", real)
     assert got == pytest.approx(math.log(_by_hand(model, windows[[1, 3]].tolist())), rel=1e-6)
+
+
+def test_short_context_opt_gets_a_clear_error_not_an_index_error(tok, text):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16)).eval()
+    with pytest.raises(ValueError, match="seq_len 128 is longer than the model's 64 positions"):
+        ev.perplexity(opt, tok, text, seq_len=128, progress=False)
+    with pytest.raises(ValueError, match="64 positions"):
+        ev.prefill_tokens_per_second(opt, seq_len=128)
+    # Defaults adapt: 512-token perplexity windows and 256-token prefill become 64 on this model.
+    assert math.isfinite(ev.perplexity(opt, tok, text, max_windows=1, progress=False))
+    assert ev.prefill_tokens_per_second(opt, repeats=1) > 0
