@@ -68,6 +68,7 @@ __all__ = [
     "NAMES",
     "SPLITS",
     "Text",
+    "check_name",
     "describe",
     "eval_split",
     "fit_seq_len",
@@ -444,6 +445,14 @@ def _canonical_split(kind: str, split: str) -> str:
         raise ValueError(f"unknown split {split!r} for {kind!r}; use one of "
                          f"{', '.join(SPLITS[kind] + ('calibration', 'heldout'))}")
     return s
+
+
+def check_name(name, split: str | None = None) -> str:
+    """Checks a text name (and ``split``, if given) without reading anything; returns the canonical split
+    (``split`` None: the one :func:`eval_split` picks without a calibration text). ValueError for an unknown
+    name or split, naming the known ones."""
+    kind, _ = _parse_name(name)
+    return _canonical_split(kind, split) if split is not None else eval_split(name)
 
 
 def describe(name) -> str:

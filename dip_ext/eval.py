@@ -172,6 +172,8 @@ def perplexity(model, tokenizer, text_or_name, seq_len: Optional[int] = None, ma
     needs and how many the text has), and for unknown names or splits; the text loaders' errors otherwise
     (:func:`dip_ext.data.get_text`).
     """
+    if isinstance(text_or_name, str):  # an unknown name or split is reported first, before the length
+        data.check_name(_as_text(text_or_name), split)
     if not isinstance(text_or_name, torch.Tensor) or text_or_name.dim() != 2:
         seq_len = data.fit_seq_len(seq_len, getattr(model, "config", None), default=DEFAULT_SEQ_LEN)
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):

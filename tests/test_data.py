@@ -166,6 +166,15 @@ def test_eval_split_never_overlaps_calibration_of_the_same_file(tmp_path, monkey
         data.eval_split("c4")
 
 
+def test_check_name_reads_nothing(tmp_path):
+    assert data.check_name("ptb") == "test" and data.check_name("ptb", "calibration") == "train"
+    assert data.check_name(f"file:{tmp_path / 'not-yet-written.txt'}") == "all"
+    with pytest.raises(ValueError, match="unknown text 'c4'"):
+        data.check_name("c4")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        data.check_name("wiki", "dev")
+
+
 def test_fit_seq_len_adapts_defaults_and_rejects_lengths_beyond_the_model():
     class Cfg:
         max_position_embeddings = 64

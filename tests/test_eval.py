@@ -227,6 +227,8 @@ def test_bad_arguments(model, tok, text, kwargs):
 def test_bad_inputs(model, tok):
     with pytest.raises(ValueError, match="unknown text"):
         ev.perplexity(model, tok, "wikii", progress=False)
+    with pytest.raises(ValueError, match="unknown text 'c4'"):  # the name is reported before the length
+        ev.perplexity(model, tok, "c4", seq_len=4096, progress=False)
     with pytest.raises(ValueError, match=r"outside \[0, 32\)"):
         ev.perplexity(model, tok, torch.tensor([[1, 2, 999]]), progress=False)
     with pytest.raises(ValueError):
