@@ -12,9 +12,21 @@ the rest of dip_ext can ask any text for "calibration" and evaluate on "heldout"
                    ``train`` (= calibration), ``valid``, ``test`` (= heldout).
 ``"wikitext2"``    WikiText-2 raw from the Hugging Face hub via ``datasets`` (online users only):
                    ``train`` (= calibration), ``validation``, ``test`` (= heldout).
-``"file:PATH"``    a local UTF-8 text file: ``calibration`` / ``heldout`` by the same 80/20 rule (cut on
-                   a paragraph, else line, else word boundary), ``all`` for the whole file.
+``"file:PATH"``    a local UTF-8 text file (a leading byte-order mark is dropped): ``calibration`` /
+                   ``heldout`` by the same 80/20 rule (cut on a paragraph, else line, else word
+                   boundary), ``all`` for the whole file.
+``Text(s)``        raw text given as a string (:class:`Text`), split like a file.
 =================  ===================================================================================
+
+Which part is read for what (:func:`eval_split`): calibration always reads the ``calibration`` split (a
+file's first 80 %). Evaluation of a built-in text reads its held-out split (wiki ``heldout``, ptb and
+wikitext2 ``test``); evaluation of a user's text (``file:PATH`` or :class:`Text`) reads all of it, except
+when the same text is also the calibration text of the run: then its ``heldout`` part (last 20 %), so that
+what is scored never overlaps what calibration read.
+
+Lengths: :func:`fit_seq_len` checks a window length against a model's position limit (and picks a default
+that fits short-context models); :func:`get_blocks` takes the limit as ``max_positions``. A text too short
+for one window raises ValueError saying how many tokens a window needs and how many the text has.
 
 Getting everything offline (no network at run time; only pip needs PyPI once)::
 
@@ -42,7 +54,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -50,9 +61,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write_bytes
+from .tokens import max_positions as _max_positions
+
 __all__ = [
     "NAMES",
     "SPLITS",
+    "Text",
+    "check_name",
+    "describe",
+    "eval_split",
+    "fit_seq_len",
+    "too_short_message",
     "cache_dir",
     "get_text",
     "get_blocks",
@@ -66,18 +86,21 @@ __all__ = [
 ]
 
 NAMES = ("wiki", "ptb", "wikitext2", "file:PATH")
+_RAW_HINT = "to use a string itself as the text, pass dip_ext.data.Text(string)"
 # Canonical split names per text; "calibration"/"heldout" are accepted everywhere (see _SPLIT_ALIASES).
 SPLITS = {
     "wiki": ("calibration", "heldout", "all"),
     "ptb": ("train", "valid", "test"),
     "wikitext2": ("train", "validation", "test"),
     "file": ("calibration", "heldout", "all"),
+    "raw": ("calibration", "heldout", "all"),
 }
 _SPLIT_ALIASES = {
     "wiki": {"train": "calibration", "test": "heldout", "calib": "calibration"},
     "ptb": {"calibration": "train", "calib": "train", "heldout": "test", "validation": "valid"},
     "wikitext2": {"calibration": "train", "calib": "train", "heldout": "test", "valid": "validation"},
     "file": {"train": "calibration", "test": "heldout", "calib": "calibration"},
+    "raw": {"train": "calibration", "test": "heldout", "calib": "calibration"},
 }
 
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -98,16 +121,26 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dip_ext"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class Text(str):
+    """Raw text, to be used as the text itself rather than looked up as a name.
+
+    Accepted wherever a text name is (:func:`get_text`, :func:`get_blocks`, ``dip_ext.eval.perplexity``,
+    the pipeline's calibration and evaluation texts) and split like a ``file:`` text. ``label`` is how
+    messages and reports name it (default ``"text"``). A leading byte-order mark is dropped.
+    """
+
+    label: str
+
+    def __new__(cls, text: str, label: str = "text"):
+        if not isinstance(text, str):
+            raise ValueError(f"Text needs a string, got {type(text).__name__}")
+        self = super().__new__(cls, text.removeprefix("\ufeff"))
+        self.label = str(label)
+        return self
+
+    def __repr__(self) -> str:
+        head = str.__repr__(str(self[:40]) + ("..." if len(self) > 40 else ""))
+        return f"Text({head}, label={self.label!r})"
 
 
 def _sha(data: bytes | str) -> str:
@@ -295,7 +328,7 @@ def wiki_text() -> str:
     text = "\n\n".join(pages)
     if not text.strip():
         raise ValueError(f"the Wikipedia dump {where} holds no article prose")
-    _atomic_write_bytes(cached, text.encode("utf-8"))
+    atomic_write_bytes(cached, text.encode("utf-8"))
     return text
 
 
@@ -324,7 +357,7 @@ def _wikitext2(split: str) -> str:
         path = Path(local).expanduser() / _WIKITEXT2_RAW[split]
         if not path.is_file():
             raise FileNotFoundError(f"DIP_EXT_WIKITEXT2_DIR={local} has no {_WIKITEXT2_RAW[split]}")
-        raw = path.read_text(encoding="utf-8")
+        raw = _read_text_file(path, f"WikiText-2 file {path.name} (from DIP_EXT_WIKITEXT2_DIR)")
         # The hub's rows are the raw file's lines, with whitespace-only lines turned into "".
         rows = [ln if ln.strip() else "" for ln in re.split(r"(?<=\n)", raw) if ln]
         return _join_wikitext_rows(rows)
@@ -335,25 +368,62 @@ def _wikitext2(split: str) -> str:
             "wiki.{train,valid,test}.raw, or use the 'wiki' or 'ptb' texts)")
     import datasets
 
-    ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+    try:
+        ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as e:  # network, hub and cache errors come in many types
+        raise ValueError(
+            f"could not load WikiText-2 ({split}) from the Hugging Face hub ({type(e).__name__}: "
+            f"{_first_line(e)}); it needs network access once. Offline: set DIP_EXT_WIKITEXT2_DIR to a folder "
+            "with wiki.{train,valid,test}.raw, or use the 'wiki' or 'ptb' texts") from e
     return _join_wikitext_rows(ds["text"])
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _read_text_file(p: Path, what: str) -> str:
+    """A UTF-8 text file's contents without a leading byte-order mark, line ends as ``\\n``; one clear error when
+    it cannot be read."""
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a folder; pass a text file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {p} does not exist; check the path (relative paths are relative to "
+                                f"{Path.cwd()})")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what}: could not read {p} ({type(e).__name__}: {e.strerror or e}); check its "
+                         "permissions") from e
+    try:
+        text = raw.decode("utf-8-sig")  # drops a leading byte-order mark
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {p} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "convert it first, e.g. iconv -f latin1 -t utf-8 IN > OUT") from e
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
+
+
+def _split_user_text(text: str, split: str, what: str) -> str:
+    if split == "all" or not text.strip():
+        return text
+    calibration, heldout = _split_file_text(text)
+    part = calibration if split == "calibration" else heldout
+    if not part.strip():
+        raise ValueError(f"{what} is too short to split into calibration (first 80 %) and held-out (last 20 %) "
+                         f"parts ({len(text.split())} word(s)); use all of it (split 'all') or a longer text")
+    return part
 
 
 def _file(path: str, split: str) -> str:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"text file {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text: {e}") from e
-    if split == "all" or not text.strip():
-        return text
-    calibration, heldout = _split_file_text(text)
-    return calibration if split == "calibration" else heldout
+    text = _read_text_file(p, f"text file:{path}")
+    return _split_user_text(text, split, f"text file:{path}")
 
 
 def _parse_name(name: str) -> tuple[str, str | None]:
+    if isinstance(name, Text):
+        return "raw", None
     if not isinstance(name, str):
         raise ValueError(f"text name must be a string, got {type(name).__name__}; names: {', '.join(NAMES)}")
     if name.startswith("file:"):
@@ -362,8 +432,9 @@ def _parse_name(name: str) -> tuple[str, str | None]:
             raise ValueError("file: needs a path, e.g. file:notes.txt")
         return "file", path
     key = name.strip().lower()
-    if key not in SPLITS or key == "file":
-        raise ValueError(f"unknown text {name!r}; known texts: {', '.join(NAMES)}")
+    if key not in SPLITS or key in ("file", "raw"):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise ValueError(f"unknown text {shown!r}; known texts: {', '.join(NAMES)} ({_RAW_HINT})")
     return key, None
 
 
@@ -376,12 +447,78 @@ def _canonical_split(kind: str, split: str) -> str:
     return s
 
 
+def check_name(name, split: str | None = None) -> str:
+    """Checks a text name (and ``split``, if given) without reading anything; returns the canonical split
+    (``split`` None: the one :func:`eval_split` picks without a calibration text). ValueError for an unknown
+    name or split, naming the known ones."""
+    kind, _ = _parse_name(name)
+    return _canonical_split(kind, split) if split is not None else eval_split(name)
+
+
+def describe(name) -> str:
+    """How messages name a text: its name, or a :class:`Text`'s label."""
+    return f"text {name.label!r}" if isinstance(name, Text) else f"text {name!r}"
+
+
+def _same_user_text(a, b) -> bool:
+    if isinstance(a, Text) or isinstance(b, Text):
+        return isinstance(a, Text) and isinstance(b, Text) and str(a) == str(b)
+    if not (isinstance(a, str) and isinstance(b, str) and a.startswith("file:") and b.startswith("file:")):
+        return False
+    pa, pb = Path(a[len("file:"):]).expanduser(), Path(b[len("file:"):]).expanduser()
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:
+        return pa.resolve() == pb.resolve()
+
+
+def eval_split(name, calibration=None) -> str:
+    """The split that evaluating the text ``name`` reads when no split is asked for.
+
+    A built-in text: its held-out split (``"heldout"`` for wiki, ``"test"`` for ptb and wikitext2). A user's
+    text (``"file:PATH"`` or :class:`Text`): ``"all"``, the whole text, unless ``calibration`` (the run's
+    calibration text, if any) is the same text (the same file, however its path is written): then
+    ``"heldout"``, the last 20 %, which never overlaps the ``"calibration"`` split calibration reads.
+    Raises ValueError for an unknown name.
+    """
+    kind, _ = _parse_name(name)
+    if kind in ("file", "raw"):
+        return "heldout" if calibration is not None and _same_user_text(name, calibration) else "all"
+    return _canonical_split(kind, "heldout")
+
+
+def fit_seq_len(requested, config, *, default: int | None = None, what: str = "seq_len") -> int:
+    """A window length (tokens) that ``config``'s model can run, checked before any work.
+
+    ``requested`` None means "the default": ``default`` capped at the model's position limit
+    (``max_position_embeddings``), so defaults adapt to short-context models. A requested length is
+    returned unchanged when it fits; ValueError (naming ``what``, the length and the limit) when it is not
+    an int >= 2 or exceeds the limit. ``config`` may be None (no limit known).
+    """
+    limit = _max_positions(config) if config is not None else None
+    if requested is None:
+        if default is None:
+            raise ValueError(f"{what}: give a length or a default")
+        requested = default if limit is None else min(default, limit)
+    return _check_seq_len(requested, limit, what)
+
+
+def _check_seq_len(seq_len, limit: int | None, what: str = "seq_len") -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"{what} must be an int >= 2, got {seq_len!r}")
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"{what} {seq_len} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); use {what} {limit} or less")
+    return seq_len
+
+
 def get_text(name: str, split: str = "calibration") -> str:
-    """The text ``name`` (see :data:`NAMES`), one split of it, as a string.
+    """The text ``name`` (see :data:`NAMES`, or a :class:`Text`), one split of it, as a string.
 
     ``split`` is one of the text's own splits (:data:`SPLITS`) or ``"calibration"`` / ``"heldout"``.
-    Raises ValueError for an unknown name or split and for an empty text; ImportError /
-    FileNotFoundError (with the command that fixes it) when the source is not installed.
+    Raises ValueError for an unknown name or split, an empty text, a text too short to split, a file that
+    is not UTF-8 or cannot be read; FileNotFoundError for a missing file; ImportError / FileNotFoundError
+    (with the command that fixes it) when a built-in text's source is not installed.
     """
     kind, path = _parse_name(name)
     split = _canonical_split(kind, split)
@@ -396,10 +533,12 @@ def get_text(name: str, split: str = "calibration") -> str:
         text = _ptb(split)
     elif kind == "wikitext2":
         text = _wikitext2(split)
+    elif kind == "raw":
+        text = _split_user_text(str(name), split, describe(name))
     else:
         text = _file(path, split)
     if not text or not text.strip():
-        raise ValueError(f"text {name!r} split {split!r} is empty")
+        raise ValueError(f"{describe(name)} split {split!r} is empty")
     return text
 
 
@@ -465,7 +604,7 @@ def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
         buf = io.BytesIO()
         small = arr.astype(np.int32) if arr.size == 0 or arr.max() < 2**31 else arr
         np.save(buf, small, allow_pickle=False)
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
     return torch.from_numpy(arr)
 
 
@@ -476,17 +615,27 @@ def spread_indices(n: int, k: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, k).round().long()
 
 
+def too_short_message(what: str, n_tokens: int, seq_len: int, add_bos: bool) -> str:
+    """The one message for a text shorter than one window: how many tokens are needed, how many there are."""
+    step = seq_len - 1 if add_bos else seq_len
+    fit = n_tokens + int(bool(add_bos))
+    remedy = f"use a seq_len of {fit} or less, or a longer text" if fit >= 2 else "use a longer text"
+    return (f"{what} has {n_tokens} token(s); one window of seq_len {seq_len} needs {step} text tokens"
+            f"{' (after BOS)' if add_bos else ''}: {remedy}")
+
+
 def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, add_bos: bool = False,
-                bos_token_id: int | None = None, spread: bool = True) -> torch.Tensor:
+                bos_token_id: int | None = None, spread: bool = True, *, what: str = "the text") -> torch.Tensor:
     """Cut 1-D token ids into non-overlapping windows: LongTensor ``[n, seq_len]``.
 
     With ``add_bos`` each window is ``[bos] + seq_len - 1`` text tokens (so every text token in a window
     gets predicted), else ``seq_len`` text tokens. The ragged tail is dropped. When ``n_blocks`` is less
     than the number available, ``spread=True`` takes evenly spaced windows over the whole text (a more
     representative sample than its first pages), ``spread=False`` the first ones. Asking for more than
-    exists returns what exists with a warning.
+    exists returns what exists with a warning. A text shorter than one window raises ValueError saying how
+    many tokens a window needs and how many ``what`` (the text's description) has.
     """
-    if not isinstance(seq_len, int) or seq_len < 2:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if n_blocks is not None and (not isinstance(n_blocks, int) or n_blocks < 1):
         raise ValueError(f"n_blocks must be a positive int or None, got {n_blocks!r}")
@@ -496,7 +645,7 @@ def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, ad
     step = seq_len - 1 if add_bos else seq_len
     available = ids.numel() // step
     if available == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {step} text tokens")
+        raise ValueError(too_short_message(what, ids.numel(), seq_len, add_bos))
     n = available if n_blocks is None else min(n_blocks, available)
     if n_blocks is not None and n_blocks > available:
         warnings.warn(f"asked for {n_blocks} windows of {seq_len} tokens, the text has only {available}",
@@ -509,16 +658,25 @@ def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, ad
 
 
 def get_blocks(tokenizer, name: str, split: str = "calibration", seq_len: int = 512,
-               n_blocks: int | None = None, add_bos: bool | None = None, spread: bool = True) -> torch.Tensor:
+               n_blocks: int | None = None, add_bos: bool | None = None, spread: bool = True,
+               max_positions: int | None = None) -> torch.Tensor:
     """The text ``name``/``split`` tokenized into windows: LongTensor ``[n, seq_len]`` (int64 token ids).
 
     ``add_bos=None`` decides from the tokenizer (:func:`needs_bos`). See :func:`make_blocks` for how
-    windows are chosen and :func:`get_text` for names and splits. Token ids are cached on disk.
+    windows are chosen and :func:`get_text` for names and splits. Token ids are cached on disk (not for a
+    :class:`Text`). ``max_positions``: the model's position limit (``dip_ext.tokens.max_positions(config)``);
+    a longer ``seq_len`` raises ValueError before the text is read. A text shorter than one window raises
+    ValueError saying how many tokens are needed and how many there are.
     """
+    if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
+                                      or max_positions < 1):
+        raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
+    _check_seq_len(seq_len, max_positions)
     if add_bos is None:
         add_bos = needs_bos(tokenizer)
-    ids = tokenize(tokenizer, get_text(name, split))
-    return make_blocks(ids, seq_len, n_blocks, add_bos, getattr(tokenizer, "bos_token_id", None), spread)
+    ids = tokenize(tokenizer, get_text(name, split), cache=not isinstance(name, Text))
+    return make_blocks(ids, seq_len, n_blocks, add_bos, getattr(tokenizer, "bos_token_id", None), spread,
+                       what=f"{describe(name)} (split {split!r})")
 
 
 # ------------------------------------------------------------------------------------------ offline prep

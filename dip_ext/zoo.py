@@ -35,6 +35,8 @@ __all__ = [
     "PIP_COMMAND",
     "ZooError",
     "MissingModelPackage",
+    "LoadError",
+    "tokenizer_for",
     "default_model_dir",
     "default_gguf_path",
     "load_default",
@@ -60,6 +62,60 @@ class ZooError(RuntimeError):
 
 class MissingModelPackage(ZooError, ImportError):
     """The package that carries the default model's weights (or the GGUF reader) is not installed."""
+
+
+class LoadError(ZooError, ValueError):
+    """A model or tokenizer could not be loaded from where it was asked for; the message names what, where,
+    why (the first line of the underlying error, chained as ``__cause__``) and what to do."""
+
+
+# Files a tokenizer can be loaded from (any one suffices with tokenizer_config.json or on its own).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _check_config(folder: Path) -> None:
+    """A folder's config.json must exist and be a JSON object: LoadError saying so otherwise."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise LoadError(f"could not load a model from {folder}: it has no config.json, so it is not a saved "
+                        "Hugging Face model folder; pass the folder that model.save_pretrained(...) wrote")
+    try:
+        value = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LoadError(f"could not load a model from {folder}: its config.json cannot be read as JSON "
+                        f"({_cause(e)}); restore it from the original model or save the model again") from e
+    if not isinstance(value, dict):
+        raise LoadError(f"could not load a model from {folder}: its config.json is not a JSON object; restore it "
+                        "from the original model or save the model again")
+
+
+def _load_tokenizer(folder: Path):
+    """``AutoTokenizer.from_pretrained(folder)`` offline, or LoadError naming the folder and the remedy."""
+    from transformers import AutoTokenizer
+
+    present = [f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+    remedy = (f"save the model's tokenizer there (tokenizer.save_pretrained('{folder}')) or copy its tokenizer "
+              "files from the original model")
+    if not present:
+        raise LoadError(f"could not load a tokenizer from {folder}: it has none of the tokenizer files "
+                        f"({', '.join(_TOKENIZER_FILES[:3])}, ...); {remedy}")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... with multi-line texts
+        raise LoadError(f"could not load the tokenizer in {folder} (files: {', '.join(present)}) ({_cause(e)}); "
+                        f"{remedy}") from e
 
 
 _DTYPES = {
@@ -186,11 +242,20 @@ def load_default(dtype=torch.float32, device="cpu"):
 
 
 def _load_folder(folder: Path, dtype, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a local Hugging Face folder, offline; LoadError naming what failed."""
+    from transformers import AutoModelForCausalLM
 
     dtype = as_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _check_config(folder)
+    tokenizer = _load_tokenizer(folder)  # first: it is cheap, the weights are not
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise LoadError(f"could not load the model in {folder} ({_cause(e)}); the folder needs config.json and "
+                        "the weights (model.safetensors or pytorch_model.bin) as model.save_pretrained(...) "
+                        "writes them, for a supported architecture") from e
     return model.to(device).eval(), tokenizer
 
 
@@ -212,7 +277,9 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     - anything else is taken as a Hugging Face hub id, e.g. ``"meta-llama/Llama-3.2-1B"``: this is the only
       case that uses the network (downloads into the Hugging Face cache).
 
-    ``dtype`` is a ``torch.dtype`` or a name (``"float32"``, ``"bf16"``, ...).
+    ``dtype`` is a ``torch.dtype`` or a name (``"float32"``, ``"bf16"``, ...). A folder or hub model that
+    cannot be loaded (no or corrupt config.json, missing weights, no tokenizer files, no network) raises
+    :class:`LoadError` (a ValueError and a :class:`ZooError`) naming what, where and what to do.
     """
     dtype = as_dtype(dtype)
     if name_or_path is None or (isinstance(name_or_path, str)
@@ -224,10 +291,16 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     if path.is_dir():
         if _is_compacted_folder(path):
             import dip_ext
-            from transformers import AutoTokenizer
 
-            model = dip_ext.from_pretrained(path, dtype=dtype)
-            return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+            tokenizer = _load_tokenizer(path)
+            try:
+                model = dip_ext.from_pretrained(path, dtype=dtype)
+            except MemoryError:
+                raise
+            except Exception as e:
+                raise LoadError(f"could not load the compacted dip_ext model in {path} ({_cause(e)}); save it "
+                                "again with model.save_pretrained(...) from the pruned model") from e
+            return model.to(device).eval(), tokenizer
         return _load_folder(path, dtype, device)
     if path.exists():
         raise ValueError(f"{path} is a file; pass the model's folder (the one holding config.json)")
@@ -241,7 +314,43 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as e:
-        raise ZooError(f"could not load {name!r} as a local folder or a Hugging Face hub id "
-                       f"(the hub needs network access): {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise LoadError(f"could not load {name!r}: there is no such local folder, and as a Hugging Face hub id "
+                        f"it failed ({_cause(e)}); check the name, or the network (the hub needs it once), or "
+                        "pass a local folder") from e
     return model.to(device).eval(), tokenizer
+
+
+def tokenizer_for(model):
+    """The tokenizer of ``model``, found offline from where the model was loaded, as transformers' pipelines do.
+
+    Looks at ``model.name_or_path`` and ``model.config._name_or_path``: a local folder with tokenizer files
+    gives its tokenizer; the default model's names (:data:`DEFAULT_MODEL_ALIASES`) give the embedded default
+    model's tokenizer (:func:`default_model_dir`, converted on first use). Never downloads. Raises
+    :class:`LoadError` (a ValueError) saying what to pass (``tokenizer=AutoTokenizer.from_pretrained(...)``)
+    when the model records no usable location: a hub id, a path that is gone, or nothing at all.
+    """
+    config = getattr(model, "config", None)
+    seen = []
+    for where in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None)):
+        if isinstance(where, os.PathLike):
+            where = os.fspath(where)
+        if isinstance(where, str) and where.strip() and where not in seen:
+            seen.append(where)
+    for where in seen:
+        if where.strip().lower() in DEFAULT_MODEL_ALIASES:
+            folder = default_model_dir()
+            if not _is_complete(folder):
+                load_default()  # converts the GGUF (offline); raises MissingModelPackage with the pip command
+            return _load_tokenizer(folder)
+        path = Path(where).expanduser()
+        if path.is_dir():
+            return _load_tokenizer(path)
+    if not seen:
+        raise LoadError("the model does not record where it was loaded from (name_or_path is empty), so its "
+                        "tokenizer cannot be found: pass tokenizer=AutoTokenizer.from_pretrained(<the model's "
+                        "folder or hub id>)")
+    raise LoadError(f"the model was loaded from {seen[0]!r}, which is not a local folder; dip_ext does not "
+                    f"download tokenizers: pass tokenizer=AutoTokenizer.from_pretrained({seen[0]!r})")

@@ -96,8 +96,10 @@ def test_file_single_line_split_on_whitespace(tmp_path):
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"text file:.*missing\.txt.*does not exist; check the path"):
         data.get_text(f"file:{tmp_path / 'missing.txt'}", "all")
+    with pytest.raises(ValueError, match="is a folder; pass a text file"):
+        data.get_text(f"file:{tmp_path}", "all")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n ")
     for split in ("all", "calibration", "heldout"):
@@ -105,12 +107,90 @@ def test_file_errors(tmp_path):
             data.get_text(f"file:{empty}", split)
     single = tmp_path / "single.txt"
     single.write_text("lonely")  # nothing to split off for the held-out part
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"too short to split .*1 word.*split 'all'"):
         data.get_text(f"file:{single}", "heldout")
+    assert data.get_text(f"file:{single}", "all") == "lonely"
     binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00abc")
-    with pytest.raises(ValueError, match="UTF-8"):
+    binary.write_bytes(b"abc \xe9t\xe9")  # Latin-1
+    with pytest.raises(ValueError, match=r"bin\.txt is not UTF-8 text \(byte 4.*iconv") as info:
         data.get_text(f"file:{binary}", "all")
+    assert isinstance(info.value.__cause__, UnicodeDecodeError) and "\n" not in str(info.value)
+
+
+def test_byte_order_mark_is_not_text(tmp_path, monkeypatch):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffw1 w2\n\nw3 w4\n".encode("utf-8"))
+    assert data.get_text(f"file:{f}", "all") == "w1 w2\n\nw3 w4\n"
+    assert data.get_text(f"file:{f}", "calibration") == "w1 w2"
+    assert data.Text("\ufeffw1 w2") == "w1 w2"
+    f.write_bytes("\ufeffw1 w2\r\n\r\nw3 w4\r\n".encode("utf-8"))  # Windows line ends read as text mode does
+    assert data.get_text(f"file:{f}", "all") == "w1 w2\n\nw3 w4\n"
+    (tmp_path / "wiki.test.raw").write_bytes("\ufeff = T = \n".encode("utf-8"))
+    monkeypatch.setenv("DIP_EXT_WIKITEXT2_DIR", str(tmp_path))
+    assert "\ufeff" not in data.get_text("wikitext2", "test")
+
+
+def test_raw_text_wrapper_splits_like_a_file(tmp_path):
+    t = data.Text("one two three four five six seven eight nine ten", label="mine")
+    assert isinstance(t, str) and t.label == "mine" and "mine" in repr(t)
+    assert data.get_text(t, "all") == str(t)
+    cal, held = data.get_text(t, "calibration"), data.get_text(t, "heldout")
+    assert cal.split() + held.split() == t.split() and len(cal.split()) == 8
+    # A string without spaces is a perfectly good Text (e.g. CJK prose), not an unknown name.
+    assert data.get_text(data.Text("東京は日本の首都です。"), "all") == "東京は日本の首都です。"
+    with pytest.raises(ValueError, match=r"unknown text 'hello'.*dip_ext\.data\.Text"):
+        data.get_text("hello", "all")
+    with pytest.raises(ValueError, match="empty"):
+        data.get_text(data.Text("  "), "all")
+    tok = WordTok(TEXT_WORDS)
+    blocks = data.get_blocks(tok, data.Text(" ".join(TEXT_WORDS)), "all", seq_len=10)
+    assert blocks.shape == (5, 10)
+    assert not (tmp_path / "cache" / "tokens").exists()  # raw text is not cached on disk
+
+
+def test_eval_split_never_overlaps_calibration_of_the_same_file(tmp_path, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text("a b\n\nc d\n")
+    assert data.eval_split("wiki") == "heldout"
+    assert data.eval_split("ptb", calibration="ptb") == "test"
+    assert data.eval_split("wikitext2") == "test"
+    assert data.eval_split(f"file:{f}") == "all"  # the user's file alone: all of it
+    assert data.eval_split(f"file:{f}", calibration="wiki") == "all"
+    monkeypatch.chdir(tmp_path)
+    # The same file under another spelling of its path: the held-out part, disjoint from calibration's.
+    assert data.eval_split(f"file:{f}", calibration="file:./t.txt") == "heldout"
+    assert data.eval_split(f"file:{f}", calibration=torch.zeros(1, 2, dtype=torch.long)) == "all"
+    t = data.Text("x y z")
+    assert data.eval_split(t) == "all" and data.eval_split(t, calibration=data.Text("x y z")) == "heldout"
+    with pytest.raises(ValueError, match="unknown text"):
+        data.eval_split("c4")
+
+
+def test_check_name_reads_nothing(tmp_path):
+    assert data.check_name("ptb") == "test" and data.check_name("ptb", "calibration") == "train"
+    assert data.check_name(f"file:{tmp_path / 'not-yet-written.txt'}") == "all"
+    with pytest.raises(ValueError, match="unknown text 'c4'"):
+        data.check_name("c4")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        data.check_name("wiki", "dev")
+
+
+def test_fit_seq_len_adapts_defaults_and_rejects_lengths_beyond_the_model():
+    class Cfg:
+        max_position_embeddings = 64
+
+    assert data.fit_seq_len(None, Cfg(), default=256) == 64  # a short-context model: the default shrinks
+    assert data.fit_seq_len(None, None, default=256) == 256
+    assert data.fit_seq_len(32, Cfg()) == 32
+    assert data.fit_seq_len(64, Cfg()) == 64
+    with pytest.raises(ValueError, match=r"^eval_seq_len 128 is longer than the model's 64 positions "
+                                         r"\(max_position_embeddings\); use eval_seq_len 64 or less$"):
+        data.fit_seq_len(128, Cfg(), what="eval_seq_len")
+    for bad in (1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="int >= 2"):
+            data.fit_seq_len(bad, Cfg())
+    with pytest.raises(ValueError):
+        data.fit_seq_len(None, Cfg())
 
 
 def test_split_80_20_is_deterministic_on_boundaries():
@@ -149,6 +229,21 @@ def test_wikitext2_hub_path_uses_datasets_without_network(monkeypatch):
     data.get_text("wikitext2", "calibration")
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
                      ("Salesforce/wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_wikitext2_hub_failure_says_what_to_do(monkeypatch):
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+
+    def load_dataset(*a, **k):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(ValueError, match=r"could not load WikiText-2 \(test\).*ConnectionError: Couldn't reach.*"
+                                         r"DIP_EXT_WIKITEXT2_DIR") as info:
+        data.get_text("wikitext2", "heldout")
+    assert "\n" not in str(info.value) and isinstance(info.value.__cause__, ConnectionError)
 
 
 def test_wikitext2_without_datasets_is_a_clear_error(monkeypatch):
@@ -276,14 +371,32 @@ def test_get_blocks_shapes_bos_and_spread(tmp_path):
 def test_make_blocks_errors():
     with pytest.raises(ValueError, match="seq_len"):
         data.make_blocks(torch.arange(10), 1)
-    with pytest.raises(ValueError, match="fewer than one window"):
+    with pytest.raises(ValueError, match=r"the text has 10 token\(s\); one window of seq_len 32 needs 32 text "
+                                         r"tokens: use a seq_len of 10 or less"):
         data.make_blocks(torch.arange(10), 32)
+    with pytest.raises(ValueError, match=r"has 0 token\(s\).*use a longer text"):
+        data.make_blocks(torch.arange(0), 4)
     with pytest.raises(ValueError, match="n_blocks"):
         data.make_blocks(torch.arange(10), 4, n_blocks=0)
     with pytest.raises(ValueError, match="BOS"):
         data.make_blocks(torch.arange(10), 4, add_bos=True, bos_token_id=None)
     with pytest.raises(ValueError, match="empty"):
         data.tokenize(WordTok(TEXT_WORDS), "   ")
+
+
+def test_get_blocks_checks_lengths_before_reading(tmp_path):
+    tok = WordTok(TEXT_WORDS)
+    missing = f"file:{tmp_path / 'not-there.txt'}"
+    # The length is refused before the (missing) text is even looked at.
+    with pytest.raises(ValueError, match="seq_len 128 is longer than the model's 64 positions"):
+        data.get_blocks(tok, missing, "all", seq_len=128, max_positions=64)
+    with pytest.raises(ValueError, match="max_positions"):
+        data.get_blocks(tok, missing, "all", seq_len=8, max_positions=0)
+    name = _file_text(tmp_path, n=20)
+    assert data.get_blocks(tok, name, "all", seq_len=10, max_positions=10).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"text 'file:.*words\.txt' \(split 'all'\) has 20 token\(s\); one "
+                                         r"window of seq_len 32 needs 32 text tokens: use a seq_len of 20 or less"):
+        data.get_blocks(tok, name, "all", seq_len=32, add_bos=False)
 
 
 def test_token_cache_reused_and_keyed_by_tokenizer(tmp_path):

@@ -150,3 +150,128 @@ def test_default_model_loads_and_scores_wiki():
         pytest.skip(f"wiki text not available: {e}")
     ppl = ev.perplexity(model, tok, blocks, progress=False)
     assert math.isfinite(ppl) and ppl < 60
+
+
+# ---------------------------------------------------------------------- loading errors say what, where, how
+
+def _saved(tmp_path, tokenizer=True):
+    folder = tmp_path / "m"
+    _tiny_llama().save_pretrained(folder)
+    if tokenizer:
+        _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _one_clear_line(info, *parts):
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, (part, msg)
+    assert info.value.__cause__ is not None or "has no" in msg or "none of" in msg
+
+
+def test_folder_without_tokenizer_files(tmp_path):
+    folder = _saved(tmp_path, tokenizer=False)
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, zoo.ZooError)
+    _one_clear_line(info, "could not load a tokenizer from", str(folder), "tokenizer.save_pretrained")
+
+
+def test_folder_with_broken_tokenizer_file(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "tokenizer.json").write_text("{ truncated")
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    _one_clear_line(info, "could not load the tokenizer in", str(folder), "tokenizer.json")
+
+
+def test_folder_with_corrupt_or_missing_config(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    _one_clear_line(info, str(folder), "config.json cannot be read as JSON", "save the model again")
+    (folder / "config.json").unlink()
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    _one_clear_line(info, str(folder), "has no config.json")
+
+
+def test_folder_with_missing_weights(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    _one_clear_line(info, "could not load the model in", str(folder), "model.safetensors")
+
+
+def test_compacted_folder_load_error_is_wrapped(tmp_path, monkeypatch):
+    import json
+
+    import dip_ext
+
+    folder = _saved(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["disp_masks"] = {"layers": []}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def broken(path, **kw):
+        raise KeyError("model.layers.0.self_attn.q_proj.weight")
+
+    monkeypatch.setattr(dip_ext, "from_pretrained", broken)
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model(folder)
+    _one_clear_line(info, "compacted dip_ext model", str(folder), "KeyError")
+
+
+def test_hub_failure_is_wrapped(monkeypatch):
+    import transformers
+
+    class Offline:
+        @staticmethod
+        def from_pretrained(name, **kw):
+            raise OSError("We couldn't connect to 'https://huggingface.co'\nto load the files, and couldn't find them")
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Offline)
+    with pytest.raises(zoo.LoadError) as info:
+        zoo.resolve_model("some-org/some-model")
+    _one_clear_line(info, "'some-org/some-model'", "no such local folder", "network")
+
+
+def test_tokenizer_for_finds_the_folder_the_model_came_from(tmp_path):
+    folder = _saved(tmp_path)
+    model, _ = zoo.resolve_model(folder)
+    assert zoo.tokenizer_for(model)("hello world")["input_ids"] == [1, 2]
+    model.name_or_path = ""  # the config still records it
+    model.config._name_or_path = str(folder)
+    assert zoo.tokenizer_for(model)("world")["input_ids"] == [2]
+
+
+def test_tokenizer_for_says_what_to_pass(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("tried to load (or download) a tokenizer"))
+    model = _tiny_llama()  # built from a config: records no location
+    with pytest.raises(zoo.LoadError, match=r"name_or_path is empty.*tokenizer=AutoTokenizer\.from_pretrained"):
+        zoo.tokenizer_for(model)
+    model.config._name_or_path = "meta-llama/Llama-3.2-1B"
+    with pytest.raises(ValueError, match=r"not a local folder; dip_ext does not download tokenizers: pass "
+                                         r"tokenizer=AutoTokenizer\.from_pretrained\('meta-llama/Llama-3\.2-1B'\)"):
+        zoo.tokenizer_for(model)
+    model.config._name_or_path = str(_saved(tmp_path, tokenizer=False))
+    with pytest.raises(zoo.LoadError, match="could not load a tokenizer from"):
+        zoo.tokenizer_for(model)
+
+
+def test_tokenizer_for_default_model_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path))
+    folder = zoo.default_model_dir()
+    folder.mkdir(parents=True)
+    _tiny_llama().save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    (folder / zoo._MARKER).write_text("{}")
+    model = _tiny_llama()
+    model.config._name_or_path = "SmolLM2-135M-Instruct"
+    assert zoo.tokenizer_for(model)("hello")["input_ids"] == [1]
