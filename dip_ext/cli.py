@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from . import distributed as dist
 from . import build_info, data, zoo
-from .config import EvalConfig, PruneConfig, RefitConfig, window_length
+from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
@@ -35,7 +35,6 @@ from .pipeline import Pruner
 from .selection import get_method, method_names
 from .selection.registry import registered_options_classes
 from .sharding import load_sharded
-from .tokens import max_positions
 
 __all__ = ["main", "build_parser", "PruneRun", "EvalRun", "InfoRun"]
 
@@ -70,7 +69,10 @@ class EvalRun:
     """``dip-ext eval``: one model, one text, its perplexity as JSON."""
 
     model: Optional[str] = option(None, "folder, hub id or 'smollm2-135m' (default)")
-    text: str = option("wiki", "wiki (its held-out 20 %), ptb (test), wikitext2 (test) or file:PATH")
+    text: str = option("wiki", "wiki (its held-out 20 %), ptb (test), wikitext2 (test) or file:PATH (the whole "
+                       "file)")
+    split: Optional[str] = option(None, "the part of the text to score: calibration, heldout, test, all (default: "
+                                  "a built-in text's held-out part, a file whole)")
     seq_len: Optional[int] = option(None, "window length in tokens (default: 256, or the model's position limit "
                                     "when that is shorter; the same windows as the prune report)", minimum=2)
     max_windows: Optional[int] = option(None, "cap on the number of windows, evenly spaced (default: all)",
@@ -149,7 +151,7 @@ def _prune(args: argparse.Namespace) -> int:
                      "or --resume to continue an interrupted run")
     data.get_text(config.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
     for name in (evaluation.eval_text if evaluation.eval_windows else []):
-        data.get_text(name, "heldout")
+        data.get_text(name, data.eval_split(name, config.calibration))
     if run.overwrite and out.exists() and dist.is_main():
         shutil.rmtree(out)
     dist.barrier()
@@ -189,11 +191,12 @@ def _prune_distributed(args) -> int:
 def _eval(args) -> int:
     run = from_namespace(EvalRun, args)
     model, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
-    seq_len = window_length(run.seq_len, max_positions(model.config))
+    seq_len = data.fit_seq_len(run.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="--seq-len")
+    split = run.split or data.eval_split(run.text)
     ppl = perplexity(model, tokenizer, run.text, seq_len=seq_len, max_windows=run.max_windows,
-                     progress=not run.quiet)
-    print(json.dumps({"model": run.model or zoo.DEFAULT_MODEL, "text": run.text, "seq_len": seq_len,
-                      "perplexity": ppl}))
+                     progress=not run.quiet, split=split)
+    print(json.dumps({"model": run.model or zoo.DEFAULT_MODEL, "text": run.text, "split": split,
+                      "seq_len": seq_len, "perplexity": ppl}))
     return 0
 
 

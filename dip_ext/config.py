@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from .options import check_fields, option
 
-__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES", "DEFAULT_SEQ_LEN", "window_length"]
+__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES", "DEFAULT_SEQ_LEN"]
 
 #: tokens per window (calibration and evaluation) unless the model's position limit is shorter
 DEFAULT_SEQ_LEN = 256
@@ -85,18 +85,9 @@ class EvalConfig:
     eval_seq_len: Optional[int] = option(None, "tokens per perplexity window and per prefill-speed sequence "
                                          "(default: 256, or the model's position limit when that is shorter)",
                                          minimum=2)
-    speed: bool = option(True, "measure prefill tokens/s before and after")
+    speed: bool = option(True, "time the compacted model's prefill against the dense model's, as interleaved "
+                         "pairs (keeps a copy of the dense model until then: twice the model's memory)")
 
     def __post_init__(self):
         check_fields(self)
 
-
-def window_length(requested: Optional[int], limit: Optional[int], name: str = "seq_len") -> int:
-    """The window length to use: ``requested``, or :data:`DEFAULT_SEQ_LEN` capped at the model's position limit
-    ``limit`` when None. ValueError when a requested length exceeds the limit."""
-    if requested is None:
-        return DEFAULT_SEQ_LEN if limit is None else min(DEFAULT_SEQ_LEN, limit)
-    if limit is not None and requested > limit:
-        raise ValueError(f"{name} {requested} is longer than the model's {limit} positions "
-                         f"(max_position_embeddings); pass {name} <= {limit}")
-    return requested

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .config import DEFAULT_SEQ_LEN
 from .model_state import model_device
 from .tokens import check_windows, max_positions
 
@@ -34,7 +35,6 @@ __all__ = ["perplexity", "window_losses", "mean_window_loss", "prefill_tokens_pe
 # all of it (dip_ext.data.eval_split decides).
 DEFAULT_EVAL_SPLIT = "heldout"
 #: perplexity's window length when none is given (capped at the model's position limit)
-DEFAULT_SEQ_LEN = 512
 #: prefill measurements' sequence length when none is given (capped at the model's position limit)
 DEFAULT_PREFILL_LEN = 256
 
@@ -162,7 +162,8 @@ def perplexity(model, tokenizer, text_or_name, seq_len: Optional[int] = None, ma
       a plain string containing whitespace is taken as raw text too, one without as a text name;
     - 1-D token ids, or ready-made windows LongTensor ``[n, seq_len]`` (used as given; ``seq_len`` ignored).
 
-    ``seq_len`` None: 512 tokens, or the model's position limit when that is shorter.
+    ``seq_len`` None: :data:`dip_ext.config.DEFAULT_SEQ_LEN` tokens (the pruning report's windows), or the
+    model's position limit when that is shorter.
     ``max_windows`` caps the number of windows (evenly spaced over the text). ``add_bos=None`` puts BOS
     at the start of each window when the model needs it (:func:`dip_ext.data.needs_bos`). ``device``
     defaults to the model's. Runs without autograd (see :func:`window_losses`); returns a Python float.

@@ -14,6 +14,7 @@ result, and stop anywhere::
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -26,12 +27,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from . import data
 from . import distributed as dist
 from .calibration import CalibrationResult, blocks_sha, run_calibration, weights_fingerprint
 from .compaction import compact, is_compacted
-from .config import EvalConfig, PruneConfig, RefitConfig, window_length
+from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .distributed import Placement
-from .eval import perplexity, prefill_tokens_per_second
+from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
 from .options import as_dict
 from .params import ParamReport, param_report
@@ -39,7 +41,6 @@ from .refit import RefitResult, run_refit
 from .report import PruneReport
 from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection import method_options as resolve_method_options
-from .tokens import max_positions
 from .windows import CalibrationWindows, calibration_windows, split_calibration
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
@@ -49,12 +50,15 @@ _CALIBRATION_CHECKPOINT = "calibration.safetensors"
 
 @dataclass
 class Evaluation:
-    """Perplexity per text (``{name: ppl}``) and prefill tokens/s (None when not measured) of the model as it was
-    when :meth:`Pruner.evaluate` ran; ``label`` is "before" (dense) or "after" (compacted)."""
+    """Perplexity per text (``{name: ppl}``) of the model as it was when :meth:`Pruner.evaluate` ran (``label``
+    "before": dense, "after": compacted) and, after, its prefill speed against the dense model's (interleaved
+    pairs, :func:`dip_ext.eval.compare_prefill`; None when not measured)."""
 
     label: str
     perplexity: dict[str, float] = field(default_factory=dict)
     tokens_per_second: Optional[float] = None
+    #: "after": the compacted model's prefill timed against the dense one as interleaved pairs
+    speed: Optional[PrefillComparison] = None
 
 
 @dataclass
@@ -112,9 +116,9 @@ class Pruner:
                              "model that gets compacted and saved)")
         if not self.placement.sharded and full_model is not None:
             raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
-        limit = max_positions(model.config)
-        self.seq_len = window_length(self.config.seq_len, limit, "seq_len")
-        self.eval_seq_len = window_length(self.eval_config.eval_seq_len, limit, "eval_seq_len")
+        self.seq_len = data.fit_seq_len(self.config.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="seq_len")
+        self.eval_seq_len = data.fit_seq_len(self.eval_config.eval_seq_len, model.config, default=DEFAULT_SEQ_LEN,
+                                             what="eval_seq_len")
         self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of)
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         needs_tokenizer = list(texts) + ([self.config.calibration] if calibration_tokens is None else [])
@@ -140,6 +144,7 @@ class Pruner:
         self._refit: Optional[RefitResult] = None
         self._refit_done = False
         self._compaction: Optional[CompactionResult] = None
+        self._speed_reference: Optional[nn.Module] = None
 
     # ---- checks and bookkeeping ----------------------------------------------------------------------------
 
@@ -228,6 +233,9 @@ class Pruner:
             self.refit()
             dense = self.full_model if self.placement.sharded else self.model
             before = param_report(dense if dense is not None else self.model)
+            if self.eval_config.speed and not self.placement.sharded and self.placement.is_main:
+                # timed against the compacted model in interleaved pairs, so load changes hit both alike
+                self._speed_reference = copy.deepcopy(self.model)
             with self._timed("compaction"):
                 model = dense
                 if model is not None:
@@ -238,7 +246,8 @@ class Pruner:
         return self._compaction
 
     def evaluate(self) -> Evaluation:
-        """Perplexity (and prefill speed) of the model now: "before" until :meth:`compact` ran, then "after".
+        """Perplexity of the model now: "before" until :meth:`compact` ran, then "after" (with the prefill speed
+        against the dense model when ``EvalConfig.speed``).
 
         Data-parallel: rank 0 evaluates, the other ranks return an empty Evaluation. Sharded: every rank scores
         "before" (its forwards are collectives, speed is not measured); rank 0 alone scores "after".
@@ -253,14 +262,16 @@ class Pruner:
         result = Evaluation(label)
         with self._timed(f"eval {label}"):
             for name in texts:
+                split = data.eval_split(name, None if self.calibration_tokens is not None else self.config.calibration)
                 value = perplexity(model, self.tokenizer, name, seq_len=self.eval_seq_len, max_windows=cfg.eval_windows,
-                                   progress=self.progress and self.placement.is_main)
+                                   progress=self.progress and self.placement.is_main, split=split)
                 if label == "after" and not math.isfinite(value):
                     raise FloatingPointError(f"pruned model has non-finite perplexity on {name}")
                 result.perplexity[name] = value
-            if cfg.speed and texts and not self.placement.sharded:
-                result.tokens_per_second = prefill_tokens_per_second(model, seq_len=self.eval_seq_len, batch=1,
-                                                                     repeats=3)
+            if label == "after" and self._speed_reference is not None:
+                result.speed = compare_prefill(self._speed_reference, model, seq_len=self.eval_seq_len)
+                result.tokens_per_second = result.speed.pruned_tokens_per_second
+                self._speed_reference = None  # the dense copy is not needed any more
         self.evaluations[label] = result
         return result
 
@@ -310,7 +321,8 @@ class Pruner:
                           **self.budget.describe(masks.widths())},
             widths=masks.widths(), full_widths=before.full_widths,
             perplexity_before=before_eval.perplexity, perplexity_after=after_eval.perplexity,
-            tokens_per_second_before=before_eval.tokens_per_second,
+            tokens_per_second_before=after_eval.speed.dense_tokens_per_second if after_eval.speed else None,
             tokens_per_second_after=after_eval.tokens_per_second, seconds=dict(self.seconds),
+            speed=after_eval.speed.to_dict() if after_eval.speed else None,
             masks=masks.to_dict(), selection={k: v for k, v in summary.items() if v is not None},
             dtype=self.dtype, resumed=self.resumed)

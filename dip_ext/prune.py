@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import zoo
 from .config import EvalConfig, PruneConfig, RefitConfig
 from .pipeline import Pruner
 from .report import PruneReport
@@ -31,8 +32,10 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     """Prunes ``model`` with DISP and compacts it in place; returns ``(model, PruneReport)``.
 
     ``ratio``: fraction of decoder-linear parameters removed (``ratio_of="total"``: of all parameters).
-    ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``) or token windows
-    ``[n, seq_len]``. ``method``: a registered selection method (``"hypernetwork"``, ``"oneshot"``,
+    ``tokenizer``: None takes the tokenizer of the model's own folder (``model.name_or_path``: a local folder or
+    the embedded default model; nothing is downloaded) and raises ValueError saying what to pass otherwise.
+    ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``), raw text
+    (:class:`dip_ext.data.Text`) or token windows ``[n, seq_len]``. ``method``: a registered selection method (``"hypernetwork"``, ``"oneshot"``,
     ``"dependent"``, ...); its options go in ``method_options`` (e.g. ``HypernetworkConfig(steps=500)``) or as
     keywords (``steps=500``; ``hypernetwork_options={...}`` is accepted too; ``steps`` is ignored by methods
     that do not train). The other keywords are the
@@ -43,10 +46,8 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
 
     Raises ValueError (naming the option) for a bad option before any work.
     """
-    if tokenizer is None and not isinstance(calibration, torch.Tensor):
-        raise ValueError(f"calibration text {calibration!r} needs a tokenizer: pass "
-                         "prune_and_compact(model, tokenizer, ...) (e.g. AutoTokenizer.from_pretrained of the "
-                         "model's folder), or token windows as calibration")
+    if tokenizer is None and (not isinstance(calibration, torch.Tensor) or (eval_texts and eval_windows != 0)):
+        tokenizer = zoo.tokenizer_for(model)  # the model's own folder (never downloads), or what to pass
     values = dict(hypernetwork_options or {}, **method_kwargs)
     fields = {f.name for f in dataclasses.fields(get_method(method).options_class or object)} \
         if get_method(method).options_class is not None else set()

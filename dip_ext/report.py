@@ -38,6 +38,7 @@ class PruneReport:
     selection: dict = field(default_factory=dict)  # a trained method's run: steps, best step, validation losses
     dtype: Optional[str] = None  # the weights' dtype while pruning
     resumed: bool = False  # whether any stage continued from checkpoints of an earlier run
+    speed: Optional[dict] = None  # interleaved prefill pairs: eval.PrefillComparison.to_dict()
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -56,10 +57,11 @@ class PruneReport:
         for name in self.perplexity_before:
             before, after = self.perplexity_before[name], self.perplexity_after.get(name, float("nan"))
             lines.append(f"| perplexity {name} | {before:.3f} | {after:.3f} | ×{after / before:.3f} |")
-        if self.tokens_per_second_before and self.tokens_per_second_after:
-            lines.append(f"| prefill tokens/s | {self.tokens_per_second_before:,.0f} | "
-                         f"{self.tokens_per_second_after:,.0f} | "
-                         f"×{self.tokens_per_second_after / self.tokens_per_second_before:.2f} speed |")
+        if self.speed:
+            s = self.speed
+            lines.append(f"| prefill tokens/s | {s['dense_tokens_per_second']:,.0f} | "
+                         f"{s['pruned_tokens_per_second']:,.0f} | ×{s['speedup']:.2f} speed (median of {s['pairs']} "
+                         f"interleaved pairs, ×{s['speedup_min']:.2f}–×{s['speedup_max']:.2f}) |")
         sel = self.selection
         if sel.get("best_step") is not None:
             history = dict(sel["val_history"])

@@ -74,7 +74,8 @@ def run_cli(capsys, *argv):
 
 def tiny_prune_args(folder, word_text, out, *extra):
     return ("prune", "--model", folder, "--calibration", word_text, "--seq-len", 16, "--calibration-windows", 4,
-            "--eval-text", word_text, "--eval-windows", 1, "--no-speed", "--quiet", "--out", out, *extra)
+            "--eval-text", word_text, "--eval-windows", 1, "--eval-seq-len", 16, "--no-speed", "--quiet", "--out", out,
+            *extra)
 
 
 # ------------------------------------------------------------------------------------- help and usage

@@ -31,7 +31,7 @@ def tiny_world(monkeypatch, tmp_path, word_tokenizer, word_text, one_thread):
     def load_default(*args, **kwargs):  # a fresh dense model at every call, as the real one loads from disk
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           tie_word_embeddings=True)
         return LlamaForCausalLM(cfg).eval(), word_tokenizer
 

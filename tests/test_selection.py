@@ -448,7 +448,10 @@ def test_prune_with_file_texts_and_tokenizer(word_tokenizer, word_text):
     for ppl in (report.perplexity_before[name], report.perplexity_after[name]):
         assert 1 < ppl < 10 * VOCAB
     assert report.tokens_per_second_before > 0 and report.tokens_per_second_after > 0
-    assert f"perplexity {name}" in report.to_markdown() and "prefill tokens/s" in report.to_markdown()
+    speed = report.speed  # interleaved pairs: the median and the spread of the per-pair speed-ups
+    assert speed["pairs"] == len(speed["ratios"]) and speed["speedup_min"] <= speed["speedup"] <= speed["speedup_max"]
+    assert speed["pruned_tokens_per_second"] == report.tokens_per_second_after
+    assert f"perplexity {name}" in report.to_markdown() and "interleaved pairs" in report.to_markdown()
     blocks = data.get_blocks(tok, name, "calibration", SEQ, 4)
     _, by_blocks = _prune(dense, "oneshot", calibration=blocks)
     assert by_blocks.masks == report.masks
@@ -509,7 +512,7 @@ def test_prune_hypernetwork_holds_out_validation_windows():
     (dict(calibration="file:EMPTY"), ValueError, "empty"),
     (dict(calibration="file:MISSING"), FileNotFoundError, "does not exist"),
     (dict(calibration=torch.empty(0, SEQ, dtype=torch.long)), ValueError, "empty: no token windows"),
-    (dict(calibration="ptb", tokenizer=None), ValueError, "needs a tokenizer"),
+    (dict(calibration="ptb", tokenizer=None), ValueError, "its tokenizer cannot be found: pass tokenizer="),
     (dict(eval_texts=("wiki",), tokenizer=None), ValueError, "tokenizer"),
 ])
 def test_prune_bad_input(kw, err, match, tmp_path, word_tokenizer):

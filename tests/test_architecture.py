@@ -1,0 +1,110 @@
+"""The package's shape, checked: imports run one way (import-linter layers), no import cycle, small modules, no
+private helper imported across modules, and function-level imports only for optional third-party packages."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import dip_ext
+
+PACKAGE = Path(dip_ext.__file__).parent
+SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
+MAX_LINES = 400
+#: imports allowed inside functions: packages that are optional at run time (or optional parts of torch)
+OPTIONAL = ("datasets", "peft", "gguf", "torch.distributed", "importlinter", "grimp")
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_import_layers_contract():
+    importlinter = pytest.importorskip("importlinter.cli")
+    assert importlinter.lint_imports(config_filename=str(SETUP_CFG), no_cache=True) == 0
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    grimp = pytest.importorskip("grimp")
+    g = grimp.build_graph("dip_ext")
+    # the package root re-exports the public API: it imports everything and nothing imports it back
+    graph = {m: {d for d in g.find_modules_directly_imported_by(m) if d != "dip_ext"} for m in g.modules}
+    assert _cycles(graph) == []
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_module_is_small(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def _imports(path: Path):
+    """(import node, inside a function?) for every import of the module."""
+    tree = ast.parse(path.read_text())
+    inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, id(node) in inner
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_no_private_import_across_modules(path):
+    private = [f"{node.module}.{a.name}" for node, _ in _imports(path) if isinstance(node, ast.ImportFrom)
+               and node.level > 0 for a in node.names if a.name.startswith("_") and a.name != "_C"]
+    assert private == []
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_function_level_imports_only_for_optional_packages(path):
+    bad = []
+    for node, inside in _imports(path):
+        if not inside:
+            continue
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            bad.append("." * node.level + (node.module or ""))
+        else:
+            bad += [n for n in names if not n.startswith(OPTIONAL)]
+    assert bad == []
