@@ -19,15 +19,17 @@ except ImportError as _e:  # pragma: no cover - depends on how the package was i
         "checkout, it shadows the installed package: run from another directory, or install it editable "
         "(pip install --no-build-isolation -e .). Otherwise build it: pip install --no-build-isolation .") from _e
 from . import ops
-from .compaction import compact, is_compacted
+from .compaction import compact, is_compacted, require_dense
 from .errors import MaskError, UnsupportedModelError
 from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
-from .modeling import from_pretrained
+from .modeling import from_pretrained, register_classes
 from .params import ParamReport, param_report
 from .prune import PruneReport, prune_and_compact
 
 __version__ = "0.1.0"
+
+register_classes()  # AutoConfig / AutoModelForCausalLM (and peft, if installed) learn the compacted classes
 
 
 def build_info() -> dict:
@@ -36,5 +38,5 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "build_info", "__version__", "DispMasks", "ModelDims", "STRUCTURES", "apply_masks",
-           "MaskedModel", "compact", "is_compacted", "from_pretrained", "param_report", "ParamReport",
+           "MaskedModel", "compact", "is_compacted", "require_dense", "from_pretrained", "param_report", "ParamReport",
            "MaskError", "UnsupportedModelError", "prune_and_compact", "PruneReport"]
