@@ -17,6 +17,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFo
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks
 from dip_ext.families import FAMILIES, adapter_for
+from dip_ext.families import hf_classes
 from dip_ext.families.hf_classes import LOAD_GUARD
 from dip_ext.families.layers import SkippedAttention
 from dip_ext.modules import IndexSet, index_sets, place_index_sets
@@ -132,16 +133,6 @@ def test_generate_with_cache_keeps_one_entry_per_layer(family):
         assert len(out.hidden_states[step]) == LAYERS + 1
 
 
-def test_sdpa_returns_no_attentions_for_every_layer_alike():
-    dense, masks, compacted = compacted_pair("llama", attn="sdpa")
-    ids = torch.randint(3, VOCAB - 1, (1, 5))
-    with torch.no_grad():
-        with dip_ext.apply_masks(dense, masks):
-            ref = dense(ids, output_attentions=True).attentions
-        out = compacted(ids, output_attentions=True).attentions
-    assert len(out) == len(ref)  # sdpa returns no weights: none for a removed layer either
-
-
 # ---- index sets on the model's device --------------------------------------------------------------------------
 
 def all_index_sets(model) -> list[IndexSet]:
@@ -176,6 +167,20 @@ def test_index_sets_placed_by_device_map_loading(tmp_path, family):
     assert_sets_on(loaded, "meta", 2 * LAYERS)
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, device_map={"": "meta"})
     assert_sets_on(remote, "meta", 2 * LAYERS)
+
+
+def test_index_sets_placed_after_the_weights_reach_their_device(tmp_path, monkeypatch):
+    """The models are built on "meta" and the loader then puts the weights on the device_map's device: the
+    placement must run after that (on a GPU the copies would otherwise be made lazily inside the first forward)."""
+    _, _, compacted = compacted_pair("llama")
+    compacted.save_pretrained(tmp_path)
+    seen = []
+    monkeypatch.setattr(hf_classes, "place_index_sets",
+                        lambda model: seen.append({p.device.type for p in model.parameters()}))
+    for load in (dip_ext.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        seen.clear()
+        load(tmp_path, device_map="cpu")
+        assert seen[0] == {"meta"} and seen[-1] == {"cpu"}
 
 
 def test_place_index_sets_uses_accelerate_execution_device():
