@@ -40,26 +40,51 @@ class LayerShapes:
     mlp_out_bias: bool
 
 
+def block_points(attn_inputs: tuple[nn.Module, ...], attn_output: nn.Module, mlp_inputs: tuple[nn.Module, ...],
+                 mlp_output: nn.Module) -> dict[str, list[MaskPoint]]:
+    """The mask points of a layer with these linears: ``attn_in`` on the inputs of q/k/v, ``attn_out`` on the
+    attention output projection's output, ``mlp_in`` on the MLP input linears' inputs, ``mlp_mid`` on the MLP
+    output linear's input and ``mlp_out`` on its output."""
+    return {"attn_in": [(m, "input") for m in attn_inputs], "attn_out": [(attn_output, "output")],
+            "mlp_in": [(m, "input") for m in mlp_inputs], "mlp_mid": [(mlp_output, "input")],
+            "mlp_out": [(mlp_output, "output")]}
+
+
 class FamilyAdapter:
     """Knows one model family: its widths, where its masks apply, and how a layer is compacted.
 
-    Subclasses set the class attributes and implement :meth:`dims`, :meth:`shapes`, :meth:`decoder_layers`,
-    :meth:`dense_mask_points` and :meth:`compact_layer`.
+    Subclasses set ``dense_model`` (the family's Hugging Face CausalLM class) and ``layer_class`` (its compacted
+    decoder layer, built as ``layer_class(dense_layer, idx)``) and implement :meth:`shapes` and
+    :meth:`dense_mask_points`; :meth:`dims` and :meth:`decoder_layers` default to the common
+    ``num_hidden_layers`` / ``hidden_size`` / ``intermediate_size`` and ``model.model.layers``.
     """
 
-    #: Short name, e.g. "llama".
-    name: str = ""
-    #: ``config.model_type`` values this adapter handles.
-    model_types: tuple[str, ...] = ()
-    #: Hugging Face class names, for messages.
-    architectures: tuple[str, ...] = ()
+    #: The dense Hugging Face ``*ForCausalLM`` class of the family.
+    dense_model: type
+    #: The family's compacted decoder layer class.
+    layer_class: type
+
+    @property
+    def name(self) -> str:
+        """The family's ``model_type``, e.g. "llama"."""
+        return self.dense_model.config_class.model_type
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """``config.model_type`` values this adapter handles."""
+        return (self.name,)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """Hugging Face class names, for messages."""
+        return (self.dense_model.__name__,)
 
     def check_supported(self, config) -> None:
         """Raises UnsupportedModelError for variants of the family this adapter cannot compact."""
 
     def dims(self, config) -> ModelDims:
         """Layer count, residual width and MLP width of a model of ``config``."""
-        raise NotImplementedError
+        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
 
     def shapes(self, config) -> LayerShapes:
         """The linears' widths and biases of one dense decoder layer of ``config`` (as the family's modules read
@@ -68,7 +93,7 @@ class FamilyAdapter:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of a ``*ForCausalLM`` model."""
-        raise NotImplementedError
+        return model.model.layers
 
     def dense_mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
         """:meth:`mask_points` of a layer known to be dense."""
@@ -76,7 +101,7 @@ class FamilyAdapter:
 
     def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
         """A compacted replacement for dense ``layer`` keeping the index sets ``idx`` (sorted int64)."""
-        raise NotImplementedError
+        return self.layer_class(layer, idx)
 
     def mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
         """For each structure, the (module, "input"|"output") places its 0/1 mask multiplies in a dense layer.

@@ -66,10 +66,17 @@ class DipExtForCausalLM:
     """CausalLM mixin: builds the compacted structure from ``config.disp_masks`` so ``from_pretrained`` loads
     compacted weights, puts index sets on their devices after loading, and saves the remote-code shim.
 
-    ``disp_adapter``: the family's adapter (set by each family's class).
+    ``disp_adapter``: the family's adapter (set by each family's class). ``_no_split_modules`` (the decoder layer
+    classes ``device_map="auto"`` keeps whole) lists, after the dense class's names, each one's compacted
+    ``DipExt<name>`` too.
     """
 
     disp_adapter: FamilyAdapter
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dense = [n for n in getattr(cls, "_no_split_modules", None) or [] if not n.startswith("DipExt")]
+        cls._no_split_modules = dense + [f"DipExt{n}" for n in dense]
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -116,6 +123,14 @@ class Family:
     dense_model: type
     config: type
     model: type
+
+    @classmethod
+    def of(cls, model: type) -> "Family":
+        """The record of a ``DipExt<Family>ForCausalLM`` class (its adapter, config class and dense bases)."""
+        dense_model = next(b for b in model.__bases__ if not issubclass(b, DipExtForCausalLM))
+        config = model.config_class
+        dense_config = next(b for b in config.__bases__ if not issubclass(b, DipExtConfig))
+        return cls(model.disp_adapter, dense_config, dense_model, config, model)
 
     @property
     def base_model_type(self) -> str:

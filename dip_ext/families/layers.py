@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..modules import IndexSet, IndexSetsFollowDevice
+from ..modules import IndexSet, IndexSetsFollowDevice, compact_linear
 
 
 def keeps_attention(attn_out_width) -> bool:
@@ -25,6 +25,25 @@ def keeps_attention(attn_out_width) -> bool:
 def keeps_mlp(mlp_mid_width, mlp_out_width, out_bias: bool) -> bool:
     """A compacted MLP is stored iff it writes somewhere and has a channel or an output bias to write."""
     return mlp_out_width > 0 and (mlp_mid_width > 0 or out_bias)
+
+
+def compact_attention(attn: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> nn.Module:
+    """Slices the attention module ``attn`` in place and returns it: its ``inputs`` linears (q, k, v) keep the
+    columns ``attn_in`` and all their rows and biases (heads stay whole), its ``output`` linear the rows
+    ``attn_out`` (with their biases)."""
+    for name in inputs:
+        setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
+    setattr(attn, output, compact_linear(getattr(attn, output), rows=idx["attn_out"]))
+    return attn
+
+
+def compact_mlp(owner: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> None:
+    """Slices an MLP's linears, attributes of ``owner``, in place: the ``inputs`` linears (gate/up, fc1) keep the
+    rows ``mlp_mid`` and the columns ``mlp_in``, the ``output`` linear (down, fc2) the rows ``mlp_out`` and the
+    columns ``mlp_mid``; biases follow their rows."""
+    for name in inputs:
+        setattr(owner, name, compact_linear(getattr(owner, name), rows=idx["mlp_mid"], cols=idx["mlp_in"]))
+    setattr(owner, output, compact_linear(getattr(owner, output), rows=idx["mlp_out"], cols=idx["mlp_mid"]))
 
 
 def cache_from(kwargs: dict):

@@ -24,9 +24,7 @@ class DipExtLlamaDecoderLayer(LlamaStyleLayer, LlamaDecoderLayer):
 
 
 class LlamaAdapter(LlamaStyleAdapter):
-    name = "llama"
-    model_types = ("llama",)
-    architectures = ("LlamaForCausalLM",)
+    dense_model = LlamaForCausalLM
     layer_class = DipExtLlamaDecoderLayer
 
     def shapes(self, config) -> LayerShapes:
@@ -47,8 +45,6 @@ class DipExtLlamaForCausalLM(DipExtForCausalLM, LlamaForCausalLM):
 
     config_class = DipExtLlamaConfig
     disp_adapter = LlamaAdapter()
-    _no_split_modules = ["LlamaDecoderLayer", "DipExtLlamaDecoderLayer"]
 
 
-FAMILY = Family(DipExtLlamaForCausalLM.disp_adapter, LlamaConfig, LlamaForCausalLM, DipExtLlamaConfig,
-                DipExtLlamaForCausalLM)
+FAMILY = Family.of(DipExtLlamaForCausalLM)

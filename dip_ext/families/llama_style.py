@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..masks import ModelDims
-from ..modules import RMSNormGather, compact_linear, residual_add
-from .base import FamilyAdapter, LayerShapes
-from .layers import CompactedLayer, keeps_attention, keeps_mlp
+from ..modules import RMSNormGather, residual_add
+from .base import FamilyAdapter, LayerShapes, block_points
+from .layers import CompactedLayer, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
 class LlamaStyleLayer(CompactedLayer):
@@ -41,16 +40,11 @@ class LlamaStyleLayer(CompactedLayer):
         if keeps_attention(idx["attn_out"].numel()):
             norm = dense.input_layernorm
             self.input_layernorm = RMSNormGather(norm.weight, norm.variance_epsilon, idx["attn_in"])
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
-            attn.o_proj = compact_linear(attn.o_proj, rows=idx["attn_out"])
-            self.self_attn = attn
+            self.self_attn = compact_attention(attn, idx, ("q_proj", "k_proj", "v_proj"), "o_proj")
         if keeps_mlp(idx["mlp_mid"].numel(), idx["mlp_out"].numel(), mlp.down_proj.bias is not None):
             norm = dense.post_attention_layernorm
             self.post_attention_layernorm = RMSNormGather(norm.weight, norm.variance_epsilon, idx["mlp_in"])
-            mlp.gate_proj = compact_linear(mlp.gate_proj, rows=idx["mlp_mid"], cols=idx["mlp_in"])
-            mlp.up_proj = compact_linear(mlp.up_proj, rows=idx["mlp_mid"], cols=idx["mlp_in"])
-            mlp.down_proj = compact_linear(mlp.down_proj, rows=idx["mlp_out"], cols=idx["mlp_mid"])
+            compact_mlp(mlp, idx, ("gate_proj", "up_proj"), "down_proj")
             self.mlp = mlp
         self.train(dense.training)
 
@@ -68,10 +62,8 @@ class LlamaStyleLayer(CompactedLayer):
 
 
 class LlamaStyleAdapter(FamilyAdapter):
-    """Adapter of a LLaMA-style family; a family sets the class attributes, ``layer_class`` and :meth:`shapes`."""
-
-    #: The family's compacted decoder layer class (a :class:`LlamaStyleLayer` and its dense layer class).
-    layer_class: type
+    """Adapter of a LLaMA-style family; a family sets ``dense_model``, ``layer_class`` (a :class:`LlamaStyleLayer`
+    and its dense layer class) and :meth:`shapes`."""
 
     def check_supported(self, config) -> None:
         if getattr(config, "pretraining_tp", 1) not in (None, 1):
@@ -80,24 +72,10 @@ class LlamaStyleAdapter(FamilyAdapter):
         if getattr(config, "hidden_act", None) is None:
             raise UnsupportedModelError(f"{self.architectures[0]} config without hidden_act")
 
-    def dims(self, config) -> ModelDims:
-        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
     def dense_mask_points(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        return {
-            "attn_in": [(attn.q_proj, "input"), (attn.k_proj, "input"), (attn.v_proj, "input")],
-            "attn_out": [(attn.o_proj, "output")],
-            "mlp_in": [(mlp.gate_proj, "input"), (mlp.up_proj, "input")],
-            "mlp_mid": [(mlp.down_proj, "input")],
-            "mlp_out": [(mlp.down_proj, "output")],
-        }
-
-    def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return self.layer_class(layer, idx)
+        return block_points((attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj, (mlp.gate_proj, mlp.up_proj),
+                            mlp.down_proj)
 
     @staticmethod
     def gated_shapes(config, head_dim: int, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> LayerShapes:

@@ -24,9 +24,7 @@ class DipExtMistralDecoderLayer(LlamaStyleLayer, MistralDecoderLayer):
 
 
 class MistralAdapter(LlamaStyleAdapter):
-    name = "mistral"
-    model_types = ("mistral",)
-    architectures = ("MistralForCausalLM",)
+    dense_model = MistralForCausalLM
     layer_class = DipExtMistralDecoderLayer
 
     def shapes(self, config) -> LayerShapes:
@@ -45,8 +43,6 @@ class DipExtMistralForCausalLM(DipExtForCausalLM, MistralForCausalLM):
 
     config_class = DipExtMistralConfig
     disp_adapter = MistralAdapter()
-    _no_split_modules = ["MistralDecoderLayer", "DipExtMistralDecoderLayer"]
 
 
-FAMILY = Family(DipExtMistralForCausalLM.disp_adapter, MistralConfig, MistralForCausalLM, DipExtMistralConfig,
-                DipExtMistralForCausalLM)
+FAMILY = Family.of(DipExtMistralForCausalLM)

@@ -22,10 +22,10 @@ from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 
 from ..errors import UnsupportedModelError
 from ..masks import ModelDims
-from ..modules import LayerNormGather, compact_linear, residual_add
-from .base import FamilyAdapter, LayerShapes
+from ..modules import LayerNormGather, residual_add
+from .base import FamilyAdapter, LayerShapes, block_points
 from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
-from .layers import CompactedLayer, SkippedAttention, keeps_attention, keeps_mlp
+from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
 class DipExtOPTSkippedAttention(SkippedAttention, OPTAttention):
@@ -52,15 +52,12 @@ class DipExtOPTDecoderLayer(CompactedLayer, OPTDecoderLayer):
         if keeps_attention(idx["attn_out"].numel()):
             norm = dense.self_attn_layer_norm
             self.self_attn_layer_norm = LayerNormGather(norm.weight, norm.bias, norm.eps, idx["attn_in"])
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
-            attn.out_proj = compact_linear(attn.out_proj, rows=idx["attn_out"])
-            self.self_attn = attn
+            self.self_attn = compact_attention(attn, idx, ("q_proj", "k_proj", "v_proj"), "out_proj")
         if keeps_mlp(idx["mlp_mid"].numel(), idx["mlp_out"].numel(), dense.fc2.bias is not None):
             norm = dense.final_layer_norm
             self.final_layer_norm = LayerNormGather(norm.weight, norm.bias, norm.eps, idx["mlp_in"])
-            self.fc1 = compact_linear(dense.fc1, rows=idx["mlp_mid"], cols=idx["mlp_in"])
-            self.fc2 = compact_linear(dense.fc2, rows=idx["mlp_out"], cols=idx["mlp_mid"])
+            self.fc1, self.fc2 = dense.fc1, dense.fc2
+            compact_mlp(self, idx, ("fc1",), "fc2")
         # A new module starts in training mode: inherit the dense layer's, or dropout would be live in eval.
         self.train(dense.training)
 
@@ -82,9 +79,8 @@ class DipExtOPTDecoderLayer(CompactedLayer, OPTDecoderLayer):
 
 
 class OPTAdapter(FamilyAdapter):
-    name = "opt"
-    model_types = ("opt",)
-    architectures = ("OPTForCausalLM",)
+    dense_model = OPTForCausalLM
+    layer_class = DipExtOPTDecoderLayer
 
     def check_supported(self, config) -> None:
         if not getattr(config, "do_layer_norm_before", True):
@@ -109,16 +105,7 @@ class OPTAdapter(FamilyAdapter):
 
     def dense_mask_points(self, layer: nn.Module):
         attn = layer.self_attn
-        return {
-            "attn_in": [(attn.q_proj, "input"), (attn.k_proj, "input"), (attn.v_proj, "input")],
-            "attn_out": [(attn.out_proj, "output")],
-            "mlp_in": [(layer.fc1, "input")],
-            "mlp_mid": [(layer.fc2, "input")],
-            "mlp_out": [(layer.fc2, "output")],
-        }
-
-    def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return DipExtOPTDecoderLayer(layer, idx)
+        return block_points((attn.q_proj, attn.k_proj, attn.v_proj), attn.out_proj, (layer.fc1,), layer.fc2)
 
     def shapes(self, config) -> LayerShapes:
         # OPTAttention: q, k, v and out_proj are all embed_dim × embed_dim; every linear has enable_bias
@@ -138,7 +125,6 @@ class DipExtOPTForCausalLM(DipExtForCausalLM, OPTForCausalLM):
 
     config_class = DipExtOPTConfig
     disp_adapter = OPTAdapter()
-    _no_split_modules = ["OPTDecoderLayer", "DipExtOPTDecoderLayer"]
 
 
-FAMILY = Family(DipExtOPTForCausalLM.disp_adapter, OPTConfig, OPTForCausalLM, DipExtOPTConfig, DipExtOPTForCausalLM)
+FAMILY = Family.of(DipExtOPTForCausalLM)

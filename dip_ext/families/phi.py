@@ -20,11 +20,10 @@ from torch import nn
 from transformers import PhiConfig, PhiForCausalLM
 from transformers.models.phi.modeling_phi import PhiAttention, PhiDecoderLayer
 
-from ..masks import ModelDims
-from ..modules import IndexSet, LayerNormGather, compact_linear, residual_add
-from .base import FamilyAdapter, LayerShapes
+from ..modules import IndexSet, LayerNormGather, residual_add
+from .base import FamilyAdapter, LayerShapes, block_points
 from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
-from .layers import CompactedLayer, SkippedAttention, keeps_attention, keeps_mlp
+from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
 class DipExtPhiSkippedAttention(SkippedAttention, PhiAttention):
@@ -49,13 +48,9 @@ class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
         self.self_attn = self.mlp = self.input_layernorm = None
         self.mlp_in_idx = IndexSet(idx["mlp_in"])
         if keeps_attention(idx["attn_out"].numel()):
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
-            attn.dense = compact_linear(attn.dense, rows=idx["attn_out"])
-            self.self_attn = attn
+            self.self_attn = compact_attention(attn, idx, ("q_proj", "k_proj", "v_proj"), "dense")
         if keeps_mlp(idx["mlp_mid"].numel(), idx["mlp_out"].numel(), mlp.fc2.bias is not None):
-            mlp.fc1 = compact_linear(mlp.fc1, rows=idx["mlp_mid"], cols=idx["mlp_in"])
-            mlp.fc2 = compact_linear(mlp.fc2, rows=idx["mlp_out"], cols=idx["mlp_mid"])
+            compact_mlp(mlp, idx, ("fc1",), "fc2")
             self.mlp = mlp
         if self.self_attn is not None or self.mlp is not None:
             norm = dense.input_layernorm
@@ -82,28 +77,12 @@ class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
 
 
 class PhiAdapter(FamilyAdapter):
-    name = "phi"
-    model_types = ("phi",)
-    architectures = ("PhiForCausalLM",)
-
-    def dims(self, config) -> ModelDims:
-        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+    dense_model = PhiForCausalLM
+    layer_class = DipExtPhiDecoderLayer
 
     def dense_mask_points(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        return {
-            "attn_in": [(attn.q_proj, "input"), (attn.k_proj, "input"), (attn.v_proj, "input")],
-            "attn_out": [(attn.dense, "output")],
-            "mlp_in": [(mlp.fc1, "input")],
-            "mlp_mid": [(mlp.fc2, "input")],
-            "mlp_out": [(mlp.fc2, "output")],
-        }
-
-    def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return DipExtPhiDecoderLayer(layer, idx)
+        return block_points((attn.q_proj, attn.k_proj, attn.v_proj), attn.dense, (mlp.fc1,), mlp.fc2)
 
     def shapes(self, config) -> LayerShapes:
         # PhiAttention reads head_dim when the config has one; every linear of a Phi layer has a bias
@@ -124,7 +103,6 @@ class DipExtPhiForCausalLM(DipExtForCausalLM, PhiForCausalLM):
 
     config_class = DipExtPhiConfig
     disp_adapter = PhiAdapter()
-    _no_split_modules = ["PhiDecoderLayer", "DipExtPhiDecoderLayer"]
 
 
-FAMILY = Family(DipExtPhiForCausalLM.disp_adapter, PhiConfig, PhiForCausalLM, DipExtPhiConfig, DipExtPhiForCausalLM)
+FAMILY = Family.of(DipExtPhiForCausalLM)

@@ -24,9 +24,7 @@ class DipExtQwen2DecoderLayer(LlamaStyleLayer, Qwen2DecoderLayer):
 
 
 class Qwen2Adapter(LlamaStyleAdapter):
-    name = "qwen2"
-    model_types = ("qwen2",)
-    architectures = ("Qwen2ForCausalLM",)
+    dense_model = Qwen2ForCausalLM
     layer_class = DipExtQwen2DecoderLayer
 
     def shapes(self, config) -> LayerShapes:
@@ -45,8 +43,6 @@ class DipExtQwen2ForCausalLM(DipExtForCausalLM, Qwen2ForCausalLM):
 
     config_class = DipExtQwen2Config
     disp_adapter = Qwen2Adapter()
-    _no_split_modules = ["Qwen2DecoderLayer", "DipExtQwen2DecoderLayer"]
 
 
-FAMILY = Family(DipExtQwen2ForCausalLM.disp_adapter, Qwen2Config, Qwen2ForCausalLM, DipExtQwen2Config,
-                DipExtQwen2ForCausalLM)
+FAMILY = Family.of(DipExtQwen2ForCausalLM)
