@@ -34,7 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("main", "budget"), default=None, help="write only one of the two files")
     args = ap.parse_args(argv)
 
-    os.environ["DIP_EXT_CACHE"] = tempfile.mkdtemp(prefix="dip-golden-cache-")  # the tests use a fresh cache too
+    with tempfile.TemporaryDirectory(prefix="dip-golden-") as tmp:
+        os.environ["DIP_EXT_CACHE"] = str(Path(tmp) / "cache")  # the tests use a fresh cache too
+        return _write(args, Path(tmp))
+
+
+def _write(args, tmp: Path) -> int:
     sys.path.insert(0, str(TESTS))
     import torch
     import transformers
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     tokenizer = make_word_tokenizer()
-    text = write_word_text(tempfile.mkdtemp(prefix="dip-golden-text-"))
+    text = write_word_text(tmp)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=TESTS, capture_output=True, text=True,
                                 check=True).stdout.strip()
