@@ -156,9 +156,6 @@ def random_masks(widths: list[dict[str, int]], config, seed: int):
 
 def _same_widths_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """A compacted Llama layer with every index set replaced by ``[0, k)``: narrow views, no gather, no scatter."""
-    from dip_ext.families.llama import _cache_from
-    from dip_ext.modules import record_skipped_attention
-
     x = hidden_states
     d = x.shape[-1]
     if self.self_attn is not None:
@@ -167,7 +164,7 @@ def _same_widths_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.T
         a, _ = self.self_attn(hidden_states=h, **kwargs)
         x[..., :a.shape[-1]].add_(a)
     else:
-        record_skipped_attention(_cache_from(kwargs), self.layer_idx, x)
+        self.skip_attention(x, kwargs)
     if self.mlp is not None:
         norm = self.post_attention_layernorm
         h = F.rms_norm(x, (d,), norm.weight, norm.variance_epsilon)[..., :norm.idx.numel()]
@@ -179,11 +176,11 @@ def _same_widths_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.T
 @contextlib.contextmanager
 def same_widths(model):
     """Runs a compacted Llama-family model as its same-widths dense floor while the context is open."""
-    from dip_ext.families.llama import DispLlamaDecoderLayer
+    from dip_ext.families.llama_style import LlamaStyleLayer
 
-    layers = [m for m in model.modules() if isinstance(m, DispLlamaDecoderLayer)]
+    layers = [m for m in model.modules() if isinstance(m, LlamaStyleLayer)]
     if not layers:
-        raise ValueError("same_widths needs a compacted Llama-family model (no DispLlamaDecoderLayer found)")
+        raise ValueError("same_widths needs a compacted Llama-family model (no LlamaStyleLayer found)")
     for layer in layers:
         layer.forward = types.MethodType(_same_widths_forward, layer)
     try:

@@ -20,11 +20,11 @@ except ImportError as _e:  # pragma: no cover - depends on how the package was i
         "checkout, it shadows the installed package: run from another directory, or install it editable "
         "(pip install --no-build-isolation -e .). Otherwise build it: pip install --no-build-isolation .") from _e
 from . import ops
-from .compaction import compact, is_compacted
+from .compaction import compact, is_compacted, require_dense
 from .errors import MaskError, UnsupportedModelError
 from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
-from .modeling import from_pretrained
+from .modeling import from_pretrained, register_classes
 from .params import ParamReport, param_report
 from .config import EvalConfig, PruneConfig, RefitConfig
 from .pipeline import CompactionResult, Evaluation, Pruner
@@ -35,6 +35,8 @@ from .selection import (HypernetworkConfig, SelectionInputs, SelectionResult, Tr
                         method_names, register_method)
 
 __version__ = "0.1.0"
+
+register_classes()  # AutoConfig / AutoModelForCausalLM (and peft, if installed) learn the compacted classes
 
 
 def build_info() -> dict:
@@ -50,4 +52,4 @@ __all__ = ["ops", "build_info", "__version__",
            "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",
            # masks, the masked reference, compaction, loading
            "DispMasks", "ModelDims", "STRUCTURES", "apply_masks", "MaskedModel", "compact", "is_compacted",
-           "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError"]
+           "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError"]

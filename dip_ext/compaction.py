@@ -6,12 +6,17 @@ from typing import Mapping, Union
 
 from torch import nn
 
-from .errors import MaskError
-from .families import adapter_for
+from .errors import MaskError, UnsupportedModelError
+from .families import family_for, is_compacted
 from .masks import DispMasks
+from .modules import place_index_sets
+from .params import param_report
+
+__all__ = ["as_masks", "compact", "is_compacted", "require_dense"]
 
 
 def as_masks(masks: Union[DispMasks, Mapping]) -> DispMasks:
+    """``masks`` as DispMasks (a mapping is read with :meth:`DispMasks.from_config`); MaskError otherwise."""
     if isinstance(masks, DispMasks):
         return masks
     if isinstance(masks, Mapping):
@@ -19,17 +24,15 @@ def as_masks(masks: Union[DispMasks, Mapping]) -> DispMasks:
     raise MaskError(f"expected DispMasks or a masks dict, got {type(masks).__name__}")
 
 
-def is_compacted(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "disp_masks", None) is not None
+def require_dense(model: nn.Module, what: str) -> None:
+    """Raises ValueError, in one line naming ``what``, when ``model`` is already compacted.
 
-
-def compact_layers(model: nn.Module, masks: DispMasks) -> None:
-    """Replaces every decoder layer of ``model`` by its compacted form (weights sliced, dense ones dropped)."""
-    adapter = adapter_for(model)
-    masks.validate(adapter.dims(model.config))
-    layers = adapter.decoder_layers(model)
-    for i in range(len(layers)):
-        layers[i] = adapter.compact_layer(layers[i], masks[i])
+    Every entry point that reads or changes the dense modules (masking, calibration, mask learning, refit,
+    compaction) calls this first, so a compacted model is refused clearly instead of failing on a missing module.
+    """
+    if is_compacted(model):
+        raise ValueError(f"{what} needs the dense model; this one is already compacted: prune the dense original "
+                         "(a compacted model is for inference, evaluation and fine-tuning)")
 
 
 def compact(model: nn.Module, masks: Union[DispMasks, Mapping]) -> nn.Module:
@@ -40,16 +43,18 @@ def compact(model: nn.Module, masks: Union[DispMasks, Mapping]) -> nn.Module:
     ``save_pretrained`` (weights in safetensors, index sets in ``config.json``) and reloading with
     :func:`dip_ext.from_pretrained` or ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
     Its outputs equal the masked dense reference (:func:`dip_ext.apply_masks`) to float rounding.
-    """
-    from .modeling import adopt_disp_class
-    from .params import param_report
 
-    if is_compacted(model):
-        raise ValueError("this model is already compacted; compact the dense original instead")
+    Raises ValueError for a compacted model, UnsupportedModelError for another architecture (or a subclass of
+    a supported one), MaskError when ``masks`` do not fit the model.
+    """
+    require_dense(model, "compact()")
     masks = as_masks(masks)
-    adapter = adapter_for(model)
-    masks.validate(adapter.dims(model.config))
+    family = family_for(model)
+    if type(model) is not family.dense_model:
+        raise UnsupportedModelError(f"compact() needs a {family.dense_model.__name__}, got {type(model).__name__}")
+    masks.validate(family.adapter.dims(model.config))
     dense = param_report(model)
-    compact_layers(model, masks)
-    adopt_disp_class(model, masks, dense_params={"total": dense.total, "decoder_linear": dense.decoder_linear})
+    family.adapter.compact_layers(model, masks)
+    family.adopt(model, masks, dense_params={"total": dense.total, "decoder_linear": dense.decoder_linear})
+    place_index_sets(model)
     return model

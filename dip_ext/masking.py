@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .compaction import require_dense
 from .errors import MaskError
 from .families import adapter_for
 from .masks import STRUCTURES, DispMasks
@@ -25,9 +26,12 @@ class MaskedModel:
 
     ``masks[i][s]`` is a float tensor of the structure's full width (0/1, or soft values in [0, 1] that may
     require grad), or None to leave that structure unmasked. Use as a context manager or call :meth:`remove`.
+    Raises ValueError for a compacted model, UnsupportedModelError for an unsupported one, MaskError for masks
+    that do not fit.
     """
 
     def __init__(self, model: nn.Module, masks: Union[DispMasks, MaskTensors, None] = None):
+        require_dense(model, "apply_masks() / MaskedModel")
         self.model = model
         self.adapter = adapter_for(model)
         self.dims = self.adapter.dims(model.config)

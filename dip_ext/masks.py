@@ -1,6 +1,6 @@
 """DISP index sets: per decoder layer, which columns / rows every sub-block keeps.
 
-Per layer five sorted, unique int64 index sets (DESIGN.md §1):
+Per layer five sorted, unique int64 index sets (DISP-LLM, Gao et al., NeurIPS 2024, arXiv 2410.11988):
 
 ====== ============ ====================================================================
 set    over         meaning

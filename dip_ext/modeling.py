@@ -1,11 +1,10 @@
-"""Hugging Face classes of compacted models: one config + CausalLM class per family, save and load.
+"""Hugging Face face of compacted models: the ``DipExt<Family>`` classes, their registration, and loading.
 
-A compacted checkpoint is an ordinary Hugging Face folder: safetensors weights of the compacted matrices and
-a ``config.json`` whose ``model_type`` is ``dip_ext_<family>`` and which carries the index sets
-(``disp_masks``) and an ``auto_map`` to a two-line ``modeling_dip_ext.py`` that imports these classes. So
-``dip_ext.from_pretrained(dir)``, ``AutoModelForCausalLM.from_pretrained(dir)`` after ``import dip_ext``, and
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` (e.g. lm-eval's ``--model hf``) all load
-it. No pickle anywhere.
+The classes are declared in the family modules (:mod:`dip_ext.families.llama` …) and re-exported here under
+the names saved checkpoints' ``config.json`` (``architectures``, ``auto_map``) and ``modeling_dip_ext.py`` shims
+use. :func:`register_classes` (called once by ``import dip_ext``) registers them with ``AutoConfig`` /
+``AutoModelForCausalLM`` and, when peft is installed, gives their model types the LoRA (and other adapter)
+target modules of the dense family. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -15,98 +14,56 @@ import os
 from pathlib import Path
 from typing import Union
 
-import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from .compaction import compact_layers
 from .errors import UnsupportedModelError
-from .families import adapter_for, base_model_type
-from .masks import DispMasks
+from .families import FAMILIES
+from .families.hf_classes import REMOTE_CODE_FILE
+from .families.llama import DipExtLlamaConfig, DipExtLlamaForCausalLM
+from .families.mistral import DipExtMistralConfig, DipExtMistralForCausalLM
+from .families.opt import DipExtOPTConfig, DipExtOPTForCausalLM
+from .families.phi import DipExtPhiConfig, DipExtPhiForCausalLM
+from .families.qwen2 import DipExtQwen2Config, DipExtQwen2ForCausalLM
 
-REMOTE_CODE_FILE = "modeling_dip_ext.py"
-
-
-class DispModelMixin:
-    """Builds the compacted structure from ``config.disp_masks`` so from_pretrained loads compact weights."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        with torch.device("cpu"):  # from_pretrained builds models under a meta-device context
-            masks = DispMasks.from_config(config.disp_masks)
-        compact_layers(self, masks)
-
-    @property
-    def disp_masks(self) -> DispMasks:
-        return DispMasks.from_config(self.config.disp_masks)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``save_pretrained`` plus the remote-code shim, so ``trust_remote_code=True`` loaders work."""
-        self.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.{type(self.config).__name__}",
-                                "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.{type(self).__name__}"}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            _write_remote_code(Path(save_directory))
+__all__ = ["REMOTE_CODE_FILE", "register_classes", "register_peft_target_modules", "from_pretrained",
+           "DipExtLlamaConfig", "DipExtLlamaForCausalLM", "DipExtMistralConfig", "DipExtMistralForCausalLM",
+           "DipExtQwen2Config", "DipExtQwen2ForCausalLM", "DipExtOPTConfig", "DipExtOPTForCausalLM",
+           "DipExtPhiConfig", "DipExtPhiForCausalLM"]
 
 
-# base model_type -> (dense config class, dense CausalLM class, class-name stem)
-_FAMILY_CLASSES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, "Llama"),
-    "mistral": (MistralConfig, MistralForCausalLM, "Mistral"),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, "Qwen2"),
-    "opt": (OPTConfig, OPTForCausalLM, "OPT"),
-    "phi": (PhiConfig, PhiForCausalLM, "Phi"),
-}
-#: base model_type -> (compacted config class, compacted CausalLM class)
-DISP_CLASSES: dict[str, tuple[type, type]] = {}
-
-for _base, (_cfg, _model, _stem) in _FAMILY_CLASSES.items():
-    _disp_cfg = type(f"DipExt{_stem}Config", (_cfg,), {"model_type": f"dip_ext_{_base}", "__module__": __name__})
-    _no_split = list(getattr(_model, "_no_split_modules", None) or [])
-    _disp_model = type(f"DipExt{_stem}ForCausalLM", (DispModelMixin, _model),
-                       {"config_class": _disp_cfg, "__module__": __name__,
-                        # compacted layers are named Disp<DenseLayer> (modules.family_layer_class)
-                        "_no_split_modules": _no_split + [f"Disp{n}" for n in _no_split]})
-    globals()[_disp_cfg.__name__] = _disp_cfg
-    globals()[_disp_model.__name__] = _disp_model
-    DISP_CLASSES[_base] = (_disp_cfg, _disp_model)
-    AutoConfig.register(_disp_cfg.model_type, _disp_cfg, exist_ok=True)
-    AutoModelForCausalLM.register(_disp_cfg, _disp_model, exist_ok=True)
+def register_classes() -> None:
+    """Registers every family's compacted config / CausalLM with transformers' Auto classes (idempotent), so
+    ``AutoModelForCausalLM.from_pretrained(dir)`` loads a compacted checkpoint, and registers peft's target
+    modules for them (:func:`register_peft_target_modules`)."""
+    for family in FAMILIES:
+        AutoConfig.register(family.config.model_type, family.config, exist_ok=True)
+        AutoModelForCausalLM.register(family.config, family.model, exist_ok=True)
+    register_peft_target_modules()
 
 
-def adopt_disp_class(model: nn.Module, masks: DispMasks, dense_params: dict) -> None:
-    """Turns a freshly compacted dense model into its dip_ext class.
-
-    The config records the index sets and the dense original's parameter counts (for honest reports).
-    """
-    base = base_model_type(model.config)
-    if base not in DISP_CLASSES:
-        raise UnsupportedModelError(f"no compacted model class for model_type {base!r}")
-    dense_cls = _FAMILY_CLASSES[base][1]
-    if type(model) is not dense_cls:
-        raise UnsupportedModelError(f"compact() needs a {dense_cls.__name__}, got {type(model).__name__}")
-    disp_cfg, disp_model = DISP_CLASSES[base]
-    config = model.config
-    config.disp_masks = masks.to_config(adapter_for(model).dims(config))
-    config.disp_base_model_type = base
-    config.disp_dense_params = dict(dense_params)
-    config.__class__ = disp_cfg
-    config.architectures = [disp_model.__name__]
-    model.__class__ = disp_model
-
-
-def _write_remote_code(folder: Path) -> None:
-    names = ", ".join(n for cfg, mdl in DISP_CLASSES.values() for n in (cfg.__name__, mdl.__name__))
-    text = ('"""Written by dip_ext: lets AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) load this\n'
-            'DISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) installed."""\n'
-            f"from dip_ext.modeling import {names}  # noqa: F401\n")
-    (folder / REMOTE_CODE_FILE).write_text(text)
+def register_peft_target_modules() -> bool:
+    """Gives each ``dip_ext_<family>`` model type the target modules peft uses for ``<family>`` (LoRA and every
+    other method peft keeps such a table for), so ``LoraConfig()`` without ``target_modules`` works on a
+    compacted model. Returns False when peft is not installed (it is optional)."""
+    try:
+        from peft.utils import constants
+    except ImportError:
+        return False
+    tables = [v for k, v in vars(constants).items() if k.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(v, dict)]
+    for table in tables:
+        for family in FAMILIES:
+            if family.base_model_type in table:
+                table.setdefault(family.config.model_type, table[family.base_model_type])
+    return True
 
 
 def from_pretrained(path: Union[str, os.PathLike], **kwargs) -> nn.Module:
-    """Loads a compacted model saved by ``save_pretrained``; ``kwargs`` go to ``from_pretrained`` (dtype, device_map…)."""
+    """Loads a compacted model saved by ``save_pretrained`` from the folder ``path``.
+
+    ``kwargs`` go to ``from_pretrained`` (dtype, device_map…). Raises FileNotFoundError without a config.json,
+    ValueError for a folder that is not a compacted model, UnsupportedModelError for an unknown family.
+    """
     folder = Path(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -119,10 +76,7 @@ def from_pretrained(path: Union[str, os.PathLike], **kwargs) -> nn.Module:
         raise ValueError(f"{folder} is not a dip_ext compacted model (config.json has no disp_masks); "
                          "load a dense model with transformers.AutoModelForCausalLM")
     base = cfg.get("disp_base_model_type")
-    if base not in DISP_CLASSES:
+    family = next((f for f in FAMILIES if f.base_model_type == base), None)
+    if family is None:
         raise UnsupportedModelError(f"{folder}: unknown compacted family {base!r}")
-    return DISP_CLASSES[base][1].from_pretrained(folder, **kwargs)
-
-
-__all__ = ["DispModelMixin", "DISP_CLASSES", "adopt_disp_class", "from_pretrained"] + [
-    c.__name__ for pair in DISP_CLASSES.values() for c in pair]
+    return family.model.from_pretrained(folder, **kwargs)

@@ -48,14 +48,20 @@ class IndexSet:
         return f"IndexSet({self.cpu.numel()})"
 
 
+def index_sets(module: nn.Module) -> list[IndexSet]:
+    """The index sets ``module`` itself holds (not those of its children)."""
+    return [v for v in vars(module).values() if isinstance(v, IndexSet)]
+
+
 class IndexSetsFollowDevice:
     """Module mixin: moving the module (``.to`` / ``.cuda`` / ``.to_empty``) also makes its index sets' copy for the
     new device, so the first forward there does not create it lazily inside a ``torch.compile`` / CUDA-graph region
-    (which would put a host-to-device copy into the graph)."""
+    (which would put a host-to-device copy into the graph). List it before the ``nn.Module`` class it is mixed into.
+    """
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        sets = [v for v in vars(self).values() if isinstance(v, IndexSet)]
+        sets = index_sets(self)
         if sets:
             try:
                 device = fn(torch.empty(0, dtype=torch.int64)).device
@@ -64,6 +70,39 @@ class IndexSetsFollowDevice:
             for idx in sets:
                 idx.on(device)
         return out
+
+
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device an accelerate hook (``device_map`` dispatch, offloading) runs ``module`` on, if it has one."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return None if device is None else torch.device(device)
+
+
+def place_index_sets(model: nn.Module) -> None:
+    """Makes every index set's copy for the device its module computes on, before any forward.
+
+    Loaders that place weights without ``Module.to`` (``from_pretrained(..., device_map=...)``, accelerate's
+    dispatch and offloading) bypass :class:`IndexSetsFollowDevice`; this walk covers them. A module computes on
+    the execution device of the nearest accelerate hook on it or an ancestor (offloaded weights sit on "meta"
+    until the hook brings them), else on the device of its first parameter or buffer (its own or a
+    descendant's), else on its parent's.
+    """
+
+    def visit(module: nn.Module, device: torch.device, hooked: bool) -> None:
+        execution = _execution_device(module)
+        if execution is not None:
+            device, hooked = execution, True
+        elif not hooked:
+            first = next(module.parameters(), None)
+            if first is None:
+                first = next(module.buffers(), None)
+            device = device if first is None else first.device
+        for idx in index_sets(module):
+            idx.on(device)
+        for child in module.children():
+            visit(child, device, hooked)
+
+    visit(model, torch.device("cpu"), False)
 
 
 class RMSNormGather(IndexSetsFollowDevice, nn.Module):
@@ -152,33 +191,3 @@ def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bo
     if x.dim() not in (2, 3):
         return x.index_add_(-1, idx, y)
     return ops.scatter_add_(x, idx, y, check_idx=False)
-
-
-def record_skipped_attention(cache, layer_idx: int, x: torch.Tensor) -> None:
-    """Keeps a KV cache's length right for a layer whose attention was pruned away.
-
-    Caches derive the sequence length from the layers' stored keys (often layer 0's), so a removed attention
-    still appends a [batch, 1, seq, 1] placeholder: a few bytes per token instead of a full KV entry.
-    """
-    if cache is None or not hasattr(cache, "update"):
-        return
-    z = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
-    cache.update(z, z, layer_idx)
-
-
-_FAMILY_LAYER_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def family_layer_class(impl: type, dense_cls: type) -> type:
-    """``impl`` (a compacted layer) made a subclass of the dense layer class it replaces, too.
-
-    Hugging Face tooling finds decoder layers by class: output recording (``output_hidden_states``),
-    ``_no_split_modules`` for ``device_map="auto"``, FSDP auto-wrap policies. ``impl`` comes before the dense class
-    in the MRO (after the IndexSetsFollowDevice mixin), so its ``__init__``/``forward`` run; ``impl.__init__`` must
-    not call the dense ``__init__``.
-    """
-    key = (impl, dense_cls)
-    if key not in _FAMILY_LAYER_CLASSES:
-        _FAMILY_LAYER_CLASSES[key] = type(f"Disp{dense_cls.__name__}", (IndexSetsFollowDevice, impl, dense_cls),
-                                          {"__module__": impl.__module__, "__doc__": impl.__doc__})
-    return _FAMILY_LAYER_CLASSES[key]

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .compaction import is_compacted
-from .families import adapter_for
+from .families import adapter_for, is_compacted
 from .masks import STRUCTURES, DispMasks
 
 

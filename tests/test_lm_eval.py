@@ -88,7 +88,7 @@ def test_lm_eval_dense_and_pruned(folders, offline_task_dir):
     lm = HFLM.create_from_arg_string(f"pretrained={pruned_dir},{args}")
     assert type(lm.model).__name__ == "DipExtLlamaForCausalLM"  # loaded via the auto_map shim (trust_remote_code)
     assert dip_ext.is_compacted(lm.model)
-    assert type(lm.model.model.layers[0]).__name__ == "DispLlamaDecoderLayer"
+    assert type(lm.model.model.layers[0]).__name__ == "DipExtLlamaDecoderLayer"
     pruned, pruned_ll = _evaluate(lm, offline_task_dir)
     assert 0.0 <= pruned["acc,none"] <= 1.0
     assert len(pruned_ll) == 8 * 4 and pruned_ll != dense_ll  # the pruned weights really ran

@@ -1,51 +1,149 @@
-"""What a family adapter provides. Adapters are the only code that knows a family's module names."""
+"""What a family adapter provides: widths, decoder layers, mask points, layer compaction, parameter counts.
+
+Adapters are the only code that knows a family's module names. The parameter count of a layer at given kept
+widths is one formula for every family (:meth:`FamilyAdapter.linear_params`), fed by the family's
+:class:`LayerShapes`, which state the widths and biases its dense modules are built with.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..masks import ModelDims
+from ..masks import DispMasks, ModelDims
+from .layers import CompactedLayer, keeps_attention, keeps_mlp
 
 #: Where the masked reference multiplies a mask: on a module's input or on its output.
 MaskPoint = tuple[nn.Module, Literal["input", "output"]]
 
 
-class FamilyAdapter:
-    """Knows one model family: its widths, where its masks apply, and how a layer is compacted."""
+@dataclass(frozen=True)
+class LayerShapes:
+    """The widths and biases of one dense decoder layer's linears, as the family's modules build them.
 
-    #: Short name, e.g. "llama".
-    name: str = ""
-    #: ``config.model_type`` values this adapter handles.
-    model_types: tuple[str, ...] = ()
-    #: Hugging Face class names, for messages.
-    architectures: tuple[str, ...] = ()
+    ``q_out``: output width of the query projection (heads × head_dim, which need not equal the hidden size) and
+    input width of the attention output projection; ``kv_out``: output width of the key and of the value
+    projection (``kv_heads × head_dim``); ``qkv_bias`` / ``o_bias``: whether q, k, v / the attention output
+    projection have biases; ``mlp_in_linears``: linears reading the MLP input (2 for gate + up, 1 for fc1);
+    ``mlp_in_bias`` / ``mlp_out_bias``: biases of those / of the MLP's output projection.
+    """
+
+    q_out: int
+    kv_out: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_in_linears: int
+    mlp_in_bias: bool
+    mlp_out_bias: bool
+
+
+def block_points(attn_inputs: tuple[nn.Module, ...], attn_output: nn.Module, mlp_inputs: tuple[nn.Module, ...],
+                 mlp_output: nn.Module) -> dict[str, list[MaskPoint]]:
+    """The mask points of a layer with these linears: ``attn_in`` on the inputs of q/k/v, ``attn_out`` on the
+    attention output projection's output, ``mlp_in`` on the MLP input linears' inputs, ``mlp_mid`` on the MLP
+    output linear's input and ``mlp_out`` on its output."""
+    return {"attn_in": [(m, "input") for m in attn_inputs], "attn_out": [(attn_output, "output")],
+            "mlp_in": [(m, "input") for m in mlp_inputs], "mlp_mid": [(mlp_output, "input")],
+            "mlp_out": [(mlp_output, "output")]}
+
+
+class FamilyAdapter:
+    """Knows one model family: its widths, where its masks apply, and how a layer is compacted.
+
+    Subclasses set ``dense_model`` (the family's Hugging Face CausalLM class) and ``layer_class`` (its compacted
+    decoder layer, built as ``layer_class(dense_layer, idx)``) and implement :meth:`shapes` and
+    :meth:`dense_mask_points`; :meth:`dims` and :meth:`decoder_layers` default to the common
+    ``num_hidden_layers`` / ``hidden_size`` / ``intermediate_size`` and ``model.model.layers``.
+    """
+
+    #: The dense Hugging Face ``*ForCausalLM`` class of the family.
+    dense_model: type
+    #: The family's compacted decoder layer class.
+    layer_class: type
+
+    @property
+    def name(self) -> str:
+        """The family's ``model_type``, e.g. "llama"."""
+        return self.dense_model.config_class.model_type
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """``config.model_type`` values this adapter handles."""
+        return (self.name,)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """Hugging Face class names, for messages."""
+        return (self.dense_model.__name__,)
 
     def check_supported(self, config) -> None:
         """Raises UnsupportedModelError for variants of the family this adapter cannot compact."""
 
     def dims(self, config) -> ModelDims:
+        """Layer count, residual width and MLP width of a model of ``config``."""
+        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+
+    def shapes(self, config) -> LayerShapes:
+        """The linears' widths and biases of one dense decoder layer of ``config`` (as the family's modules read
+        the config: e.g. ``head_dim`` when the family's attention reads it)."""
         raise NotImplementedError
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of a ``*ForCausalLM`` model."""
-        raise NotImplementedError
+        return model.model.layers
 
-    def mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
-        """For each structure, the (module, "input"|"output") places its 0/1 mask multiplies in a dense layer."""
+    def dense_mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
+        """:meth:`mask_points` of a layer known to be dense."""
         raise NotImplementedError
 
     def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
         """A compacted replacement for dense ``layer`` keeping the index sets ``idx`` (sorted int64)."""
-        raise NotImplementedError
+        return self.layer_class(layer, idx)
 
-    def linear_params(self, config, widths: dict[str, int]) -> dict[str, int]:
-        """Parameters (weights + biases) stored by one layer's attention and MLP linears at these kept widths."""
-        raise NotImplementedError
+    def mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
+        """For each structure, the (module, "input"|"output") places its 0/1 mask multiplies in a dense layer.
+
+        Raises ValueError for a compacted layer (its pruned modules are gone).
+        """
+        if isinstance(layer, CompactedLayer):
+            raise ValueError(f"mask points need a dense decoder layer; {type(layer).__name__} is already compacted: "
+                             "use the dense original model")
+        return self.dense_mask_points(layer)
 
     def calibration_points(self, layer: nn.Module) -> dict[str, MaskPoint]:
         """Activations to collect statistics on, keyed by the structure they score (dense layer)."""
-        points = self.mask_points(layer)
-        return {s: pts[0] for s, pts in points.items()}
+        return {s: pts[0] for s, pts in self.mask_points(layer).items()}
+
+    def compact_layers(self, model: nn.Module, masks: DispMasks) -> None:
+        """Replaces every decoder layer of ``model`` by its compacted form (weights sliced, dense ones dropped).
+
+        Raises :class:`~dip_ext.errors.MaskError` when ``masks`` do not fit the model.
+        """
+        masks.validate(self.dims(model.config))
+        layers = self.decoder_layers(model)
+        for i in range(len(layers)):
+            layers[i] = self.compact_layer(layers[i], masks[i])
+
+    def linear_params(self, config, widths: dict) -> dict:
+        """Parameters (weights + biases) stored by one layer's attention and MLP linears at these kept widths.
+
+        ``widths`` maps each structure to its kept width (ints, or tensors for a differentiable count). Attention:
+        ``|attn_in|·(q_out + 2·kv_out) + q_out·|attn_out|`` plus biases, stored only when ``attn_out`` is
+        non-empty; MLP: ``n·|mlp_in|·|mlp_mid| + |mlp_mid|·|mlp_out|`` plus biases (n = 1 or 2 input linears),
+        stored when ``mlp_out`` is non-empty and it has a channel or an output bias (the DISP paper's count, Gao
+        et al., NeurIPS 2024, with biases).
+        """
+        s = self.shapes(config)
+        a_in, a_out = widths["attn_in"], widths["attn_out"]
+        m_in, mid, m_out = widths["mlp_in"], widths["mlp_mid"], widths["mlp_out"]
+        qkv_out = s.q_out + 2 * s.kv_out
+        attn = mlp = 0
+        if keeps_attention(a_out):
+            attn = a_in * qkv_out + s.q_out * a_out + qkv_out * s.qkv_bias + a_out * s.o_bias
+        if keeps_mlp(mid, m_out, s.mlp_out_bias):
+            n = s.mlp_in_linears
+            mlp = n * m_in * mid + mid * m_out + n * mid * s.mlp_in_bias + m_out * s.mlp_out_bias
+        return {"attn": attn, "mlp": mlp}

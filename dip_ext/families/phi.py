@@ -1,4 +1,5 @@
-"""Phi decoder layers (``PhiForCausalLM``: Phi-1, Phi-1.5, Phi-2): the PARALLEL block.
+"""The Phi family (``PhiForCausalLM``: Phi-1, Phi-1.5, Phi-2; the PARALLEL block): its adapter and its
+compacted classes.
 
 Layer (one LayerNorm with bias; attention and MLP both read its output, both outputs join the residual):
 
@@ -16,44 +17,40 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PhiConfig, PhiForCausalLM
+from transformers.models.phi.modeling_phi import PhiAttention, PhiDecoderLayer
 
-from ..masks import ModelDims
-from ..modules import (IndexSet, LayerNormGather, compact_linear,
-                       family_layer_class, record_skipped_attention, residual_add)
-from .base import FamilyAdapter
-from .llama import _LayerBase, _cache_from
-from .opt import biased_block_params
+from ..modules import IndexSet, LayerNormGather, residual_add
+from .base import FamilyAdapter, LayerShapes, block_points
+from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
-class DispPhiDecoderLayer(_LayerBase):
-    """A compacted Phi decoder layer; keeps the dense layer's submodule names for its weights.
+class DipExtPhiSkippedAttention(SkippedAttention, PhiAttention):
+    """Placeholder of a removed Phi attention (see :class:`~dip_ext.families.layers.SkippedAttention`)."""
+
+
+class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
+    """A compacted ``PhiDecoderLayer``; keeps the dense layer's submodule names for its weights.
 
     ``hidden_states [batch, seq, d]`` → ``[batch, seq, d]`` (full width), in the activations' dtype. Exact
     against the masked reference in eval mode; in training mode the dense layer's ``resid_dropout`` is applied
     to both block outputs as Phi does. ``input_layernorm`` gathers ``attn_in`` when called and ``mlp_in`` through
-    :meth:`LayerNormGather.gather`; it is kept while either block is. A block whose output set is empty
-    contributes nothing and holds no weights (Phi's fc2 always has a bias, so an MLP with no intermediate
-    channels still adds it).
+    :meth:`LayerNormGather.gather`; it is kept while either block is. A block whose output set is empty holds
+    no weights and its attribute (``self_attn`` / ``mlp``) is None (Phi's fc2 always has a bias, so an MLP with
+    no intermediate channels still adds it).
     """
 
     def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor]):
-        _LayerBase.__init__(self)  # not the dense layer's __init__ (see family_layer_class)
+        super().__init__(dense, idx, DipExtPhiSkippedAttention)
         attn, mlp = dense.self_attn, dense.mlp
-        self.layer_idx = attn.layer_idx
         self.resid_dropout = dense.resid_dropout
         self.self_attn = self.mlp = self.input_layernorm = None
-        self.attn_out_idx = IndexSet(idx["attn_out"])
         self.mlp_in_idx = IndexSet(idx["mlp_in"])
-        self.mlp_out_idx = IndexSet(idx["mlp_out"])
-
-        if idx["attn_out"].numel() > 0:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
-            attn.dense = compact_linear(attn.dense, rows=idx["attn_out"])
-            self.self_attn = attn
-        if idx["mlp_out"].numel() > 0 and (idx["mlp_mid"].numel() > 0 or mlp.fc2.bias is not None):
-            mlp.fc1 = compact_linear(mlp.fc1, rows=idx["mlp_mid"], cols=idx["mlp_in"])
-            mlp.fc2 = compact_linear(mlp.fc2, rows=idx["mlp_out"], cols=idx["mlp_mid"])
+        if keeps_attention(idx["attn_out"].numel()):
+            self.self_attn = compact_attention(attn, idx, ("q_proj", "k_proj", "v_proj"), "dense")
+        if keeps_mlp(idx["mlp_mid"].numel(), idx["mlp_out"].numel(), mlp.fc2.bias is not None):
+            compact_mlp(mlp, idx, ("fc1",), "fc2")
             self.mlp = mlp
         if self.self_attn is not None or self.mlp is not None:
             norm = dense.input_layernorm
@@ -68,7 +65,7 @@ class DispPhiDecoderLayer(_LayerBase):
             attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(x), **kwargs)
             attn_out = self.resid_dropout(attn_out)
         else:
-            record_skipped_attention(_cache_from(kwargs), self.layer_idx, x)
+            self.skip_attention(x, kwargs)
         if self.mlp is not None:
             mlp_out = self.resid_dropout(self.mlp(self.input_layernorm.gather(x, self.mlp_in_idx)))
         # Both blocks have read x; the first update copies it (the caller may hold it), the second is in place.
@@ -80,31 +77,32 @@ class DispPhiDecoderLayer(_LayerBase):
 
 
 class PhiAdapter(FamilyAdapter):
-    name = "phi"
-    model_types = ("phi",)
-    architectures = ("PhiForCausalLM",)
+    dense_model = PhiForCausalLM
+    layer_class = DipExtPhiDecoderLayer
 
-    def dims(self, config) -> ModelDims:
-        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def mask_points(self, layer: nn.Module):
+    def dense_mask_points(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        return {
-            "attn_in": [(attn.q_proj, "input"), (attn.k_proj, "input"), (attn.v_proj, "input")],
-            "attn_out": [(attn.dense, "output")],
-            "mlp_in": [(mlp.fc1, "input")],
-            "mlp_mid": [(mlp.fc2, "input")],
-            "mlp_out": [(mlp.fc2, "output")],
-        }
+        return block_points((attn.q_proj, attn.k_proj, attn.v_proj), attn.dense, (mlp.fc1,), mlp.fc2)
 
-    def compact_layer(self, layer: nn.Module, idx: dict[str, torch.Tensor]) -> nn.Module:
-        return family_layer_class(DispPhiDecoderLayer, type(layer))(layer, idx)
+    def shapes(self, config) -> LayerShapes:
+        # PhiAttention reads head_dim when the config has one; every linear of a Phi layer has a bias
+        head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return LayerShapes(q_out=config.num_attention_heads * head_dim, kv_out=kv_heads * head_dim, qkv_bias=True,
+                           o_bias=True, mlp_in_linears=1, mlp_in_bias=True, mlp_out_bias=True)
 
-    def linear_params(self, config, widths: dict[str, int]) -> dict[str, int]:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        q_out = config.num_attention_heads * head_dim
-        kv_out = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
-        return biased_block_params(widths, qkv_out=q_out + 2 * kv_out, o_in=q_out, bias=True)
+
+class DipExtPhiConfig(DipExtConfig, PhiConfig):
+    """Config of a compacted Phi (see :class:`~dip_ext.families.hf_classes.DipExtConfig`)."""
+
+    model_type = "dip_ext_phi"
+
+
+class DipExtPhiForCausalLM(DipExtForCausalLM, PhiForCausalLM):
+    """A compacted ``PhiForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
+
+    config_class = DipExtPhiConfig
+    disp_adapter = PhiAdapter()
+
+
+FAMILY = Family.of(DipExtPhiForCausalLM)

@@ -1,0 +1,150 @@
+"""Mixins of the Hugging Face classes of compacted models, and the record that names one family's classes.
+
+Each family declares ``DipExt<Family>Config(DipExtConfig, <Family>Config)`` and
+``DipExt<Family>ForCausalLM(DipExtForCausalLM, <Family>ForCausalLM)``. A compacted checkpoint is an ordinary
+Hugging Face folder: safetensors weights of the compacted matrices and a ``config.json`` whose ``model_type``
+is ``dip_ext_<family>``, which carries the index sets (``disp_masks``) and an ``auto_map`` to a small
+``modeling_dip_ext.py`` that imports these classes from :mod:`dip_ext.modeling`, so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it where dip_ext is installed.
+
+The dense class of the family must never load such a folder as if it were dense (a removed block would be
+initialised at random with only a warning): ``config.json`` stores a :data:`LOAD_GUARD` string as ``use_cache``,
+which the dense config classes reject (they validate it as a bool), and the real value as ``disp_use_cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..files import atomic_write_text
+from ..masks import DispMasks
+from ..modules import place_index_sets
+from .base import FamilyAdapter
+
+REMOTE_CODE_FILE = "modeling_dip_ext.py"
+#: What a compacted checkpoint's config.json holds as ``use_cache``: the dense classes refuse it, naming dip_ext.
+LOAD_GUARD = ("dip_ext compacted checkpoint, not a dense model: load it with dip_ext.from_pretrained(dir), or "
+              "AutoModelForCausalLM.from_pretrained(dir) after `import dip_ext`, or with trust_remote_code=True")
+
+
+def is_compacted(model_or_config) -> bool:
+    """True for a compacted model (or its config): its config carries the index sets."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "disp_masks", None) is not None
+
+
+class DipExtConfig:
+    """Config mixin: ``disp_masks`` (index sets), ``disp_base_model_type``, ``disp_dense_params`` (the dense
+    original's parameter counts) on top of the family's config; writes :data:`LOAD_GUARD` into config.json."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """``PreTrainedConfig.from_dict`` of a config.json written by :meth:`to_json_file` (or before the guard)."""
+        config_dict = dict(config_dict)
+        real = config_dict.pop("disp_use_cache", True)
+        if config_dict.get("use_cache") == LOAD_GUARD:
+            config_dict["use_cache"] = real
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_json_file(self, json_file_path: Union[str, os.PathLike], use_diff: bool = True) -> None:
+        """Writes config.json with ``use_cache`` replaced by :data:`LOAD_GUARD` (the value goes to
+        ``disp_use_cache``)."""
+        data = json.loads(self.to_json_string(use_diff=use_diff))
+        data["disp_use_cache"] = bool(self.use_cache)
+        data["use_cache"] = LOAD_GUARD
+        atomic_write_text(json_file_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class DipExtForCausalLM:
+    """CausalLM mixin: builds the compacted structure from ``config.disp_masks`` so ``from_pretrained`` loads
+    compacted weights, puts index sets on their devices after loading, and saves the remote-code shim.
+
+    ``disp_adapter``: the family's adapter (set by each family's class). ``_no_split_modules`` (the decoder layer
+    classes ``device_map="auto"`` keeps whole) lists, after the dense class's names, each one's compacted
+    ``DipExt<name>`` too.
+    """
+
+    disp_adapter: FamilyAdapter
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dense = [n for n in getattr(cls, "_no_split_modules", None) or [] if not n.startswith("DipExt")]
+        cls._no_split_modules = dense + [f"DipExt{n}" for n in dense]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        with torch.device("cpu"):  # from_pretrained builds models under a meta-device context
+            masks = DispMasks.from_config(config.disp_masks)
+        self.disp_adapter.compact_layers(self, masks)
+        place_index_sets(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then every index set copied to its module's device: loading with
+        ``device_map`` places weights without ``Module.to``, and a lazy copy on the first forward would land
+        inside a captured CUDA graph."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        place_index_sets(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
+
+    @property
+    def disp_masks(self) -> DispMasks:
+        """The index sets this model was compacted with."""
+        return DispMasks.from_config(self.config.disp_masks)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``save_pretrained`` plus the remote-code shim, so ``trust_remote_code=True`` loaders work."""
+        module = REMOTE_CODE_FILE[:-3]
+        config_name, model_name = type(self.config).__name__, type(self).__name__
+        self.config.auto_map = {"AutoConfig": f"{module}.{config_name}",
+                                "AutoModelForCausalLM": f"{module}.{model_name}"}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            text = ('"""Written by dip_ext: lets AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) '
+                    'load this\nDISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) '
+                    'installed."""\n'
+                    f"from dip_ext.modeling import {config_name}, {model_name}  # noqa: F401\n")
+            atomic_write_text(Path(save_directory) / REMOTE_CODE_FILE, text)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's adapter and classes: the dense config / CausalLM it compacts, and the compacted ones."""
+
+    adapter: FamilyAdapter
+    dense_config: type
+    dense_model: type
+    config: type
+    model: type
+
+    @classmethod
+    def of(cls, model: type) -> "Family":
+        """The record of a ``DipExt<Family>ForCausalLM`` class (its adapter, config class and dense bases)."""
+        dense_model = next(b for b in model.__bases__ if not issubclass(b, DipExtForCausalLM))
+        config = model.config_class
+        dense_config = next(b for b in config.__bases__ if not issubclass(b, DipExtConfig))
+        return cls(model.disp_adapter, dense_config, dense_model, config, model)
+
+    @property
+    def base_model_type(self) -> str:
+        return self.dense_config.model_type
+
+    def adopt(self, model: nn.Module, masks: DispMasks, dense_params: dict) -> None:
+        """Turns a freshly compacted dense model into the compacted class (in place).
+
+        The config records the index sets, the family and the dense original's parameter counts.
+        """
+        config = model.config
+        config.disp_masks = masks.to_config(self.adapter.dims(config))
+        config.disp_base_model_type = self.base_model_type
+        config.disp_dense_params = dict(dense_params)
+        config.__class__ = self.config
+        config.architectures = [self.model.__name__]
+        model.__class__ = self.model

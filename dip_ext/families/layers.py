@@ -1,0 +1,107 @@
+"""Mixins shared by every family's compacted decoder layer and by the placeholder of a removed attention.
+
+A family declares ``class DipExt<Family>DecoderLayer(<its layer mixin>, <Family>DecoderLayer)`` and
+``class DipExt<Family>SkippedAttention(SkippedAttention, <Family>Attention)``: subclassing the dense classes keeps
+Hugging Face tooling working (output recording of ``output_hidden_states`` / ``output_attentions``,
+``_no_split_modules``, FSDP wrap policies find modules by class), while the mixins, listed first, supply
+``__init__`` and ``forward``; the dense classes' ``__init__`` never runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..modules import IndexSet, IndexSetsFollowDevice, compact_linear
+
+
+def keeps_attention(attn_out_width) -> bool:
+    """A compacted attention is stored iff it writes somewhere (``attn_out`` non-empty)."""
+    return attn_out_width > 0
+
+
+def keeps_mlp(mlp_mid_width, mlp_out_width, out_bias: bool) -> bool:
+    """A compacted MLP is stored iff it writes somewhere and has a channel or an output bias to write."""
+    return mlp_out_width > 0 and (mlp_mid_width > 0 or out_bias)
+
+
+def compact_attention(attn: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> nn.Module:
+    """Slices the attention module ``attn`` in place and returns it: its ``inputs`` linears (q, k, v) keep the
+    columns ``attn_in`` and all their rows and biases (heads stay whole), its ``output`` linear the rows
+    ``attn_out`` (with their biases)."""
+    for name in inputs:
+        setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
+    setattr(attn, output, compact_linear(getattr(attn, output), rows=idx["attn_out"]))
+    return attn
+
+
+def compact_mlp(owner: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> None:
+    """Slices an MLP's linears, attributes of ``owner``, in place: the ``inputs`` linears (gate/up, fc1) keep the
+    rows ``mlp_mid`` and the columns ``mlp_in``, the ``output`` linear (down, fc2) the rows ``mlp_out`` and the
+    columns ``mlp_mid``; biases follow their rows."""
+    for name in inputs:
+        setattr(owner, name, compact_linear(getattr(owner, name), rows=idx["mlp_mid"], cols=idx["mlp_in"]))
+    setattr(owner, output, compact_linear(getattr(owner, output), rows=idx["mlp_out"], cols=idx["mlp_mid"]))
+
+
+def cache_from(kwargs: dict):
+    """The KV cache a decoder layer was handed (transformers renamed ``past_key_values`` to ``cache`` in 5.2x)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+class SkippedAttention(nn.Module):
+    """Where a pruned-away attention was: keeps the layer's KV-cache entry and its ``output_attentions`` slot.
+
+    Caches derive the sequence length from the layers' stored keys, so the placeholder appends a
+    ``[batch, 1, seq, 1]`` zero key and value (a few bytes per token instead of a full KV entry). Under the eager
+    attention implementation (the one that returns attention weights) it returns a ``[batch, 0, q_len, kv_len]``
+    weights tensor, a layer with no heads, so ``outputs.attentions[i]`` stays layer i's. Its output is None: the
+    layer adds nothing. Mixed in before the family's attention class, whose ``__init__`` is not run.
+    """
+
+    def __init__(self, dense_attention: nn.Module):
+        nn.Module.__init__(self)
+        self.layer_idx = dense_attention.layer_idx
+        self.config = dense_attention.config
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[None, Optional[torch.Tensor]]:
+        batch, q_len = hidden_states.shape[:2]
+        kv_len = q_len
+        cache = cache_from(kwargs)
+        if cache is not None and hasattr(cache, "update"):
+            z = hidden_states.new_zeros(batch, 1, q_len, 1)
+            keys, _ = cache.update(z, z, self.layer_idx)
+            kv_len = keys.shape[-2]
+        if getattr(self.config, "_attn_implementation", None) != "eager":
+            return None, None
+        return None, hidden_states.new_zeros(batch, 0, q_len, kv_len)
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, removed"
+
+
+class CompactedLayer(IndexSetsFollowDevice):
+    """Common state of a compacted decoder layer: the output index sets and the removed-attention placeholder.
+
+    Subclasses call ``super().__init__(dense, idx, skipped_attention_class)`` and then build their blocks; a
+    block whose output set is empty holds no weights (its attribute is None). ``attn_out_idx`` /
+    ``mlp_out_idx``: the residual columns the attention / MLP output is added into; ``attn_placeholder``: the
+    :class:`SkippedAttention` standing in for a removed attention (None while the attention is kept).
+    """
+
+    def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor], skipped_attention_class: type):
+        nn.Module.__init__(self)  # not the dense layer's __init__
+        self.layer_idx = dense.self_attn.layer_idx
+        if hasattr(dense, "attention_type"):  # sliding / full attention, read by the model's forward
+            self.attention_type = dense.attention_type
+        self.attn_out_idx = IndexSet(idx["attn_out"])
+        self.mlp_out_idx = IndexSet(idx["mlp_out"])
+        self.attn_placeholder = None
+        if not keeps_attention(idx["attn_out"].numel()):
+            self.attn_placeholder = skipped_attention_class(dense.self_attn)
+
+    def skip_attention(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Runs the placeholder of the removed attention (cache entry, ``output_attentions`` slot)."""
+        self.attn_placeholder(hidden_states=hidden_states, **kwargs)

@@ -1,0 +1,133 @@
+"""Widths read from the modules, not assumed: configs whose heads × head_dim differ from the hidden size
+(Mistral-Nemo, Qwen3-like), MQA / GQA, biases a family hard-codes or ignores, tied / untied embeddings, a sliding
+window shorter than the sequence. Compacted ≡ masked reference (fp32, 1e-5), KV-cache decode included, and the
+parameter formula ≡ the dense and compacted modules."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+import dip_ext
+from dip_ext import STRUCTURES, DispMasks
+from dip_ext.families import LayerShapes, adapter_for
+from dip_ext.params import decoder_linear_params, dense_linear_params
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+
+VOCAB = 64
+BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+            max_position_embeddings=64, pad_token_id=0)
+CASES = {
+    # heads × head_dim = 64 ≠ 48, GQA, untied
+    "llama-wide-heads-gqa": (LlamaForCausalLM, LlamaConfig(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
+                                                            tie_word_embeddings=False, **BASE)),
+    # 3 × 12 = 36 ≠ 48, MQA, every bias, tied
+    "llama-narrow-heads-mqa-bias": (LlamaForCausalLM, LlamaConfig(num_attention_heads=3, head_dim=12,
+                                                                   num_key_value_heads=1, attention_bias=True,
+                                                                   mlp_bias=True, tie_word_embeddings=True, **BASE)),
+    # Mistral-Nemo-like (4 × 16 ≠ 48), MQA, a sliding window of 4 over 11 tokens
+    "mistral-nemo-like-window": (MistralForCausalLM, MistralConfig(num_attention_heads=4, head_dim=16,
+                                                                   num_key_value_heads=1, sliding_window=4, **BASE)),
+    # Qwen2 hard-codes q/k/v biases and no o_proj bias, whatever attention_bias says
+    "qwen2-wide-heads": (Qwen2ForCausalLM, Qwen2Config(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
+                                                       attention_bias=False, tie_word_embeddings=False, **BASE)),
+    # Phi's attention reads head_dim when the config has one
+    "phi-head-dim-gqa": (PhiForCausalLM, PhiConfig(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
+                                                   partial_rotary_factor=0.5, **BASE)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+def make_model(name: str, seed: int = 0):
+    model_cls, config = CASES[name]
+    torch.manual_seed(seed)
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def random_masks(model, seed: int = 0) -> DispMasks:
+    """Layer 0 random, layer 1 without attention, layer 2 without MLP channels (bias only, where there is one)."""
+    dims = adapter_for(model).dims(model.config)
+    g = torch.Generator().manual_seed(seed)
+    layers = [{s: (torch.rand(dims.size(s), generator=g) < 0.6).nonzero().flatten() for s in STRUCTURES}
+              for _ in range(dims.num_layers)]
+    layers[1]["attn_out"] = torch.empty(0, dtype=torch.long)
+    layers[2]["mlp_mid"] = torch.empty(0, dtype=torch.long)
+    return DispMasks(layers)
+
+
+def shapes_of_modules(adapter, layer) -> LayerShapes:
+    """LayerShapes read off a dense layer's linears."""
+    points = adapter.mask_points(layer)
+    q, k, v = (m for m, _ in points["attn_in"])
+    o = points["attn_out"][0][0]
+    ins = [m for m, _ in points["mlp_in"]]
+    out = points["mlp_out"][0][0]
+    assert v.out_features == k.out_features and o.in_features == q.out_features
+    return LayerShapes(q_out=q.out_features, kv_out=k.out_features, qkv_bias=q.bias is not None,
+                       o_bias=o.bias is not None, mlp_in_linears=len(ins), mlp_in_bias=ins[0].bias is not None,
+                       mlp_out_bias=out.bias is not None)
+
+
+def assert_close(actual, expected):
+    err = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+    assert err <= 1e-5, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_shapes_and_counts_are_the_modules(name):
+    dense = make_model(name)
+    adapter = adapter_for(dense)
+    layer = adapter.decoder_layers(dense)[0]
+    assert adapter.shapes(dense.config) == shapes_of_modules(adapter, layer)
+    dims = adapter.dims(dense.config)
+    full = {s: dims.size(s) for s in STRUCTURES}
+    per_layer = sum(p.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    assert sum(adapter.linear_params(dense.config, full).values()) == per_layer
+    masks = random_masks(dense)
+    compacted = dip_ext.compact(copy.deepcopy(dense), masks)
+    assert decoder_linear_params(compacted) == dense_linear_params(compacted.config, masks.widths())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compacted_equals_masked_reference_with_cache(name):
+    dense = make_model(name)
+    masks = random_masks(dense)
+    compacted = dip_ext.compact(copy.deepcopy(dense), masks)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, 11), generator=g)
+    nxt = torch.randint(1, VOCAB, (2, 3), generator=g)
+
+    def run(model):
+        out = model(ids, use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(nxt.shape[1]):
+            out = model(nxt[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        with dip_ext.apply_masks(dense, masks):
+            ref = run(dense)
+            whole = dense(torch.cat([ids, nxt], 1)).logits
+        unmasked = dense(ids).logits
+        out = run(compacted)
+    assert_close(out, ref)
+    assert_close(out, whole)  # cached decode ≡ one pass over the whole sequence
+    assert (unmasked - ref[:, :ids.shape[1]]).abs().max() > 1e-3  # the reference really is pruned
