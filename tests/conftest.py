@@ -16,9 +16,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def word_tokenizer():
-    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk."""
+def make_word_tokenizer():
+    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk.
+
+    A plain function (the ``word_tokenizer`` fixture calls it) so scripts outside pytest, such as
+    ``tests/golden/regenerate.py``, build exactly the same tokenizer.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,11 +34,27 @@ def word_tokenizer():
                                    pad_token="<unk>")
 
 
+def write_word_text(folder) -> str:
+    """Writes 12 paragraphs of 40 random WORDS (seeded) to ``folder/words.txt``; returns ``file:PATH``.
+
+    ~380 calibration and ~100 held-out tokens. A plain function for the same reason as :func:`make_word_tokenizer`.
+    """
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(0)
+    paras = [" ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(12)]
+    path = Path(folder) / "words.txt"
+    path.write_text("\n\n".join(paras) + "\n")
+    return f"file:{path}"
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk."""
+    return make_word_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def word_text(tmp_path_factory) -> str:
     """``file:PATH`` of 12 paragraphs of 40 random WORDS (seeded): ~380 calibration and ~100 held-out tokens."""
-    g = torch.Generator().manual_seed(0)
-    paras = [" ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(12)]
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text("\n\n".join(paras) + "\n")
-    return f"file:{path}"
+    return write_word_text(tmp_path_factory.mktemp("text"))
