@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from .base import SelectionMethod
 
-__all__ = ["register_method", "get_method", "method_names", "method_options"]
+__all__ = ["register_method", "unregister_method", "get_method", "method_names", "method_options"]
 
 _METHODS: dict[str, type] = {}
 
@@ -27,6 +28,13 @@ def register_method(cls: type) -> type:
         raise TypeError(f"selection method {name!r} has no options_class (None when it has no options)")
     _METHODS[name] = cls
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Removes the method registered as ``name``; ValueError listing the registered ones if there is none."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
+    del _METHODS[name]
 
 
 def method_names() -> tuple[str, ...]:
@@ -57,8 +65,6 @@ def method_options(name: str, options: Optional[Any] = None, **values) -> Option
         if values:
             raise ValueError(f"method {name!r} has no options, got {', '.join(sorted(values))}")
         return None
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
