@@ -87,18 +87,20 @@ def windows_digest(windows: Optional[torch.Tensor]) -> Optional[list]:
 
 def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: dict, schedule: LrSchedule,
                     train_windows: torch.Tensor, val_windows: Optional[torch.Tensor], *, seed: int,
-                    multiple_of: int, global_batch: int) -> dict:
+                    multiple_of: int, global_batch: int, weights: bool = True) -> dict:
     """The flat JSON-safe dict a checkpoint of this run records (see the module docstring).
 
     ``options``: the hypernetwork options that shape training (the trainer passes its config's fields without
     the ones that do not: the step count, which the schedule covers, and the checkpoint interval).
+    ``weights=False`` records None for the weight digest (a run that writes no checkpoint needs none; for an
+    FSDP-sharded model the digest gathers every parameter once).
     """
     cfg = model.config
     dtype = next((str(p.dtype) for p in model.parameters()), None)
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers, "hidden": dims.hidden,
             "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
             "kv_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
-            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": weights_digest(model),
+            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": weights_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
             **{k: v for k, v in options.items()}, **schedule.record(),

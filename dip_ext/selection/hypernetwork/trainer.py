@@ -160,7 +160,7 @@ class Trainer:
         self._option_defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in options}
         self.fingerprint = run_fingerprint(model, self.dims, budget, options, self.schedule, self.train_windows,
                                            self.val_windows, seed=seed, multiple_of=multiple_of,
-                                           global_batch=self.global_batch)
+                                           global_batch=self.global_batch, weights=self.path is not None)
         self._init_digest = None if init_masks is None else _masks_digest(init_masks)
         if self.placement.world_size > 1:  # ranks given other data or settings would train other hypernetworks
             dist.check_same((self.fingerprint, self._init_digest, config.steps, checkpoint_dir is None),
