@@ -17,6 +17,7 @@ one-process run only where a logit + offset lies within ~1e-5 of the export thre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,14 +52,16 @@ def tiny_val_blocks():
 def _train(model, blocks, out: Path, *, batch_size, resume=False, callback=None, log=None, report=None):
     from dip_ext.calibration import run_calibration
     from dip_ext.selection.budget import Budget
-    from dip_ext.selection.hypernetwork import learn_masks_hypernetwork
+    from dip_ext.selection.hypernetwork import HypernetworkConfig, Trainer
 
     calib = run_calibration(model, blocks, progress=False, checkpoint=out / "calibration.safetensors",
                             checkpoint_every=3)
-    masks = learn_masks_hypernetwork(model, blocks, Budget.for_model(model, 0.5), steps=STEPS, lr=LR, seed=SEED,
-                                     batch_size=batch_size, checkpoint_dir=out / "hnet",
-                                     checkpoint_every=CKPT_EVERY, resume=resume, progress=False, log=log,
-                                     callback=callback, val_blocks=tiny_val_blocks(), val_every=2, report=report)
+    config = HypernetworkConfig(steps=STEPS, lr=LR, batch_size=batch_size, checkpoint_every=CKPT_EVERY, val_every=2)
+    trainer = Trainer(model, blocks, Budget.for_model(model, 0.5), config, seed=SEED, checkpoint_dir=out / "hnet",
+                      resume=resume, progress=False, callback=callback, val_windows=tiny_val_blocks())
+    masks, summary = trainer.run()
+    log.extend(dataclasses.asdict(e) for e in trainer.log)
+    report["val_history"] = [list(h) for h in summary.val_history]
     return calib, masks
 
 
@@ -88,7 +91,7 @@ def worker(scenario: str, out: Path) -> None:
     r = D.rank()
 
     def fail(entry):
-        if scenario == "fail" and r == 1 and entry["step"] == FAIL_AT:
+        if scenario == "fail" and r == 1 and entry.step == FAIL_AT:
             raise RuntimeError(f"injected failure at step {FAIL_AT}")
 
     log, report = [], {}
@@ -151,7 +154,8 @@ from dip_ext import distributed as D  # noqa: E402
 from dip_ext.calibration import CalibrationResult  # noqa: E402
 from dip_ext.families import adapter_for  # noqa: E402
 from dip_ext.masks import DispMasks  # noqa: E402
-from dip_ext.selection.hypernetwork import CHECKPOINT_NAME, HyperNetwork, _read_checkpoint  # noqa: E402
+from dip_ext.selection.hypernetwork import CHECKPOINT_NAME, HyperNetwork  # noqa: E402
+from dip_ext.selection.hypernetwork import read_checkpoint as _read_checkpoint  # noqa: E402
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -271,6 +275,10 @@ def test_fsdp_sharded_model_matches_data_parallel(full_run, tmp_path):
     (f0, f1), (fc0, fc1) = _results(tmp_path)
     (d0, _), (dc0, _) = _results(full_run)
     assert f0["masks"] == f1["masks"] == d0["masks"]
+    # The checkpoint's weight digest: the sharded model's (parameters gathered whole) is the full copy's.
+    fp_f = _read_checkpoint(tmp_path / "hnet" / CHECKPOINT_NAME)[1]["fingerprint"]
+    fp_d = _read_checkpoint(full_run / "hnet" / CHECKPOINT_NAME)[1]["fingerprint"]
+    assert fp_f["weights"] == fp_d["weights"] and fp_f == fp_d
     assert [e["lm_loss"] for e in f0["log"]] == pytest.approx([e["lm_loss"] for e in d0["log"]], rel=1e-5)
     assert [h[0] for h in f0["val_history"]] == [h[0] for h in d0["val_history"]]
     assert [h[1] for h in f0["val_history"]] == pytest.approx([h[1] for h in d0["val_history"]], rel=1e-5)

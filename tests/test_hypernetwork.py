@@ -13,8 +13,10 @@ import torch
 from dip_ext.families import adapter_for
 from dip_ext.masks import STRUCTURES, DispMasks
 from dip_ext.selection.budget import Budget
-from dip_ext.selection.hypernetwork import (CHECKPOINT_NAME, HyperNetwork, _batch_indices, export_masks,
-                                            learn_masks_hypernetwork)
+from dip_ext.selection.hypernetwork import (CHECKPOINT_NAME, HyperNetwork, HypernetworkConfig, StepLog, Trainer,
+                                            export_masks)
+from dip_ext.selection.hypernetwork import schedule as hn
+from dip_ext.selection.hypernetwork.batches import batch_indices
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,9 +40,29 @@ def dims(model):
     return adapter_for(model).dims(model.config)
 
 
-def _run(model, blocks, ratio=0.5, **kw):
+_TRAINER_ARGS = {"init_masks", "val_windows", "checkpoint_dir", "resume", "seed", "multiple_of", "placement",
+                 "progress", "callback"}
+
+
+def _trainer(model, blocks, budget, **kw):
+    """A Trainer with the options among ``kw`` in its HypernetworkConfig and the rest as its keywords."""
     kw.setdefault("progress", False)
-    return learn_masks_hypernetwork(model, blocks, Budget.for_model(model, ratio), **kw)
+    options = {k: kw.pop(k) for k in list(kw) if k not in _TRAINER_ARGS}
+    return Trainer(model, blocks, budget, HypernetworkConfig(**options), **kw)
+
+
+def _train(model, blocks, ratio=0.5, budget=None, log=None, **kw):
+    """``(masks, summary)`` of a run; ``log`` (a list) receives its StepLog entries, also when it is interrupted."""
+    trainer = _trainer(model, blocks, budget or Budget.for_model(model, ratio), **kw)
+    try:
+        return trainer.run()
+    finally:
+        if log is not None:
+            log.extend(trainer.log)
+
+
+def _run(model, blocks, ratio=0.5, **kw):
+    return _train(model, blocks, ratio, **kw)[0]
 
 
 def _random_logits(dims, seed):
@@ -61,20 +83,21 @@ def _one_more_exceeds(budget, widths, dims):
 
 
 def test_training_moves_kept_ratio_toward_target(model, blocks):
-    log, report = [], {}
+    trainer = _trainer(model, blocks, Budget.for_model(model, 0.5), steps=5, lr=0.05)
     # lr 0.05, not the paper's 1e-3: the deterministic mask only changes once a logit moved by the offset (3).
-    masks = _run(model, blocks, steps=5, lr=0.05, log=log, report=report)
-    assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
-    assert log[0]["kept_ratio"] == 1.0  # offset +3: everything kept at the start
-    assert all(set(e) >= {"step", "lm_loss", "budget_loss", "kept_ratio"} for e in log)
-    assert log[-1]["kept_ratio"] < log[0]["kept_ratio"] - 0.05
-    assert log[-1]["expected_ratio"] < log[0]["expected_ratio"]
+    masks, summary = trainer.run()
+    log = trainer.log
+    assert all(isinstance(e, StepLog) for e in log)
+    assert [e.step for e in log] == [1, 2, 3, 4, 5] and summary.steps == 5 and summary.start_step == 0
+    assert log[0].kept_ratio == 1.0  # offset +3: everything kept at the start
+    assert log[-1].kept_ratio < log[0].kept_ratio - 0.05
+    assert log[-1].expected_ratio < log[0].expected_ratio
     # Gradients flowed only to the hypernetwork: the model is untouched and its flags are restored.
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert not model.training
     budget = Budget.for_model(model, 0.5)
     assert budget.kept_linear(masks.widths()) <= budget.target_linear
-    assert report["kept_decoder_linear"] == budget.kept_linear(masks.widths())
+    assert trainer.export_info.kept_decoder_linear == budget.kept_linear(masks.widths())
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.8])
@@ -86,7 +109,7 @@ def test_export_hits_budget(model, dims, ratio, seed):
     kept = budget.kept_linear(widths)
     assert kept <= budget.target_linear
     assert _one_more_exceeds(budget, widths, dims)
-    assert info["kept_decoder_linear"] == kept
+    assert info.kept_decoder_linear == kept
     masks.validate(dims)
 
 
@@ -109,7 +132,7 @@ def test_export_follows_scores_and_is_deterministic(model, dims):
             kept_s.append(layer[s][m[s] > 0] + 3.0)
             if s not in moot:
                 dropped_s.append(layer[s][m[s] == 0] + 3.0)
-    assert torch.cat(kept_s).min() > info["threshold"] > torch.cat(dropped_s).max()
+    assert torch.cat(kept_s).min() > info.threshold > torch.cat(dropped_s).max()
 
 
 def test_export_keeps_all_when_budget_allows_and_handles_huge_logits(model, dims):
@@ -141,6 +164,25 @@ def test_multiple_of(model, dims, ratio):
                 assert set(idx[s].tolist()) == set(layer[s].topk(k).indices.tolist())
 
 
+@pytest.mark.parametrize("m", [4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_export_multiple_of_fills_the_budget_like_every_method(model, dims, m, seed):
+    """The one rounding policy (dip_ext.selection.budget): no set's next whole chunk would still fit, as for
+    one-shot and dependent (tests/test_selection.py::test_selection_multiple_of)."""
+    budget = Budget.for_model(model, 0.4)
+    masks, info = export_masks(_random_logits(dims, seed), budget, multiple_of=m)
+    widths = masks.widths()
+    assert info.multiple_of == m and budget.kept_linear(widths) <= budget.target_linear
+    for i in range(len(widths)):
+        for s in STRUCTURES:
+            n = dims.size(s)
+            assert widths[i][s] % m == 0 or widths[i][s] == n
+            if widths[i][s] < n:
+                more = [dict(w) for w in widths]
+                more[i][s] += min(m, n - widths[i][s])
+                assert budget.kept_linear(more) > budget.target_linear, (i, s, widths)
+
+
 def test_training_export_multiple_of(model, blocks):
     masks = _run(model, blocks, steps=2, lr=0.05, multiple_of=4)
     assert all(w[s] % 4 == 0 for w in masks.widths() for s in STRUCTURES)
@@ -160,7 +202,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(model, blocks, tmp_path):
     full = _run(model, blocks, log=full_log, **kw)
 
     def stop_at_3(entry):
-        if entry["step"] == 3:
+        if entry.step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -169,9 +211,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(model, blocks, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]  # no temp files left behind
     resumed_log = []
     resumed = _run(model, blocks, checkpoint_dir=tmp_path, resume=True, log=resumed_log, **kw)
-    assert [e["step"] for e in resumed_log] == [3, 4, 5]  # the last checkpoint was step 2
+    assert [e.step for e in resumed_log] == [3, 4, 5]  # the last checkpoint was step 2
     assert resumed == full
-    assert [e["lm_loss"] for e in resumed_log] == [e["lm_loss"] for e in full_log[2:]]
+    assert [e.lm_loss for e in resumed_log] == [e.lm_loss for e in full_log[2:]]
 
 
 def test_run_to_3_then_resume_to_5(model, blocks, tmp_path):
@@ -180,7 +222,7 @@ def test_run_to_3_then_resume_to_5(model, blocks, tmp_path):
     _run(model, blocks, steps=3, checkpoint_dir=tmp_path, **kw)  # the final checkpoint is written at the end
     log = []
     resumed = _run(model, blocks, steps=5, checkpoint_dir=tmp_path, resume=True, log=log, **kw)
-    assert [e["step"] for e in log] == [4, 5]
+    assert [e.step for e in log] == [4, 5]
     assert resumed == full
     # Resuming a finished run trains nothing and exports the same masks.
     log2 = []
@@ -198,7 +240,7 @@ def test_checkpoint_refusals(model, blocks, tmp_path):
         _run(model, blocks, steps=2, lr=0.05, seed=1, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="different run.*ratio"):
         _run(model, blocks, ratio=0.3, steps=2, lr=0.05, seed=0, checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(ValueError, match="different run.*blocks"):
+    with pytest.raises(ValueError, match="different run.*train_windows"):
         _run(model, blocks.flip(0), steps=2, lr=0.05, seed=0, checkpoint_dir=tmp_path, resume=True)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -232,7 +274,7 @@ def test_warm_start_reproduces_init_masks(model, dims):
             torch.testing.assert_close(layer[s], want, atol=1e-4, rtol=0)
     exported, info = export_masks(logits, budget)
     assert exported == init
-    assert info["threshold"] == pytest.approx(0.0, abs=1e-3)
+    assert info.threshold == pytest.approx(0.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("margin", [0.5, 1.0])
@@ -248,7 +290,7 @@ def test_warm_start_margin(model, dims, margin):
 
 def test_distill_loss_is_the_kl_from_the_dense_model(model, blocks, dims):
     from dip_ext.masking import apply_masks
-    from dip_ext.selection.hypernetwork import _losses
+    from dip_ext.selection.hypernetwork.losses import step_losses
 
     budget = Budget.for_model(model, 0.4)
     ids = blocks[:2]
@@ -258,13 +300,13 @@ def test_distill_loss_is_the_kl_from_the_dense_model(model, blocks, dims):
         # Margin 60 at temperature 0.4: no sampled flip, so the student is the dense model and the KL is 0.
         h = HyperNetwork(dims, seed=0)
         h.warm_start(DispMasks.full(dims), margin=60.0)
-        kl, *_ = _losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
-                         temperature=0.4, offset=3.0, distill=True)
+        kl = step_losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
+                         temperature=0.4, offset=3.0, distill=True).lm_loss
         assert float(kl.detach()) == pytest.approx(0.0, abs=1e-5)
         init, _ = _init_masks(dims, budget, seed=14)
         h.warm_start(init, margin=60.0)
-        kl, *_ = _losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
-                         temperature=0.4, offset=3.0, distill=True)
+        kl = step_losses(h, masked, model, ids, budget, torch.Generator().manual_seed(0), lam=1.0,
+                         temperature=0.4, offset=3.0, distill=True).lm_loss
         kl.backward()
         masked.set_masks(init)
         with torch.no_grad():
@@ -277,26 +319,20 @@ def test_distill_loss_is_the_kl_from_the_dense_model(model, blocks, dims):
 
 def test_distill_and_margin_runs_resume_exactly(model, blocks, tmp_path):
     init, budget = _init_masks(adapter_for(model).dims(model.config), Budget.for_model(model, 0.4), seed=15)
-    kw = dict(steps=4, lr=0.05, init_masks=init, margin=1.0, distill=True, progress=False)
+    kw = dict(budget=budget, steps=4, lr=0.05, init_masks=init, margin=1.0, distill=True)
     full_log, part_log = [], []
-    whole = learn_masks_hypernetwork(model, blocks, budget, log=full_log, **kw)
-    learn_masks_hypernetwork(model, blocks, budget, **{**kw, "steps": 2}, checkpoint_dir=tmp_path,
-                             checkpoint_every=1, log=part_log)
-    resumed = learn_masks_hypernetwork(model, blocks, budget, **kw, checkpoint_dir=tmp_path, resume=True,
-                                       log=part_log)
+    whole = _run(model, blocks, log=full_log, **kw)
+    _run(model, blocks, **{**kw, "steps": 2}, checkpoint_dir=tmp_path, checkpoint_every=1, log=part_log)
+    resumed = _run(model, blocks, **kw, checkpoint_dir=tmp_path, resume=True, log=part_log)
     assert resumed == whole
-    assert [e["lm_loss"] for e in part_log] == pytest.approx([e["lm_loss"] for e in full_log], rel=1e-6)
+    assert [e.lm_loss for e in part_log] == pytest.approx([e.lm_loss for e in full_log], rel=1e-6)
     with pytest.raises(ValueError, match="different run.*distill"):
-        learn_masks_hypernetwork(model, blocks, budget, **{**kw, "distill": False}, checkpoint_dir=tmp_path,
-                                 resume=True)
+        _run(model, blocks, **{**kw, "distill": False}, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="different run.*margin"):
-        learn_masks_hypernetwork(model, blocks, budget, **{**kw, "margin": 2.0}, checkpoint_dir=tmp_path,
-                                 resume=True)
+        _run(model, blocks, **{**kw, "margin": 2.0}, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, monkeypatch):
-    from dip_ext.selection import hypernetwork as hn
-
     assert hn.scheduled_lr(0.1, "cosine", 0, 4) == pytest.approx(0.1)
     assert hn.scheduled_lr(0.1, "cosine", 2, 4) == pytest.approx(0.05)
     assert hn.scheduled_lr(0.1, "constant", 3, 4) == 0.1
@@ -314,7 +350,7 @@ def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, m
     constant = _run(model, blocks, **{**kw, "lr_schedule": "constant"})
     assert seen[4:] == [0.05] * 4 and isinstance(constant, DispMasks)
     def stop_at_2(entry):
-        if entry["step"] == 2:
+        if entry.step == 2:
             raise KeyboardInterrupt
 
     part_log = []
@@ -322,7 +358,7 @@ def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, m
         _run(model, blocks, **kw, checkpoint_dir=tmp_path, checkpoint_every=1, callback=stop_at_2, log=part_log)
     resumed = _run(model, blocks, **kw, checkpoint_dir=tmp_path, resume=True, log=part_log)
     assert resumed == full
-    assert [e["lm_loss"] for e in part_log] == [e["lm_loss"] for e in full_log]
+    assert [e.lm_loss for e in part_log] == [e.lm_loss for e in full_log]
     # the cosine is laid out over `steps`: a longer run is another run
     with pytest.raises(ValueError, match="different run.*at step 1 differs.*schedule_steps: checkpoint 4 vs now 6"):
         _run(model, blocks, **{**kw, "steps": 6}, checkpoint_dir=tmp_path, resume=True)
@@ -333,8 +369,6 @@ def test_cosine_schedule_lr_per_step_and_exact_resume(model, blocks, tmp_path, m
 def test_cosine_tail_anneals_a_constant_run_exactly(model, blocks, tmp_path, monkeypatch):
     """A constant run's checkpoint continues as a cosine-tail run (same learning rates so far) and gives the
     masks of an uninterrupted cosine-tail run; a tail that would have started before the checkpoint is refused."""
-    from dip_ext.selection import hypernetwork as hn
-
     assert [hn.scheduled_lr(0.1, "cosine-tail", t, 5, 2) for t in range(5)] == pytest.approx([0.1, 0.1, 0.1, 0.1,
                                                                                                 0.05])
     seen = []
@@ -351,7 +385,7 @@ def test_cosine_tail_anneals_a_constant_run_exactly(model, blocks, tmp_path, mon
     part_log = []
     _run(model, blocks, steps=3, lr=0.05, seed=3, checkpoint_dir=tmp_path, log=part_log)  # constant, 3 steps
     assert _run(model, blocks, **tail, checkpoint_dir=tmp_path, resume=True, log=part_log) == full
-    assert [e["lm_loss"] for e in part_log] == [e["lm_loss"] for e in full_log]
+    assert [e.lm_loss for e in part_log] == [e.lm_loss for e in full_log]
     # the checkpoint (now at step 5) took step 4 at 0.025; a tail over the last 3 of 6 steps would run it at 0.0375
     with pytest.raises(ValueError, match="learning rate at step 4 differs.*decay_steps: checkpoint 2 vs now 3"):
         _run(model, blocks, **{**tail, "steps": 6, "decay_steps": 3}, checkpoint_dir=tmp_path, resume=True)
@@ -375,68 +409,123 @@ def test_corrupt_schedule_in_checkpoint_is_refused(model, blocks, tmp_path):
         _run(model, blocks, steps=2, lr=0.05, lr_schedule="cosine", checkpoint_dir=tmp_path, resume=True)
 
 
-def test_checkpoint_from_before_the_options_resumes_under_their_defaults(model, blocks, tmp_path):
-    """A checkpoint written before ``margin`` / ``distill`` existed (no such fingerprint keys) ran with their
-    defaults: it resumes under the defaults and is refused under other values."""
+def _rewrite_meta(path, edit):
+    """Rewrites the JSON header of the checkpoint at ``path`` through ``edit(header, meta)``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    whole = _run(model, blocks, steps=3, lr=0.05)
-    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
-    path = tmp_path / CHECKPOINT_NAME
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header["json"])
-    for key in ("margin", "distill", "lr_schedule", "schedule_steps", "decay_steps"):
-        del meta["fingerprint"][key]
+    edit(header, meta)
     save_file(tensors, str(path), metadata={**header, "json": json.dumps(meta)})
+
+
+def test_checkpoint_from_before_an_option_resumes_under_its_default(model, blocks, tmp_path):
+    """A checkpoint written before ``margin`` / ``distill`` existed (no such fingerprint keys) ran with their
+    defaults: it resumes under the defaults and is refused under other values."""
+    whole = _run(model, blocks, steps=3, lr=0.05)
+    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
+
+    def drop(header, meta):
+        for key in ("margin", "distill"):
+            del meta["fingerprint"][key]
+    _rewrite_meta(tmp_path / CHECKPOINT_NAME, drop)
     with pytest.raises(ValueError, match="different run.*distill: checkpoint False vs now True"):
         _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True, distill=True)
     assert _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True) == whole
 
 
+def test_checkpoint_of_format_v1_is_refused_naming_why(model, blocks, tmp_path):
+    """v1 checkpoints record no digest of the model's weights: nothing shows which model wrote them."""
+    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
+
+    def to_v1(header, meta):
+        header["format"] = meta["format"] = "dip_ext.hypernetwork-checkpoint.v1"
+        del meta["fingerprint"]["weights"]
+    _rewrite_meta(tmp_path / CHECKPOINT_NAME, to_v1)
+    with pytest.raises(ValueError, match="cannot be resumed: .*older dip_ext.*not record the model's weights.*v1"):
+        _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_resume_on_another_model_of_the_same_shape_is_refused(model, blocks, tmp_path):
+    """The reported fault: a work folder written for model A, resumed with model B of the same shape, must not
+    return A's masks. Also another dtype of the same weights is another run."""
+    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(model.config).eval()  # same config and shapes, other weights
+    with pytest.raises(ValueError, match=r"different run.*\(weights: checkpoint '[0-9a-f]{16}' vs now '[0-9a-f]{16}'\)"):
+        _run(other, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True)
+    half = transformers.LlamaForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.float64)
+    with pytest.raises(ValueError, match="different run.*dtype: checkpoint 'torch.float32' vs now 'torch.float64'"):
+        _run(half, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True)
+    # the same weights in another model object: the same run, resumed
+    same = transformers.LlamaForCausalLM(model.config).eval()
+    same.load_state_dict(model.state_dict())
+    assert _run(same, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True) == \
+        _run(model, blocks, steps=3, lr=0.05)
+
+
+def test_weights_digest_sees_a_single_changed_sample():
+    from dip_ext.selection.hypernetwork import weights_digest
+
+    lin = torch.nn.Linear(300, 7)
+    d = weights_digest(lin)
+    assert d == weights_digest(lin) and len(d) == 16
+    with torch.no_grad():
+        lin.weight.view(-1)[0] += 1.0  # the first of the evenly spaced samples
+    assert weights_digest(lin) != d
+    with pytest.raises(ValueError, match="samples"):
+        weights_digest(lin, samples=0)
+
+
 def test_warm_started_training_stays_near_init(model, blocks, dims):
     init, budget = _init_masks(dims, Budget.for_model(model, 0.4), seed=12)
     log = []
-    masks = learn_masks_hypernetwork(model, blocks, budget, steps=1, init_masks=init, progress=False, log=log)
-    assert log[0]["kept_ratio"] == pytest.approx(budget.kept_ratio(init.widths()), abs=1e-6)
+    masks = _run(model, blocks, budget=budget, steps=1, init_masks=init, log=log)
+    assert log[0].kept_ratio == pytest.approx(budget.kept_ratio(init.widths()), abs=1e-6)
     assert masks == init  # one step at lr 1e-3 cannot move a logit by 3
 
 
 def test_batch_order_is_seeded_epoch_shuffles():
     n, bs = 5, 2
-    stream = torch.cat([_batch_indices(t, bs, n, seed=3) for t in range(5)])  # 10 = two epochs
+    stream = torch.cat([batch_indices(t, bs, n, seed=3) for t in range(5)])  # 10 = two epochs
     assert sorted(stream[:5].tolist()) == list(range(5)) and sorted(stream[5:].tolist()) == list(range(5))
     assert not torch.equal(stream[:5], stream[5:]) or n < 3
-    assert torch.equal(stream, torch.cat([_batch_indices(t, bs, n, seed=3) for t in range(5)]))
-    assert not torch.equal(stream, torch.cat([_batch_indices(t, bs, n, seed=4) for t in range(5)]))
+    assert torch.equal(stream, torch.cat([batch_indices(t, bs, n, seed=3) for t in range(5)]))
+    assert not torch.equal(stream, torch.cat([batch_indices(t, bs, n, seed=4) for t in range(5)]))
 
 
 @pytest.mark.parametrize("bad, kw, err, match", [
-    ("blocks", dict(), ValueError, "empty"),
-    ("float", dict(), TypeError, "LongTensor"),
-    ("1d", dict(), TypeError, "2-D"),
-    ("list", dict(), TypeError, "LongTensor"),
-    ("vocab", dict(), ValueError, "outside"),
-    (None, dict(steps=0), ValueError, "steps"),
-    (None, dict(steps=2.5), ValueError, "steps"),
+    ("blocks", dict(), ValueError, "train_windows is empty"),
+    ("float", dict(), ValueError, "train_windows must be a 2-D LongTensor"),
+    ("1d", dict(), ValueError, "train_windows must be a 2-D LongTensor"),
+    ("list", dict(), ValueError, "train_windows must be a LongTensor"),
+    ("vocab", dict(), ValueError, "train_windows hold token ids outside"),
+    (None, dict(steps=-1), ValueError, "steps must be >= 0"),
+    (None, dict(steps=2.5), ValueError, "steps must be an integer"),
     (None, dict(batch_size=0), ValueError, "batch_size"),
     (None, dict(lr=0.0), ValueError, "lr"),
     (None, dict(temperature=-1.0), ValueError, "temperature"),
     (None, dict(lam=float("nan")), ValueError, "lam"),
     (None, dict(multiple_of=0), ValueError, "multiple_of"),
+    (None, dict(seed=-1), ValueError, "seed"),
     (None, dict(checkpoint_every=0), ValueError, "checkpoint_every"),
     (None, dict(val_every=0), ValueError, "val_every"),
     (None, dict(margin=0.0), ValueError, "margin"),
     (None, dict(margin=float("inf")), ValueError, "margin"),
     (None, dict(lr_schedule="linear"), ValueError, "lr_schedule must be one of constant, cosine, cosine-tail"),
     (None, dict(lr_schedule="cosine-tail"), ValueError, "needs decay_steps, an integer >= 1, got None"),
-    (None, dict(lr_schedule="cosine-tail", decay_steps=0), ValueError, "needs decay_steps"),
+    (None, dict(lr_schedule="cosine-tail", decay_steps=0), ValueError, "decay_steps must be >= 1"),
     (None, dict(steps=4, lr_schedule="cosine-tail", decay_steps=9), ValueError, r"decay_steps \(9\) must not exceed steps"),
     (None, dict(decay_steps=2), ValueError, "decay_steps is only for lr_schedule 'cosine-tail', not 'constant'"),
-    (None, dict(val_blocks=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_blocks is empty"),
-    (None, dict(val_blocks=torch.zeros(2, 16)), TypeError, "val_blocks must be"),
-    (None, dict(val_blocks=torch.full((2, 16), 99)), ValueError, "val_blocks hold token ids outside"),
+    (None, dict(val_windows=torch.zeros(0, 16, dtype=torch.long)), ValueError, "val_windows is empty"),
+    (None, dict(val_windows=torch.zeros(2, 16)), ValueError, "val_windows must be"),
+    (None, dict(val_windows=torch.full((2, 16), 99)), ValueError, "val_windows hold token ids outside"),
+    (None, dict(placement="single"), ValueError, "placement must be"),
+    (None, dict(callback=3), ValueError, "callback must be callable"),
 ])
 def test_bad_input(model, blocks, bad, kw, err, match):
     b = {"blocks": blocks[:0], "float": blocks.float(), "1d": blocks[0], "list": blocks.tolist(),
@@ -450,9 +539,11 @@ def test_bad_budget_and_init_masks(model, blocks, dims):
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64))
     with pytest.raises(ValueError, match="budget was made"):
-        learn_masks_hypernetwork(model, blocks, Budget.for_model(other, 0.5), steps=1, progress=False)
-    with pytest.raises(TypeError, match="Budget"):
-        learn_masks_hypernetwork(model, blocks, 0.5, steps=1, progress=False)
+        _run(model, blocks, budget=Budget.for_model(other, 0.5), steps=1)
+    with pytest.raises(ValueError, match="Budget"):
+        Trainer(model, blocks, 0.5, HypernetworkConfig(steps=1))
+    with pytest.raises(ValueError, match="HypernetworkConfig"):
+        Trainer(model, blocks, Budget.for_model(model, 0.5), {"steps": 1})
     wrong = DispMasks.full(dataclasses.replace(dims, num_layers=3))
     with pytest.raises(ValueError, match="layers"):
         _run(model, blocks, steps=1, init_masks=wrong)
@@ -475,48 +566,46 @@ def _masked_loss(model, masks, windows):
 def test_validation_returns_the_best_scoring_export(model, blocks, val_blocks):
     """The returned masks are the export of the step with the lowest held-out loss (recomputed here from
     scratch), and that loss is what the run recorded."""
-    report, log = {}, []
-    kw = dict(steps=6, lr=0.05, seed=3, val_blocks=val_blocks, val_every=2, report=report, log=log)
-    masks = _run(model, blocks, **kw)
-    history = report["val_history"]
+    log = []
+    kw = dict(steps=6, lr=0.05, seed=3, val_windows=val_blocks, val_every=2)
+    masks, report = _train(model, blocks, log=log, **kw)
+    history = report.val_history
     assert [h[0] for h in history] == [0, 2, 4, 6]
-    assert [e["step"] for e in log if "val_loss" in e] == [2, 4, 6]
+    assert [e.step for e in log if e.val_loss is not None] == [2, 4, 6]
     best_step, best_loss = min(history, key=lambda h: (h[1], h[0]))
-    assert report["best_step"] == best_step and report["best_val_loss"] == best_loss
+    assert report.best_step == best_step and report.best_val_loss == best_loss
     assert _masked_loss(model, masks, val_blocks) == pytest.approx(best_loss, rel=1e-5)
     assert 0 < best_step < 6  # this seed's run peaks mid-way: neither the start nor the last step is returned
     # The export at the best step, recomputed by stopping a run of the same seed there:
-    assert masks == _run(model, blocks, **{**kw, "steps": best_step, "val_blocks": None, "report": None, "log": None})
-    last = _run(model, blocks, **{**kw, "val_blocks": None, "report": None, "log": None})
+    assert masks == _run(model, blocks, **{**kw, "steps": best_step, "val_windows": None})
+    last = _run(model, blocks, **{**kw, "val_windows": None})
     assert _masked_loss(model, last, val_blocks) >= best_loss - 1e-6  # never worse than the last step's export
 
 
 def test_validation_keeps_the_warm_start_when_training_only_hurts(model, blocks, val_blocks, dims):
     """A learning rate that wrecks the hypernetwork: the warm start (step 0) stays the answer."""
     budget = Budget.for_model(model, 0.4)
-    init = learn_masks_hypernetwork(model, blocks, budget, steps=1, lr=1e-6, progress=False)
-    report = {}
-    masks = learn_masks_hypernetwork(model, blocks, budget, steps=4, lr=5.0, init_masks=init, seed=1,
-                                     val_blocks=val_blocks, val_every=1, progress=False, report=report)
-    losses = dict(report["val_history"])
+    init = _run(model, blocks, budget=budget, steps=1, lr=1e-6)
+    masks, report = _train(model, blocks, budget=budget, steps=4, lr=5.0, init_masks=init, seed=1,
+                           val_windows=val_blocks, val_every=1)
+    losses = dict(report.val_history)
     assert sorted(losses) == [0, 1, 2, 3, 4]
     assert min(v for k, v in losses.items() if k > 0) > losses[0]  # the premise: every step made it worse
-    assert report["best_step"] == 0 and masks == init
+    assert report.best_step == 0 and masks == init
 
 
 def test_validation_state_survives_interruption(model, blocks, val_blocks, tmp_path):
-    kw = dict(steps=6, lr=0.05, seed=4, checkpoint_every=2, val_blocks=val_blocks, val_every=2)
-    full_report = {}
-    full = _run(model, blocks, report=full_report, **kw)
+    kw = dict(steps=6, lr=0.05, seed=4, checkpoint_every=2, val_windows=val_blocks, val_every=2)
+    full, full_report = _train(model, blocks, **kw)
 
     def stop_at_5(entry):
-        if entry["step"] == 5:
+        if entry.step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         _run(model, blocks, checkpoint_dir=tmp_path, callback=stop_at_5, **kw)
-    report = {}
-    assert _run(model, blocks, checkpoint_dir=tmp_path, resume=True, report=report, **kw) == full
-    assert report["val_history"] == full_report["val_history"] and report["best_step"] == full_report["best_step"]
-    with pytest.raises(ValueError, match="val_blocks"):  # other validation windows: another run
-        _run(model, blocks, checkpoint_dir=tmp_path, resume=True, **{**kw, "val_blocks": val_blocks[:2]})
+    masks, report = _train(model, blocks, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert masks == full and report.start_step == 4
+    assert report.val_history == full_report.val_history and report.best_step == full_report.best_step
+    with pytest.raises(ValueError, match="val_windows"):  # other validation windows: another run
+        _run(model, blocks, checkpoint_dir=tmp_path, resume=True, **{**kw, "val_windows": val_blocks[:2]})

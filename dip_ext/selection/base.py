@@ -75,8 +75,8 @@ class SelectionMethod(Protocol):
 
     ``name``: what ``--method`` / ``PruneConfig.method`` call it. ``options_class``: a frozen dataclass of the
     method's own options (fields declared with :func:`dip_ext.options.option`; the CLI gets a flag per field),
-    or None. ``select`` returns masks meeting ``inputs.budget``, kept widths rounded as
-    :func:`dip_ext.selection.budget.round_width` says when ``inputs.multiple_of > 1``.
+    or None (``select`` then gets None). ``select`` returns masks meeting ``inputs.budget``, kept widths rounded
+    by :func:`dip_ext.selection.budget.fit_multiple` (the one rounding policy) when ``inputs.multiple_of > 1``.
     """
 
     name: ClassVar[str]

@@ -1,25 +1,56 @@
-"""Parameter budgets: what "prune R %" means, and the kept-parameter count of a set of widths.
+"""Parameter budgets: what "prune R %" means, the kept-parameter count of a set of widths, and the one budget
+fitter every selection method rounds its widths with.
 
 ``ratio`` is the fraction of parameters removed, of the decoder linears by default (``ratio_of="decoder_linear"``)
 or of all parameters (``ratio_of="total"``; embeddings, norms and lm_head are kept, so only the decoder linears
-can pay for it). Widths may be ints or (differentiable) tensors: the count is a polynomial in the widths.
+can pay for it). Widths may be ints or (differentiable) tensors: the count is a polynomial in the widths,
+non-decreasing in every width.
+
+Rounding to ``multiple_of`` (the one policy, :func:`fit_multiple`). A method first chooses widths that meet the
+budget. The allowed widths of a set of full size ``n`` are the multiples of ``m = multiple_of`` and ``n`` itself
+(a set kept whole stays whole, also when ``n`` is not a multiple). Then:
+
+1. every width goes DOWN to ``floor(w / m) * m`` (``n`` stays ``n``): the budget stays met, since the count
+   only grows with the widths;
+2. whole chunks are added back: repeatedly, the set (or group of sets) the method prefers most (``priority``:
+   one-shot and dependent by Fisher score per parameter of the chunk's dims, the hypernetwork export by their
+   mean mask score) gains its next ``min(m, n - w)`` best-ranked dims, if the budget allows it; a chunk that
+   would exceed the target is skipped for good and the next preferred one tried, until no chunk fits.
+
+So the result never exceeds the target and no single further chunk would fit: the budget is met as closely as
+the granularity allows, which is what a user asking for R % removed wants. Within a set, the kept dimensions
+are always the set's best-ranked ones. With ``multiple_of == 1`` step 1 changes nothing and step 2 gives back
+single dimensions while any fits (the greedy selection's own last step); the hypernetwork export skips the
+policy at ``multiple_of == 1`` so that its result stays one global threshold on the mask scores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import math
 
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
 from torch import nn
 
 from ..families import adapter_for
 from ..masks import STRUCTURES
 from ..params import param_report
+from .slots import per_layer, slot_sizes
+
+__all__ = ["RATIO_OF", "Budget", "check_ratio", "widths_of", "round_down", "raise_widths", "fit_multiple",
+           "fit_layer_widths"]
 
 RATIO_OF = ("decoder_linear", "total")
 
+#: per-group preference for a raise: a ``[n_groups]`` tensor, or a function of the current counts and of each
+#: group's next raise size returning one (higher is raised first)
+Priority = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
 
 def check_ratio(ratio: float) -> float:
+    """``ratio`` as a float in (0, 1); ValueError otherwise."""
     try:
         r = float(ratio)
     except (TypeError, ValueError):
@@ -31,7 +62,7 @@ def check_ratio(ratio: float) -> float:
 
 @dataclass
 class Budget:
-    """The kept decoder-linear parameter target for one model and one ratio."""
+    """The kept decoder-linear parameter target for one model and one ratio (counts are parameters)."""
 
     config: object
     ratio: float
@@ -84,3 +115,96 @@ def widths_of(masks) -> list[dict]:
     if hasattr(masks, "widths"):
         return masks.widths()
     return [{s: layer[s].sum() for s in STRUCTURES} for layer in masks]
+
+
+def _check_multiple(multiple_of) -> int:
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
+    return multiple_of
+
+
+def _check_counts(counts, sizes) -> None:
+    for name, t in (("counts", counts), ("sizes", sizes)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64:
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got {t!r}")
+    if counts.shape != sizes.shape:
+        raise ValueError(f"counts and sizes must have the same shape, got {tuple(counts.shape)} and "
+                         f"{tuple(sizes.shape)}")
+    if bool((counts < 0).any()) or bool((counts > sizes).any()):
+        raise ValueError("counts must lie in [0, sizes]")
+
+
+def round_down(counts: torch.Tensor, sizes: torch.Tensor, multiple_of: int) -> torch.Tensor:
+    """The lower allowed neighbour of every width: ``floor(w / m) * m``, or ``n`` where ``w == n`` (int64)."""
+    m = _check_multiple(multiple_of)
+    _check_counts(counts, sizes)
+    return torch.where(counts == sizes, sizes, counts // m * m)
+
+
+def raise_widths(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]], start: torch.Tensor,
+                 limit: torch.Tensor, step: int, priority: Priority) -> torch.Tensor:
+    """Raises group counts from ``start`` toward ``limit`` while ``budget`` allows; returns the counts (int64).
+
+    ``widths(counts)`` maps ``[n_groups]`` int64 counts to the per-layer widths :meth:`Budget.kept_linear`
+    counts. Each round raises the group of highest ``priority`` (ties: the lowest index) by
+    ``min(step, limit - count)``; a raise that would exceed ``budget.target_linear`` is skipped and that group
+    is not raised again (the count only grows, so it would not fit later either). Stops when no group can rise.
+    ``start`` must already meet the budget (ValueError otherwise).
+    """
+    if not isinstance(budget, Budget):
+        raise ValueError(f"budget must be a Budget, got {type(budget).__name__}")
+    _check_counts(start, limit)
+    step = _check_multiple(step)
+    if not callable(priority) and (not isinstance(priority, torch.Tensor) or priority.shape != start.shape):
+        raise ValueError(f"priority must be a callable or a tensor of shape {tuple(start.shape)}")
+    target = budget.target_linear
+    counts = start.clone()
+    if float(budget.kept_linear(widths(counts))) > target:
+        raise ValueError("the starting widths already exceed the budget")
+    blocked = torch.zeros(counts.shape, dtype=torch.bool)
+    while True:
+        add = torch.clamp(limit - counts, max=step)
+        gains = (priority(counts, add) if callable(priority) else priority).to(torch.float64).clone()
+        gains[(add <= 0) | blocked] = -math.inf
+        g = int(torch.argmax(gains))
+        if gains[g] == -math.inf:
+            return counts
+        trial = counts.clone()
+        trial[g] += add[g]
+        if float(budget.kept_linear(widths(trial))) > target:
+            blocked[g] = True
+            continue
+        counts = trial
+
+
+def fit_multiple(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]], counts: torch.Tensor,
+                 sizes: torch.Tensor, multiple_of: int, priority: Priority) -> torch.Tensor:
+    """THE rounding policy (see the module docstring): ``counts`` (a method's widths, meeting ``budget``) rounded
+    down to allowed widths, then whole chunks of ``multiple_of`` added back in ``priority`` order while any fits.
+
+    ``counts`` / ``sizes``: ``[n_groups]`` int64 widths and full sizes of the groups (a group may drive several
+    slots, as the dependent baseline's shared hidden set does); ``widths``: counts -> per-layer widths. Returns
+    the rounded ``[n_groups]`` int64 counts.
+    """
+    return raise_widths(budget, widths, round_down(counts, sizes, multiple_of), sizes, multiple_of, priority)
+
+
+def fit_layer_widths(budget: Budget, widths: Sequence[dict], multiple_of: int,
+                     priority: Optional[Sequence[dict]] = None) -> list[dict[str, int]]:
+    """:func:`fit_multiple` on per-layer ``{structure: int}`` widths that meet ``budget`` (for callers without
+    scores, e.g. random masks of given widths; with ``multiple_of == 1`` single dims are added while any fits). ``priority``: per-layer ``{structure: float}`` preferences for the
+    raises (higher first; default: none, so raises go in slot order). Returns per-layer int widths."""
+    dims = adapter_for(budget.config).dims(budget.config)
+    if len(widths) != dims.num_layers:
+        raise ValueError(f"widths must have {dims.num_layers} layers, got {len(widths)}")
+    try:
+        counts = torch.tensor([int(w[s]) for w in widths for s in STRUCTURES], dtype=torch.int64)
+        pri = (torch.zeros(counts.shape, dtype=torch.float64) if priority is None else
+               torch.tensor([float(p[s]) for p in priority for s in STRUCTURES], dtype=torch.float64))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"widths / priority must be per-layer dicts over {STRUCTURES} of numbers ({e})") from None
+    if pri.shape != counts.shape:
+        raise ValueError(f"priority must have {dims.num_layers} layers, got {len(priority)}")
+    sizes = slot_sizes(dims)
+    fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), dims.num_layers), counts, sizes, multiple_of, pri)
+    return per_layer(fitted.tolist(), dims.num_layers)

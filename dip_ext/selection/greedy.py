@@ -1,30 +1,37 @@
 """Greedy budgeted selection: drop the dimensions that cost the least loss per parameter saved.
 
 Units are prunable dimensions with a score (estimated loss increase if dropped). Every unit belongs to a group;
-a group drives one or more (layer, set) slots whose widths shrink by one when one of its units is dropped:
-DISP uses one group per slot (every set independent); the dimension-dependent baseline ties every hidden-width
-set of every layer to one group. The parameter count is a polynomial in the slot widths (Budget.kept_linear),
-so the parameters one unit pays for change as widths shrink: costs are recomputed (by autograd) every chunk.
+a group drives one or more (layer, set) slots (:mod:`dip_ext.selection.slots`) whose widths shrink by one when
+one of its units is dropped: DISP uses one group per slot (every set independent); the dimension-dependent
+baseline ties every hidden-width set of every layer to one group. The parameter count is a polynomial in the
+slot widths (:meth:`Budget.kept_linear`), so the parameters one unit pays for change as widths shrink: costs are
+recomputed (by autograd) every chunk. Widths are rounded to ``multiple_of`` by
+:func:`dip_ext.selection.budget.fit_multiple` (the one rounding policy).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..masks import STRUCTURES, DispMasks, ModelDims
-from .budget import Budget
+from ..masks import DispMasks, ModelDims
+from .budget import Budget, fit_multiple
+from .slots import per_layer, slots
+
+__all__ = ["GroupSpace", "greedy_select"]
 
 
 class GroupSpace:
-    """Slots (layer, set) and groups of slots; ``incidence[g, k]`` = 1 if group g drives slot k."""
+    """Slots (layer, set) and groups of slots; ``incidence[g, k]`` = 1 if group g drives slot k (float64)."""
 
     def __init__(self, dims: ModelDims, groups: list[list[tuple[int, str]]]):
         self.dims = dims
-        self.slots = [(i, s) for i in range(dims.num_layers) for s in STRUCTURES]
+        self.slots = slots(dims)
         pos = {slot: k for k, slot in enumerate(self.slots)}
         self.incidence = torch.zeros(len(groups), len(self.slots), dtype=torch.float64)
         for g, members in enumerate(groups):
             for slot in members:
+                if slot not in pos:
+                    raise ValueError(f"group {g} names {slot}, not a (layer, structure) slot of {dims}")
                 self.incidence[g, pos[slot]] = 1
         if not torch.all(self.incidence.sum(0) == 1):
             raise ValueError("every (layer, set) slot must belong to exactly one group")
@@ -32,8 +39,11 @@ class GroupSpace:
 
     def widths(self, slot_widths: torch.Tensor) -> list[dict]:
         """Per-layer dicts of slot widths (tensor entries keep autograd)."""
-        n = len(STRUCTURES)
-        return [{s: slot_widths[i * n + j] for j, s in enumerate(STRUCTURES)} for i in range(self.dims.num_layers)]
+        return per_layer(slot_widths, self.dims.num_layers)
+
+    def group_widths(self, counts: torch.Tensor) -> list[dict]:
+        """Per-layer slot widths (float64 0-d tensors) when group g keeps ``counts[g]`` units."""
+        return self.widths(counts.double() @ self.incidence)
 
 
 def _slot_costs(space: GroupSpace, budget: Budget, slot_widths: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -48,12 +58,19 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     """Drops units until ``budget`` is met; returns the kept index sets.
 
     ``unit_group[u]`` (int64) is the group of unit u, ``unit_index[u]`` the dimension it is within its slots,
-    ``unit_score[u]`` (float64) its loss-increase estimate. With ``multiple_of`` > 1 every group keeps a
-    multiple of that many units: widths are rounded down, then whole chunks of units are added back by best
-    score per parameter while the budget allows.
+    ``unit_score[u]`` (float64) its loss-increase estimate. Chunks of units with the lowest score per parameter
+    are dropped until the budget is met; then :func:`~dip_ext.selection.budget.fit_multiple` rounds the group
+    widths down to multiples of ``multiple_of`` and gives back whole chunks (single units when it is 1: the
+    last dropped chunk may have overshot) by best score per parameter while the budget allows. Every group
+    keeps its best-scoring units. ValueError for mismatched unit tensors or ``multiple_of`` < 1.
     """
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
+    if not isinstance(budget, Budget):
+        raise ValueError(f"budget must be a Budget, got {type(budget).__name__}")
+    n = unit_score.numel()
+    if unit_group.shape != (n,) or unit_index.shape != (n,) or unit_score.dim() != 1:
+        raise ValueError("unit_group, unit_index and unit_score must be 1-D tensors of one length")
     n_groups = space.incidence.shape[0]
     group_size = torch.bincount(unit_group, minlength=n_groups).double()
     alive = torch.ones(unit_score.numel(), dtype=torch.bool)
@@ -78,47 +95,31 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
         if not alive.any():
             break
 
-    # round widths down to multiples, then give back whole chunks (single units when multiple_of is 1: the
-    # last dropped chunk may have overshot) while the budget allows
-    alive = _round_to_multiple(space, budget, unit_group, unit_score, alive, multiple_of, target)
-
-    return _to_masks(space, unit_group, unit_index, alive)
-
-
-def _round_to_multiple(space, budget, unit_group, unit_score, alive, m, target):
-    n_groups = space.incidence.shape[0]
     order = torch.argsort(unit_score, descending=True, stable=True)
     ranked = [order[unit_group[order] == g] for g in range(n_groups)]  # best first inside each group
     sizes = torch.bincount(unit_group, minlength=n_groups)
-    counts = (torch.bincount(unit_group[alive], minlength=n_groups) // m) * m
-    blocked = torch.zeros(n_groups, dtype=torch.bool)
-    while True:  # add back whole chunks of m units, best score per parameter first, while the budget allows
-        costs, kept = _slot_costs(space, budget, counts.double() @ space.incidence)
+
+    def gain(counts: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """Score per parameter of each group's next ``add`` units (the costs at the current widths)."""
+        costs, _ = _slot_costs(space, budget, counts.double() @ space.incidence)
         group_cost = (space.incidence @ costs).clamp_min(1e-9)
-        gains = torch.full((n_groups,), -1.0, dtype=torch.float64)
+        out = torch.full((n_groups,), -1.0, dtype=torch.float64)
         for g in range(n_groups):
-            add = min(m, int(sizes[g] - counts[g]))
-            if add > 0 and not blocked[g]:
-                gains[g] = float(unit_score[ranked[g][counts[g]:counts[g] + add]].sum()) / (group_cost[g] * add)
-        g = int(torch.argmax(gains))
-        if gains[g] < 0:
-            break
-        trial = counts.clone()
-        trial[g] += min(m, int(sizes[g] - counts[g]))
-        if float(budget.kept_linear(space.widths(trial.double() @ space.incidence))) > target:
-            blocked[g] = True  # this chunk does not fit; smaller chunks of other groups still may
-            continue
-        counts = trial
-    out = torch.zeros_like(alive)
-    for g in range(n_groups):
-        out[ranked[g][:counts[g]]] = True
-    return out
+            a = int(add[g])
+            if a > 0:
+                out[g] = float(unit_score[ranked[g][counts[g]:counts[g] + a]].sum()) / (group_cost[g] * a)
+        return out
+
+    # the one rounding policy; with multiple_of 1 it gives back the single units the last chunk overshot by
+    counts = fit_multiple(budget, space.group_widths, torch.bincount(unit_group[alive], minlength=n_groups), sizes,
+                          multiple_of, gain)
+    return _to_masks(space, unit_index, ranked, counts)
 
 
-def _to_masks(space: GroupSpace, unit_group, unit_index, alive) -> DispMasks:
+def _to_masks(space: GroupSpace, unit_index, ranked, counts) -> DispMasks:
     layers = [{} for _ in range(space.dims.num_layers)]
     for g, members in enumerate(space.groups):
-        kept = torch.sort(unit_index[alive & (unit_group == g)]).values
+        kept = torch.sort(unit_index[ranked[g][:counts[g]]]).values
         for i, s in members:
             layers[i][s] = kept
     return DispMasks(layers)

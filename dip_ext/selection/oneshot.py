@@ -14,7 +14,8 @@ from .greedy import GroupSpace, greedy_select
 
 
 def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
-    """DISP one-shot: every (layer, set) chooses its own dimensions by Fisher score per parameter saved."""
+    """DISP one-shot: every (layer, set) chooses its own dimensions by Fisher score per parameter saved
+    (:func:`~dip_ext.selection.greedy.greedy_select`; widths rounded by the one budget fitter)."""
     dims = calib.dims
     groups = [[(i, s)] for i in range(dims.num_layers) for s in STRUCTURES]
     unit_group, unit_index, unit_score = [], [], []
@@ -29,7 +30,8 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
 
 def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
     """Dimension-dependent baseline: ONE embedding subset shared by every block's input and output (what
-    regular structured pruning does to the residual stream), with a per-layer choice of MLP channels."""
+    regular structured pruning does to the residual stream), with a per-layer choice of MLP channels. Scores:
+    ``calib.tied_hidden`` for the shared subset, ``calib.scores[i]["mlp_mid"]`` per layer."""
     dims = calib.dims
     groups = [[(i, s) for i in range(dims.num_layers) for s in HIDDEN]]
     groups += [[(i, "mlp_mid")] for i in range(dims.num_layers)]
@@ -44,31 +46,35 @@ def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int =
                          torch.cat(unit_score).double(), multiple_of)
 
 
-class OneShot:
+class _FromScores:
+    """A method that picks masks from the calibration scores alone (no training, no options)."""
+
+    name = ""
+    options_class = None
+    pick = staticmethod(oneshot_masks)
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
+        if not isinstance(inputs, SelectionInputs):
+            raise ValueError(f"inputs must be SelectionInputs, got {type(inputs).__name__}")
+        if options is not None:
+            raise ValueError(f"method {self.name!r} has no options, got {type(options).__name__}")
+        t0 = time.perf_counter()
+        masks = self.pick(inputs.calibration, inputs.budget, inputs.multiple_of)
+        return SelectionResult(self.name, masks, seconds=time.perf_counter() - t0)
+
+
+class OneShot(_FromScores):
     """DISP one-shot selection (:func:`oneshot_masks`): Fisher scores, one global budget, no training."""
 
     name = "oneshot"
-    options_class = None
-
-    def uses_validation(self, options) -> bool:
-        return False
-
-    def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
-        t0 = time.perf_counter()
-        masks = oneshot_masks(inputs.calibration, inputs.budget, inputs.multiple_of)
-        return SelectionResult(self.name, masks, seconds=time.perf_counter() - t0)
+    pick = staticmethod(oneshot_masks)
 
 
-class Dependent:
+class Dependent(_FromScores):
     """The dimension-dependent baseline (:func:`dependent_masks`): one embedding subset shared by every block."""
 
     name = "dependent"
-    options_class = None
-
-    def uses_validation(self, options) -> bool:
-        return False
-
-    def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
-        t0 = time.perf_counter()
-        masks = dependent_masks(inputs.calibration, inputs.budget, inputs.multiple_of)
-        return SelectionResult(self.name, masks, seconds=time.perf_counter() - t0)
+    pick = staticmethod(dependent_masks)

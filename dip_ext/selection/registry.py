@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 from .base import SelectionMethod
 
-__all__ = ["register_method", "get_method", "method_names", "method_options", "registered_options_classes"]
+__all__ = ["register_method", "unregister_method", "get_method", "method_names", "method_options",
+           "registered_options_classes"]
 
 _METHODS: dict[str, type] = {}
 
@@ -28,6 +29,13 @@ def register_method(cls: type) -> type:
         raise TypeError(f"selection method {name!r} has no options_class (None when it has no options)")
     _METHODS[name] = cls
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Removes the method registered as ``name``; ValueError listing the registered ones if there is none."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
+    del _METHODS[name]
 
 
 def method_names() -> tuple[str, ...]:

@@ -1,0 +1,191 @@
+"""Hypernetwork training checkpoints: the file format, the fingerprint of the run that wrote one, the check that
+a checkpoint belongs to this run, and the training state (hypernetwork, optimizer, noise RNG) it holds.
+
+One safetensors file (:data:`CHECKPOINT_NAME`), written atomically (:func:`dip_ext.files.atomic_save_safetensors`).
+Tensors: ``hnet.*`` (the hypernetwork's state dict), ``opt.<i>.<key>`` (AdamW state), ``rng.noise`` (the Gumbel
+noise generator), ``best.scores`` (the best export's flat logits, with validation). Header: ``format`` =
+:data:`FORMAT` and ``json``: step, batch position, the fingerprint, the warm start's digest, best step and
+validation history, world size, wall time.
+
+The fingerprint records everything that decides the checkpoint's content: the model (family, dims, heads,
+vocabulary, dtype and a digest of its weights: :func:`weights_digest`), the budget, the seed, ``multiple_of``,
+the global batch, the training and validation windows (sha256 of their token ids), every hypernetwork option
+that shapes training (from the options object, :func:`dip_ext.options.as_dict`) and the learning-rate schedule.
+A resume is refused with a ValueError naming each difference; the schedule is compared by the learning rates
+the checkpoint already used (:func:`dip_ext.selection.hypernetwork.schedule.first_lr_difference`). Checkpoints
+of format ``v1`` (no weight digest) are refused: nothing in them shows which model wrote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ...files import atomic_save_safetensors
+from ...masks import ModelDims
+from ..budget import Budget
+from .schedule import LrSchedule, first_lr_difference
+
+try:  # FSDP2 parameters are DTensors; a torch without them has no sharded models either
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "weights_digest", "windows_digest", "run_fingerprint", "read_checkpoint",
+           "write_checkpoint", "check_resumable", "state_tensors", "restore_state"]
+
+CHECKPOINT_NAME = "hypernetwork.ckpt.safetensors"
+FORMAT = "dip_ext.hypernetwork-checkpoint.v2"
+#: formats this version recognises but cannot resume, and why
+_REFUSED_FORMATS = {"dip_ext.hypernetwork-checkpoint.v1": "it was written by an older dip_ext whose checkpoints do "
+                    "not record the model's weights, so it cannot be checked against this model"}
+#: fingerprint keys of the learning-rate schedule: compared by the rates they give, not key by key
+_SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
+#: values sampled from every parameter by weights_digest
+DIGEST_SAMPLES = 256
+
+
+def weights_digest(model: nn.Module, samples: int = DIGEST_SAMPLES) -> str:
+    """A cheap digest of ``model``'s weights: sha256 over every parameter's name, shape, dtype and ``samples``
+    evenly spaced values of its flattened tensor (all values when it has fewer); 16 hex characters.
+
+    The same on every data-parallel rank (each holds the same weights) and for an FSDP-sharded model (each
+    sharded parameter is gathered whole first: a collective every rank runs, in the same order), so a run and
+    its resume agree whatever the placement. Not a hash of every weight: models that agree on every sampled
+    value are taken for the same.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if DTensor is not None and isinstance(t, DTensor):
+            t = t.full_tensor()
+        flat = t.reshape(-1)
+        n = flat.numel()
+        k = min(n, samples)
+        idx = torch.arange(k, dtype=torch.int64, device=flat.device) * n // max(k, 1)
+        values = flat[idx].cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(values.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def windows_digest(windows: Optional[torch.Tensor]) -> Optional[list]:
+    """``[n_windows, seq_len, sha256 of the token ids (16 hex)]`` of a ``[n, seq_len]`` int64 tensor, or None."""
+    if windows is None:
+        return None
+    data = windows.detach().cpu().contiguous().numpy().tobytes()
+    return [int(windows.shape[0]), int(windows.shape[1]), hashlib.sha256(data).hexdigest()[:16]]
+
+
+def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: dict, schedule: LrSchedule,
+                    train_windows: torch.Tensor, val_windows: Optional[torch.Tensor], *, seed: int,
+                    multiple_of: int, global_batch: int, weights: bool = True) -> dict:
+    """The flat JSON-safe dict a checkpoint of this run records (see the module docstring).
+
+    ``options``: the hypernetwork options that shape training (the trainer passes its config's fields without
+    the ones that do not: the step count, which the schedule covers, and the checkpoint interval).
+    ``weights=False`` records None for the weight digest (a run that writes no checkpoint needs none; for an
+    FSDP-sharded model the digest gathers every parameter once).
+    """
+    cfg = model.config
+    dtype = next((str(p.dtype) for p in model.parameters()), None)
+    return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers, "hidden": dims.hidden,
+            "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
+            "kv_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
+            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": weights_digest(model) if weights else None,
+            "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
+            "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
+            **{k: v for k, v in options.items()}, **schedule.record(),
+            "train_windows": windows_digest(train_windows), "val_windows": windows_digest(val_windows)}
+
+
+def write_checkpoint(path: Path, tensors: dict, meta: dict) -> None:
+    """Writes ``tensors`` and ``meta`` (JSON-safe; ``format`` is added) to ``path`` atomically."""
+    meta = {"format": FORMAT, **meta}
+    atomic_save_safetensors(path, tensors, metadata={"format": FORMAT, "json": json.dumps(meta)})
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of the checkpoint at ``path``; ValueError saying why a file is not one this version
+    resumes (unreadable, foreign, or an older format)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header.get("json", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable dip_ext hypernetwork checkpoint ({e}); "
+                         f"use another checkpoint_dir or remove the file") from None
+    fmt = header.get("format")
+    if fmt in _REFUSED_FORMATS:
+        raise ValueError(f"{path} cannot be resumed: {_REFUSED_FORMATS[fmt]} (format {fmt!r}); remove it or use "
+                         f"another checkpoint_dir to train afresh")
+    if fmt != FORMAT or not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
+        raise ValueError(f"{path} is not a dip_ext hypernetwork checkpoint (format {fmt!r}); "
+                         f"use another checkpoint_dir or remove the file")
+    return tensors, meta
+
+
+def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: dict) -> None:
+    """Raises ValueError unless the checkpoint ``meta`` (read from ``path``) was written by this run.
+
+    ``fingerprint``: this run's (:func:`run_fingerprint`); ``option_defaults``: the options' defaults, which
+    a checkpoint written before an option existed ran with. Every differing key is named with both values.
+    """
+    saved = {**option_defaults, **meta["fingerprint"]}
+    now = {**option_defaults, **fingerprint}
+
+    def differences(keys) -> str:
+        return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(keys)
+                         if saved.get(k) != now.get(k))
+
+    detail = differences((set(saved) | set(now)) - set(_SCHEDULE_KEYS))
+    if detail:
+        raise ValueError(f"{path} was written by a different run and cannot be resumed ({detail})")
+    try:
+        old = LrSchedule.from_record(saved)
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupt learning-rate schedule in the checkpoint "
+                         f"({differences(_SCHEDULE_KEYS)}; {e})") from None
+    step = int(meta["step"])
+    differs = first_lr_difference(old, LrSchedule.from_record(now), step)
+    if differs is not None:
+        raise ValueError(f"{path} was written by a different run and cannot be resumed: its learning rate at step "
+                         f"{differs} differs from this run's ({differences(_SCHEDULE_KEYS)})")
+    if int(meta["position"]) != step * int(now["batch_size"]):
+        raise ValueError(f"{path}: batch position {meta['position']} does not match step {step}")
+
+
+def state_tensors(hnet: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """The training state as checkpoint tensors (``hnet.*``, ``opt.<i>.<key>``, ``rng.noise``), on the CPU."""
+    tensors = {f"hnet.{k}": v.detach().cpu().contiguous() for k, v in hnet.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for key, v in st.items():
+            tensors[f"opt.{i}.{key}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu()
+    tensors["rng.noise"] = gen.get_state()
+    return tensors
+
+
+def restore_state(tensors: dict, hnet: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    """Loads :func:`state_tensors`' output into ``hnet``, ``opt`` (on the hypernetwork's device) and ``gen``."""
+    hnet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("hnet.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v
+    device = next(hnet.parameters()).device
+    for st in state.values():
+        for key in st:
+            if key != "step":
+                st[key] = st[key].to(device)
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    gen.set_state(tensors["rng.noise"])
