@@ -22,8 +22,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import data
+from . import distributed as dist
 from .config import DEFAULT_SEQ_LEN
 from .model_state import model_device
 from .tokens import check_windows, max_positions
@@ -88,18 +90,14 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 4, device=None
     FSDP-sharded model, whose parameter all-gathers write into tensors inference mode would freeze; every rank
     must then call this with the same windows).
     """
-    from .distributed import is_sharded
-
     if isinstance(windows, torch.Tensor) and windows.dtype == torch.int32:
         windows = windows.long()
     check_windows(windows, "windows", config=getattr(model, "config", None), allow_empty=True)
-    with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+    with torch.no_grad() if dist.is_sharded(model) else torch.inference_mode():
         return _window_losses(model, windows, batch_size, device, progress)
 
 
 def _window_losses(model, windows, batch_size, device, progress):
-    from tqdm.auto import tqdm
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = torch.device(device) if device is not None else model_device(model)
@@ -131,8 +129,6 @@ def mean_window_loss(model, windows: torch.Tensor, *, batch_size: int = 4, devic
     runs the same number of forwards on every rank (its forwards are collectives): a rank with fewer batches
     runs the missing ones on a filler window whose loss is not counted (:func:`dip_ext.distributed.rank_batches`).
     """
-    from . import distributed as dist
-
     if isinstance(windows, torch.Tensor) and windows.dtype == torch.int32:
         windows = windows.long()
     check_windows(windows, "windows", config=getattr(model, "config", None))

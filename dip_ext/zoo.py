@@ -25,8 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .data import cache_dir
+from .modeling import from_pretrained
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -101,8 +103,6 @@ def _check_config(folder: Path) -> None:
 
 def _load_tokenizer(folder: Path):
     """``AutoTokenizer.from_pretrained(folder)`` offline, or LoadError naming the folder and the remedy."""
-    from transformers import AutoTokenizer
-
     present = [f for f in _TOKENIZER_FILES if (folder / f).is_file()]
     remedy = (f"save the model's tokenizer there (tokenizer.save_pretrained('{folder}')) or copy its tokenizer "
               "files from the original model")
@@ -178,8 +178,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise MissingModelPackage(
             "converting the default model's GGUF file needs the package gguf. Install it with:  "
             "pip install \"gguf>=0.10\"  (or pip install \"dip_ext[zoo]\")")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -243,8 +241,6 @@ def load_default(dtype=torch.float32, device="cpu"):
 
 def _load_folder(folder: Path, dtype, device):
     """``(model, tokenizer)`` from a local Hugging Face folder, offline; LoadError naming what failed."""
-    from transformers import AutoModelForCausalLM
-
     dtype = as_dtype(dtype)
     _check_config(folder)
     tokenizer = _load_tokenizer(folder)  # first: it is cheap, the weights are not
@@ -290,11 +286,9 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if _is_compacted_folder(path):
-            import dip_ext
-
             tokenizer = _load_tokenizer(path)
             try:
-                model = dip_ext.from_pretrained(path, dtype=dtype)
+                model = from_pretrained(path, dtype=dtype)
             except MemoryError:
                 raise
             except Exception as e:
@@ -309,8 +303,6 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_local:
         raise ValueError(f"model folder {name} does not exist")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -89,7 +89,7 @@ def test_resolve_model_compacted_folder_goes_through_dip_ext(tmp_path, monkeypat
     cfg["disp_masks"] = {"layers": []}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     seen = []
-    monkeypatch.setattr(dip_ext, "from_pretrained", lambda p, **kw: seen.append((p, kw)) or _tiny_llama())
+    monkeypatch.setattr(zoo, "from_pretrained", lambda p, **kw: seen.append((p, kw)) or _tiny_llama())
     got, tok = zoo.resolve_model(tmp_path, dtype="fp16")
     assert seen == [(tmp_path, {"dtype": torch.float16})]
     assert tok("world")["input_ids"] == [2]
@@ -113,8 +113,8 @@ def test_resolve_model_names(monkeypatch, tmp_path):
             hub.append((name, kw.get("dtype")))
             return _tiny_llama()
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeAuto)
-    monkeypatch.setattr(transformers, "AutoTokenizer", FakeAuto)
+    monkeypatch.setattr(zoo, "AutoModelForCausalLM", FakeAuto)
+    monkeypatch.setattr(zoo, "AutoTokenizer", FakeAuto)
     model, _ = zoo.resolve_model("some-org/some-model")  # a hub id: only this path may use the network
     assert hub[0] == ("some-org/some-model", torch.float32)
 
@@ -219,7 +219,7 @@ def test_compacted_folder_load_error_is_wrapped(tmp_path, monkeypatch):
     def broken(path, **kw):
         raise KeyError("model.layers.0.self_attn.q_proj.weight")
 
-    monkeypatch.setattr(dip_ext, "from_pretrained", broken)
+    monkeypatch.setattr(zoo, "from_pretrained", broken)
     with pytest.raises(zoo.LoadError) as info:
         zoo.resolve_model(folder)
     _one_clear_line(info, "compacted dip_ext model", str(folder), "KeyError")
@@ -233,7 +233,7 @@ def test_hub_failure_is_wrapped(monkeypatch):
         def from_pretrained(name, **kw):
             raise OSError("We couldn't connect to 'https://huggingface.co'\nto load the files, and couldn't find them")
 
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Offline)
+    monkeypatch.setattr(zoo, "AutoModelForCausalLM", Offline)
     with pytest.raises(zoo.LoadError) as info:
         zoo.resolve_model("some-org/some-model")
     _one_clear_line(info, "'some-org/some-model'", "no such local folder", "network")
