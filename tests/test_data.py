@@ -313,7 +313,7 @@ def test_wiki_extraction_from_fake_dump(tmp_path, monkeypatch):
     assert set(cal.split("\n\n")) | set(held.split("\n\n")) == set(pages)
     # The cleaned text is cached: a second read does not parse again.
     assert list((tmp_path / "cache").glob("wiki-*.txt"))
-    monkeypatch.setattr(data, "extract_wiki_prose", lambda *_: pytest.fail("parsed twice"))
+    monkeypatch.setattr(data.wiki, "extract_wiki_prose", lambda *_: pytest.fail("parsed twice"))
     assert data.get_text("wiki", "all") == text
 
 
@@ -324,7 +324,7 @@ def test_wiki_from_wheel_in_cache_and_missing(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(cache / "gensim-4.4.0-cp311-cp311-linux_x86_64.whl", "w") as z:
-        z.writestr(data.WIKI_MEMBER, _fake_dump(tmp_path, 3))
+        z.writestr(data.wiki.WIKI_MEMBER, _fake_dump(tmp_path, 3))
     assert len(data.get_text("wiki", "all").split("\n\n")) == 3
     status = data.download_data(["wiki"], fetch=False)
     assert status["wiki"].startswith("ok")

@@ -37,7 +37,9 @@ def tiny_world(monkeypatch, tmp_path, word_tokenizer, word_text, one_thread):
 
     text_of = data.get_text
     monkeypatch.setattr(zoo, "load_default", load_default)
-    monkeypatch.setattr(data, "get_text", lambda name, split="calibration": text_of(word_text, split))
+    every_text_is_the_word_text = lambda name, split="calibration": text_of(word_text, split)  # noqa: E731
+    monkeypatch.setattr(data, "get_text", every_text_is_the_word_text)
+    monkeypatch.setattr(data.blocks, "get_text", every_text_is_the_word_text)
     monkeypatch.chdir(tmp_path)
 
 
