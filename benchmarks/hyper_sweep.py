@@ -1,52 +1,50 @@
-"""Held-out validation loss of hypernetwork runs with different settings (issue 4 follow-up).
+"""Held-out validation loss of hypernetwork runs with different settings, through the pipeline's stages.
 
-Same data split as ``prune_and_compact`` (16 held-out windows, Fisher pass on 64 of the rest, training on all the
-rest); prints the validation history (LM loss of the exported masks on the held-out windows) of each setting.
+One Pruner per setting (the same split of the calibration text as ``dip-ext prune``: held-out windows, the
+calibration pass on ``--calibration-windows`` of the rest, training on all the rest), sharing one calibration
+pass; prints the validation history (LM loss of the exported masks on the held-out windows) of each setting.
 
     python benchmarks/hyper_sweep.py --ratio 0.3 --steps 200 --configs '[{"lr": 3e-3}, {"lr": 1e-2}]'
+
+``--configs``: a JSON list of HypernetworkConfig fields, each overriding the flags' values.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 
-from dip_ext import zoo
-from dip_ext.calibration import run_calibration
-from dip_ext.data import get_blocks
-from dip_ext.prune import split_calibration
-from dip_ext.selection import Budget
-from dip_ext.selection.hypernetwork import learn_masks_hypernetwork
-from dip_ext.selection.oneshot import oneshot_masks
+from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, Pruner, RefitConfig, zoo
+from dip_ext.options import OptionParser, from_namespace
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--val-every", type=int, default=25)
-    p.add_argument("--configs", default='[{"lr": 1e-3}]', help="JSON list of learn_masks_hypernetwork options")
+def main(argv=None) -> None:
+    p = OptionParser([PruneConfig, HypernetworkConfig], prog="hyper_sweep.py", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="[{}]", help="JSON list of HypernetworkConfig field overrides")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--calibration-checkpoint", default="/tmp/dip_ext-sweep-calibration.safetensors")
     p.add_argument("--out", default=None, help="also append each result as a JSON line to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok = zoo.load_default()
-    calib_blocks, train, val = split_calibration(get_blocks(tok, "wiki", "calibration", 256, None), 64, 16)
-    calib = run_calibration(model, calib_blocks, checkpoint=args.calibration_checkpoint, progress=False)
-    budget = Budget.for_model(model, args.ratio)
-    init = oneshot_masks(calib, budget)
-    for cfg in json.loads(args.configs):
-        report, t0 = {}, time.time()
-        learn_masks_hypernetwork(model, train, budget, steps=args.steps, init_masks=init, val_blocks=val,
-                                 val_every=args.val_every, progress=False, report=report, **cfg)
-        history = [(s, round(loss, 4)) for s, loss in report["val_history"]]
-        line = json.dumps({"date": time.strftime("%Y-%m-%d"), "ratio": args.ratio, "steps": args.steps,
-                           "threads": args.threads, "config": cfg, "best_step": report["best_step"],
-                           "best_val_loss": report["best_val_loss"], "history": history,
+    base = dataclasses.replace(from_namespace(PruneConfig, args), method="hypernetwork")
+    hyper = from_namespace(HypernetworkConfig, args)
+    model, tokenizer = zoo.load_default()
+    calibration = None
+    for overrides in json.loads(args.configs):
+        options = dataclasses.replace(hyper, **overrides)
+        pruner = Pruner(model, tokenizer, base, method_options=options, refit=RefitConfig(refit="off"),
+                        evaluation=EvalConfig(eval_windows=0), progress=False, calibration=calibration)
+        calibration = pruner.calibrate()
+        t0 = time.time()
+        run = pruner.select().training
+        line = json.dumps({"date": time.strftime("%Y-%m-%d"), "ratio": base.ratio, "steps": options.steps,
+                           "threads": args.threads, "config": overrides, "best_step": run.best_step,
+                           "best_val_loss": run.best_val_loss,
+                           "history": [(s, round(loss, 4)) for s, loss in run.val_history],
                            "seconds": round(time.time() - t0)})
         print(line, flush=True)
         if args.out:

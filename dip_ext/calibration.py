@@ -134,7 +134,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     device = model_device(model)
     world, rank = dist.world_size(), dist.rank()
     result = _load_checkpoint(checkpoint)
-    model_sha = weights_fingerprint(model)
+    model_sha = model_digest(model)  # the same on every rank, whatever the placement
     if result is None:
         result = CalibrationResult.empty(dims)
         result.model_sha = model_sha
@@ -238,12 +238,6 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     if checkpoint is not None:
         _save_on_main(result, checkpoint)
     return result
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """:func:`dip_ext.model_state.model_digest` of every rank joined (an FSDP rank sees its own shards): one
-    string, the same on every rank. Calls a collective under torch.distributed: every rank must call it."""
-    return "+".join(dist.all_gather_object(model_digest(model)))
 
 
 def _input_width(module: nn.Module, fallback: int) -> int:

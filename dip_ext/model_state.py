@@ -10,6 +10,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+try:  # FSDP2 parameters are DTensors; a torch without them has no sharded models either
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None
+
 __all__ = ["frozen", "model_device", "model_digest"]
 
 
@@ -42,21 +47,27 @@ def frozen(model: nn.Module, *, grad: bool = False) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def model_digest(model: nn.Module, samples: int = 64) -> str:
-    """A cheap fingerprint of ``model``'s weights: sha256 over every parameter's name, dtype, shape and
-    ``samples`` evenly spaced values (as float32). Two checkpoints of one architecture differ in it unless
-    their weights agree at every sampled position. An FSDP-sharded parameter contributes its local shard, so
-    compare digests only between runs with the same placement.
+def model_digest(model: nn.Module, samples: int = 256) -> str:
+    """A cheap digest of ``model``'s weights: sha256 over every parameter's name, shape, dtype and ``samples``
+    evenly spaced values of its flattened tensor (all values when it has fewer); 16 hex characters.
+
+    The same on every data-parallel rank (each holds the same weights) and for an FSDP-sharded model (each
+    sharded parameter is gathered whole first: a collective every rank runs, in the same order), so a run and
+    its resume agree whatever the placement. Not a hash of every weight: models that agree on every sampled
+    value are taken for the same.
     """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         t = p.detach()
-        if hasattr(t, "to_local"):  # a DTensor shard of an FSDP model
-            t = t.to_local()
+        if DTensor is not None and isinstance(t, DTensor):
+            t = t.full_tensor()
         flat = t.reshape(-1)
-        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-        if flat.numel() and flat.device.type != "meta":
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), dtype=torch.float64,
-                                 device=flat.device).long()  # float32 rounds n - 1 up to n past 2**24
-            h.update(flat[idx].float().cpu().numpy().tobytes())
+        n = flat.numel()
+        k = min(n, samples)
+        idx = torch.arange(k, dtype=torch.int64, device=flat.device) * n // max(k, 1)
+        values = flat[idx].cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(values.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

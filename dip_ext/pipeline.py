@@ -29,12 +29,13 @@ from torch import nn
 
 from . import data
 from . import distributed as dist
-from .calibration import CalibrationResult, blocks_sha, run_calibration, weights_fingerprint
+from .calibration import CalibrationResult, blocks_sha, run_calibration
 from .compaction import compact, is_compacted
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
+from .model_state import model_digest
 from .options import as_dict
 from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
@@ -190,7 +191,7 @@ class Pruner:
             if given.blocks_sha != blocks_sha(windows.calibration) or given.windows != windows.calibration.shape[0]:
                 raise ValueError("the given calibration result was computed on other windows than this run's "
                                  "calibration pass (other text, seq_len, calibration_windows or val_windows?)")
-            if given.model_sha is not None and given.model_sha != weights_fingerprint(self.model):
+            if given.model_sha is not None and given.model_sha != model_digest(self.model):
                 raise ValueError("the given calibration result was computed on other weights than this model's")
             self._calibration = given
         if self._calibration is None:

@@ -469,7 +469,7 @@ def test_resume_on_another_model_of_the_same_shape_is_refused(model, blocks, tmp
 
 
 def test_weights_digest_sees_a_single_changed_sample():
-    from dip_ext.selection.hypernetwork import weights_digest
+    from dip_ext.model_state import model_digest as weights_digest
 
     lin = torch.nn.Linear(300, 7)
     d = weights_digest(lin)

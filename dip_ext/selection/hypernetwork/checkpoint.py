@@ -8,7 +8,7 @@ noise generator), ``best.scores`` (the best export's flat logits, with validatio
 validation history, world size, wall time.
 
 The fingerprint records everything that decides the checkpoint's content: the model (family, dims, heads,
-vocabulary, dtype and a digest of its weights: :func:`weights_digest`), the budget, the seed, ``multiple_of``,
+vocabulary, dtype and a digest of its weights: :func:`dip_ext.model_state.model_digest`), the budget, the seed, ``multiple_of``,
 the global batch, the training and validation windows (sha256 of their token ids), every hypernetwork option
 that shapes training (from the options object, :func:`dip_ext.options.as_dict`) and the learning-rate schedule.
 A resume is refused with a ValueError naming each difference; the schedule is compared by the learning rates
@@ -29,15 +29,11 @@ from torch import nn
 
 from ...files import atomic_save_safetensors
 from ...masks import ModelDims
+from ...model_state import model_digest
 from ..budget import Budget
 from .schedule import LrSchedule, first_lr_difference
 
-try:  # FSDP2 parameters are DTensors; a torch without them has no sharded models either
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
-
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "weights_digest", "windows_digest", "run_fingerprint", "read_checkpoint",
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "windows_digest", "run_fingerprint", "read_checkpoint",
            "write_checkpoint", "check_resumable", "state_tensors", "restore_state"]
 
 CHECKPOINT_NAME = "hypernetwork.ckpt.safetensors"
@@ -47,34 +43,6 @@ _REFUSED_FORMATS = {"dip_ext.hypernetwork-checkpoint.v1": "it was written by an 
                     "not record the model's weights, so it cannot be checked against this model"}
 #: fingerprint keys of the learning-rate schedule: compared by the rates they give, not key by key
 _SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
-#: values sampled from every parameter by weights_digest
-DIGEST_SAMPLES = 256
-
-
-def weights_digest(model: nn.Module, samples: int = DIGEST_SAMPLES) -> str:
-    """A cheap digest of ``model``'s weights: sha256 over every parameter's name, shape, dtype and ``samples``
-    evenly spaced values of its flattened tensor (all values when it has fewer); 16 hex characters.
-
-    The same on every data-parallel rank (each holds the same weights) and for an FSDP-sharded model (each
-    sharded parameter is gathered whole first: a collective every rank runs, in the same order), so a run and
-    its resume agree whatever the placement. Not a hash of every weight: models that agree on every sampled
-    value are taken for the same.
-    """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach()
-        if DTensor is not None and isinstance(t, DTensor):
-            t = t.full_tensor()
-        flat = t.reshape(-1)
-        n = flat.numel()
-        k = min(n, samples)
-        idx = torch.arange(k, dtype=torch.int64, device=flat.device) * n // max(k, 1)
-        values = flat[idx].cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(values.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def windows_digest(windows: Optional[torch.Tensor]) -> Optional[list]:
@@ -100,7 +68,7 @@ def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: 
     return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers, "hidden": dims.hidden,
             "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
             "kv_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
-            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": weights_digest(model) if weights else None,
+            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": model_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
             **{k: v for k, v in options.items()}, **schedule.record(),
