@@ -60,7 +60,7 @@ def _write(args, tmp: Path) -> int:
              "generated_at_commit": commit, "torch": torch.__version__, "transformers": transformers.__version__,
              "threads": args.threads}
     files = {"main": (tg.MAIN_FILE.name, tg.CASES, {}),
-             "budget": (tg.BUDGET_FILE.name, tg.BUDGET_CASES, {"may_change_with_budget_fitter": True})}
+             "budget": (tg.BUDGET_FILE.name, tg.BUDGET_CASES, {})}
     args.out.mkdir(parents=True, exist_ok=True)
     for key, (name, cases, flags) in files.items():
         if args.only not in (None, key):
