@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .compaction import require_dense
 from .files import atomic_save_safetensors
 from .families import adapter_for
 from .masking import MaskedModel
@@ -128,6 +129,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     one-process sums, up to the rounding of the different summation order. Only rank 0 reads and writes the
     checkpoint (the others receive what it read); a checkpoint always holds complete, reduced rounds.
     """
+    require_dense(model, "the calibration pass")
     adapter = adapter_for(model)
     check_windows(blocks, "calibration blocks", config=model.config)
     dims = adapter.dims(model.config)

@@ -30,7 +30,7 @@ from torch import nn
 from . import data
 from . import distributed as dist
 from .calibration import CalibrationResult, blocks_sha, run_calibration
-from .compaction import compact, is_compacted
+from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
@@ -107,9 +107,7 @@ class Pruner:
                 raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
         self.method = get_method(self.config.method)
         self.method_options = resolve_method_options(self.config.method, method_options)
-        if is_compacted(model):
-            raise ValueError("pruning needs the dense model; this one is already compacted: prune the dense "
-                             "original again with a larger ratio")
+        require_dense(model, "pruning")
         adapter_for(model)  # an unsupported family fails here
         self.placement = Placement.of(model)
         if self.placement.sharded and self.placement.is_main and full_model is None:

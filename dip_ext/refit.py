@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .compaction import require_dense
 from .eval import mean_window_loss
 from .families import adapter_for
 from .masking import MaskedModel
@@ -100,13 +101,14 @@ def check_damping(damping) -> None:
         raise ValueError(f"refit: damping must be a finite number > 0, got {damping!r}")
 
 
-def _check(masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: int,
+def _check(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, damping: float, batch_size: int,
            structures: Sequence[str] = INPUT_STRUCTURES) -> None:
     if isinstance(structures, str) or not structures or any(s not in INPUT_STRUCTURES for s in structures):
         raise ValueError(f"refit: structures must be a non-empty list of {', '.join(INPUT_STRUCTURES)}, "
                          f"got {structures!r}")
     if not isinstance(masks, DispMasks):
         raise TypeError(f"refit: masks must be DispMasks, got {type(masks).__name__}")
+    require_dense(model, "the refit")
     check_windows(blocks, "refit: blocks")
     check_damping(damping)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -139,6 +141,7 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     (nothing to refit). Data-parallel: the windows are dealt out over the ranks and the sums are reduced, so
     every rank returns the same matrices; a sharded (FSDP) model runs the same number of forwards on every rank.
     """
+    require_dense(model, "the refit's statistics")
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
     masks.validate(dims)
@@ -230,7 +233,7 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     itself (a sharded run's rank 0 passes its full copy; other ranks pass None and only help collect). Returns
     a :class:`RefitResult` (unscored: no ``val_loss``).
     """
-    _check(masks, blocks, damping, batch_size, structures)
+    _check(model, masks, blocks, damping, batch_size, structures)
     if target is None and not dist.is_sharded(model):  # sharded: ranks > 0 only take part in the forwards
         target = model
     dims = adapter_for(model).dims(model.config)
@@ -278,7 +281,7 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     if not candidates:
         raise ValueError("choose_refit: no candidates")
     for structures, damping in candidates:
-        _check(masks, blocks, damping, batch_size, structures)
+        _check(model, masks, blocks, damping, batch_size, structures)
     check_windows(val_blocks, "choose_refit: val_blocks")
     used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
     adapter = adapter_for(model)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from . import distributed as dist
 from . import zoo
-from .compaction import is_compacted
+from .compaction import require_dense
 from .families import adapter_for
 
 __all__ = ["shard_frozen_model", "load_sharded"]
@@ -104,8 +104,7 @@ def load_sharded(name_or_path: Optional[str], device, dtype: str) -> tuple[nn.Mo
 
     def load():
         full, tokenizer = zoo.resolve_model(name_or_path, dtype=dtype, device="cpu")
-        if is_compacted(full):
-            raise ValueError("the model is already compacted; prune the dense original")
+        require_dense(full, "--fsdp pruning")
         loaded[0] = full
         return full.config, tokenizer
 

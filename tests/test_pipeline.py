@@ -169,3 +169,25 @@ def test_register_method_checks_the_protocol():
         registry.register_method(NoName)
     with pytest.raises(TypeError, match="has no method select"):
         registry.register_method(NoSelect)
+
+
+@pytest.mark.parametrize("entry", ["calibration", "refit", "statistics", "hypernetwork", "budget"])
+def test_every_entry_point_that_needs_a_dense_model_says_so(entry):
+    from dip_ext.calibration import run_calibration
+    from dip_ext.refit import collect_input_grams, refit_pruned_inputs
+    from dip_ext.selection import Budget
+    from dip_ext.selection.hypernetwork import Trainer
+
+    dense = make_model()
+    masks = dip_ext.DispMasks.full(dip_ext.families.adapter_for(dense).dims(dense.config))
+    compacted = dip_ext.compact(make_model(), masks)
+    budget = Budget.for_model(dense, 0.3)
+    calls = {"calibration": lambda m: run_calibration(m, WINDOWS, progress=False),
+             "refit": lambda m: refit_pruned_inputs(m, masks, WINDOWS, progress=False),
+             "statistics": lambda m: collect_input_grams(m, masks, WINDOWS, progress=False),
+             "hypernetwork": lambda m: Trainer(m, WINDOWS, budget, dip_ext.HypernetworkConfig(steps=1)),
+             "budget": lambda m: Budget.for_model(m, 0.3)}
+    with pytest.raises(ValueError, match="needs the dense model; this one is already compacted"):
+        calls[entry](compacted)
+    if entry != "budget":  # the dense model passes the same entry point's check
+        calls[entry](dense)

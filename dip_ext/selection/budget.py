@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..compaction import require_dense
 from ..families import adapter_for
 from ..masks import STRUCTURES
 from ..params import param_report
@@ -76,9 +77,8 @@ class Budget:
         ratio = check_ratio(ratio)
         if ratio_of not in RATIO_OF:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
+        require_dense(model, "a parameter budget")
         rep = param_report(model)
-        if rep.decoder_linear != rep.dense_decoder_linear:
-            raise ValueError("the model is already compacted; select masks on the dense model")
         removed = ratio * (rep.dense_decoder_linear if ratio_of == "decoder_linear" else rep.dense_total)
         if removed >= rep.dense_decoder_linear:
             raise ValueError(f"removing {100 * ratio:.1f} % of all parameters needs more than every decoder-linear "

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ... import distributed as dist
+from ...compaction import require_dense
 from ...distributed import Placement
 from ...families import adapter_for
 from ...masking import MaskedModel, apply_masks
@@ -117,6 +118,7 @@ class Trainer:
                  callback: Optional[Callable[[StepLog], None]] = None):
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
+        require_dense(model, "the hypernetwork")
         if not isinstance(config, HypernetworkConfig):
             raise ValueError(f"config must be a HypernetworkConfig, got {type(config).__name__}")
         self.dims = adapter_for(model).dims(model.config)
