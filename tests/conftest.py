@@ -27,6 +27,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """DIP_EXT_CACHE set to an empty ``tmp_path / "cache"`` for one test (token ids, models: never the user's
+    cache); yields that path."""
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def word_tokenizer():
     """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk."""

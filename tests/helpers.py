@@ -8,6 +8,7 @@ tokenizer with a text for it, and :func:`assert_independent` for the references 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
@@ -108,6 +109,17 @@ def assert_independent(reference: torch.Tensor, output: torch.Tensor) -> None:
         "fp32 tensor): an in-place op would change both; build the reference from a .clone()")
 
 
+def hide_module(monkeypatch, name: str) -> None:
+    """Makes ``importlib.util.find_spec(name)`` return None for the rest of the test (``monkeypatch`` undoes it):
+    the code under test sees the optional package ``name`` as not installed."""
+    real = importlib.util.find_spec
+
+    def find_spec(n, *a, **k):
+        return None if n == name else real(n, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
 # ------------------------------------------------------------------------------------------------ decode
 
 def decode_with_cache(model, ids: torch.Tensor, nxt: torch.Tensor,
@@ -130,13 +142,14 @@ def decode_with_cache(model, ids: torch.Tensor, nxt: torch.Tensor,
 
 # ----------------------------------------------------------------------------------------- words, text
 
-def make_word_tokenizer():
-    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk.
+def make_word_tokenizer(bos_template: bool = False, pad_token: Optional[str] = "<unk>"):
+    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk (``pad_token``,
+    None: no pad token); ``bos_template``: it prepends <s> by itself, as Llama-2's does.
 
     A plain function (the ``word_tokenizer`` fixture calls it) so scripts outside pytest, such as
     ``tests/golden/regenerate.py``, build exactly the same tokenizer.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -144,8 +157,10 @@ def make_word_tokenizer():
         vocab[w] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>")
+    if bos_template:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    pad = {} if pad_token is None else {"pad_token": pad_token}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **pad)
 
 
 def write_word_text(folder) -> str:
