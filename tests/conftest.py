@@ -1,10 +1,21 @@
-"""Shared test fixtures: one intra-op thread for tiny models, an offline word-level tokenizer and a text for it."""
+"""Shared test fixtures: one intra-op thread for tiny models, an offline word-level tokenizer and a text for it.
+
+Plain helper functions live in helpers.py. pytest's importlib mode (setup.cfg) puts no test folder on
+``sys.path``, so this file puts its own folder there: every test file (and a worker it starts as a script)
+imports them as ``from helpers import ...``.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-#: the word-level tokenizer's vocabulary after <unk>=0, <s>=1, </s>=2 (ids 3..19: inside any tiny model's vocab)
-WORDS = "the a cat dog sat on mat and ran far away big small red blue house tree".split()
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# re-exported: tests/golden/regenerate.py imports these two from here
+from helpers import WORDS, make_word_tokenizer, write_word_text  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -16,36 +27,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_word_tokenizer():
-    """A fast tokenizer built offline: whitespace words over WORDS, bos <s>, eos </s>, pad = unk.
-
-    A plain function (the ``word_tokenizer`` fixture calls it) so scripts outside pytest, such as
-    ``tests/golden/regenerate.py``, build exactly the same tokenizer.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>")
-
-
-def write_word_text(folder) -> str:
-    """Writes 12 paragraphs of 40 random WORDS (seeded) to ``folder/words.txt``; returns ``file:PATH``.
-
-    ~380 calibration and ~100 held-out tokens. A plain function for the same reason as :func:`make_word_tokenizer`.
-    """
-    from pathlib import Path
-
-    g = torch.Generator().manual_seed(0)
-    paras = [" ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(12)]
-    path = Path(folder) / "words.txt"
-    path.write_text("\n\n".join(paras) + "\n")
-    return f"file:{path}"
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """DIP_EXT_CACHE set to an empty ``tmp_path / "cache"`` for one test (token ids, models: never the user's
+    cache); yields that path."""
+    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
 
 
 @pytest.fixture(scope="session")

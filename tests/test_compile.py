@@ -1,64 +1,42 @@
 """Compacted models under torch.compile (fullgraph: no graph breaks from the dip_ext ops), with transformers'
-StaticCache (generate and the benchmark's capturable decode step), including layers whose attention or MLP was
-pruned away; index sets that follow device moves; benchmarks/e2e.py in --quick mode. Tiny random Llama configs, fp32,
-CPU."""
+StaticCache (generate and the capturable decode step of dip_ext.decoding), including layers whose attention or MLP
+was pruned away; index sets that follow device moves; dip_ext.benchmarking's floor and budget widths;
+benchmarks/e2e.py in --quick mode (run as a script). Tiny random Llama configs, fp32, CPU."""
 
 import copy
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import dims_of, perturb_norms_and_biases, random_masks, tiny_llama
 
 import dip_ext
-from dip_ext import STRUCTURES, DispMasks
+from dip_ext import DispMasks
+from dip_ext.benchmarking import random_budget_widths, same_widths
+from dip_ext.decoding import DecodeSession, HostSyncDetector
 
 VOCAB = 96
-
-
-def _load_e2e():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
-    spec = importlib.util.spec_from_file_location("dip_ext_bench_e2e", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-e2e = _load_e2e()
+E2E = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
 
 
 def make_dense(seed: int = 0, kv_heads: int = 2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
-                      num_attention_heads=6, num_key_value_heads=kv_heads, max_position_embeddings=128)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+    model = tiny_llama(seed, vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                       attn_implementation="sdpa")
+    return perturb_norms_and_biases(model)
 
 
 def make_masks(model, seed: int = 0) -> DispMasks:
     """Random sets; layer 0 has no attention (its cache slot holds a placeholder), layer 2 no MLP."""
-    c = model.config
-    sizes = {"attn_in": c.hidden_size, "attn_out": c.hidden_size, "mlp_in": c.hidden_size,
-             "mlp_mid": c.intermediate_size, "mlp_out": c.hidden_size}
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(c.num_hidden_layers):
-        layer = {s: (torch.rand(sizes[s], generator=g) < 0.6).nonzero().flatten() for s in STRUCTURES}
-        if i == 0:
-            layer["attn_out"] = torch.empty(0, dtype=torch.long)
-        if i == 2:
-            layer["mlp_out"] = torch.empty(0, dtype=torch.long)
-        layers.append(layer)
-    return DispMasks(layers)
+    return random_masks(dims_of(model), seed, 0.6, empty={0: ["attn_out"], 2: ["mlp_out"]})
+
+
+def run_e2e(*argv) -> subprocess.CompletedProcess:
+    """benchmarks/e2e.py run as a script (as benchmarks/gpu/check.sh runs it), output captured as text."""
+    return subprocess.run([sys.executable, str(E2E), *argv], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +105,11 @@ def test_decode_step_has_no_host_sync_and_matches_generate(models):
     """The benchmark's decode step (static cache, 4-D mask, state advanced by tensor ops) is what gets captured
     into a CUDA graph: it must read nothing back to the host and reproduce greedy generation."""
     dense, masks, compacted = models
-    session = e2e.DecodeSession(compacted, batch=2, prompt_len=5, max_len=64, seed=3)
+    session = DecodeSession(compacted, batch=2, prompt_len=5, max_len=64, seed=3)
     with torch.inference_mode():
         session.prefill()
         tokens = [session.ids.clone()]
-        detector = e2e.HostSyncDetector()
+        detector = HostSyncDetector()
         with detector:
             for _ in range(7):
                 session.step()
@@ -142,7 +120,7 @@ def test_decode_step_has_no_host_sync_and_matches_generate(models):
 
 
 def test_host_sync_detector_can_fail():
-    detector = e2e.HostSyncDetector()
+    detector = HostSyncDetector()
     with detector:
         x = torch.ones(3)
         if x.sum() > 0:  # bool(tensor): a host read
@@ -156,8 +134,8 @@ def test_decode_step_compiles_fullgraph(models):
     """One decode step with a StaticCache traces into a single graph (what mode="reduce-overhead" captures)."""
     dense, masks, compacted = models
     torch._dynamo.reset()
-    eager = e2e.DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
-    compiled = e2e.DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
+    eager = DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
+    compiled = DecodeSession(compacted, batch=1, prompt_len=4, max_len=64, seed=5)
     step = torch.compile(compiled.step, fullgraph=True, backend="eager")
     with torch.no_grad():
         eager.prefill()
@@ -174,9 +152,9 @@ def test_same_widths_floor_runs_and_restores(models):
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
         before = compacted(ids).logits
-        with e2e.same_widths(compacted):
+        with same_widths(compacted):
             floor = compacted(ids).logits
-            session = e2e.DecodeSession(compacted, batch=2, prompt_len=3, max_len=16)
+            session = DecodeSession(compacted, batch=2, prompt_len=3, max_len=16)
             session.prefill()
             session.step()
         after = compacted(ids).logits
@@ -184,7 +162,7 @@ def test_same_widths_floor_runs_and_restores(models):
     assert not torch.allclose(floor, before)  # it really ran other (prefix) columns
     assert torch.equal(after, before)  # the patch is gone
     with pytest.raises(ValueError, match="compacted Llama"):
-        with e2e.same_widths(make_dense()):
+        with same_widths(make_dense()):
             pass
 
 
@@ -203,30 +181,28 @@ def test_index_sets_follow_device_moves(models):
 def test_budget_widths_hit_the_ratio():
     from dip_ext.families import adapter_for
 
-    config = make_dense().config
+    model = make_dense()
+    config = model.config
     a = adapter_for(config)
     full = {"attn_in": 48, "attn_out": 48, "mlp_in": 48, "mlp_mid": 80, "mlp_out": 48}
     dense = 4 * sum(a.linear_params(config, full).values())
     for ratio in (0.3, 0.5):
-        widths = e2e.budget_widths(config, ratio, multiple_of=8, spread=0.25, seed=0)
+        widths = random_budget_widths(model, ratio, multiple_of=8, spread=0.25, seed=0)
         kept = sum(sum(a.linear_params(config, w).values()) for w in widths)
         assert abs((1 - kept / dense) - ratio) < 0.05
         assert all(w[s] % 8 == 0 and 8 <= w[s] <= full[s] for w in widths for s in w)
     with pytest.raises(ValueError):
-        e2e.budget_widths(config, 1.5, 8, 0.25, 0)
+        random_budget_widths(model, 1.5, 8, 0.25, 0)
 
 
-def test_e2e_quick_run_writes_every_section(tmp_path, capsys):
+def test_e2e_quick_run_writes_every_section(tmp_path):
     """benchmarks/e2e.py --quick on CPU: every code path of the GPU run except the capture itself."""
     out = tmp_path / "e2e.json"
-    threads = torch.get_num_threads()
-    try:
-        rc = e2e.main(["--device", "cpu", "--quick", "--threads", "1", "--prefill-lens", "16", "--batches", "2",
-                       "--repeats", "1", "--decode-repeats", "1", "--ratios", "0.5", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    run = run_e2e("--device", "cpu", "--quick", "--threads", "1", "--prefill-lens", "16", "--batches", "2",
+                  "--repeats", "1", "--decode-repeats", "1", "--ratios", "0.5", "--out", str(out))
+    rc = run.returncode
     data = json.loads(out.read_text())
-    assert rc == 0 and data["errors"] == []
+    assert rc == 0 and data["errors"] == [], run.stderr[-3000:]
     assert data["selfcheck"]["ok"] and data["selfcheck"]["host_syncs_in_step"] == []
     keys = {"dense", "compacted@0.5", "same-widths@0.5"}
     assert {r["key"] for r in data["prefill"]} == keys
@@ -237,12 +213,11 @@ def test_e2e_quick_run_writes_every_section(tmp_path, capsys):
     assert 1.5 < comp["linear_flop_ratio"] < 2.5
     assert all(r["cuda_graph"] is False for r in data["decode"])  # CPU: eager steps
     assert [t["name"] for t in data["targets"]] and all("quick" in t["note"] for t in data["targets"])
-    printed = capsys.readouterr().out
+    printed = run.stdout
     assert "same-widths@0.5" in printed and "targets" in printed
 
 
 @pytest.mark.parametrize("argv", [["--ratios", "0"], ["--ratios", "x"], ["--batches", "0"], ["--prefill-lens", "a"]])
-def test_e2e_bad_arguments_exit_with_a_message(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        e2e.parse_args(["--device", "cpu", *argv])
-    assert e.value.code == 2 and "--" in capsys.readouterr().err
+def test_e2e_bad_arguments_exit_with_a_message(argv):
+    run = run_e2e("--device", "cpu", *argv)
+    assert run.returncode == 2 and "--" in run.stderr

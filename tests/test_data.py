@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+from helpers import hide_module
 
 from dip_ext import data
 
@@ -42,15 +43,6 @@ class WordTok:
         if add_special_tokens and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return {"input_ids": ids}
-
-
-def _hide_module(monkeypatch, name):
-    real = importlib.util.find_spec
-
-    def find_spec(n, *a, **k):
-        return None if n == name else real(n, *a, **k)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
 # -------------------------------------------------------------------------------------- names, splits
@@ -248,7 +240,7 @@ def test_wikitext2_hub_failure_says_what_to_do(monkeypatch):
 
 def test_wikitext2_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "datasets", raising=False)
-    _hide_module(monkeypatch, "datasets")
+    hide_module(monkeypatch, "datasets")
     with pytest.raises(ImportError, match="pip install datasets"):
         data.get_text("wikitext2", "test")
 
@@ -318,7 +310,7 @@ def test_wiki_extraction_from_fake_dump(tmp_path, monkeypatch):
 
 
 def test_wiki_from_wheel_in_cache_and_missing(tmp_path, monkeypatch):
-    _hide_module(monkeypatch, "gensim")
+    hide_module(monkeypatch, "gensim")
     with pytest.raises(FileNotFoundError, match="pip download --no-deps gensim==4.4.0"):
         data.get_text("wiki", "calibration")
     cache = tmp_path / "cache"

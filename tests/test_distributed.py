@@ -28,17 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import tiny_llama
 
 STEPS, CKPT_EVERY, FAIL_AT, SEED, LR = 5, 2, 3, 7, 0.05
-
-
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_blocks():
@@ -96,7 +88,7 @@ def worker(scenario: str, out: Path) -> None:
 
     log, report = [], {}
     with D.fail_fast():
-        model = tiny_model()
+        model = tiny_llama()
         if scenario == "fsdp":  # rank 0 holds the model, every rank a shard of it
             from dip_ext.sharding import shard_frozen_model
 
@@ -182,7 +174,7 @@ def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     torch.set_num_threads(1)
     log, report = [], {}
-    calib, masks = _train(tiny_model(), tiny_blocks(), out, batch_size=2, log=log, report=report)
+    calib, masks = _train(tiny_llama(), tiny_blocks(), out, batch_size=2, log=log, report=report)
     return out, calib, masks, log, report
 
 
@@ -202,7 +194,7 @@ def test_helpers_without_process_group():
 def test_sharding_needs_a_process_group():
     from dip_ext.sharding import shard_frozen_model
 
-    model = tiny_model()
+    model = tiny_llama()
     with pytest.raises(RuntimeError, match="launch with torchrun"):
         shard_frozen_model(model, model.config, "cpu", torch.float32)
     assert not D.is_sharded(model)
@@ -249,7 +241,7 @@ def test_two_ranks_identical_and_match_one_process(full_run, single):
     assert meta2["step"] == meta1["step"] == STEPS and meta2["fingerprint"] == meta1["fingerprint"]
     logits = []
     for t in (t1, t2):
-        h = HyperNetwork(adapter_for(tiny_model()).dims(tiny_model().config))
+        h = HyperNetwork(adapter_for(tiny_llama()).dims(tiny_llama().config))
         h.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("hnet.")})
         with torch.no_grad():
             logits.append(torch.cat([layer[s] for layer in h() for s in layer]))
@@ -258,7 +250,7 @@ def test_two_ranks_identical_and_match_one_process(full_run, single):
     assert float((logits[0] - logits[1]).abs().max()) < 1e-4
     # The refit's statistics: identical on both ranks, the one-process sums to rounding.
     g0, g1 = (_load_grams(full_run / f"grams.rank{r}.safetensors") for r in range(2))
-    _save_grams(tiny_model(), s_masks, s_out / "grams.safetensors")
+    _save_grams(tiny_llama(), s_masks, s_out / "grams.safetensors")
     gs = _load_grams(s_out / "grams.safetensors")
     assert g0.keys() == g1.keys() == gs.keys() and len(gs) > 0
     for k in gs:
@@ -323,7 +315,7 @@ def _cli_folder(root: Path) -> tuple[Path, str]:
     core = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     folder = root / "model"
-    tiny_model().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             pad_token="<unk>").save_pretrained(folder)
     g = torch.Generator().manual_seed(3)

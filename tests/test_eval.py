@@ -6,41 +6,22 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import WORDS, make_word_tokenizer, tiny_llama
 
 from dip_ext import data
 from dip_ext import eval as ev
 
-WORDS = "the a cat dog sat on mat and ran far away big small red blue house tree".split()
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _tokenizer(bos_template: bool = False):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bos_template:  # a Llama-2-like tokenizer that prepends BOS by itself
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
+    """The shared word-level tokenizer without a pad token; ``bos_template``: it prepends BOS by itself."""
+    return make_word_tokenizer(bos_template=bos_template, pad_token=None)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size=32, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 @pytest.fixture(scope="module")

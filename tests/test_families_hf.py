@@ -13,9 +13,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
+from helpers import assert_rel_close, dims_of, perturb_norms_and_biases, random_masks
 
 import dip_ext
-from dip_ext import STRUCTURES, DispMasks
+from dip_ext import DispMasks
 from dip_ext.families import FAMILIES, adapter_for
 from dip_ext.families import hf_classes
 from dip_ext.families.hf_classes import LOAD_GUARD
@@ -48,41 +49,22 @@ def make_dense(family: str, attn: str = "eager", seed: int = 0):
     torch.manual_seed(seed)
     model = FAMILY_MODELS[family]()
     model.config._attn_implementation = attn
-    with torch.no_grad():  # non-trivial norms and biases so a wrong gather cannot hide
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
+    # non-trivial norms and biases so a wrong gather cannot hide
+    return perturb_norms_and_biases(model, bias_std=0.1).eval()
 
 
 def removal_masks(model, seed: int = 0, full_widths: bool = False) -> DispMasks:
     """Random sets (or full ones); attention removed in REMOVED_ATTN, the MLP removed in layer 2."""
-    dims = adapter_for(model).dims(model.config)
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(dims.num_layers):
-        layer = {s: torch.arange(dims.size(s)) if full_widths else
-                 (torch.rand(dims.size(s), generator=g) < 0.7).nonzero().flatten() for s in STRUCTURES}
-        if i in REMOVED_ATTN:
-            layer["attn_out"] = torch.empty(0, dtype=torch.long)
-        if i == 2:
-            layer["mlp_out"] = torch.empty(0, dtype=torch.long)
-        layers.append(layer)
-    return DispMasks(layers)
+    dims = dims_of(model)
+    empty = {i: ["attn_out"] for i in REMOVED_ATTN}
+    empty[2] = empty.get(2, []) + ["mlp_out"]
+    return random_masks(dims, seed, 0.7, full=range(dims.num_layers) if full_widths else (), empty=empty)
 
 
 def compacted_pair(family: str, attn: str = "eager", full_widths: bool = False):
     dense = make_dense(family, attn)
     masks = removal_masks(dense, full_widths=full_widths)
     return dense, masks, dip_ext.compact(copy.deepcopy(dense), masks)
-
-
-def assert_close(actual, expected, rtol=1e-5):
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = float((actual - expected).abs().max() / scale)
-    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
 
 
 # ---- optional outputs: one entry per layer ----------------------------------------------------------------------
@@ -101,10 +83,10 @@ def test_outputs_keep_one_entry_per_layer(family):
         if i in REMOVED_ATTN:  # a layer with no heads, over the same query and key positions
             assert a.shape == (2, 0, 7, 7)
         else:
-            assert_close(a, r)
+            assert_rel_close(a, r)
     assert len(out.hidden_states) == len(ref.hidden_states) == LAYERS + 1
     for h, r in zip(out.hidden_states, ref.hidden_states):
-        assert_close(h, r)
+        assert_rel_close(h, r)
     cache = out.past_key_values
     assert len(cache.layers) == LAYERS
     assert [cache.get_seq_length(i) for i in range(LAYERS)] == [7] * LAYERS
@@ -123,13 +105,13 @@ def test_generate_with_cache_keeps_one_entry_per_layer(family):
         out = compacted.generate(ids, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     for a, r in zip(out.logits, ref.logits):
-        assert_close(a, r)
+        assert_rel_close(a, r)
     assert len(out.attentions) == len(ref.attentions) == 6
     for step, (atts, ref_atts) in enumerate(zip(out.attentions, ref.attentions)):
         assert len(atts) == len(ref_atts) == LAYERS
         for i in REMOVED_ATTN:
             assert atts[i].shape[1] == 0 and atts[i].shape[2:] == ref_atts[i].shape[2:]
-        assert_close(atts[0], ref_atts[0])
+        assert_rel_close(atts[0], ref_atts[0])
         assert len(out.hidden_states[step]) == LAYERS + 1
 
 
@@ -302,7 +284,7 @@ def test_lora_without_target_modules_merges_exactly(family):
         out = merged(ids).logits
     assert (lora - base).abs().max() > 1e-3  # the adapters really change the model
     assert type(merged).__name__.startswith("DipExt")
-    assert_close(out, lora)
+    assert_rel_close(out, lora)
 
 
 # ---- entry points that need a dense model -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
+from helpers import assert_rel_close, decode_with_cache, dims_of, perturb_norms_and_biases, random_masks
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks, MaskError, ModelDims, UnsupportedModelError
@@ -22,17 +23,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated"
                                         "ignore:Initializing zero-element tensors is a no-op")
 
 
-
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead (20x on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
-RTOL = 1e-5  # fp32: compacted vs masked reference, relative to the logits' scale
 VOCAB = 64
 
 
@@ -66,47 +61,21 @@ def make_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = CONFIGS[name]()
     model = (OPTForCausalLM if cfg.model_type == "opt" else PhiForCausalLM)(cfg).eval()
-    with torch.no_grad():  # non-trivial norms and biases so a wrong gather or a lost bias cannot hide
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.2)
-    return model
+    # non-trivial norms and biases so a wrong gather or a lost bias cannot hide
+    return perturb_norms_and_biases(model, bias_std=0.2)
 
 
-def dims_of(model) -> ModelDims:
-    return adapter_for(model).dims(model.config)
+#: the sets each scenario empties ("empty_mid": the MLP is fc2's bias alone, on mlp_out rows; "empty_attn_in":
+#: q/k/v are their biases alone); "full" keeps every dimension, "random" the random sets
+EMPTIED = {"full": (), "no_attn": ("attn_out",), "empty_mid": ("mlp_mid",), "no_mlp": ("mlp_out",),
+           "empty_attn_in": ("attn_in",), "random": (), "nothing": ("attn_out", "mlp_out")}
 
 
 def scenario_masks(dims: ModelDims, offset: int = 0, seed: int = 0, keep: float = 0.6) -> DispMasks:
     """Layer i gets SCENARIOS[(i + offset) % len]; kept sets are random otherwise."""
-    g = torch.Generator().manual_seed(seed + offset)
-    empty = torch.empty(0, dtype=torch.long)
-    layers = []
-    for i in range(dims.num_layers):
-        layer = {s: (torch.rand(dims.size(s), generator=g) < keep).nonzero().flatten() for s in STRUCTURES}
-        kind = SCENARIOS[(i + offset) % len(SCENARIOS)]
-        if kind == "full":
-            layer = {s: torch.arange(dims.size(s)) for s in STRUCTURES}
-        elif kind == "no_attn":
-            layer["attn_out"] = empty
-        elif kind == "no_mlp":
-            layer["mlp_out"] = empty
-        elif kind == "empty_mid":  # the MLP is fc2's bias alone (on mlp_out rows)
-            layer["mlp_mid"] = empty
-        elif kind == "empty_attn_in":  # q/k/v are their biases alone
-            layer["attn_in"] = empty
-        elif kind == "nothing":
-            layer["attn_out"] = layer["mlp_out"] = empty
-        layers.append(layer)
-    return DispMasks(layers)
-
-
-def assert_close(actual, expected):
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = float((actual - expected).abs().max() / scale)
-    assert err <= RTOL, f"relative error {err:.3g} > {RTOL}"
+    kinds = [SCENARIOS[(i + offset) % len(SCENARIOS)] for i in range(dims.num_layers)]
+    return random_masks(dims, seed + offset, keep, full=[i for i, k in enumerate(kinds) if k == "full"],
+                        empty={i: EMPTIED[k] for i, k in enumerate(kinds)})
 
 
 def padded_batch(seed=0, length=9):
@@ -135,7 +104,7 @@ def test_compacted_equals_masked_reference(name):
             with dip_ext.apply_masks(dense, masks):
                 ref = dense(ids, attention_mask=attn).logits
             out = compacted(ids, attention_mask=attn).logits
-        assert_close(out[keep], ref[keep])
+        assert_rel_close(out[keep], ref[keep])
         assert (unmasked - ref)[keep].abs().max() > 1e-3  # the reference really is pruned
 
 
@@ -146,7 +115,7 @@ def test_full_masks_equal_dense(name):
     ids, attn = padded_batch()
     with torch.no_grad():
         expected = dense(ids, attention_mask=attn).logits
-        assert_close(compacted(ids, attention_mask=attn).logits[attn.bool()], expected[attn.bool()])
+        assert_rel_close(compacted(ids, attention_mask=attn).logits[attn.bool()], expected[attn.bool()])
 
 
 @pytest.mark.parametrize("name", ["opt-48-untied", "phi-qkln"])
@@ -176,29 +145,18 @@ def test_kv_cache_decode_with_padding(name, offset):
     ids, attn = padded_batch(1, length=7)
     nxt = torch.randint(3, VOCAB - 1, (2, 4), generator=torch.Generator().manual_seed(5))
 
-    def run(model):
-        """Prefill, then one token at a time through the KV cache."""
-        out = model(ids, attention_mask=attn, use_cache=True)
-        logits, cache, mask = [out.logits], out.past_key_values, attn
-        for t in range(nxt.shape[1]):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            out = model(nxt[:, t:t + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-        return torch.cat(logits, 1)
-
     masks = scenario_masks(dims_of(dense), offset)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
     with torch.no_grad():
         with dip_ext.apply_masks(dense, masks):
-            ref = run(dense)
+            ref = decode_with_cache(dense, ids, nxt, attn)
             whole = dense(torch.cat([ids, nxt], 1), attention_mask=torch.cat([attn, torch.ones_like(nxt)], 1))
-        out = run(compacted)
+        out = decode_with_cache(compacted, ids, nxt, attn)
     keep = attn.bool()
-    assert_close(out[:, :ids.shape[1]][keep], ref[:, :ids.shape[1]][keep])
-    assert_close(out[:, ids.shape[1]:], ref[:, ids.shape[1]:])
+    assert_rel_close(out[:, :ids.shape[1]][keep], ref[:, :ids.shape[1]][keep])
+    assert_rel_close(out[:, ids.shape[1]:], ref[:, ids.shape[1]:])
     # the unpadded row's cached decode equals one uncached pass over its whole sequence
-    assert_close(out[1], whole.logits[1])
+    assert_rel_close(out[1], whole.logits[1])
 
 
 @pytest.mark.parametrize("name", ["opt-32", "phi-qkln"])
@@ -218,8 +176,8 @@ def test_generate_matches_reference(name):
     assert torch.equal(out.sequences, ref.sequences)
     assert torch.equal(out_nocache.sequences, ref.sequences) and torch.equal(ref_nocache.sequences, ref.sequences)
     for a, b, c in zip(out.logits, ref.logits, ref_nocache.logits):
-        assert_close(a, b)
-        assert_close(a, c)
+        assert_rel_close(a, b)
+        assert_rel_close(a, c)
 
 
 @pytest.mark.parametrize("name", ["opt-32", "opt-48-untied", "phi-qkln", "phi-tied-eager"])
@@ -258,7 +216,7 @@ def test_autograd_path_matches_kernels(name):
         fast = compacted(ids, attention_mask=attn).logits
     slow = compacted(ids, attention_mask=attn).logits  # grad enabled: the differentiable plain-torch path
     keep = attn.bool()
-    assert_close(slow.detach()[keep], fast[keep])
+    assert_rel_close(slow.detach()[keep], fast[keep])
     slow[keep].sum().backward()
     layers = adapter_for(compacted).decoder_layers(compacted)
     assert layers[1].input_layernorm.weight.grad is not None if name.startswith("phi") else \

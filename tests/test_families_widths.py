@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
+from helpers import assert_rel_close, decode_with_cache, dims_of, perturb_norms_and_biases, random_masks
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks
@@ -50,25 +51,12 @@ def make_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return perturb_norms_and_biases(model_cls(config).eval(), bias_std=0.1)
 
 
-def random_masks(model, seed: int = 0) -> DispMasks:
+def layer_masks(model, seed: int = 0) -> DispMasks:
     """Layer 0 random, layer 1 without attention, layer 2 without MLP channels (bias only, where there is one)."""
-    dims = adapter_for(model).dims(model.config)
-    g = torch.Generator().manual_seed(seed)
-    layers = [{s: (torch.rand(dims.size(s), generator=g) < 0.6).nonzero().flatten() for s in STRUCTURES}
-              for _ in range(dims.num_layers)]
-    layers[1]["attn_out"] = torch.empty(0, dtype=torch.long)
-    layers[2]["mlp_mid"] = torch.empty(0, dtype=torch.long)
-    return DispMasks(layers)
+    return random_masks(dims_of(model), seed, 0.6, empty={1: ["attn_out"], 2: ["mlp_mid"]})
 
 
 def shapes_of_modules(adapter, layer) -> LayerShapes:
@@ -84,11 +72,6 @@ def shapes_of_modules(adapter, layer) -> LayerShapes:
                        mlp_out_bias=out.bias is not None)
 
 
-def assert_close(actual, expected):
-    err = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
-    assert err <= 1e-5, f"relative error {err:.3g}"
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_shapes_and_counts_are_the_modules(name):
     dense = make_model(name)
@@ -99,7 +82,7 @@ def test_shapes_and_counts_are_the_modules(name):
     full = {s: dims.size(s) for s in STRUCTURES}
     per_layer = sum(p.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     assert sum(adapter.linear_params(dense.config, full).values()) == per_layer
-    masks = random_masks(dense)
+    masks = layer_masks(dense)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
     assert decoder_linear_params(compacted) == dense_linear_params(compacted.config, masks.widths())
 
@@ -107,27 +90,18 @@ def test_shapes_and_counts_are_the_modules(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_compacted_equals_masked_reference_with_cache(name):
     dense = make_model(name)
-    masks = random_masks(dense)
+    masks = layer_masks(dense)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (2, 11), generator=g)
     nxt = torch.randint(1, VOCAB, (2, 3), generator=g)
 
-    def run(model):
-        out = model(ids, use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(nxt.shape[1]):
-            out = model(nxt[:, t:t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-        return torch.cat(logits, 1)
-
     with torch.no_grad():
         with dip_ext.apply_masks(dense, masks):
-            ref = run(dense)
+            ref = decode_with_cache(dense, ids, nxt)
             whole = dense(torch.cat([ids, nxt], 1)).logits
         unmasked = dense(ids).logits
-        out = run(compacted)
-    assert_close(out, ref)
-    assert_close(out, whole)  # cached decode ≡ one pass over the whole sequence
+        out = decode_with_cache(compacted, ids, nxt)
+    assert_rel_close(out, ref)
+    assert_rel_close(out, whole)  # cached decode ≡ one pass over the whole sequence
     assert (unmasked - ref[:, :ids.shape[1]]).abs().max() > 1e-3  # the reference really is pruned

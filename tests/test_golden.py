@@ -39,7 +39,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 import dip_ext
 from dip_ext.masks import STRUCTURES
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
+              pytest.mark.usefixtures("fresh_cache")]  # token ids of the word text: not the user's cache
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MAIN_FILE = GOLDEN_DIR / "prune.json"
@@ -219,11 +220,6 @@ def _load(path: Path) -> dict:
 @pytest.fixture(autouse=True, scope="module")
 def _threads(one_thread):
     yield one_thread
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))  # token ids of the word text: not the user's cache
 
 
 def _check(golden_file: Path, cases: dict, name: str, word_tokenizer, word_text) -> None:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from dip_ext.families import adapter_for
 from dip_ext.masks import STRUCTURES, DispMasks
@@ -23,11 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                   max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+from helpers import assert_rel_close, decode_with_cache, dims_of, perturb_norms_and_biases, random_masks
+
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks, MaskError, ModelDims, UnsupportedModelError
-
-RTOL = 1e-5  # fp32: compacted vs masked reference, relative to the logits' scale
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=6,
             max_position_embeddings=128)
@@ -37,48 +37,21 @@ def make_model(name: str, attn: str = "sdpa", seed: int = 0):
     torch.manual_seed(seed)
     cfg = cfg_cls(**{**BASE, **extra})
     cfg._attn_implementation = attn
-    model = model_cls(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights and biases so a wrong gather cannot hide
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    # non-trivial norm weights and biases so a wrong gather cannot hide
+    return perturb_norms_and_biases(model_cls(cfg).eval(), bias_std=0.1)
 
 
-def random_masks(dims: ModelDims, seed: int = 0, keep: float = 0.6) -> DispMasks:
+def layer_masks(dims: ModelDims, seed: int = 0, keep: float = 0.6) -> DispMasks:
     """Random sets; layer 0 full, layer 1 without attention, layer 2 without MLP, the rest random."""
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(dims.num_layers):
-        layer = {s: (torch.rand(dims.size(s), generator=g) < keep).nonzero().flatten() for s in STRUCTURES}
-        if i == 0:
-            layer = {s: torch.arange(dims.size(s)) for s in STRUCTURES}
-        elif i == 1:
-            layer["attn_out"] = torch.empty(0, dtype=torch.long)
-        elif i == 2:
-            layer["mlp_out"] = torch.empty(0, dtype=torch.long)
-        layers.append(layer)
-    return DispMasks(layers)
-
-
-def dims_of(model) -> ModelDims:
-    c = model.config
-    return ModelDims(c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+    return random_masks(dims, seed, keep, full=[0], empty={1: ["attn_out"], 2: ["mlp_out"]})
 
 
 def reference_and_compacted(name, attn="sdpa", seed=0):
     dense = make_model(name, attn, seed)
-    masks = random_masks(dims_of(dense), seed)
+    masks = layer_masks(dims_of(dense), seed)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
     return dense, masks, compacted
 
-
-def assert_close(actual, expected):
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = (actual - expected).abs().max() / scale
-    assert err <= RTOL, f"relative error {err:.3g} > {RTOL}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -91,7 +64,7 @@ def test_compacted_equals_masked_reference(name, attn):
         with dip_ext.apply_masks(dense, masks):
             ref = dense(ids).logits
         out = compacted(ids).logits
-    assert_close(out, ref)
+    assert_rel_close(out, ref)
     # the reference really is pruned: unmasked dense logits differ
     with torch.no_grad():
         assert (dense(ids).logits - ref).abs().max() > 1e-3
@@ -102,7 +75,7 @@ def test_full_masks_equal_dense():
     compacted = dip_ext.compact(copy.deepcopy(dense), DispMasks.full(dims_of(dense)))
     ids = torch.randint(0, BASE["vocab_size"], (1, 9))
     with torch.no_grad():
-        assert_close(compacted(ids).logits, dense(ids).logits)
+        assert_rel_close(compacted(ids).logits, dense(ids).logits)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "mistral"])
@@ -114,24 +87,14 @@ def test_kv_cache_and_padding(name):
     attn[0, :3] = 0  # left padding in row 0
     nxt = torch.randint(0, BASE["vocab_size"], (2, 3))
 
-    def run(model):
-        out = model(ids, attention_mask=attn, use_cache=True)
-        logits, cache, mask = [out.logits], out.past_key_values, attn
-        for t in range(nxt.shape[1]):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            out = model(nxt[:, t:t + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
-        return torch.cat(logits, 1)
-
     with torch.no_grad():
         with dip_ext.apply_masks(dense, masks):
-            ref = run(dense)
+            ref = decode_with_cache(dense, ids, nxt, attn)
             full = dense(torch.cat([ids, nxt], 1), attention_mask=torch.cat([attn, torch.ones_like(nxt)], 1)).logits
-        out = run(compacted)
-    assert_close(out, ref)
+        out = decode_with_cache(compacted, ids, nxt, attn)
+    assert_rel_close(out, ref)
     # the cached decode agrees with one uncached pass over the whole sequence (ignoring padded positions)
-    assert_close(out[1], full[1])
+    assert_rel_close(out[1], full[1])
 
 
 def test_hidden_states_and_layer_classes():
@@ -143,7 +106,7 @@ def test_hidden_states_and_layer_classes():
         out = compacted(ids, output_hidden_states=True).hidden_states
     assert len(out) == len(ref) == 5
     for a, b in zip(out, ref):
-        assert_close(a, b)
+        assert_rel_close(a, b)
     # compacted layers are still decoder layers for HF tooling (device_map no-split, FSDP wrap policies)
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     assert all(isinstance(layer, LlamaDecoderLayer) for layer in compacted.model.layers)
@@ -187,7 +150,7 @@ def test_autograd_path_matches_kernels():
     with torch.no_grad():
         fast = compacted(ids).logits
     slow = compacted(ids).logits  # grad enabled: differentiable plain-torch path
-    assert_close(slow.detach(), fast)
+    assert_rel_close(slow.detach(), fast)
     slow.sum().backward()
     assert compacted.model.layers[3].self_attn.q_proj.weight.grad is not None
 
@@ -237,7 +200,7 @@ def test_param_formula_counts_biases():
 
 def test_masks_dict_roundtrip_and_forms():
     dims = ModelDims(2, 16, 24)
-    masks = random_masks(ModelDims(4, 16, 24)).layers[:2]
+    masks = layer_masks(ModelDims(4, 16, 24)).layers[:2]
     m = DispMasks(masks)
     assert DispMasks.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     assert DispMasks.from_config(json.loads(json.dumps(m.to_config(dims)))) == m

