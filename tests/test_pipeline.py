@@ -171,9 +171,9 @@ def test_every_entry_point_that_needs_a_dense_model_says_so(entry):
     from dip_ext.selection import Budget
     from dip_ext.selection.hypernetwork import Trainer
 
-    dense = make_model()
+    dense = tiny_llama()
     masks = dip_ext.DispMasks.full(dip_ext.families.adapter_for(dense).dims(dense.config))
-    compacted = dip_ext.compact(make_model(), masks)
+    compacted = dip_ext.compact(tiny_llama(), masks)
     budget = Budget.for_model(dense, 0.3)
     calls = {"calibration": lambda m: run_calibration(m, WINDOWS, progress=False),
              "refit": lambda m: refit_pruned_inputs(m, masks, WINDOWS, progress=False),
