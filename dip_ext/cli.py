@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
 from transformers.utils import logging as hf_logging
 
 from . import distributed as dist
@@ -62,6 +63,7 @@ class PruneRun:
 
     def __post_init__(self):
         check_fields(self)
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class EvalRun:
 
     def __post_init__(self):
         check_fields(self)
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,21 @@ class InfoRun:
 
     def __post_init__(self):
         check_fields(self)
+
+
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` names a device torch knows and this machine has (cpu, cuda, cuda:N, ...)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+        raise ValueError(f"device {device!r} is not available here")
 
 
 def _prune_option_classes() -> list[type]:

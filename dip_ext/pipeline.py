@@ -108,7 +108,10 @@ class Pruner:
         self.method = get_method(self.config.method)
         self.method_options = resolve_method_options(self.config.method, method_options)
         require_dense(model, "pruning")
-        adapter_for(model)  # an unsupported family fails here
+        dims = adapter_for(model).dims(model.config)
+        if self.config.multiple_of > max(dims.hidden, dims.ffn):
+            raise ValueError(f"multiple_of {self.config.multiple_of} is larger than every width of the model "
+                             f"(hidden {dims.hidden}, MLP {dims.ffn}): every set would be kept whole or removed")
         self.placement = Placement.of(model)
         if self.placement.sharded and self.placement.is_main and full_model is None:
             raise ValueError("model is sharded (FSDP): rank 0 must pass its full dense copy as full_model (the "
