@@ -16,8 +16,8 @@ Run as a script: ``python -m dip_ext.selftest [DEVICE]`` prints the table and ex
 Tolerances: each case passes when ``|out - ref| <= atol + rtol * |ref|`` element-wise (``ratio`` is the
 largest ``|out - ref| / (atol + rtol * |ref|)``, so it passes at <= 1). ``atol`` / ``rtol`` are the output
 dtype's rounding (fp32 2e-5, fp16 2e-3, bf16 1.6e-2), with ``atol`` scaled by ``sqrt(k)`` for dot products of
-``k`` terms; the scatter-add is exact (one fp32 add, one rounding); the Gram entries allow 1e-6 of
-``sqrt(G_ii * G_jj)`` (fp32 accumulation passes by orders of magnitude, TF32 inputs fail).
+``k`` terms; the scatter-add is exact (one fp32 add, one rounding); the Gram entries allow 1e-5 of
+``sqrt(G_ii * G_jj)``: fp32 accumulation stays below ~5e-7 of it, fp32 inputs rounded to TF32 reach ~6e-5 or more.
 
 The helpers :func:`reference_copy` and :func:`assert_no_shared_storage` are what every in-place test uses to
 build its reference: an in-place op compared with a reference that aliases its output compares the output
@@ -42,7 +42,7 @@ from . import ops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (atol, rtol) of one rounding of the output, per dtype
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-GRAM_TOL = 1e-6
+GRAM_TOL = 1e-5
 
 
 # ---- reference helpers (also used by the tests) ------------------------------------------------------------
@@ -225,7 +225,7 @@ def _cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> It
     # calibration statistics with the Gram matrix, under the loosest float32 matmul precision.
     for rows, d in ((70, 48), (600, 40)):
         def stats(rows=rows, d=d):
-            # zero-mean data: fp32 accumulation stays ~1e-7 of sqrt(G_ii G_jj), TF32 inputs give ~2e-5
+            # zero-mean data: fp32 accumulation stays < ~5e-7 of sqrt(G_ii G_jj), TF32 inputs reach ~6e-5
             x = rand(rows, d)
             with _float32_matmul_precision("medium"):  # TF32 (CUDA) or bf16 (oneDNN) allowed: must not matter
                 st = ops.calibration_stats(x, gram=True)

@@ -311,11 +311,11 @@ def test_calibration_stats_long_input_chunking():
         torch.testing.assert_close(st.sumsq, (xd * xd).sum(0), rtol=1e-5, atol=1e-5 * rows)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_calibration_gram_exact_with_tf32_enabled(dtype):
-    """TF32 rounds fp32 GEMM inputs to 10 mantissa bits (~2e-5 of sqrt(G_ii G_jj) here); the Gram matrix must
-    stay exact to fp32 accumulation (~1e-7) whatever the global setting."""
-    x = make_x((600, 64), dtype, seed=53)  # zero-mean: fp32 accumulation error stays tiny
+def test_calibration_gram_exact_with_tf32_enabled():
+    """TF32 rounds fp32 GEMM inputs to 10 mantissa bits (>= ~6e-5 of sqrt(G_ii G_jj) here, measured with
+    emulated rounding); the Gram matrix must stay exact to fp32 accumulation (< ~5e-7) whatever the global
+    setting. fp32 input only: fp16 / bf16 values are exact in TF32, so they could not show the difference."""
+    x = make_x((600, 64), torch.float32, seed=53)  # zero-mean: fp32 accumulation error stays tiny
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")  # TF32 on for every fp32 matmul
     try:
@@ -324,7 +324,7 @@ def test_calibration_gram_exact_with_tf32_enabled(dtype):
         torch.set_float32_matmul_precision(before)
     xd = x.double()
     g = xd.T @ xd
-    bound = 1e-6 * torch.sqrt(torch.outer(g.diagonal(), g.diagonal()))
+    bound = 1e-5 * torch.sqrt(torch.outer(g.diagonal(), g.diagonal()))
     err = (st.gram - g).abs()
     assert (err <= bound).all(), f"max error {float((err / bound).max()):.3g} x the fp32 bound"
 

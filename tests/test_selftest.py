@@ -73,9 +73,25 @@ def _broken_stats(x, stats=None, gram=False):
     return out
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32's 10 mantissa bits (round to nearest), as cuBLAS does with TF32 enabled."""
+    i = x.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _stats_with_tf32_gram(x, stats=None, gram=False):
+    """The Gram matrix of TF32-rounded inputs: the precision loss the op must not have."""
+    out = _calibration_stats(x, stats, gram)
+    if out.gram is not None:
+        t = _tf32(x.reshape(-1, x.shape[-1])).double()
+        out.gram.copy_(t.T @ t)
+    return out
+
+
 @pytest.mark.parametrize("name,broken", [("scatter_add_", _broken_scatter), ("rms_norm_gather", _broken_norm),
                                          ("index_select_gemm", _broken_gemm),
-                                         ("calibration_stats", _broken_stats)])
+                                         ("calibration_stats", _broken_stats),
+                                         ("calibration_stats", _stats_with_tf32_gram)])
 def test_a_broken_op_fails_the_selftest(monkeypatch, name, broken):
     monkeypatch.setattr(ops, name, broken)
     r = st.selftest("cpu", dtypes=(torch.float32,))
