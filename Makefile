@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast prune cuda-check clean
+.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-tests-on-cpu clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -19,9 +19,20 @@ test-fast: setup
 prune: setup
 	$(VENV)/bin/dip-ext prune
 
-# Compile every torch-free CUDA kernel for Hopper with nvcc (no GPU needed).
+# Compile every torch-free CUDA kernel for Ampere (sm_80) and Hopper (sm_90a) with nvcc (no GPU needed):
+# fails on errors, warnings, register spills and kernels without launch bounds.
 cuda-check:
 	bash scripts/cuda_compile_check.sh
+
+# The full CUDA extension (glue included) against the CUDA build of torch, after configuring + compiling one
+# kernel with each TORCH_CUDA_ARCH_LIST spelling (no GPU needed; creates /tmp/venv-cuda on first use).
+cuda-build-check:
+	bash scripts/check_cuda_build.sh
+
+# The CUDA test file run against the CPU kernels: checks the tests themselves (references, tolerances).
+# Uses the venv as `make setup` left it.
+cuda-tests-on-cpu:
+	DIP_EXT_TEST_DEVICE=cpu $(VENV)/bin/pytest -q tests/test_ops_cuda.py
 
 clean:
 	rm -rf build dist *.egg-info

@@ -1,7 +1,10 @@
 #include "checks.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <atomic>
+#include <utility>
 #include <vector>
 
 namespace dip_ext {
@@ -32,12 +35,61 @@ void check_vector(const char* op, const char* name, const at::Tensor& v, int64_t
                     "], got ", v.sizes());
 }
 
+namespace {
+
+std::atomic<CaptureQuery>& capture_query() {
+  static std::atomic<CaptureQuery> query{nullptr};
+  return query;
+}
+
+// [first, last] byte addresses a strided tensor can touch (numel > 0, non-negative strides).
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t span = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) span += t.stride(i) * (t.size(i) - 1);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((span + 1) * t.element_size()) - 1};
+}
+
+}  // namespace
+
+void set_capture_query(CaptureQuery query) { capture_query().store(query); }
+
+void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "dip_ext.", op, ": ", name,
+                    " has elements that share memory (stride 0, e.g. an expand()ed tensor; strides ", t.strides(),
+                    "), so an in-place update would write them more than once; pass ", name, ".clone()");
+}
+
+void check_no_overlap(const char* op, const char* out_name, const at::Tensor& out, const char* in_name,
+                      const at::Tensor& in) {
+  if (!out.defined() || !in.defined() || out.numel() == 0 || in.numel() == 0) return;
+  if (!out.has_storage() || !in.has_storage()) return;
+  const at::MemOverlapStatus status = at::get_overlap_status(out, in);
+  bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  if (status == at::MemOverlapStatus::TooHard && out.storage().is_alias_of(in.storage())) {
+    // Views of one storage that torch cannot decide (neither dense): refuse when their address ranges meet.
+    const auto [a0, a1] = byte_range(out);
+    const auto [b0, b1] = byte_range(in);
+    overlap = a0 <= b1 && b0 <= a1;
+  }
+  TORCH_CHECK_VALUE(!overlap, "dip_ext.", op, ": ", in_name, " shares memory with ", out_name,
+                    ", which the op writes in place (the result would depend on the order of the writes); pass ",
+                    in_name, ".clone()");
+}
+
 at::Tensor checked_index(const char* op, const at::Tensor& idx, int64_t limit, bool unique, bool check_values,
                          const at::Tensor& like) {
   TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, "dip_ext.", op,
                    ": idx must be int64 or int32, got ", idx.scalar_type());
   TORCH_CHECK_VALUE(idx.dim() == 1, "dip_ext.", op, ": idx must be 1-D, got shape ", idx.sizes());
   check_same_device(op, "idx", idx, "x", like);
+  if (check_values && !idx.is_cpu()) {
+    const CaptureQuery query = capture_query().load();
+    TORCH_CHECK_VALUE(query == nullptr || !query(idx.device()), "dip_ext.", op,
+                      ": check_idx=True reads idx on the host, which is not allowed while a CUDA graph is being "
+                      "captured; validate the index set once before the capture (a call with check_idx=True) and "
+                      "pass check_idx=False inside it");
+  }
   at::Tensor out = idx.to(at::kLong).contiguous();
   if (check_values && out.numel() > 0) {
     const at::Tensor host = out.is_cpu() ? out : out.cpu();
@@ -91,6 +143,8 @@ void check_residual_update(const char* op, const at::Tensor& residual, const at:
                                                      residual.sizes().slice(0, residual.dim() - 1),
                     "dip_ext.", op, ": ", y_name, " has shape ", y.sizes(), " but residual has shape ",
                     residual.sizes(), "; their leading (token) dims must match");
+  check_no_internal_overlap(op, "residual", residual);
+  check_no_overlap(op, "residual", residual, y_name, y);
 }
 
 void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sumsq,
@@ -109,6 +163,15 @@ void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum
     check_same_device(op, "gram", *gram, "x", x);
     TORCH_CHECK_VALUE(gram->dim() == 2 && gram->size(0) == d && gram->size(1) == d, "dip_ext.", op,
                       ": gram must have shape [", d, ", ", d, "], got ", gram->sizes());
+    check_no_internal_overlap(op, "gram", *gram);
+  }
+  check_no_overlap(op, "sum", sum, "sumsq", sumsq);
+  check_no_overlap(op, "sum", sum, "x", x);
+  check_no_overlap(op, "sumsq", sumsq, "x", x);
+  if (gram) {
+    check_no_overlap(op, "gram", *gram, "sum", sum);
+    check_no_overlap(op, "gram", *gram, "sumsq", sumsq);
+    check_no_overlap(op, "gram", *gram, "x", x);
   }
 }
 
@@ -132,6 +195,7 @@ at::Tensor check_norm_gather_args(const char* op, const at::Tensor& x, const at:
 at::Tensor check_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
                                   const at::Tensor& y, bool check_idx) {
   check_residual_update(op, residual, y, "y");
+  check_no_overlap(op, "residual", residual, "idx", idx);
   at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
   TORCH_CHECK_VALUE(y.size(-1) == ix.numel(), "dip_ext.", op, ": y has ", y.size(-1), " columns but idx has ",
                     ix.numel(), " entries");
@@ -144,6 +208,9 @@ at::Tensor check_gemm_scatter_add_args(const char* op, const at::Tensor& residua
   check_residual_update(op, residual, x, "x");
   at::Tensor ix = checked_index(op, idx, residual.size(-1), /*unique=*/true, check_idx, residual);
   check_linear(op, x, weight, bias, x.size(-1));
+  check_no_overlap(op, "residual", residual, "weight", weight);
+  if (bias) check_no_overlap(op, "residual", residual, "bias", *bias);
+  check_no_overlap(op, "residual", residual, "idx", idx);
   TORCH_CHECK_VALUE(weight.size(0) == ix.numel(), "dip_ext.", op, ": weight has ", weight.size(0),
                     " rows (outputs) but idx has ", ix.numel(), " entries");
   return ix;

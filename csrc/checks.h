@@ -20,9 +20,23 @@ void check_vector(const char* op, const char* name, const at::Tensor& v, int64_t
 
 // idx must be a 1-D int64/int32 tensor on `device`. With check_values, every entry must lie in [0, limit)
 // and (when unique) appear once; that reads idx on the host (a sync on CUDA), so hot paths that
-// validated their index sets once pass check_values = false. Returns a contiguous int64 copy or view.
+// validated their index sets once pass check_values = false. A host read is impossible while the current
+// stream captures a CUDA graph: check_values there is refused with a ValueError naming the op (before any
+// sync, so the capture stays valid). Returns a contiguous int64 copy or view.
 at::Tensor checked_index(const char* op, const at::Tensor& idx, int64_t limit, bool unique, bool check_values,
                          const at::Tensor& like);
+
+// Whether the current stream of a (non-CPU) device is capturing a CUDA graph. The CUDA glue installs the
+// query when the extension loads; without it (CPU-only builds) nothing is ever capturing.
+using CaptureQuery = bool (*)(const at::Device& device);
+void set_capture_query(CaptureQuery query);
+
+// Memory-overlap checks of the in-place ops (like torch's index_add_): a written tensor whose elements share
+// memory (stride 0, e.g. expand()) is refused, and so is an input that shares memory with a written tensor
+// (the same tensor, a view of it, or any tensor of its storage whose address range meets it). ValueError.
+void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t);
+void check_no_overlap(const char* op, const char* out_name, const at::Tensor& out, const char* in_name,
+                      const at::Tensor& in);
 
 // t viewed as [rows, t.size(-1)] with unit stride in the last dim; copies only when no such view exists.
 at::Tensor as_rows(const at::Tensor& t);
@@ -30,9 +44,11 @@ at::Tensor as_rows(const at::Tensor& t);
 // weight [out, in_features] (and bias [out]) on x's device with x's dtype.
 void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, int64_t in_features);
-// residual [..., d] and y [..., k]: same dtype, device and leading (token) dims.
+// residual [..., d] and y [..., k]: same dtype, device and leading (token) dims; residual without internal
+// overlap and y not sharing memory with it.
 void check_residual_update(const char* op, const at::Tensor& residual, const at::Tensor& y, const char* y_name);
-// sum / sumsq float64 [d] and gram float64 [d, d] matching x's width and device.
+// sum / sumsq float64 [d] and gram float64 [d, d] matching x's width and device; the three outputs share no
+// memory with each other or with x.
 void check_stats_args(const char* op, const at::Tensor& x, const at::Tensor& sum, const at::Tensor& sumsq,
                       const std::optional<at::Tensor>& gram);
 

@@ -26,7 +26,9 @@ at::Tensor& gemm_scatter_add_cpu(at::Tensor& residual, const at::Tensor& idx, co
                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  bool check_idx);
 // Accumulates per-channel sum and sum of squares (fp64, [d]) and optionally gram += X^T X (fp64, [d, d])
-// over all leading dims of x [..., d]. Deterministic: fixed row chunks, fp32 partials, fp64 final sum.
+// over all leading dims of x [..., d]. Deterministic: fixed row chunks, fp32 partials, fp64 final sum. The
+// Gram product is fp64 on the CPU and an fp32 GEMM with TF32 disabled on CUDA, whatever torch's matmul
+// precision settings. Never reads device memory on the host.
 void calibration_stats_cpu(const at::Tensor& x, at::Tensor& sum, at::Tensor& sumsq,
                            const std::optional<at::Tensor>& gram);
 

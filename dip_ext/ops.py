@@ -6,7 +6,14 @@ int64 (or int32) index set over the last dim. Every op checks its arguments in t
 
 ``check_idx=False`` skips the per-call range / duplicate scan of ``idx`` (a host read, i.e. a device sync
 on CUDA): compacted models validate their index sets once and use it so decode stays capturable by CUDA
-graphs. Passing unchecked bad indices is undefined behaviour, like any unchecked kernel.
+graphs. Passing unchecked bad indices is undefined behaviour, like any unchecked kernel. ``check_idx=True``
+while the current CUDA stream is capturing a graph raises ``ValueError`` before anything is read (the capture
+stays valid): validate once outside the capture, then pass ``check_idx=False`` inside it.
+
+The in-place ops refuse overlapping memory like ``torch.Tensor.index_add_`` (``ValueError``): a residual whose
+elements share memory (``expand()``, stride 0), and an input (``y``, ``x``, ``weight``, ``bias``, ``idx``)
+that shares memory with the residual. ``calibration_stats_`` likewise refuses outputs that share memory with
+each other or with ``x``.
 """
 
 from __future__ import annotations
@@ -41,14 +48,23 @@ def index_select_gemm(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
 
 def scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
                  *, check_idx: bool = True) -> torch.Tensor:
-    """``residual.index_add_(-1, idx, y)`` in place (idx unique); returns ``residual``."""
+    """``residual.index_add_(-1, idx, y)`` in place (idx unique); returns ``residual``.
+
+    Each element is added in fp32 and rounded once to the residual's dtype: bit-identical to ``index_add_`` on
+    an fp32 copy, then a cast (``residual.float().clone().index_add_(-1, idx, y.float()).to(residual.dtype)``).
+    ``y`` must not share memory with ``residual``, nor ``residual`` have elements that share memory
+    (``ValueError``).
+    """
     _ops.scatter_add_(residual, idx, y, check_idx)
     return residual
 
 
 def gemm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, *, check_idx: bool = True) -> torch.Tensor:
-    """``residual.index_add_(-1, idx, F.linear(x, weight, bias))`` in place; weight is ``[len(idx), x.size(-1)]``."""
+    """``residual.index_add_(-1, idx, F.linear(x, weight, bias))`` in place; weight is ``[len(idx), x.size(-1)]``.
+
+    ``x``, ``weight`` and ``bias`` must not share memory with ``residual`` (``ValueError``). Returns ``residual``.
+    """
     _ops.gemm_scatter_add_(residual, idx, x, weight, bias, check_idx)
     return residual
 
@@ -89,6 +105,16 @@ class CalibrationStats:
         """Root mean square per channel, ‖X[:, j]‖ / sqrt(count) (float64)."""
         return (self.sumsq / max(self.count, 1)).sqrt()
 
+    def to(self, device) -> "CalibrationStats":
+        """A copy on ``device`` (``self`` when already there). Statistics accumulate on the device of the
+        activations they are fed, so keep them there while collecting and move them once at the end: a
+        cross-device ``merge`` per call reads device memory on the host (a sync) every time."""
+        device = torch.device(device)
+        if self.sum.device == device:
+            return self
+        return CalibrationStats(self.count, self.sum.to(device), self.sumsq.to(device),
+                                None if self.gram is None else self.gram.to(device))
+
     def merge(self, other: "CalibrationStats") -> "CalibrationStats":
         """Adds ``other`` into ``self`` (same width; both with or both without gram) and returns ``self``."""
         if other.width != self.width:
@@ -118,7 +144,13 @@ def calibration_stats(x: torch.Tensor, stats: Optional[CalibrationStats] = None,
     """Accumulates ``x [..., d]`` into ``stats`` (a new object when None) and returns it.
 
     Passing the returned object back accumulates; ``a.merge(b)`` combines two. With ``gram=True`` a new object
-    also tracks XᵀX. Sums are deterministic (fixed chunking, fp32 partials, fp64 final reduction).
+    also tracks XᵀX. Torch equivalent (up to rounding): ``x2 = x.reshape(-1, d).double()``;
+    ``sum += x2.sum(0)``; ``sumsq += (x2 * x2).sum(0)``; ``gram += x2.T @ x2``; ``count += x2.shape[0]``.
+
+    Sums are deterministic (chunking fixed by the row count, fp32 partials, fp64 final reduction). The Gram
+    product is an fp64 GEMM on the CPU and an fp32 GEMM with TF32 disabled on CUDA, whatever
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` say. Nothing is read back
+    to the host (``count`` comes from the shape), so accumulating into statistics on x's device never syncs.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"dip_ext.calibration_stats: x must be a tensor, got {type(x).__name__}")

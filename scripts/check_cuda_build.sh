@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the FULL extension (CPU + CUDA kernels + CUDA glue) against the CUDA 13.0 build of torch 2.14.1 on a
-# machine WITHOUT a GPU, then imports it and checks that the CUDA kernels are registered. It checks that the
-# glue compiles and links; it runs nothing on a GPU (tests/test_ops_cuda.py does that on a GPU machine).
+# machine WITHOUT a GPU, then imports it and checks that the CUDA kernels are registered and what GPU code it
+# holds. It checks that the glue compiles and links; it runs nothing on a GPU (tests/test_ops_cuda.py and
+# dip_ext.selftest do that on a GPU machine). Before the build, scripts/check_cuda_arch_lists.sh configures and
+# compiles one kernel with each TORCH_CUDA_ARCH_LIST spelling (SKIP_ARCH_LISTS=1 skips it).
+# The build itself uses the portable default arch list unless TORCH_CUDA_ARCH_LIST is set.
 #   VENV=/tmp/venv-cuda  BUILD_DIR=/tmp/build-cuda-torch  TORCH_SPEC=torch==2.14.1  PYTHON=python3
 # First run: ~1 min to create the venv (5.4 GB, torch comes from the local wheel mirror), then the build.
 set -euo pipefail
@@ -25,13 +28,16 @@ fi
 command -v nvcc >/dev/null || { echo "[cuda-build] error: nvcc not on PATH" >&2; exit 1; }
 
 # Recipe traps (../shared/ENVIRONMENT.md): torch's CMake derives the CUDA root from nvcc's path (a wrapper
-# here) unless CUDA_PATH is set; TORCH_CUDA_ARCH_LIST decides the archs; DIP_EXT_CUDA=ON makes a silent CPU-only
-# fallback an error.
+# here) unless CUDA_PATH is set; DIP_EXT_CUDA=ON makes a silent CPU-only fallback an error.
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export DIP_EXT_CUDA=ON
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
-echo "[cuda-build] building into $BUILD_DIR (CUDA_PATH=$CUDA_PATH, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+
+if [ "${SKIP_ARCH_LISTS:-0}" != 1 ]; then
+  VENV="$VENV" bash scripts/check_cuda_arch_lists.sh
+fi
+
+echo "[cuda-build] building into $BUILD_DIR (CUDA_PATH=$CUDA_PATH, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST-<unset: portable default>})"
 build_start=$(date +%s)
 $PIP install --no-build-isolation --no-deps . -Cbuild-dir="$BUILD_DIR" -Cbuild.verbose=false
 build_s=$(( $(date +%s) - build_start ))
@@ -52,6 +58,10 @@ info = dict(mod.build_info())
 print("[cuda-build] build_info:", info)
 if not info.get("cuda"):
     sys.exit("[cuda-build] error: the extension was built WITHOUT CUDA kernels")
+if not info.get("cuda_sass"):
+    sys.exit("[cuda-build] error: build_info lists no machine code (cuda_sass)")
+if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not info.get("cuda_ptx"):
+    sys.exit("[cuda-build] error: the default (portable) build holds no PTX: later GPUs could not run it")
 ops = ["rms_norm_gather", "layer_norm_gather", "index_select_gemm", "scatter_add_", "gemm_scatter_add_",
        "calibration_stats_"]
 missing = [o for o in ops for key in ("CPU", "CUDA")

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 import dip_ext
 from dip_ext import ops
+from dip_ext.selftest import assert_no_shared_storage, reference_copy
 
 # Tolerances (atol, rtol) per dtype, measured against the reference computed IN THE SAME DTYPE by torch.
 # fp32: both sides accumulate in fp32 but in a different order (norm statistics, GEMM blocking).
@@ -217,7 +218,7 @@ def check_scatter_add(c):
     idx = make_idx(d, kept(d, c["keep"]), sorted_=c["sorted_"], int32=c["int32"], gen=gen)
     residual, base = make_residual(lead, d, dt, c["res_layout"], gen)
     y = make_x((*lead, idx.numel()), dt, c["y_layout"], gen)
-    ref = residual.clone().index_add_(-1, idx, y)
+    ref = reference_copy(residual).index_add_(-1, idx, y)
     base_before = base.clone()
     ptr = residual.data_ptr()
 
@@ -225,6 +226,7 @@ def check_scatter_add(c):
 
     assert out is residual or out.data_ptr() == ptr
     assert residual.data_ptr() == ptr and residual.shape == ref.shape
+    assert_no_shared_storage(ref, residual)
     assert_close(residual, ref, dt)
     # memory of the buffer outside the residual view is untouched
     if c["res_layout"] == "sliced_cols":
@@ -245,12 +247,13 @@ def check_gemm_scatter_add(c, with_bias, k_in):
     x = make_x((*lead, k_in), dt, c["y_layout"], gen)
     w = torch.randn(idx.numel(), k_in, generator=gen).to(dt)
     b = torch.randn(idx.numel(), generator=gen).to(dt) if with_bias else None
-    ref = residual.clone().index_add_(-1, idx, F.linear(x, w, b))
+    ref = reference_copy(residual).index_add_(-1, idx, F.linear(x, w, b))
     ptr = residual.data_ptr()
 
     out = ops.gemm_scatter_add_(residual, idx, x, w, b)
 
     assert out.data_ptr() == ptr and residual.data_ptr() == ptr
+    assert_no_shared_storage(ref, residual)
     assert_close(residual, ref, dt, scale=max(1.0, k_in ** 0.5))
 
 
@@ -484,7 +487,8 @@ def test_torch_compile_fullgraph_inductor():
 
 def test_build_info_keys():
     info = dip_ext.build_info()
-    assert {"version", "torch_version", "cuda", "cuda_archs", "openmp"} <= set(info)
+    assert {"version", "torch_version", "cuda", "cuda_archs", "cuda_arch_source", "cuda_sass", "cuda_ptx",
+            "openmp"} <= set(info)
     assert info["version"] == dip_ext.__version__
     assert info["torch_version"].split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)

@@ -259,3 +259,65 @@ def test_calibration_stats_raw_op_bad_buffers(t):
         torch.ops.dip_ext.calibration_stats_(t["x"], f64[:7], f64, None)
     with pytest.raises(ValueError, match=rf"dip_ext\.calibration_stats_: gram must have shape \[{D}, {D}\]"):
         torch.ops.dip_ext.calibration_stats_(t["x"], f64, f64.clone(), torch.zeros(D, 3, dtype=torch.float64))
+
+
+# ---- overlapping memory (the in-place ops refuse it, like torch's index_add_) ------------------------------
+
+def test_expanded_residual_refused(t):
+    """A stride-0 residual: every row is the same memory, so a row-parallel update would race / add T times."""
+    residual = torch.zeros(1, D).expand(T, D)
+    with pytest.raises(ValueError, match=r"dip_ext\.scatter_add_: residual has elements that share memory "
+                                         r"\(stride 0, e\.g\. an expand\(\)ed tensor"):
+        ops.scatter_add_(residual, t["idx"], t["y"])
+    with pytest.raises(ValueError, match=r"dip_ext\.gemm_scatter_add_: residual has elements that share memory"):
+        ops.gemm_scatter_add_(residual, t["idx"], t["xs"], t["wo"])
+    assert residual.abs().sum() == 0
+
+
+@pytest.mark.parametrize("alias", ["same", "view", "partial", "strided"])
+def test_y_sharing_memory_with_residual_refused(alias, t):
+    x = t["x"].clone()
+    before = x.clone()
+    idx, y = {
+        "same": (torch.arange(D), lambda r: r),                         # y is residual
+        "view": (t["idx"], lambda r: r[:, :K]),                         # y is a column slice of residual
+        "partial": (t["idx"], lambda r: r.view(-1)[2:2 + T * K].view(T, K)),  # overlapping flat range
+        "strided": (t["idx"], lambda r: r.t()[:K].t()),                  # a transposed view of a slice
+    }[alias]
+    with pytest.raises(ValueError, match=r"dip_ext\.scatter_add_: y shares memory with residual, which the op "
+                                         r"writes in place .* pass y\.clone\(\)"):
+        ops.scatter_add_(x, idx, y(x))
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("arg,name", [("xs", "x"), ("wo", "weight"), ("bias", "bias")])
+def test_gemm_scatter_inputs_sharing_memory_with_residual_refused(arg, name):
+    residual = torch.randn(K, D)  # K rows, so [K, 5] and [K] views of it fit as weight / bias
+    x, w, b = torch.randn(K, 5), torch.randn(K, 5), torch.randn(K)
+    aliases = {"xs": dict(x=residual[:, :5]), "wo": dict(w=residual[:, 1:6]), "bias": dict(b=residual[1, :K])}
+    a = {"x": x, "w": w, "b": b, **aliases[arg]}
+    before = residual.clone()
+    with pytest.raises(ValueError, match=rf"dip_ext\.gemm_scatter_add_: {name} shares memory with residual"):
+        ops.gemm_scatter_add_(residual, torch.tensor([6, 1, 3]), a["x"], a["w"], a["b"])
+    assert torch.equal(residual, before)
+
+
+def test_disjoint_views_of_one_buffer_allowed():
+    """Views of one buffer that torch can prove disjoint (two halves) are fine."""
+    buf = torch.zeros(2 * T * D)
+    residual, y = buf[:T * D].view(T, D), buf[T * D:T * D + T * K].view(T, K)
+    y.fill_(1.0)
+    ops.scatter_add_(residual, torch.tensor([6, 1, 3]), y)
+    assert residual[:, [6, 1, 3]].eq(1.0).all() and residual.sum() == T * K
+
+
+def test_calibration_stats_outputs_sharing_memory_refused(t):
+    s = torch.zeros(D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dip_ext\.calibration_stats_: sumsq shares memory with sum"):
+        torch.ops.dip_ext.calibration_stats_(t["x"], s, s, None)
+    gram = torch.zeros(D, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dip_ext\.calibration_stats_: sum shares memory with gram"):
+        torch.ops.dip_ext.calibration_stats_(t["x"], gram[0], torch.zeros(D, dtype=torch.float64), gram)
+    with pytest.raises(ValueError, match=r"dip_ext\.calibration_stats_: gram has elements that share memory"):
+        torch.ops.dip_ext.calibration_stats_(t["x"], s, s.clone(), torch.zeros(1, D, dtype=torch.float64).expand(D, D))
+    assert s.abs().sum() == 0 and gram.abs().sum() == 0

@@ -2,8 +2,17 @@
 
 Covers fp32 / fp16 / bf16, 2-D and 3-D x, non-contiguous x (row-strided views and transposes), sorted /
 unsorted / empty / full idx, 1, 7, 16, 17 and many tokens (the GEMV path is <= 16 tokens, gather + cuBLAS
-above), odd widths that force the scalar (misaligned) paths, CUDA bad input, and capture of the
-``check_idx=False`` calls in a CUDA graph. No hypothesis: the GPU machine may not have it.
+above), odd widths that force the scalar (misaligned) paths, short and long inputs of the statistics (their
+chunking differs), CUDA bad input (overlapping memory, check_idx inside a graph capture), the Gram matrix
+with TF32 enabled globally, and capture of the ``check_idx=False`` calls in a CUDA graph. No hypothesis: the
+GPU machine may not have it.
+
+In-place ops are compared with references built from an independent copy taken BEFORE the op
+(``reference_copy``); ``assert_no_shared_storage`` guards each such comparison, so a reference that aliases the
+op's output (``residual.float()`` is ``residual`` itself for fp32) fails loudly instead of passing silently.
+
+``DIP_EXT_TEST_DEVICE=cpu`` runs this file against the CPU kernels (CUDA-only tests skip): it checks the tests
+themselves (references, tolerances) on a machine without a GPU.
 
 Tolerances: references are computed in fp32 (fp64 for statistics) from the same low-precision inputs, so the
 error is the output rounding plus fp32 reordering: fp32 2e-5, fp16 2e-3, bf16 1.6e-2 relative, scaled by the
@@ -13,22 +22,25 @@ output magnitude for the GEMMs.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dip_ext import ops
+from dip_ext.selftest import assert_no_shared_storage, reference_copy
 
+DEV = os.environ.get("DIP_EXT_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+cuda_only = pytest.mark.skipif(DEV != "cuda", reason="CUDA-only behaviour")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 IDX_KINDS = ["sorted", "unsorted", "empty", "full"]
-DEV = "cuda"
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -59,7 +71,7 @@ def make_x(shape, dtype, layout: str = "contiguous", seed: int = 0) -> torch.Ten
     if layout == "strided":
         big = torch.randn((*shape[:-1], d + 3), generator=g).to(DEV, dtype)
         x = big[..., 1:d + 1]
-        assert not x.is_contiguous()
+        assert not x.is_contiguous() or math.prod(shape[:-1]) == 1  # one row: a slice of it is contiguous
         return x
     if layout == "transposed":
         t = torch.randn((d, math.prod(shape[:-1])), generator=g).to(DEV, dtype)
@@ -70,7 +82,7 @@ def make_x(shape, dtype, layout: str = "contiguous", seed: int = 0) -> torch.Ten
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype, scale: float = 1.0) -> None:
-    assert out.dtype == dtype and out.device.type == "cuda"
+    assert out.dtype == dtype and out.device.type == torch.device(DEV).type
     assert out.shape == ref.shape, (out.shape, ref.shape)
     tol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol * scale, rtol=tol)
@@ -213,10 +225,12 @@ def test_scatter_add(dtype, tokens, kind, d):
     idx = make_idx(kind, d, seed=31)
     y = make_x((tokens, idx.numel()), dtype, seed=32) if idx.numel() else torch.empty(tokens, 0, device=DEV,
                                                                                        dtype=dtype)
-    # fp32 add of the two inputs, rounded once: exactly what index_add_ in fp32 then a cast gives.
-    ref = residual.float().index_add_(-1, idx, y.float()).to(dtype)
+    # fp32 add of the two inputs, rounded once: exactly what index_add_ in fp32 then a cast gives. The reference
+    # starts from a copy taken before the op (for fp32, residual.float() would be residual itself).
+    ref = reference_copy(residual).float().index_add_(-1, idx, y.float()).to(dtype)
     out = ops.scatter_add_(residual, idx, y)
     assert out is residual
+    assert_no_shared_storage(ref, residual)
     torch.testing.assert_close(residual, ref, atol=0, rtol=0)
 
 
@@ -228,10 +242,11 @@ def test_scatter_add_layouts(dtype, res_layout, y_layout):
     residual = make_x((3, 3, d), dtype, res_layout, seed=33)
     idx = make_idx("unsorted", d, seed=34)
     y = make_x((3, 3, idx.numel()), dtype, y_layout, seed=35)
-    ref = residual.float().index_add_(-1, idx, y.float()).to(dtype)
+    ref = reference_copy(residual).float().index_add_(-1, idx, y.float()).to(dtype)
     ptr = residual.data_ptr()
     out = ops.scatter_add_(residual, idx, y)
     assert out is residual and residual.data_ptr() == ptr
+    assert_no_shared_storage(ref, residual)
     torch.testing.assert_close(residual, ref, atol=0, rtol=0)
 
 
@@ -246,9 +261,10 @@ def test_gemm_scatter_add(dtype, tokens, kind, with_bias):
     x = make_x((tokens, k_in), dtype, seed=42)
     w = torch.randn(idx.numel(), k_in, generator=_gen(43)).to(DEV, dtype) / math.sqrt(k_in)
     b = torch.randn(idx.numel(), generator=_gen(44)).to(DEV, dtype) if with_bias else None
-    ref = residual.float().index_add_(-1, idx, F.linear(x, w, b).float())
+    ref = reference_copy(residual).float().index_add_(-1, idx, F.linear(x, w, b).float())
     out = ops.gemm_scatter_add_(residual, idx, x, w, b)
     assert out is residual
+    assert_no_shared_storage(ref, residual)
     assert_close(residual, ref, dtype, scale=4.0)
 
 
@@ -257,8 +273,9 @@ def test_gemm_scatter_add_3d():
     idx = make_idx("sorted", 128, seed=46)
     x = make_x((2, 5, 64), torch.bfloat16, seed=47)
     w = (torch.randn(idx.numel(), 64, generator=_gen(48)) / 8).to(DEV, torch.bfloat16)
-    ref = residual.float().index_add_(-1, idx, F.linear(x, w).float())
+    ref = reference_copy(residual).float().index_add_(-1, idx, F.linear(x, w).float())
     ops.gemm_scatter_add_(residual, idx, x, w)
+    assert_no_shared_storage(ref, residual)
     assert_close(residual, ref, torch.bfloat16, scale=4.0)
 
 
@@ -274,7 +291,7 @@ def test_calibration_stats(dtype, shape, layout):
     xd = x.double().reshape(-1, shape[-1])
     rows = xd.shape[0]
     assert st.count == rows
-    assert st.sum.dtype == torch.float64 and st.sum.device.type == "cuda"
+    assert st.sum.dtype == torch.float64 and st.sum.device.type == torch.device(DEV).type
     torch.testing.assert_close(st.sum, xd.sum(0), rtol=1e-5, atol=1e-5 * rows)
     torch.testing.assert_close(st.sumsq, (xd * xd).sum(0), rtol=1e-5, atol=1e-5 * rows)
     # Accumulates when passed back, and matches the CPU kernel (same chunking, both fp64 at the end).
@@ -282,6 +299,34 @@ def test_calibration_stats(dtype, shape, layout):
     torch.testing.assert_close(st.sum, 2 * xd.sum(0), rtol=1e-5, atol=2e-5 * rows)
     cpu = ops.calibration_stats(x.cpu())
     torch.testing.assert_close(st.sumsq.cpu() / 2, cpu.sumsq, rtol=1e-5, atol=1e-5 * rows)
+
+
+def test_calibration_stats_long_input_chunking():
+    # 17 000 rows take the long (256-row) chunks, 16 383 the short ones: both must match fp64.
+    for rows in (16383, 17000):
+        x = make_x((rows, 24), torch.bfloat16, seed=52)
+        st = ops.calibration_stats(x)
+        xd = x.double()
+        torch.testing.assert_close(st.sum, xd.sum(0), rtol=1e-5, atol=1e-5 * rows)
+        torch.testing.assert_close(st.sumsq, (xd * xd).sum(0), rtol=1e-5, atol=1e-5 * rows)
+
+
+def test_calibration_gram_exact_with_tf32_enabled():
+    """TF32 rounds fp32 GEMM inputs to 10 mantissa bits (>= ~6e-5 of sqrt(G_ii G_jj) here, measured with
+    emulated rounding); the Gram matrix must stay exact to fp32 accumulation (< ~5e-7) whatever the global
+    setting. fp32 input only: fp16 / bf16 values are exact in TF32, so they could not show the difference."""
+    x = make_x((600, 64), torch.float32, seed=53)  # zero-mean: fp32 accumulation error stays tiny
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # TF32 on for every fp32 matmul
+    try:
+        st = ops.calibration_stats(x, gram=True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    xd = x.double()
+    g = xd.T @ xd
+    bound = 1e-5 * torch.sqrt(torch.outer(g.diagonal(), g.diagonal()))
+    err = (st.gram - g).abs()
+    assert (err <= bound).all(), f"max error {float((err / bound).max()):.3g} x the fp32 bound"
 
 
 def test_calibration_stats_deterministic_and_gram():
@@ -295,6 +340,7 @@ def test_calibration_stats_deterministic_and_gram():
 
 # ---------------------------------------------------------------- bad input on CUDA
 
+@cuda_only
 def test_cuda_bad_input():
     x = make_x((4, 64), torch.float16)
     w = torch.ones(64, device=DEV, dtype=torch.float16)
@@ -319,8 +365,66 @@ def test_cuda_bad_input():
     torch.cuda.synchronize()  # no kernel faulted on the rejected inputs
 
 
+def test_overlapping_memory_refused():
+    d = 64
+    idx = make_idx("sorted", d, seed=54, frac=0.25)
+    k = idx.numel()
+    expanded = make_x((1, d), torch.float16, seed=55).expand(4, d)
+    with pytest.raises(ValueError, match=r"scatter_add_: residual has elements that share memory"):
+        ops.scatter_add_(expanded, idx, make_x((4, k), torch.float16))
+    r = make_x((4, d), torch.float16, seed=56)
+    before = r.clone()
+    with pytest.raises(ValueError, match=r"scatter_add_: y shares memory with residual"):
+        ops.scatter_add_(r, idx, r[:, :k])
+    with pytest.raises(ValueError, match=r"gemm_scatter_add_: x shares memory with residual"):
+        ops.gemm_scatter_add_(r, idx, r[:, 1:9], make_x((k, 8), torch.float16))
+    tall = make_x((k, d), torch.float16, seed=59)  # k rows, so a [k, 8] view of it fits as the weight
+    with pytest.raises(ValueError, match=r"gemm_scatter_add_: weight shares memory with residual"):
+        ops.gemm_scatter_add_(tall, idx, make_x((k, 8), torch.float16), tall[:, :8])
+    assert torch.equal(r, before)
+    s = torch.zeros(d, dtype=torch.float64, device=DEV)
+    with pytest.raises(ValueError, match=r"calibration_stats_: sumsq shares memory with sum"):
+        torch.ops.dip_ext.calibration_stats_(r, s, s, None)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+@cuda_only
+def test_check_idx_inside_graph_capture_is_refused():
+    x = make_x((2, 64), torch.float16, seed=57)
+    w = torch.ones(64, device=DEV, dtype=torch.float16)
+    idx = make_idx("sorted", 64, seed=58)
+    ops.rms_norm_gather(x, w, idx, 1e-6)  # warm-up outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match=r"rms_norm_gather: check_idx=True .* CUDA graph is being captured"):
+        with torch.cuda.graph(graph, stream=s):
+            ops.rms_norm_gather(x, w, idx, 1e-6)
+    # the refusal came before any host read: the device and the stream still work
+    torch.cuda.synchronize()
+    torch.testing.assert_close(ops.rms_norm_gather(x, w, idx, 1e-6).float(),
+                               F.rms_norm(x.float(), (64,), w.float(), 1e-6)[..., idx], atol=2e-3, rtol=2e-3)
+
+
+@cuda_only
+def test_build_holds_code_for_this_gpu():
+    import dip_ext
+    info = dip_ext.build_info()
+    assert info["cuda"] and info["cuda_sass"], info
+    major, minor = torch.cuda.get_device_capability()
+    here = major * 10 + minor
+    num = lambda a: int(a.split("_")[1].rstrip("af"))  # noqa: E731
+    # machine code runs on its own major version at the same or a later minor; sm_XYa only on sm_XY exactly
+    same_major = [a for a in info["cuda_sass"] if num(a) == here
+                  or (not a.endswith(("a", "f")) and num(a) // 10 == major and num(a) % 10 <= minor)]
+    older_ptx = [a for a in info["cuda_ptx"] if num(a) <= here]
+    assert same_major or older_ptx, f"sm_{here} can run none of {info['cuda_sass']} / {info['cuda_ptx']}"
+
+
 # ---------------------------------------------------------------- CUDA graphs
 
+@cuda_only
 @pytest.mark.parametrize("tokens", [1, 32])  # GEMV and gather + cuBLAS paths
 def test_compacted_calls_capture_in_cuda_graph(tokens):
     dtype, d = torch.bfloat16, 512
@@ -343,7 +447,7 @@ def test_compacted_calls_capture_in_cuda_graph(tokens):
     def reference(x):
         h = F.rms_norm(x.float(), (d,), w_norm.float(), 1e-6)[..., attn_in].to(dtype)
         a = F.linear(x[..., attn_in], w_in)
-        r = x.float().index_add_(-1, attn_out, F.linear(a, w_out).float())
+        r = reference_copy(x).float().index_add_(-1, attn_out, F.linear(a, w_out).float())
         return r.index_add_(-1, attn_in, h.float())
 
     s = torch.cuda.Stream()
@@ -359,4 +463,6 @@ def test_compacted_calls_capture_in_cuda_graph(tokens):
         static_x.copy_(torch.randn(tokens, d, generator=_gen(seed)).to(DEV, dtype))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(static_out, reference(static_x), dtype, scale=8.0)
+        ref = reference(static_x)
+        assert_no_shared_storage(ref, static_out)
+        assert_close(static_out, ref, dtype, scale=8.0)

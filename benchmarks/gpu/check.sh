@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The ONE script for the GPU machine (H200, torch 2.11+cu130, no network): builds dip_ext from source, runs
-# the CUDA tests, the CUDA kernel microbenchmark and (when present) the end-to-end benchmark, and writes
-# everything into OUTDIR:
+# dip_ext.selftest on the GPU first (every op against its torch reference, all dtypes), then the CUDA tests, the
+# CUDA kernel microbenchmark and (when present) the end-to-end benchmark, and writes everything into OUTDIR:
 #   env.txt            nvidia-smi, python / torch / nvcc versions
 #   build.log          the pip build           build_info.json   dip_ext.build_info() of the installed package
+#   selftest.log       selftest table          selftest.json     per-case max errors, pass / fail
 #   pytest.log         CUDA tests              junit_ops_cuda.xml
 #   bench_ops_cuda.log kernel benchmark table  ops_cuda.json
 #   e2e.log            end-to-end benchmark    e2e.json
 #   summary.json       per step: exit code, seconds, status; test counts; ceilings
 # Every step has a time limit; a failing step is recorded and the script goes on (steps that need the build
 # are skipped when it failed). The whole run stays under ~8 minutes. Exit code 0 only if every step passed.
+# The build uses the portable default arch list (PTX + machine code of the oldest supported arch, sm_80, sm_90a,
+# and the visible GPU) unless TORCH_CUDA_ARCH_LIST is set (TORCH_CUDA_ARCH_LIST=9.0a builds faster).
 #   usage: bash benchmarks/gpu/check.sh OUTDIR        (PYTHON=python3 by default: the python that has torch)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,7 +37,6 @@ export PYTHONSAFEPATH=1                 # never import the source dip_ext/ (no c
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_BREAK_SYSTEM_PACKAGES=1      # the GPU machine's python may be "externally managed"
 export PIP_NO_INDEX=1                   # no network there: never try an index
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export DIP_EXT_CUDA=ON                  # a silent CPU-only build would make every CUDA test skip
 
@@ -81,6 +83,7 @@ skip_step() {
   "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
   "$PYTHON" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -n 1
   echo "nvcc: $(nvcc --version 2>&1 | tail -n 2 | head -n 1)"
+  echo "TORCH_CUDA_ARCH_LIST: ${TORCH_CUDA_ARCH_LIST-<unset: portable default>}"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed file(s)"
   timeout 30 nvidia-smi 2>&1 | head -n 20
 } >"$OUT/env.txt" 2>&1
@@ -111,7 +114,21 @@ sys.exit(0 if info.get('cuda') else 'built without CUDA kernels')" "$OUT/build_i
   fi
 fi
 
-# 2. CUDA tests (junit XML for the record).
+# 2. Self-test first: every op against its plain-torch reference on the GPU (fp32 / fp16 / bf16); the table goes
+# to the log, the cases to selftest.json. A failure is recorded and the later steps still run (they say more).
+if [ "$build_ok" = 1 ]; then
+  TAIL_LINES=60 run_step selftest 120 "$OUT/selftest.log" env -C /tmp "$PYTHON" -c "
+import json, sys
+from dip_ext.selftest import selftest
+r = selftest('cuda')
+print(r.table())
+json.dump(r.to_dict(), open(sys.argv[1], 'w'), indent=1)
+sys.exit(0 if r.ok else 1)" "$OUT/selftest.json"
+else
+  skip_step selftest "build failed"
+fi
+
+# 3. CUDA tests (junit XML for the record).
 if [ "$build_ok" = 1 ]; then
   TAIL_LINES=25 run_step tests 200 "$OUT/pytest.log" \
     "$PYTHON" -m pytest tests/test_ops_cuda.py -q -rfE -p no:cacheprovider --junitxml="$OUT/junit_ops_cuda.xml"
@@ -119,7 +136,7 @@ else
   skip_step tests "build failed"
 fi
 
-# 3. Kernel microbenchmark with copy / GEMM ceilings.
+# 4. Kernel microbenchmark with copy / GEMM ceilings.
 if [ "$build_ok" = 1 ]; then
   TAIL_LINES=60 run_step bench_ops 150 "$OUT/bench_ops_cuda.log" \
     "$PYTHON" "$REPO/benchmarks/bench_ops_cuda.py" --out "$OUT/ops_cuda.json"
@@ -127,7 +144,7 @@ else
   skip_step bench_ops "build failed"
 fi
 
-# 4. End-to-end benchmark, when it exists: whatever time is left.
+# 5. End-to-end benchmark, when it exists: whatever time is left.
 if [ ! -f "$REPO/benchmarks/e2e.py" ]; then
   skip_step e2e "benchmarks/e2e.py does not exist"
 elif [ "$build_ok" = 1 ]; then
@@ -164,7 +181,8 @@ if os.path.exists(junit):
             summary["all_ok"] = False
     except Exception as e:  # noqa: BLE001
         summary["tests"] = {"error": repr(e)}
-for key, fname in (("build_info", "build_info.json"), ("ops_cuda", "ops_cuda.json"), ("e2e", "e2e.json")):
+for key, fname in (("build_info", "build_info.json"), ("selftest", "selftest.json"), ("ops_cuda", "ops_cuda.json"),
+                   ("e2e", "e2e.json")):
     p = os.path.join(out, fname)
     if os.path.exists(p):
         try:
@@ -177,6 +195,10 @@ for key, fname in (("build_info", "build_info.json"), ("ops_cuda", "ops_cuda.jso
                             "errors": len(data.get("errors", [])), "max_abs_err": data.get("max_abs_err")}
         elif key == "build_info":
             summary[key] = data
+        elif key == "selftest":
+            summary[key] = {"ok": data.get("ok"), "cases": len(data.get("cases", [])),
+                            "failed": [f"{c['op']} {c['dtype']} {c['case']}: {c.get('error') or c.get('ratio')}"
+                                       for c in data.get("cases", []) if not c.get("passed")][:30]}
         else:
             summary[key] = "see e2e.json"
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)

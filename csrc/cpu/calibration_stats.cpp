@@ -1,5 +1,6 @@
 // Per-channel calibration statistics on the CPU, deterministic whatever the thread count: rows are cut into
-// fixed chunks, each chunk sums in fp32, the chunk partials are added in order in fp64.
+// fixed chunks, each chunk sums in fp32, the chunk partials are added in order in fp64. The optional Gram
+// matrix is an fp64 GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -57,8 +58,10 @@ void calibration_stats_cpu(const at::Tensor& x, at::Tensor& sum, at::Tensor& sum
     }
   });
   if (gram) {
-    const at::Tensor xf = rows.to(at::kFloat);
-    gram->add_(at::mm(xf.t(), xf));
+    // X^T X as an fp64 GEMM straight into the fp64 gram: exact to fp64 rounding whatever torch's float32
+    // matmul precision says (with "medium", oneDNN may run fp32 GEMMs in bf16 on CPUs that have it).
+    const at::Tensor xd = rows.to(at::kDouble);
+    gram->addmm_(xd.t(), xd);
   }
 }
 

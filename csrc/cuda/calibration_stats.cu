@@ -1,7 +1,9 @@
 // Per-channel sum and sum of squares of x [rows, d], deterministic whatever the GPU or launch: rows are cut
-// into fixed chunks of kStatsChunkRows; inside a chunk each warp sums its fixed 32 rows in order in fp32 and
-// the 8 warp partials are added in warp order (stage 1, one read of x with 16-byte loads); then each channel
-// adds its chunk partials in chunk order in fp64 into the running fp64 sums (stage 2).
+// into chunks of stats_chunk_rows(rows) rows (64 for short inputs, so that even 1-2k rows give several thread
+// blocks per SM; 256 for long ones); one block sums one chunk of 32 * V columns: each of its 8 warps sums its
+// fixed eighth of the chunk's rows in order in fp32 and the 8 warp partials are added in warp order (stage 1,
+// one read of x with 16-byte loads); then each channel adds its chunk partials in chunk order in fp64 into the
+// running fp64 sums (stage 2).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -9,14 +11,15 @@ namespace dip_ext::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kRowsPerWarp = static_cast<int>(kStatsChunkRows) / kWarps;
-static_assert(kRowsPerWarp * kWarps == kStatsChunkRows, "a chunk splits evenly over the warps");
+static_assert(kStatsShortChunkRows % kWarps == 0 && kStatsLongChunkRows % kWarps == 0,
+              "a chunk splits evenly over the warps");
 constexpr unsigned kMaxGridY = 65535;
+constexpr int kFinalThreads = 256;
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kWarps * 32)
-    stats_partial_kernel(const T* __restrict__ x, int64_t x_stride, int64_t rows, int64_t d, int64_t chunks,
-                         float* __restrict__ partial) {
+    stats_partial_kernel(const T* __restrict__ x, int64_t x_stride, int64_t rows, int64_t d, int64_t chunk_rows,
+                         int64_t chunks, float* __restrict__ partial) {
   constexpr int kCols = 32 * V;  // columns per block
   __shared__ float s_part[kWarps][kCols];
   __shared__ float q_part[kWarps][kCols];
@@ -30,10 +33,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     float s[V], q[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) s[e] = q[e] = 0.f;
-    const int64_t r_begin = chunk * kStatsChunkRows + static_cast<int64_t>(warp) * kRowsPerWarp;
-    const int64_t r_end = r_begin + kRowsPerWarp < rows ? r_begin + kRowsPerWarp : rows;
+    const int64_t rows_per_warp = chunk_rows / kWarps;
+    const int64_t r_begin = chunk * chunk_rows + static_cast<int64_t>(warp) * rows_per_warp;
+    const int64_t r_end = r_begin + rows_per_warp < rows ? r_begin + rows_per_warp : rows;
     if (c0 + V <= d) {
-#pragma unroll 4
+#pragma unroll 8
       for (int64_t r = r_begin; r < r_end; ++r) {
         const Pack<T, V> p = load_pack<T, V>(x + r * x_stride + c0);
 #pragma unroll
@@ -78,8 +82,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-__global__ void stats_final_kernel(const float* __restrict__ partial, int64_t chunks, int64_t d,
-                                   double* __restrict__ sum, double* __restrict__ sumsq) {
+__global__ void __launch_bounds__(kFinalThreads)
+    stats_final_kernel(const float* __restrict__ partial, int64_t chunks, int64_t d, double* __restrict__ sum,
+                       double* __restrict__ sumsq) {
   const float* part_q = partial + chunks * d;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < d;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -98,7 +103,8 @@ void launch_partials(const T* x, int64_t x_stride, int64_t rows, int64_t d, floa
   const int64_t chunks = stats_chunks(rows);
   const dim3 grid(static_cast<unsigned>(ceil_div(d, 32 * V)),
                   static_cast<unsigned>(chunks < kMaxGridY ? chunks : kMaxGridY));
-  stats_partial_kernel<T, V><<<grid, kWarps * 32, 0, stream>>>(x, x_stride, rows, d, chunks, partial);
+  stats_partial_kernel<T, V><<<grid, kWarps * 32, 0, stream>>>(x, x_stride, rows, d, stats_chunk_rows(rows), chunks,
+                                                                partial);
 }
 
 }  // namespace
@@ -114,7 +120,8 @@ cudaError_t launch_calibration_stats(const T* x, int64_t x_stride, int64_t rows,
   else launch_partials<T, 1>(x, x_stride, rows, d, partial, stream);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  stats_final_kernel<<<grid_for(d, 256), 256, 0, stream>>>(partial, stats_chunks(rows), d, sum, sumsq);
+  stats_final_kernel<<<grid_for(d, kFinalThreads), kFinalThreads, 0, stream>>>(partial, stats_chunks(rows), d, sum,
+                                                                              sumsq);
   return cudaGetLastError();
 }
 

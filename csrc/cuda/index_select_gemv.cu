@@ -1,8 +1,9 @@
 // Decode-time index-select GEMV/GEMM for 1..16 tokens: y[m, n] = sum_j x[m, idx[j]] * w[n, j] (+ bias[n]).
-// With so few tokens the weight bytes dominate, so the kernel streams w once with 16-byte loads (evict-first)
-// and reads the gathered activations x[:, idx] from a shared-memory tile that the block fills directly from
-// x (no separate gather launch). Each warp owns kRW output rows; lanes split k, accumulate in fp32, and a
-// warp shuffle reduction finishes each dot product, so results are deterministic.
+// With so few tokens the weight bytes dominate, so the kernel streams w once with 16-byte loads (evict-first).
+// Every block needs all of x[:, idx], so the columns are gathered ONCE per call into a contiguous scratch
+// (launch_gather_columns, a few KB) and each block copies contiguous slices of it into a shared-memory tile
+// with 16-byte loads: no per-block index lookups or scattered reads. Each warp owns kRW output rows; lanes
+// split k, accumulate in fp32, and a warp shuffle reduction finishes each dot product (deterministic).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -13,20 +14,21 @@ constexpr int kTileBytes = 32 * 1024;  // activation tile per block, under the 4
 
 template <int kM>
 struct GemvConfig {
-  // More tokens reuse each weight load more, so a block takes more rows to amortize its activation tile.
+  // More tokens reuse each weight load more, so each warp takes more rows. 8 warps per block: fewer blocks,
+  // each copying the activation tile once, while N / 16 blocks still fill the GPU at LLM widths.
   static constexpr int kRowsPerWarp = kM >= 8 ? 4 : 2;
-  static constexpr int kWarps = kM >= 8 ? 8 : 4;
+  static constexpr int kWarps = 8;
   static constexpr int kRowsPerBlock = kRowsPerWarp * kWarps;
 };
 
 template <typename T, int V, int kM>
 __global__ void __launch_bounds__(GemvConfig<kM>::kWarps * 32)
-    index_select_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const int64_t* __restrict__ idx,
-                             const T* __restrict__ w, int64_t w_stride, const T* __restrict__ bias,
-                             T* __restrict__ y, int M, int64_t K, int64_t N, int KT) {
+    index_select_gemv_kernel(const T* __restrict__ xg, const T* __restrict__ w, int64_t w_stride,
+                             const T* __restrict__ bias, T* __restrict__ y, int M, int64_t K, int64_t N, int KT) {
+  // xg: the gathered activations, contiguous [M, K]; with V > 1, K % V == 0 and xg is 16-byte aligned.
   constexpr int kRW = GemvConfig<kM>::kRowsPerWarp;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* xt = reinterpret_cast<T*>(smem);  // [M][KT] gathered activations of the current k tile
+  T* xt = reinterpret_cast<T*>(smem);  // [M][KT] activations of the current k tile
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * GemvConfig<kM>::kWarps + warp) * kRW;
@@ -44,11 +46,10 @@ __global__ void __launch_bounds__(GemvConfig<kM>::kWarps * 32)
   for (int64_t k0 = 0; k0 < K; k0 += KT) {
     const int kt = static_cast<int>(K - k0 < KT ? K - k0 : KT);
     __syncthreads();  // every warp is done with the previous tile
-    for (int j = static_cast<int>(threadIdx.x); j < kt; j += static_cast<int>(blockDim.x)) {
-      const int64_t c = idx[k0 + j];
-#pragma unroll
-      for (int m = 0; m < kM; ++m)
-        if (m < M) xt[m * KT + j] = x[m * x_stride + c];
+    const int nv = kt / V;  // kt is a multiple of V whenever V > 1
+    for (int i = static_cast<int>(threadIdx.x); i < M * nv; i += static_cast<int>(blockDim.x)) {
+      const int m = i / nv, jv = (i - m * nv) * V;
+      store_pack<T, V>(xt + m * KT + jv, load_pack<T, V>(xg + m * K + k0 + jv));
     }
     __syncthreads();
     // kt is a multiple of V whenever V > 1 (the launcher only vectorizes when k is).
@@ -90,8 +91,8 @@ __global__ void __launch_bounds__(GemvConfig<kM>::kWarps * 32)
 }
 
 template <typename T, int V, int kM>
-void launch_bucket(const T* x, int64_t x_stride, const int64_t* idx, const T* w, int64_t w_stride, const T* bias,
-                   T* y, int M, int64_t K, int64_t N, cudaStream_t stream) {
+void launch_bucket(const T* xg, const T* w, int64_t w_stride, const T* bias, T* y, int M, int64_t K, int64_t N,
+                   cudaStream_t stream) {
   using C = GemvConfig<kM>;
   constexpr int kStep = 32 * V;
   // Largest k tile (a multiple of one warp-wide step) whose M rows fit in kTileBytes; no larger than k.
@@ -102,17 +103,17 @@ void launch_bucket(const T* x, int64_t x_stride, const int64_t* idx, const T* w,
   const size_t smem = static_cast<size_t>(M) * kt * sizeof(T);
   const int64_t blocks = ceil_div(N, C::kRowsPerBlock);
   index_select_gemv_kernel<T, V, kM><<<static_cast<unsigned>(blocks), C::kWarps * 32, smem, stream>>>(
-      x, x_stride, idx, w, w_stride, bias, y, M, K, N, static_cast<int>(kt));
+      xg, w, w_stride, bias, y, M, K, N, static_cast<int>(kt));
 }
 
 template <typename T, int V>
-void launch_vec(const T* x, int64_t x_stride, const int64_t* idx, const T* w, int64_t w_stride, const T* bias,
-                T* y, int M, int64_t K, int64_t N, cudaStream_t stream) {
-  if (M <= 1) launch_bucket<T, V, 1>(x, x_stride, idx, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 2) launch_bucket<T, V, 2>(x, x_stride, idx, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 4) launch_bucket<T, V, 4>(x, x_stride, idx, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 8) launch_bucket<T, V, 8>(x, x_stride, idx, w, w_stride, bias, y, M, K, N, stream);
-  else launch_bucket<T, V, 16>(x, x_stride, idx, w, w_stride, bias, y, M, K, N, stream);
+void launch_vec(const T* xg, const T* w, int64_t w_stride, const T* bias, T* y, int M, int64_t K, int64_t N,
+                cudaStream_t stream) {
+  if (M <= 1) launch_bucket<T, V, 1>(xg, w, w_stride, bias, y, M, K, N, stream);
+  else if (M <= 2) launch_bucket<T, V, 2>(xg, w, w_stride, bias, y, M, K, N, stream);
+  else if (M <= 4) launch_bucket<T, V, 4>(xg, w, w_stride, bias, y, M, K, N, stream);
+  else if (M <= 8) launch_bucket<T, V, 8>(xg, w, w_stride, bias, y, M, K, N, stream);
+  else launch_bucket<T, V, 16>(xg, w, w_stride, bias, y, M, K, N, stream);
 }
 
 }  // namespace
@@ -120,20 +121,25 @@ void launch_vec(const T* x, int64_t x_stride, const int64_t* idx, const T* w, in
 template <typename T>
 cudaError_t launch_index_select_gemv(const T* x, int64_t x_stride, const int64_t* idx, const T* w,
                                      int64_t w_stride, const T* bias, T* y, int64_t m_tokens, int64_t k,
-                                     int64_t n_out, cudaStream_t stream) {
+                                     int64_t n_out, T* x_gathered, cudaStream_t stream) {
   if (m_tokens <= 0 || n_out <= 0) return cudaSuccess;
   if (m_tokens > kGemvMaxTokens || ceil_div(n_out, 8) >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   constexpr int V = kVec16<T>;
   const int M = static_cast<int>(m_tokens);
-  const bool vec = aligned16(w) && (w_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0 && k % V == 0;
-  if (vec) launch_vec<T, V>(x, x_stride, idx, w, w_stride, bias, y, M, k, n_out, stream);
-  else launch_vec<T, 1>(x, x_stride, idx, w, w_stride, bias, y, M, k, n_out, stream);
+  if (k > 0) {
+    const cudaError_t err = launch_gather_columns<T>(x, x_stride, idx, x_gathered, m_tokens, k, stream);
+    if (err != cudaSuccess) return err;
+  }
+  const bool vec = aligned16(w) && (w_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0 && k % V == 0 &&
+                   aligned16(x_gathered);
+  if (vec) launch_vec<T, V>(x_gathered, w, w_stride, bias, y, M, k, n_out, stream);
+  else launch_vec<T, 1>(x_gathered, w, w_stride, bias, y, M, k, n_out, stream);
   return cudaGetLastError();
 }
 
 #define DIP_EXT_INSTANTIATE(T)                                                                                    \
   template cudaError_t launch_index_select_gemv<T>(const T*, int64_t, const int64_t*, const T*, int64_t, const T*, \
-                                                   T*, int64_t, int64_t, int64_t, cudaStream_t);
+                                                   T*, int64_t, int64_t, int64_t, T*, cudaStream_t);
 DIP_EXT_FOR_EACH_DTYPE(DIP_EXT_INSTANTIATE)
 #undef DIP_EXT_INSTANTIATE
 

@@ -6,7 +6,9 @@
 //  - A "row view" is [rows, cols] with unit stride along cols and `*_stride` elements between rows.
 //  - idx arrays are int64 on the device and already validated (range, uniqueness where stated).
 //  - Nothing is launched when the work is empty; the return value is cudaGetLastError() after the
-//    launch(es), so callers can turn launch failures into exceptions.
+//    launch(es), so callers can turn launch failures into exceptions (cudaErrorNoKernelImageForDevice when
+//    the build holds no code for the GPU).
+//  - Every kernel declares __launch_bounds__ equal to the largest block it is launched with.
 //  - 16-byte vector accesses are used when the pointers and row strides allow; otherwise scalar ones.
 #pragma once
 
@@ -43,19 +45,33 @@ inline constexpr int64_t kGemvMaxTokens = 16;
 
 // y[m, n] = sum_j x[m, idx[j]] * w[n, j] (+ bias[n]), fp32 accumulation, for 1 <= m_tokens <= 16.
 // x row view [m_tokens, d]; w row view [n_out, k] (w_stride >= k); bias [n_out] or null; y contiguous
-// [m_tokens, n_out].
+// [m_tokens, n_out]; x_gathered: scratch of m_tokens * k elements owned by the caller. Two launches: the
+// columns x[:, idx] are gathered ONCE into x_gathered (launch_gather_columns), then the GEMV streams w and
+// stages contiguous slices of x_gathered through shared memory (every block reads them, so they must be cheap
+// to read: contiguous 16-byte loads, no index lookups).
 template <typename T>
 cudaError_t launch_index_select_gemv(const T* x, int64_t x_stride, const int64_t* idx, const T* w,
                                      int64_t w_stride, const T* bias, T* y, int64_t m_tokens, int64_t k,
-                                     int64_t n_out, cudaStream_t stream);
+                                     int64_t n_out, T* x_gathered, cudaStream_t stream);
 
-// Rows per fp32 partial of the statistics: the chunking is fixed, so results do not depend on the GPU.
-inline constexpr int64_t kStatsChunkRows = 256;
-inline int64_t stats_chunks(int64_t rows) { return (rows + kStatsChunkRows - 1) / kStatsChunkRows; }
+// Rows per fp32 partial of the statistics. The chunking depends on the row count only (never on the GPU), so
+// results are reproducible: short inputs get short chunks (enough thread blocks to fill the GPU), long ones
+// 256-row chunks (less partial traffic).
+inline constexpr int64_t kStatsLongChunkRows = 256;
+inline constexpr int64_t kStatsShortChunkRows = 64;
+inline constexpr int64_t kStatsShortInputRows = 16384;
+inline int64_t stats_chunk_rows(int64_t rows) {
+  return rows < kStatsShortInputRows ? kStatsShortChunkRows : kStatsLongChunkRows;
+}
+inline int64_t stats_chunks(int64_t rows) {
+  const int64_t c = stats_chunk_rows(rows);
+  return (rows + c - 1) / c;
+}
 
 // sum[c] += sum_r x[r, c], sumsq[c] += sum_r x[r, c]^2. Deterministic two-stage reduction: stage 1 sums
-// each chunk of kStatsChunkRows rows in fp32 in a fixed order into `partial` (fp32, 2 * stats_chunks(rows)
-// * d, scratch owned by the caller); stage 2 adds the chunk partials of each channel in order in fp64.
+// each chunk of stats_chunk_rows(rows) rows in fp32 in a fixed order into `partial` (fp32,
+// 2 * stats_chunks(rows) * d, scratch owned by the caller); stage 2 adds the chunk partials of each channel in
+// order in fp64. No host synchronization.
 template <typename T>
 cudaError_t launch_calibration_stats(const T* x, int64_t x_stride, int64_t rows, int64_t d, float* partial,
                                      double* sum, double* sumsq, cudaStream_t stream);

@@ -13,12 +13,18 @@ namespace {
 constexpr int kWarpRowMaxD = 1024;
 constexpr int kWarpRowsPerBlock = 8;
 constexpr int kSmemBudget = 48 * 1024;  // default dynamic shared memory limit, no opt-in needed
+// Block sizes of the two variants: 8 warps (one row each), or one block of 128..kMaxRowThreads per row. The
+// launch bounds promise the compiler no more, so it never allocates more registers than such a block can get;
+// their minimum of one resident block keeps ptxas (13.0) from trading registers for occupancy (it spilled).
+constexpr int kWarpVariantThreads = kWarpRowsPerBlock * 32;
+constexpr int kMaxRowThreads = 1024;
 
 // One group of threads (a warp, or the whole block when kBlockGroup) normalizes one row at a time.
 template <typename T, bool kLayerNorm, bool kBlockGroup>
-__global__ void norm_gather_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
-                                   const T* __restrict__ b, const int64_t* __restrict__ idx, T* __restrict__ out,
-                                   int64_t rows, int d, int k, float eps, bool cache, bool vec) {
+__global__ void __launch_bounds__(kBlockGroup ? kMaxRowThreads : kWarpVariantThreads, 1)
+    norm_gather_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w, const T* __restrict__ b,
+                       const int64_t* __restrict__ idx, T* __restrict__ out, int64_t rows, int d, int k, float eps,
+                       bool cache, bool vec) {
   constexpr int V = kVec16<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int group_size = kBlockGroup ? static_cast<int>(blockDim.x) : 32;
@@ -98,12 +104,12 @@ cudaError_t launch(const T* x, int64_t x_stride, const T* w, const T* b, const i
   if (d <= kWarpRowMaxD) {
     const int64_t blocks = ceil_div(rows, kWarpRowsPerBlock);
     const size_t smem = static_cast<size_t>(kWarpRowsPerBlock) * d_pad * sizeof(T);  // <= 32 KiB
-    norm_gather_kernel<T, kLayerNorm, false><<<grid_for(blocks, 1), kWarpRowsPerBlock * 32, smem, stream>>>(
+    norm_gather_kernel<T, kLayerNorm, false><<<grid_for(blocks, 1), kWarpVariantThreads, smem, stream>>>(
         x, x_stride, w, b, idx, out, rows, static_cast<int>(d), static_cast<int>(k), eps, true, vec);
   } else {
     // About two 16-byte vectors per thread keeps enough loads in flight without idle threads.
     int64_t threads = (ceil_div(d, 2 * V) + 31) / 32 * 32;
-    threads = threads < 128 ? 128 : (threads > 1024 ? 1024 : threads);
+    threads = threads < 128 ? 128 : (threads > kMaxRowThreads ? kMaxRowThreads : threads);
     const size_t cache_bytes = static_cast<size_t>(d_pad) * sizeof(T);
     const bool cache = cache_bytes + 32 * sizeof(float) <= static_cast<size_t>(kSmemBudget);
     const size_t smem = (cache ? cache_bytes : 0) + 32 * sizeof(float);
