@@ -20,6 +20,7 @@ except ImportError as _e:  # pragma: no cover - depends on how the package was i
         "checkout, it shadows the installed package: run from another directory, or install it editable "
         "(pip install --no-build-isolation -e .). Otherwise build it: pip install --no-build-isolation .") from _e
 from . import ops
+from .ops import build_info
 from .compaction import compact, is_compacted, require_dense
 from .errors import MaskError, UnsupportedModelError
 from .masking import MaskedModel, apply_masks
@@ -31,6 +32,7 @@ from .pipeline import CompactionResult, Evaluation, Pruner
 from .prune import prune_and_compact
 from .refit import RefitResult
 from .report import PruneReport
+from .selftest import SelftestResult, selftest
 from .selection import (HypernetworkConfig, SelectionInputs, SelectionResult, TrainingSummary, get_method,
                         method_names, register_method)
 
@@ -39,12 +41,7 @@ __version__ = "0.1.0"
 register_classes()  # AutoConfig / AutoModelForCausalLM (and peft, if installed) learn the compacted classes
 
 
-def build_info() -> dict:
-    """What the compiled extension was built with: version, torch version, CUDA archs, OpenMP."""
-    return dict(_C.build_info())
-
-
-__all__ = ["ops", "build_info", "__version__",
+__all__ = ["ops", "build_info", "__version__", "selftest", "SelftestResult",
            # the pipeline: one call, or its stages one by one
            "prune_and_compact", "Pruner", "PruneConfig", "RefitConfig", "EvalConfig", "HypernetworkConfig",
            "PruneReport", "Evaluation", "CompactionResult", "RefitResult",

@@ -184,7 +184,9 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                 def hook(mod, args, p=p, i=i):
                     x = args[0].detach()
                     if x.dim() in (2, 3):  # OPT runs its MLP on [tokens, d]
-                        acc.stats[p][i].merge(calibration_stats(x))
+                        # accumulate on the activations' device: no host read per call
+                        st = acc.stats[p][i] = acc.stats[p][i].to(x.device)
+                        calibration_stats(x, st)
                 hooks.append(module.register_forward_pre_hook(hook))
 
     try:
@@ -226,6 +228,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
                     result.windows = done
                 if checkpoint is not None and done // checkpoint_every > first // checkpoint_every:
                     _sync(result, acc, pending_losses, done)
+                    _stats_to_cpu(result)
                     _check_finite(result)
                     result.blocks_sha = blocks_sha(blocks[:result.windows])
                     _save_on_main(result, checkpoint)
@@ -235,6 +238,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
             h.remove()
     if result.windows < blocks.shape[0]:
         _sync(result, acc, pending_losses, blocks.shape[0])
+    _stats_to_cpu(result)
     _check_finite(result)
     result.blocks_sha = blocks_sha(blocks[:result.windows])
     if checkpoint is not None:
@@ -259,9 +263,15 @@ def _save_on_main(result: CalibrationResult, checkpoint) -> None:
     dist.barrier()  # nobody runs ahead (and may fail) before the reduced rounds are on disk
 
 
+def _stats_to_cpu(result: CalibrationResult) -> None:
+    """Moves the activation statistics (accumulated on the activations' device) to the CPU, once per sync."""
+    result.stats = {p: [st.to("cpu") for st in per_layer] for p, per_layer in result.stats.items()}
+
+
 def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: list, done: int) -> None:
     """Folds every rank's partial sums ``acc`` (reset afterwards) into ``result``, which then covers windows
     ``[0, done)`` on every rank. Alone, ``acc`` is ``result`` and nothing needs folding."""
+    _stats_to_cpu(acc)  # every rank reduces CPU tensors of the same layout
     if acc is result:
         result.windows = done
         return

@@ -26,8 +26,8 @@ from typing import Literal, Optional
 import torch
 from transformers.utils import logging as hf_logging
 
+from . import data, ops, zoo
 from . import distributed as dist
-from . import build_info, data, zoo
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
@@ -35,6 +35,7 @@ from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, opt
 from .pipeline import Pruner
 from .selection import get_method, method_names
 from .selection.registry import registered_options_classes
+from .selftest import selftest
 from .sharding import load_sharded
 
 __all__ = ["main", "build_parser", "PruneRun", "EvalRun", "InfoRun"]
@@ -90,12 +91,18 @@ class EvalRun:
 
 @dataclass(frozen=True)
 class InfoRun:
-    """``dip-ext info``: how the extension was built, and whether the offline default model and texts are here."""
+    """``dip-ext info``: how the extension was built, whether the offline default model and texts are here, and
+    (``--selftest``) whether every kernel matches its torch reference on a device."""
 
     assets: bool = option(True, "also check that the default model and the built-in texts are available offline")
+    selftest: bool = option(False, "run every op against its plain-torch reference in fp32/fp16/bf16 on --device "
+                            "and print a table of errors; exit status 1 if any fails")
+    device: Optional[str] = option(None, "device of --selftest (default: cuda when available, else cpu)")
 
     def __post_init__(self):
         check_fields(self)
+        if self.device is not None:
+            check_device(self.device)
 
 
 def check_device(device: str) -> None:
@@ -233,11 +240,15 @@ def offline_assets() -> dict[str, str]:
 
 def _info(args) -> int:
     run = from_namespace(InfoRun, args)
-    info = {"build": build_info()}
+    info = {"build": ops.build_info()}
     if run.assets:
         info["offline assets"] = offline_assets()
     print(json.dumps(info, indent=1))
-    return 0
+    if not run.selftest:
+        return 0
+    result = selftest(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(result.table())
+    return 0 if result.ok else 1
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

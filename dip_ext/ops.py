@@ -23,9 +23,15 @@ from typing import Optional
 
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+from . import _C  # registers the ops
 
 _ops = torch.ops.dip_ext
+
+
+def build_info() -> dict:
+    """What the compiled extension was built with: version, torch version, CUDA archs (machine code and PTX,
+    and where the list came from), OpenMP, the C++ standard."""
+    return dict(_C.build_info())
 
 
 def rms_norm_gather(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, eps: float,

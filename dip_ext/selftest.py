@@ -27,7 +27,9 @@ with itself and can never fail.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import platform
 import sys
 import time
 import traceback
@@ -269,8 +271,6 @@ def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: i
     Returns a :class:`SelftestResult` (``.ok``, ``.table()``, ``.failures``, ``.to_dict()``). Never raises for a
     failing op: its case fails with the error message. Raises ``ValueError`` for a device torch cannot use.
     """
-    import dip_ext
-
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -281,11 +281,10 @@ def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: i
         major, minor = torch.cuda.get_device_capability(device)
         name = f"{name}, sm_{major}{minor}"
     elif device.type == "cpu":
-        import platform
         name = platform.processor() or platform.machine()
     else:
         raise ValueError(f"dip_ext.selftest: unsupported device {device} (cpu or cuda)")
-    info = dip_ext.build_info()
+    info = ops.build_info()
     result = SelftestResult(str(device), name, info)
     t0 = time.perf_counter()
     if device.type == "cuda" and not info.get("cuda"):
@@ -320,7 +319,6 @@ def main(argv=None) -> int:
     r = selftest(device)
     print(r.table())
     if "--json" in argv:
-        import json
         print(json.dumps(r.to_dict(), indent=1))
     return 0 if r.ok else 1
 

@@ -332,3 +332,14 @@ def test_prune_default_model_end_to_end(capsys, tmp_path, one_thread):
     with capsys.disabled():
         print(f"\n[dip-ext prune SmolLM2 oneshot 20 %] {seconds:.1f} s wall; perplexity before "
               f"{report['perplexity_before']} after {ppl}; stages {report['seconds']}")
+
+
+def test_info_selftest_on_cpu(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, "info", "--no-assets", "--selftest", "--device", "cpu")
+    assert code == 0 and "PASS" in out and "FAIL" not in out
+    # a kernel that disagrees with its reference fails the self-test and the command
+    from dip_ext import ops
+
+    monkeypatch.setattr(ops, "scatter_add_", lambda residual, idx, y, **kw: residual)
+    code, out, _ = run_cli(capsys, "info", "--no-assets", "--selftest", "--device", "cpu")
+    assert code == 1 and "FAIL" in out
