@@ -8,7 +8,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import statistics
 import time
 import traceback
@@ -18,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 import dip_ext
+from dip_ext.files import atomic_write_text
 from dip_ext.families import adapter_for
 from dip_ext.benchmarking import random_budget_widths, random_llama, random_masks, same_widths
 from dip_ext.decoding import DecodeSession, HostSyncDetector, capture_step, forward_kwargs
@@ -129,11 +129,7 @@ class Bench:
         self.data["meta"]["elapsed_s"] = time.perf_counter() - self.t0
         if not self.out:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
-        tmp = self.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, default=str)
-        os.replace(tmp, self.out)
+        atomic_write_text(self.out, json.dumps(self.data, indent=1, default=str))
 
     def error(self, where: str, e: BaseException) -> None:
         self.log(f"ERROR in {where}: {type(e).__name__}: {e}")

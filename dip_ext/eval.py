@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import data
 from . import distributed as dist
 from .config import DEFAULT_SEQ_LEN
-from .model_state import model_device
+from .model_state import frozen, model_device
 from .tokens import check_windows, max_positions
 
 __all__ = ["perplexity", "window_losses", "mean_window_loss", "prefill_tokens_per_second", "compare_prefill",
@@ -101,11 +101,9 @@ def _window_losses(model, windows, batch_size, device, progress):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    try:
+    with frozen(model, grad=True):
         with tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress) as bar:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start:start + batch_size].to(device)
@@ -116,8 +114,6 @@ def _window_losses(model, windows, batch_size, device, progress):
                     total += ce.to(torch.float64).sum()
                     count += ce.numel()
                 bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
     return float(total), count
 
 
@@ -200,14 +196,12 @@ def prefill_tokens_per_second(model, seq_len: Optional[int] = None, batch: int =
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-    was_training = model.training
-    model.eval()
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    try:
+    with frozen(model, grad=True):
         model(input_ids=ids, use_cache=False)
         times = []
         for _ in range(repeats):
@@ -216,8 +210,6 @@ def prefill_tokens_per_second(model, seq_len: Optional[int] = None, batch: int =
             model(input_ids=ids, use_cache=False)
             sync()
             times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
     return batch * seq_len / statistics.median(times)
 
 
@@ -325,19 +317,12 @@ def compare_prefill(dense, pruned, *, seq_len: Optional[int] = None, batch: int 
             torch.cuda.synchronize(device)
         return timer() - t0
 
-    modes = [m.training for m, _, _ in runs]
     times: tuple = ([], [])
-    try:
-        for m, _, _ in runs:
-            m.eval()
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for run in runs:
-                    once(*run)
-            for _ in range(pairs):
-                for k, run in enumerate(runs):
-                    times[k].append(once(*run))
-    finally:
-        for (m, _, _), mode in zip(runs, modes):
-            m.train(mode)
+    with frozen(dense, grad=True), frozen(pruned, grad=True), torch.inference_mode():
+        for _ in range(warmup):
+            for run in runs:
+                once(*run)
+        for _ in range(pairs):
+            for k, run in enumerate(runs):
+                times[k].append(once(*run))
     return PrefillComparison(seq_len, batch, tuple(times[0]), tuple(times[1]))
