@@ -56,6 +56,7 @@ def model_digest(model: nn.Module, samples: int = 64) -> str:
         flat = t.reshape(-1)
         h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
         if flat.numel() and flat.device.type != "meta":
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), dtype=torch.float64,
+                                 device=flat.device).long()  # float32 rounds n - 1 up to n past 2**24
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
