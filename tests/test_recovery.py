@@ -344,3 +344,46 @@ def test_training_text_that_is_an_evaluation_text_is_refused():
         check_training_text("ptb", ["wiki", "ptb"], calibration="wiki")
     with pytest.raises(ValueError, match="recover_text"):
         check_training_text("", ["wiki"])
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+def _recover_parser():
+    from dip_ext.recovery.command import add_recover_parser
+
+    parser = OptionParser(prog="dip-ext")
+    add_recover_parser(parser.add_subparsers(dest="command", required=True, parser_class=OptionParser))
+    return parser
+
+
+def test_recover_command_saves_an_ordinary_dip_ext_checkpoint(tmp_path, word_tokenizer, word_text):
+    from dip_ext.recovery.command import run_recover
+
+    student, teacher = pair()
+    for folder, model in (("dense", teacher), ("pruned", student)):
+        model.save_pretrained(tmp_path / folder)
+        word_tokenizer.save_pretrained(tmp_path / folder)
+    argv = ["recover", "--model", str(tmp_path / "pruned"), "--teacher", str(tmp_path / "dense"),
+            "--out", str(tmp_path / "out"), "--calibration", word_text, "--seq-len", "16", "--val-windows", "4",
+            "--recover-steps", "4", "--recover-batch", "2", "--recover-lr", "3e-3", "--recover-val-every", "2",
+            "--recover-recon-windows", "4", "--eval-text", word_text, "--eval-windows", "2", "--eval-seq-len", "16", "--quiet"]
+    args = _recover_parser().parse_args(argv)
+    assert args.recover == "auto"
+    assert run_recover(args) == 0
+    import json
+
+    record = json.loads((tmp_path / "out" / "recovery.json").read_text())
+    assert record["recovery"]["mode"] == "auto" and set(record["perplexity_recovered"]) == {word_text}
+    assert (tmp_path / "out" / "recovery.png").is_file() and (tmp_path / "out" / "work" / "distill.safetensors").is_file()
+    again = dip_ext.from_pretrained(tmp_path / "out")
+    ids = windows(1, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, student.__class__.from_pretrained(
+            tmp_path / "out")(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="not empty"):
+        run_recover(_recover_parser().parse_args(argv))
+    with pytest.raises(ValueError, match="does nothing"):
+        run_recover(_recover_parser().parse_args(argv + ["--recover", "off", "--overwrite"]))
+    with pytest.raises(ValueError, match="also an evaluation text"):
+        run_recover(_recover_parser().parse_args(argv + ["--overwrite", "--recover-text", "ptb", "--eval-text",
+                                                         word_text, "ptb"]))
