@@ -147,11 +147,12 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                 with torch.no_grad():
                     for name, p in layer.named_parameters():
                         p.copy_(tensors[f"layer.{i}.{name}"])
+                xs = _stream(layer, xs, kw_for)
             else:
-                before, after = _fit_layer(layer, xs, target, kw_for, config, seed=config.recover_seed + i)
+                before, after, xs = _fit_layer(layer, xs, target, kw_for, config, seed=config.recover_seed + i)
                 run.error_before.append(before)
                 run.error_after.append(after)
-            xs, xt = _stream(layer, xs, kw_for), target
+            xt = target
             if i >= done and ckpt is not None and main:
                 state = {f"layer.{j}.{name}": p.detach() for j in range(i + 1)
                          for name, p in s_layers[j].named_parameters()}
@@ -166,13 +167,14 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
 
 
 def _fit_layer(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor, kw_for, config: RecoveryConfig, *,
-               seed: int) -> tuple[float, float]:
+               seed: int) -> tuple[float, float, torch.Tensor]:
     """Adam on ``layer``'s parameters toward ``target`` from inputs ``xs``; returns the relative error before and
-    after (token means over all windows)."""
+    after (token means over all windows) and the fitted layer's outputs (the next layer's inputs)."""
     params = list(layer.parameters())
     if not params:  # a layer whose blocks were both removed holds nothing to fit
-        err = float(relative_error(_stream(layer, xs, kw_for), target))
-        return err, err
+        out = _stream(layer, xs, kw_for)
+        err = float(relative_error(out, target))
+        return err, err, out
     before = float(relative_error(_stream(layer, xs, kw_for), target))
     for p in params:
         p.requires_grad_(True)
@@ -194,5 +196,5 @@ def _fit_layer(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor, kw_for,
         layer.train(was_training)
         for p in params:
             p.requires_grad_(False)
-    after = float(relative_error(_stream(layer, xs, kw_for), target))
-    return before, after
+    out = _stream(layer, xs, kw_for)
+    return before, float(relative_error(out, target)), out
