@@ -156,9 +156,11 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
                               placement=placement, progress=progress, callback=callback)
             result.seconds["distill"] = time.perf_counter() - t0
             result.resumed |= run.resumed_from is not None
-            for step, tokens, _, loss in run.curve[1:] if run.curve and run.curve[0][0] == 0 else run.curve:
+            for step, tokens, seconds, loss in run.curve:
+                if step == 0:  # the start of the distillation is already on the curve
+                    continue
                 result.curve.append({"stage": "distill", "step": step, "tokens": base_tokens + tokens,
-                                     "seconds": round(result.seconds.get("reconstruct", 0.0) + _, 3),
+                                     "seconds": round(result.seconds.get("reconstruct", 0.0) + seconds, 3),
                                      "val_loss": loss})
             result.tokens = base_tokens + run.tokens
             result.distillation = {"steps": run.steps, "best_step": run.best_step,
