@@ -4,6 +4,7 @@ resume, reconstruction, options and bad input. Tiny random Llama models, fp32, o
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -13,7 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks, ModelDims
+from dip_ext.cli import _prune_option_classes
 from dip_ext.options import OptionParser
+from dip_ext.recovery.checks import check_training_text
+from dip_ext.recovery.command import add_recover_parser, run_recover
 from dip_ext.recovery import RecoveryConfig, RecoveryResult, recover
 from dip_ext.recovery.distill import distill, step_windows
 from dip_ext.recovery.lora import linear_names, lora_wrapped
@@ -82,8 +86,6 @@ def test_options_validate_and_make_flags():
 
 
 def test_flags_do_not_collide_with_prune_flags():
-    from dip_ext.cli import _prune_option_classes
-
     OptionParser(dataclass_types=[*_prune_option_classes(), RecoveryConfig])  # argparse raises on a duplicate
 
 
@@ -292,8 +294,6 @@ def test_result_report_lines_and_curve_png(tmp_path):
     assert "## Recovery" in lines and "| distill | 6 |" in lines
     result.plot(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    import json
-
     json.dumps(result.to_dict())
     assert RecoveryResult(mode="off").markdown_lines() == []
 
@@ -336,8 +336,6 @@ def test_bad_input_is_refused_clearly():
 
 
 def test_training_text_that_is_an_evaluation_text_is_refused():
-    from dip_ext.recovery.checks import check_training_text
-
     check_training_text("wiki", ["wiki", "ptb"], calibration="wiki")  # the calibration text's training split: fine
     check_training_text("file:/x.txt", ["wiki", "ptb"], calibration="wiki")
     with pytest.raises(ValueError, match="also an evaluation text"):
@@ -349,16 +347,12 @@ def test_training_text_that_is_an_evaluation_text_is_refused():
 # ---- the command --------------------------------------------------------------------------------------------
 
 def _recover_parser():
-    from dip_ext.recovery.command import add_recover_parser
-
     parser = OptionParser(prog="dip-ext")
     add_recover_parser(parser.add_subparsers(dest="command", required=True, parser_class=OptionParser))
     return parser
 
 
 def test_recover_command_saves_an_ordinary_dip_ext_checkpoint(tmp_path, word_tokenizer, word_text):
-    from dip_ext.recovery.command import run_recover
-
     student, teacher = pair()
     for folder, model in (("dense", teacher), ("pruned", student)):
         model.save_pretrained(tmp_path / folder)
@@ -370,8 +364,6 @@ def test_recover_command_saves_an_ordinary_dip_ext_checkpoint(tmp_path, word_tok
     args = _recover_parser().parse_args(argv)
     assert args.recover == "auto"
     assert run_recover(args) == 0
-    import json
-
     record = json.loads((tmp_path / "out" / "recovery.json").read_text())
     assert record["recovery"]["mode"] == "auto" and set(record["perplexity_recovered"]) == {word_text}
     assert (tmp_path / "out" / "recovery.png").is_file() and (tmp_path / "out" / "work" / "distill.safetensors").is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..files import atomic_save_safetensors
 
@@ -50,8 +51,6 @@ def save_training_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor]
 def load_training_state(path: Path) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
     """``(meta, tensors)`` of a checkpoint, or None when ``path`` does not exist. ValueError for a file that is not
     a recovery checkpoint."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         return None
     try:

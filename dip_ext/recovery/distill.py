@@ -11,6 +11,7 @@ every rank, so all ranks hold the same weights.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -87,8 +88,6 @@ def _fingerprint(student, train, val, config: RecoveryConfig, placement: Placeme
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
