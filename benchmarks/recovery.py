@@ -1,0 +1,146 @@
+"""Recovery after pruning on a real model: perplexity without recovery, after block-wise reconstruction and after
+distillation (a curve over steps), plus a dense-model control fine-tuned on the same text.
+
+Drives the pipeline's stages (``dip_ext.pipeline.Pruner``: windows → calibrate → select → refit → compact) and then
+``dip_ext.recovery.recover``; nothing of the pipeline is copied. The calibration pass is checkpointed in ``--work``
+and reused by later runs (``resume=True``).
+
+    python benchmarks/recovery.py --ratio 0.3 --mode auto --steps 150 --eval-at 50 100 150 --out r.json
+    python benchmarks/recovery.py --control --steps 150 --eval-at 150 --out control.json   # dense, LM fine-tune
+
+Perplexity: ``--eval-windows`` windows × 256 tokens, evenly spread, of the wiki held-out split and PTB test
+(never trained on). ``--eval-at`` scores the student during one distillation run (the cosine schedule is laid
+out over ``--steps``, so step 50 of a 150-step run is not a 50-step run); the seconds reported exclude that
+scoring. The final row is the kept (best held-out) state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dip_ext import zoo
+from dip_ext.config import EvalConfig, PruneConfig, RefitConfig
+from dip_ext.eval import perplexity
+from dip_ext.pipeline import Pruner
+from dip_ext.recovery import RecoveryConfig, recover
+from dip_ext.recovery.distill import distill
+from dip_ext.recovery.stage import _trainable
+
+TEXTS = ("wiki", "ptb")
+
+
+def scores(model, tokenizer, windows: int) -> dict:
+    return {t: perplexity(model, tokenizer, t, seq_len=256, max_windows=windows, progress=False) for t in TEXTS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--method", default="oneshot")
+    ap.add_argument("--refit", default="off", choices=["auto", "on", "off"])
+    ap.add_argument("--mode", default="auto", choices=["off", "reconstruct", "distill", "auto"])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lm-weight", type=float, default=0.0)
+    ap.add_argument("--hidden-weight", type=float, default=0.0)
+    ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--recon-windows", type=int, default=64)
+    ap.add_argument("--recon-epochs", type=int, default=2)
+    ap.add_argument("--recon-lr", type=float, default=1e-4)
+    ap.add_argument("--val-every", type=int, default=25)
+    ap.add_argument("--eval-at", type=int, nargs="*", default=[])
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--split-auto", action="store_true", help="--mode auto as reconstruct, score, then distill")
+    ap.add_argument("--dense", action="store_true", help="also score the dense model")
+    ap.add_argument("--control", action="store_true", help="dense model fine-tuned on the LM loss, same text/steps")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/dip-recovery-work")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"args": vars(args), "load_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                         time.gmtime())}
+    model, tok = zoo.load_default()
+    teacher = copy.deepcopy(model)  # the dense teacher, kept before the in-place compaction
+    # refit "auto" makes windows() hold out the validation windows, as the pipeline does when recovery is on;
+    # the refit actually run is --refit
+    pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method=args.method), refit=RefitConfig(refit="auto"),
+                    evaluation=EvalConfig(eval_windows=0), work_dir=args.work, resume=True, progress=False)
+    windows = pruner.windows()
+    pruner.refit_config = RefitConfig(refit=args.refit)
+    if args.dense:
+        out["dense"] = scores(teacher, tok, args.eval_windows)
+    cfg = RecoveryConfig(recover=args.mode, recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
+                         recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
+                         recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
+                         recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
+                         recover_val_every=args.val_every, recover_checkpoint_every=0)
+    points, eval_seconds = [], [0.0]
+
+    def make_callback(student, t0):
+        def callback(entry):
+            if entry["step"] % 5 == 0:
+                print(json.dumps({"step": entry["step"], "loss": round(entry["loss"], 4),
+                                  "seconds": round(time.perf_counter() - t0 - eval_seconds[0], 1)}), flush=True)
+            if entry["step"] in args.eval_at:
+                e0 = time.perf_counter()
+                points.append({"step": entry["step"], "tokens": entry["step"] * args.batch * windows.train.shape[1],
+                               "seconds": e0 - t0 - eval_seconds[0], **scores(student, tok, args.eval_windows)})
+                eval_seconds[0] += time.perf_counter() - e0
+                print(json.dumps(points[-1]), flush=True)
+        return callback
+
+    if args.control:
+        student = teacher
+        t0 = time.perf_counter()
+        with _trainable(student, cfg):
+            run = distill(student, None, windows.train, windows.val, RecoveryConfig(
+                recover="distill", recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
+                recover_lm_weight=1.0, recover_val_every=args.val_every, recover_checkpoint_every=0),
+                progress=False, callback=make_callback(student, t0))
+        out["control"] = {"seconds": time.perf_counter() - t0 - eval_seconds[0], "best_step": run.best_step,
+                          "curve": run.curve, "points": points, "final": scores(student, tok, args.eval_windows)}
+    else:
+        t0 = time.perf_counter()
+        student = pruner.compact().model
+        out["prune_seconds"] = dict(pruner.seconds)
+        out["pruned"] = scores(student, tok, args.eval_windows)
+        print(json.dumps({"pruned": out["pruned"]}), flush=True)
+        t0 = time.perf_counter()
+        if args.mode == "auto" and args.split_auto:
+            # auto's two stages run one after the other, scored in between (auto would also drop the
+            # reconstruction if it did not lower the held-out loss; the record says whether it did)
+            rec = recover(student, teacher, windows.train, windows.val, replace(cfg, recover="reconstruct"),
+                          progress=False)
+            e0 = time.perf_counter()
+            out["reconstructed"] = {"seconds": e0 - t0, "result": rec.to_dict(), **scores(student, tok,
+                                                                                         args.eval_windows)}
+            eval_seconds[0] += time.perf_counter() - e0
+            print(json.dumps({"reconstructed": {k: out["reconstructed"][k] for k in ("seconds", *TEXTS)}}), flush=True)
+            cfg = replace(cfg, recover="distill")
+        result = recover(student, teacher, windows.train, windows.val, cfg, progress=False,
+                         callback=make_callback(student, t0))
+        out["recovery_seconds"] = time.perf_counter() - t0 - eval_seconds[0]
+        out["recovery"] = result.to_dict()
+        out["recovery"]["distillation"] = {k: v for k, v in (out["recovery"]["distillation"] or {}).items()
+                                           if k != "losses"}
+        out["points"] = points
+        out["final"] = scores(student, tok, args.eval_windows)
+    out["load_end"] = os.getloadavg()
+    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("pruned", "final", "recovery_seconds") if k in out}))
+
+
+if __name__ == "__main__":
+    main()

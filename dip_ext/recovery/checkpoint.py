@@ -1,0 +1,66 @@
+"""Training checkpoints of the recovery stage: one safetensors file (tensors + a JSON header), written atomically.
+
+Layout: ``param.<name>`` (the trainable tensors), ``best.<name>`` (the best step's copies, when kept),
+``opt.<index>.<key>`` (AdamW's per-parameter state), ``rng`` (the torch CPU generator state) and the header key
+``json``: step, curve, losses, optimizer hyper-parameters and a fingerprint that a resume must match. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..files import atomic_save_safetensors
+
+__all__ = ["FORMAT", "save_training_state", "load_training_state", "optimizer_tensors", "load_optimizer"]
+
+FORMAT = "dip_ext-recovery-1"
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW's state as flat tensors ``opt.<i>.<key>`` plus its param groups without the params (JSON-safe)."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Restores :func:`optimizer_tensors`' output into ``optimizer`` (same parameters, same order)."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_training_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes ``tensors`` and the JSON-safe ``meta`` to ``path`` atomically (a kill leaves the old file whole)."""
+    atomic_save_safetensors(path, tensors, {"format": FORMAT, "json": json.dumps(meta)})
+
+
+def load_training_state(path: Path) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+    """``(meta, tensors)`` of a checkpoint, or None when ``path`` does not exist. ValueError for a file that is not
+    a recovery checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header.get("json", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable recovery checkpoint ({e}); remove it or start without "
+                         "--resume") from None
+    if header.get("format") != FORMAT or not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a dip_ext recovery checkpoint")
+    return meta, tensors

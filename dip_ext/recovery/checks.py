@@ -1,0 +1,69 @@
+"""The checks every recovery entry point makes before any work: a compacted student, a dense teacher of the same
+architecture and vocabulary, usable training and held-out windows that are not evaluation text."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compaction import is_compacted
+from ..families import adapter_for, base_model_type
+from ..tokens import check_windows
+
+__all__ = ["check_pair", "check_training_windows", "check_training_text"]
+
+#: config fields that must agree between student and teacher (the student is the teacher, pruned)
+_SAME_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "ffn_dim")
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """ValueError unless ``student`` is a dip_ext-compacted model and ``teacher`` a dense model it was pruned from:
+    the same family, widths, layer count, heads and vocabulary (UnsupportedModelError for an unsupported family)."""
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise ValueError("recovery needs the compacted student and the dense teacher as torch modules")
+    if student is teacher:
+        raise ValueError("the teacher must be a separate dense copy of the model, not the student itself")
+    if not is_compacted(student):
+        raise ValueError("the student is not a compacted model (no disp_masks in its config): prune and compact it "
+                         "first (dip_ext.compact / dip-ext prune)")
+    if is_compacted(teacher):
+        raise ValueError("the teacher is a compacted model; pass the dense model the student was pruned from")
+    adapter_for(teacher)
+    s_type, t_type = base_model_type(student.config), base_model_type(teacher.config)
+    if s_type != t_type:
+        raise ValueError(f"the teacher is a {t_type} model but the student was pruned from a {s_type} model")
+    for name in _SAME_FIELDS:
+        a, b = getattr(student.config, name, None), getattr(teacher.config, name, None)
+        if a != b:
+            what = "vocabulary" if name == "vocab_size" else name
+            raise ValueError(f"the teacher's {what} ({b}) differs from the student's ({a}): pass the dense model "
+                             "the student was pruned from")
+
+
+def check_training_windows(windows: torch.Tensor, name: str, config, *,
+                           forbidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``windows`` checked as token windows ``[n >= 1, seq_len >= 2]`` of ``config``'s vocabulary
+    (:func:`dip_ext.tokens.check_windows`); ValueError also when any window of ``forbidden`` (e.g. evaluation
+    windows) occurs among them: a model must never train on text it is judged on."""
+    windows = check_windows(windows, name, config=config)
+    if forbidden is not None and forbidden.numel() and forbidden.shape[1] == windows.shape[1]:
+        seen = {tuple(w.tolist()) for w in windows}
+        if any(tuple(w.tolist()) in seen for w in forbidden):
+            raise ValueError(f"{name} contain evaluation windows: training on the text a model is evaluated on "
+                             "makes the evaluation meaningless; use the calibration text's training windows")
+    return windows
+
+
+def check_training_text(name: str, eval_texts, calibration: Optional[str] = None) -> None:
+    """ValueError when the training text ``name`` is one of the evaluation texts ``eval_texts`` (other than the
+    calibration text ``calibration``, whose held-out part the pipeline already evaluates). A named text trains on
+    its calibration split only, but a second evaluation text must stay unseen by the training altogether: its
+    calibration part is the same source and domain, so a gain there would be domain adaptation, not recovery."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"recover_text must be a text name or file:PATH, got {name!r}")
+    if name != calibration and name in set(eval_texts or ()):
+        raise ValueError(f"recover_text {name!r} is also an evaluation text: train on the calibration text (or "
+                         "another file:) and evaluate on text the training never saw")

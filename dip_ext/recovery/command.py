@@ -1,0 +1,124 @@
+"""``dip-ext recover --model PRUNED --teacher DENSE``: recovery of an already saved compacted model.
+
+:func:`add_recover_parser` adds the subcommand to the ``dip-ext`` parser (flags from :class:`RecoverRun`,
+:class:`RecoveryConfig` and :class:`~dip_ext.config.EvalConfig`); :func:`run_recover` runs it from the parsed
+arguments and returns the exit status. Output folder: the recovered model (an ordinary dip_ext checkpoint),
+``recovery.json``, ``recovery.md``, ``recovery.png`` (held-out curve) and the checkpoints in ``OUT/work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .. import distributed as dist
+from .. import zoo
+from ..config import EvalConfig, window_length
+from ..data import spread_indices
+from ..eval import perplexity
+from ..files import atomic_write_text
+from ..options import check_fields, from_namespace, option
+from ..tokens import max_positions
+from ..windows import calibration_windows, split_calibration
+from .checks import check_training_text
+from .config import RecoveryConfig
+from .stage import recover
+
+__all__ = ["RecoverRun", "add_recover_parser", "run_recover"]
+
+
+@dataclass(frozen=True)
+class RecoverRun:
+    """Where ``recover`` reads the pruned and dense models and the text, and where it writes."""
+
+    _argument_group_name = "run"
+
+    model: str = option(help="the pruned, compacted model's folder (saved by dip-ext prune)")
+    teacher: Optional[str] = option(None, "the dense model it was pruned from: a folder, a hub id or 'smollm2-135m' "
+                                    "(default: the embedded SmolLM2-135M-Instruct)")
+    out: str = option("dip-recovered", "output folder: the recovered model, recovery.json/.md/.png, OUT/work")
+    overwrite: bool = option(False, "replace an existing output folder")
+    resume: bool = option(False, "continue an interrupted run from the checkpoints in OUT/work")
+    calibration: str = option("wiki", "the text the model was calibrated on: its training windows train the "
+                              "recovery (unless --recover-text), its held-out windows stop it early")
+    seq_len: Optional[int] = option(None, "tokens per training window (default: 256, or the model's position "
+                                    "limit when that is shorter)", minimum=2)
+    val_windows: int = option(16, "held-out calibration windows (early stopping, --recover auto's choice)",
+                              minimum=0)
+    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
+    dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    quiet: bool = option(False, "no progress bars")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def add_recover_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``recover`` to ``dip-ext``'s subparsers (an :class:`~dip_ext.options.OptionParser` subparser action);
+    ``--recover`` defaults to ``auto`` there."""
+    parser = subparsers.add_parser("recover", dataclass_types=[RecoverRun, RecoveryConfig, EvalConfig],
+                                   help="train a pruned model back toward the dense one (reconstruction, distillation)",
+                                   description="Recover a compacted model saved by dip-ext prune from its dense "
+                                               "original; save the recovered model and recovery.json/.md/.png.")
+    parser.set_defaults(recover="auto")
+    return parser
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    """Runs ``dip-ext recover`` (exit status 0); bad input raises ValueError / FileNotFoundError for the CLI's
+    one-line error."""
+    run, config = from_namespace(RecoverRun, args), from_namespace(RecoveryConfig, args)
+    evaluation = from_namespace(EvalConfig, args)
+    if config.recover == "off":
+        raise ValueError("--recover off does nothing; choose reconstruct, distill or auto")
+    out = Path(run.out)
+    if run.overwrite and run.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    occupied = dist.read_on_main(lambda: out.exists() and any(out.iterdir()))
+    if occupied and not (run.overwrite or run.resume):
+        raise ValueError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")
+    texts = list(evaluation.eval_text) if evaluation.eval_windows != 0 else []
+    if config.recover_text is not None:
+        check_training_text(config.recover_text, texts, calibration=run.calibration)
+    if run.overwrite and out.exists() and dist.is_main():
+        shutil.rmtree(out)
+    student, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
+    teacher, _ = zoo.resolve_model(run.teacher, dtype=run.dtype, device=run.device)
+    seq_len = window_length(run.seq_len, max_positions(student.config))
+    blocks = calibration_windows(tokenizer, run.calibration, seq_len, config=student.config)
+    windows = split_calibration(blocks, None, run.val_windows)
+    train = windows.train
+    if config.recover_text is not None and config.recover_text != run.calibration:
+        train = calibration_windows(tokenizer, config.recover_text, seq_len, config=student.config)
+    if config.recover_windows is not None and config.recover_windows < train.shape[0]:        train = train[spread_indices(train.shape[0], config.recover_windows)]
+    progress = not run.quiet and dist.is_main()
+    eval_len = window_length(evaluation.eval_seq_len, max_positions(student.config), "eval_seq_len")
+
+    def scores(model) -> dict:
+        return {t: perplexity(model, tokenizer, t, seq_len=eval_len, max_windows=evaluation.eval_windows,
+                              progress=progress) for t in texts} if dist.is_main() else {}
+
+    dense, before = scores(teacher), scores(student)
+    result = recover(student, teacher, train, windows.val, config, work_dir=out / "work", resume=run.resume,
+                     progress=progress)
+    after = scores(student)
+    if dist.is_main():
+        student.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        record = {"model": run.model, "teacher": run.teacher or zoo.DEFAULT_MODEL, "perplexity_dense": dense,
+                  "perplexity_pruned": before, "perplexity_recovered": after, "recovery": result.to_dict()}
+        atomic_write_text(out / "recovery.json", json.dumps(record, indent=1))
+        lines = ["# dip_ext recovery report", "", "| text | dense | pruned | recovered |", "|---|---:|---:|---:|"]
+        lines += [f"| {t} | {dense[t]:.3f} | {before[t]:.3f} | {after[t]:.3f} |" for t in texts
+                  if math.isfinite(after[t])]
+        atomic_write_text(out / "recovery.md", "\n".join(lines + result.markdown_lines()) + "\n")
+        result.plot(out / "recovery.png")
+        print("\n".join(lines + result.markdown_lines()))
+        print(f"saved the recovered model to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+    dist.barrier()
+    return 0

@@ -1,0 +1,82 @@
+"""Options of the recovery stage (:func:`dip_ext.recovery.recover`), declared once like every pipeline option.
+
+Flag names: ``--recover {off,reconstruct,distill,auto}`` and ``--recover-*`` for the rest, so they never collide
+with the pruning, refit or evaluation options they sit beside on ``dip-ext prune``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..options import check_fields, option
+
+__all__ = ["RecoveryConfig", "RECOVER_MODES"]
+
+#: off: nothing; reconstruct: block-wise reconstruction only; distill: distillation only; auto: reconstruction,
+#: then distillation from whichever of (pruned, reconstructed) scores better on the held-out windows, keeping the
+#: best state seen on them
+RECOVER_MODES = ("off", "reconstruct", "distill", "auto")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """How the compacted model is trained back toward the dense one after pruning.
+
+    Distillation (Hinton et al. 2015): KL(teacher ‖ student) of the next-token distributions at temperature
+    ``recover_temperature`` (scaled by T²), plus ``recover_lm_weight`` × the LM loss, plus
+    ``recover_hidden_weight`` × the relative squared error of each decoder layer's residual output. Block-wise
+    reconstruction: each compacted layer fitted in order to the dense model's hidden state after that layer, fed
+    the pruned model's own input (see :mod:`dip_ext.recovery.reconstruct`).
+    """
+
+    _argument_group_name = "recovery"
+
+    recover: Literal["off", "reconstruct", "distill", "auto"] = option(
+        "off", "after compaction, train the pruned model back toward the dense one. reconstruct: fit each decoder "
+        "layer in turn to the dense layer's output (cheap, no full backward); distill: train on the dense model's "
+        "next-token distribution; auto: reconstruct, then distill, keeping the best state on the held-out windows")
+    recover_steps: int = option(100, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
+    recover_lr: float = option(1e-4, "peak learning rate of the distillation (AdamW; linear warm-up, cosine decay "
+                               "to 10 % of it)", above=0.0)
+    recover_batch: int = option(4, "windows per distillation step (the global batch, summed over ranks)",
+                                minimum=1)
+    recover_micro_batch: int = option(1, "windows per forward/backward (gradient accumulation up to "
+                                      "--recover-batch)", minimum=1)
+    recover_warmup: int = option(10, "warm-up steps (linear from 0 to --recover-lr)", minimum=0)
+    recover_weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0)
+    recover_temperature: float = option(1.0, "distillation temperature (KL of softened distributions, times T²)",
+                                        above=0.0)
+    recover_lm_weight: float = option(0.0, "weight of the next-token LM loss added to the KL", minimum=0.0)
+    recover_hidden_weight: float = option(0.0, "weight of the hidden-state loss: relative squared error of each "
+                                          "layer's residual output against the dense model's", minimum=0.0)
+    recover_lora_rank: int = option(0, "0: train every weight of the decoder layers; r > 0: LoRA adapters of rank r "
+                                    "on every linear (peft), merged back before saving", minimum=0)
+    recover_lora_alpha: Optional[float] = option(None, "LoRA alpha (default: 2 × rank)", above=0.0)
+    recover_teacher_dtype: Literal["same", "float32", "bfloat16", "float16"] = option(
+        "same", "dtype of the frozen dense teacher (lower: less memory; its logits are upcast to float32)")
+    recover_autocast: bool = option(False, "run the student's forward under bf16 autocast (where the device "
+                                    "supports it)")
+    recover_grad_checkpointing: bool = option(False, "recompute each layer's activations in the backward "
+                                              "(less memory, ~30 % more time)")
+    recover_val_every: int = option(25, "score the held-out windows every N steps; the best step's weights are "
+                                    "kept (0: only at the start and the end)", minimum=0)
+    recover_checkpoint_every: int = option(25, "write a training checkpoint every N steps (0: never)", minimum=0)
+    recover_text: Optional[str] = option(None, "training text: None uses the calibration text's training windows; "
+                                         "file:PATH (its calibration part) or another text name")
+    recover_windows: Optional[int] = option(None, "cap on the training windows (evenly spaced; None: all)",
+                                            minimum=1)
+    recover_recon_windows: int = option(64, "reconstruction: windows whose activations are cached per layer",
+                                        minimum=1)
+    recover_recon_epochs: int = option(2, "reconstruction: Adam epochs over the cached windows per layer",
+                                       minimum=1)
+    recover_recon_lr: float = option(1e-4, "reconstruction: Adam learning rate", above=0.0)
+    recover_seed: int = option(0, "seed of the data order and LoRA initialisation")
+
+    def __post_init__(self):
+        check_fields(self)
+
+    @property
+    def lora_alpha(self) -> float:
+        """The LoRA alpha in use (``recover_lora_alpha`` or 2 × rank)."""
+        return self.recover_lora_alpha if self.recover_lora_alpha is not None else 2.0 * self.recover_lora_rank

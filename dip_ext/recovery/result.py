@@ -1,0 +1,91 @@
+"""What the recovery stage did, for the pruning report: a JSON-safe dict, Markdown lines and the held-out curve PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from matplotlib.figure import Figure
+
+from ..files import atomic_write_bytes
+
+__all__ = ["RecoveryResult"]
+
+
+@dataclass
+class RecoveryResult:
+    """One recovery run.
+
+    ``mode``: the option asked for; ``chosen``: the stages whose result was kept (``[]``: the pruned weights were
+    kept, e.g. ``off`` or when nothing beat them on the held-out windows). ``val_loss_before`` / ``val_loss_after``:
+    mean next-token LM loss (nats per token) on the held-out calibration windows before and after (None without
+    held-out windows). ``curve``: one dict per scoring: ``stage`` ("start", "reconstruct", "distill"), ``step``
+    (distillation step, 0 otherwise), ``tokens`` (training tokens consumed so far, all stages), ``seconds`` (wall
+    seconds of recovery so far), ``val_loss``. ``tokens``: training tokens read (reconstruction windows × seq_len
+    once, plus distillation steps × batch × seq_len). ``seconds``: wall seconds per stage. ``reconstruction``:
+    per-layer relative output errors before / after; ``distillation``: steps, best step, per-step objective.
+    """
+
+    mode: str
+    chosen: list = field(default_factory=list)
+    val_loss_before: Optional[float] = None
+    val_loss_after: Optional[float] = None
+    curve: list = field(default_factory=list)
+    tokens: int = 0
+    seconds: dict = field(default_factory=dict)
+    reconstruction: Optional[dict] = None
+    distillation: Optional[dict] = None
+    options: dict = field(default_factory=dict)
+    resumed: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-safe copy (non-finite floats become None)."""
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+        return clean(asdict(self))
+
+    def markdown_lines(self) -> list[str]:
+        """Lines for the report's Markdown (a heading, one sentence, a table of the held-out curve)."""
+        if self.mode == "off":
+            return []
+        total = sum(self.seconds.values())
+        lines = ["", "## Recovery", "",
+                 f"Mode **{self.mode}**: kept {' + '.join(self.chosen) if self.chosen else 'the pruned weights'}; "
+                 f"{self.tokens:,} training tokens, {total:.0f} s."]
+        if self.val_loss_before is not None and self.val_loss_after is not None:
+            lines[-1] += (f" Held-out calibration loss {self.val_loss_before:.4f} → {self.val_loss_after:.4f} "
+                          f"(perplexity {math.exp(self.val_loss_before):.2f} → {math.exp(self.val_loss_after):.2f}).")
+        if self.curve:
+            lines += ["", "| stage | step | tokens | seconds | held-out loss |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {c['stage']} | {c['step']} | {c['tokens']:,} | {c['seconds']:.0f} | {c['val_loss']:.4f} |"
+                      for c in self.curve]
+        return lines
+
+    def plot(self, path) -> None:
+        """The held-out loss against training tokens (PNG at ``path``, written atomically); nothing without a
+        curve."""
+        if not self.curve:
+            return
+        fig = Figure(figsize=(7, 4))  # no pyplot: the caller's matplotlib state stays untouched
+        ax = fig.subplots()
+        for stage, marker in (("start", "s"), ("reconstruct", "D"), ("distill", "o")):
+            pts = [(c["tokens"], c["val_loss"]) for c in self.curve if c["stage"] == stage]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, ms=4, label=stage)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out LM loss (nats/token)")
+        ax.set_title(f"recovery ({self.mode})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        atomic_write_bytes(path, png.getvalue())
