@@ -71,19 +71,18 @@ def main() -> None:
                                                                                          time.gmtime())}
     model, tok = zoo.load_default()
     teacher = copy.deepcopy(model)  # the dense teacher, kept before the in-place compaction
-    # refit "auto" makes windows() hold out the validation windows, as the pipeline does when recovery is on;
-    # the refit actually run is --refit
-    pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method=args.method), refit=RefitConfig(refit="auto"),
-                    evaluation=EvalConfig(eval_windows=0), work_dir=args.work, resume=True, progress=False)
-    windows = pruner.windows()
-    pruner.refit_config = RefitConfig(refit=args.refit)
-    if args.dense:
-        out["dense"] = scores(teacher, tok, args.eval_windows)
     cfg = RecoveryConfig(recover=args.mode, recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
                          recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
                          recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
                          recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
                          recover_val_every=args.val_every, recover_checkpoint_every=0)
+    # the Pruner's own stages up to compaction; recovery runs below, scored along the way
+    pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method=args.method), refit=RefitConfig(refit=args.refit),
+                    recovery=cfg, evaluation=EvalConfig(eval_windows=0, speed=False), work_dir=args.work,
+                    resume=True, progress=False)
+    windows = pruner.windows()
+    if args.dense:
+        out["dense"] = scores(teacher, tok, args.eval_windows)
     points, eval_seconds = [], [0.0]
 
     def make_callback(student, t0):

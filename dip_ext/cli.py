@@ -33,6 +33,8 @@ from .errors import UnsupportedModelError
 from .eval import perplexity
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
 from .pipeline import Pruner
+from .recovery import RecoveryConfig
+from .recovery.command import add_recover_parser, run_recover
 from .selection import get_method, method_names
 from .selection.registry import registered_options_classes
 from .selftest import selftest
@@ -121,7 +123,7 @@ def check_device(device: str) -> None:
 
 
 def _prune_option_classes() -> list[type]:
-    return [PruneConfig, *registered_options_classes(), RefitConfig, EvalConfig, PruneRun]
+    return [PruneConfig, *registered_options_classes(), RefitConfig, RecoveryConfig, EvalConfig, PruneRun]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in prune._actions:  # registered methods are known at run time, not when PruneConfig is declared
         if action.dest == "method":
             action.choices = list(method_names())
+    add_recover_parser(sub)
     sub.add_parser("eval", dataclass_types=[EvalRun], help="perplexity of a (pruned or dense) model on a text",
                    description="Print the perplexity of a model on a text (a built-in text's held-out part).")
     sub.add_parser("info", dataclass_types=[InfoRun], help="print how the extension was built (JSON)")
@@ -164,6 +167,7 @@ def _method_options(args: argparse.Namespace):
 
 def _prune(args: argparse.Namespace) -> int:
     config, refit = from_namespace(PruneConfig, args), from_namespace(RefitConfig, args)
+    recovery = from_namespace(RecoveryConfig, args)
     evaluation, run = from_namespace(EvalConfig, args), from_namespace(PruneRun, args)
     options = _method_options(args)
     out = Path(run.out)
@@ -188,7 +192,8 @@ def _prune(args: argparse.Namespace) -> int:
         model, full, tokenizer = load_sharded(run.model, device, run.dtype)
     else:
         model, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=device)
-    pruner = Pruner(model, tokenizer, config, method_options=options, refit=refit, evaluation=evaluation,
+    pruner = Pruner(model, tokenizer, config, method_options=options, refit=refit, recovery=recovery,
+                    evaluation=evaluation,
                     work_dir=out / "work", resume=run.resume, progress=not run.quiet,
                     model_name=run.model or zoo.DEFAULT_MODEL, full_model=full)
     model, report = pruner.run()
@@ -273,6 +278,11 @@ def main(argv=None) -> int:
             return _prune(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "recover":
+            if dist.init_from_env(device=args.device) and dist.world_size() > 1:
+                with dist.fail_fast(brief=USER_ERRORS):
+                    return run_recover(args)
+            return run_recover(args)
         return _info(args)
     except USER_ERRORS as e:  # bad input: one clear line
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

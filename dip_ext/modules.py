@@ -185,7 +185,8 @@ def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bo
     """
     idx = idx.on(x.device)
     if _autograd_needed(x, y):
-        return x.index_add(-1, idx, y)
+        # under autocast a block's output may come in a lower precision than the residual stream
+        return x.index_add(-1, idx, y.to(x.dtype))
     if not inplace:
         x = x.clone()
     if x.dim() not in (2, 3):

@@ -32,6 +32,7 @@ from . import distributed as dist
 from .calibration import CalibrationResult, blocks_sha, run_calibration
 from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
+from .recovery import RecoveryConfig, RecoveryResult, recover
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
@@ -94,6 +95,7 @@ class Pruner:
 
     def __init__(self, model: nn.Module, tokenizer=None, config: Optional[PruneConfig] = None, *,
                  method_options: Any = None, refit: Optional[RefitConfig] = None,
+                 recovery: Optional[RecoveryConfig] = None,
                  evaluation: Optional[EvalConfig] = None, calibration_tokens: Optional[torch.Tensor] = None,
                  calibration: Optional[CalibrationResult] = None,
                  work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False, progress: bool = True,
@@ -101,8 +103,10 @@ class Pruner:
         self.config = config if config is not None else PruneConfig()
         self.refit_config = refit if refit is not None else RefitConfig()
         self.eval_config = evaluation if evaluation is not None else EvalConfig()
+        self.recovery_config = recovery if recovery is not None else RecoveryConfig()
         for name, value, cls in (("config", self.config, PruneConfig), ("refit", self.refit_config, RefitConfig),
-                                 ("evaluation", self.eval_config, EvalConfig)):
+                                 ("evaluation", self.eval_config, EvalConfig),
+                                 ("recovery", self.recovery_config, RecoveryConfig)):
             if not isinstance(value, cls):
                 raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
         self.method = get_method(self.config.method)
@@ -147,6 +151,8 @@ class Pruner:
         self._refit_done = False
         self._compaction: Optional[CompactionResult] = None
         self._speed_reference: Optional[nn.Module] = None
+        self._teacher: Optional[nn.Module] = None
+        self._recovery: Optional[RecoveryResult] = None
 
     # ---- checks and bookkeeping ----------------------------------------------------------------------------
 
@@ -180,7 +186,8 @@ class Pruner:
                 given = self.calibration_tokens is not None
                 blocks = calibration_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
                                              self.seq_len, config=self.model.config)
-                wants_val = self.method.uses_validation(self.method_options) or self.refit_config.refit == "auto"
+                wants_val = (self.method.uses_validation(self.method_options) or self.refit_config.refit == "auto"
+                             or self.recovery_config.recover != "off")
                 n_pass = None if given and cfg.calibration_windows >= blocks.shape[0] else cfg.calibration_windows
                 self._windows = split_calibration(blocks, n_pass, cfg.val_windows if wants_val else 0)
         return self._windows
@@ -235,9 +242,15 @@ class Pruner:
             self.refit()
             dense = self.full_model if self.placement.sharded else self.model
             before = param_report(dense if dense is not None else self.model)
-            if self.eval_config.speed and not self.placement.sharded and self.placement.is_main:
-                # timed against the compacted model in interleaved pairs, so load changes hit both alike
-                self._speed_reference = copy.deepcopy(self.model)
+            keep_dense = self.eval_config.speed or self.recovery_config.recover != "off"
+            if keep_dense and not self.placement.sharded:
+                # the recovery's teacher, and the reference the compacted model's speed is timed against in
+                # interleaved pairs (so load changes hit both alike)
+                self._teacher = copy.deepcopy(self.model)
+                if self.eval_config.speed and self.placement.is_main:
+                    # the teacher may be cast to another dtype for the recovery: time against the dense original
+                    same = self.recovery_config.recover_teacher_dtype == "same"
+                    self._speed_reference = self._teacher if same else copy.deepcopy(self.model)
             with self._timed("compaction"):
                 model = dense
                 if model is not None:
@@ -247,14 +260,31 @@ class Pruner:
             self._compaction = CompactionResult(model, before, param_report(model) if model is not None else None)
         return self._compaction
 
+    def recover(self) -> Optional[RecoveryResult]:
+        """Trains the compacted model back toward the dense one (:func:`dip_ext.recovery.recover`) on the
+        calibration text's training windows, early-stopped on the held-out ones; None with ``recover="off"``."""
+        if self._recovery is None and self.recovery_config.recover != "off":
+            if self.placement.sharded:
+                raise ValueError("recovery of an FSDP-sharded run is not supported: recover the saved model with "
+                                 "dip-ext recover under torchrun (data-parallel)")
+            model, windows = self.compact().model, self.windows()
+            work = self.work_dir / "recovery" if self.work_dir is not None else None
+            with self._timed("recovery"):
+                self._recovery = recover(model, self._teacher, windows.train, windows.val, self.recovery_config,
+                                         work_dir=work, resume=self.resume, placement=self.placement,
+                                         progress=self.progress)
+            self._teacher = None  # the copy is not needed any more
+        return self._recovery
+
     def evaluate(self) -> Evaluation:
-        """Perplexity of the model now: "before" until :meth:`compact` ran, then "after" (with the prefill speed
-        against the dense model when ``EvalConfig.speed``).
+        """Perplexity of the model now: "before" until :meth:`compact` ran, "after" until :meth:`recover` ran (with
+        the prefill speed against the dense model when ``EvalConfig.speed``), then "recovered".
 
         Data-parallel: rank 0 evaluates, the other ranks return an empty Evaluation. Sharded: every rank scores
         "before" (its forwards are collectives, speed is not measured); rank 0 alone scores "after".
         """
-        label = "after" if self._compaction is not None else "before"
+        label = "recovered" if self._recovery is not None and self._recovery.chosen else (
+            "after" if self._compaction is not None else "before")
         model = self._compaction.model if self._compaction is not None else self.model
         cfg = self.eval_config
         texts = list(cfg.eval_text) if cfg.eval_windows != 0 else []
@@ -267,13 +297,15 @@ class Pruner:
                 split = data.eval_split(name, None if self.calibration_tokens is not None else self.config.calibration)
                 value = perplexity(model, self.tokenizer, name, seq_len=self.eval_seq_len, max_windows=cfg.eval_windows,
                                    progress=self.progress and self.placement.is_main, split=split)
-                if label == "after" and not math.isfinite(value):
+                if label != "before" and not math.isfinite(value):
                     raise FloatingPointError(f"pruned model has non-finite perplexity on {name}")
                 result.perplexity[name] = value
             if label == "after" and self._speed_reference is not None:
                 result.speed = compare_prefill(self._speed_reference, model, seq_len=self.eval_seq_len)
                 result.tokens_per_second = result.speed.pruned_tokens_per_second
-                self._speed_reference = None  # the dense copy is not needed any more
+                self._speed_reference = None
+                if self.recovery_config.recover == "off":
+                    self._teacher = None  # the dense copy is not needed any more
         self.evaluations[label] = result
         return result
 
@@ -284,7 +316,9 @@ class Pruner:
         if self._compaction is None and "before" not in self.evaluations:
             self.evaluate()
         self.compact()
-        if "after" not in self.evaluations:
+        if "after" not in self.evaluations and self._recovery is None:
+            self.evaluate()
+        if self.recover() is not None and self._recovery.chosen:
             self.evaluate()
         return self._compaction.model, self.report()
 
@@ -326,5 +360,7 @@ class Pruner:
             tokens_per_second_before=after_eval.speed.dense_tokens_per_second if after_eval.speed else None,
             tokens_per_second_after=after_eval.tokens_per_second, seconds=dict(self.seconds),
             speed=after_eval.speed.to_dict() if after_eval.speed else None,
+            perplexity_recovered=self.evaluations.get("recovered", Evaluation("recovered")).perplexity,
+            recovery=self._recovery.to_dict() if self._recovery is not None else None,
             masks=masks.to_dict(), selection={k: v for k, v in summary.items() if v is not None},
             dtype=self.dtype, resumed=self.resumed)

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from .files import atomic_write_bytes, atomic_write_text
 from .masks import STRUCTURES
+from .recovery import RecoveryResult
 
 __all__ = ["PruneReport"]
 
@@ -39,6 +40,8 @@ class PruneReport:
     dtype: Optional[str] = None  # the weights' dtype while pruning
     resumed: bool = False  # whether any stage continued from checkpoints of an earlier run
     speed: Optional[dict] = None  # interleaved prefill pairs: eval.PrefillComparison.to_dict()
+    perplexity_recovered: dict = field(default_factory=dict)  # after the recovery stage (empty without one)
+    recovery: Optional[dict] = None  # recovery.RecoveryResult.to_dict()
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -57,6 +60,9 @@ class PruneReport:
         for name in self.perplexity_before:
             before, after = self.perplexity_before[name], self.perplexity_after.get(name, float("nan"))
             lines.append(f"| perplexity {name} | {before:.3f} | {after:.3f} | ×{after / before:.3f} |")
+            if name in self.perplexity_recovered:
+                rec = self.perplexity_recovered[name]
+                lines.append(f"| perplexity {name}, after recovery | {before:.3f} | {rec:.3f} | ×{rec / before:.3f} |")
         if self.speed:
             s = self.speed
             lines.append(f"| prefill tokens/s | {s['dense_tokens_per_second']:,.0f} | "
@@ -81,6 +87,8 @@ class PruneReport:
             lines += ["", f"Refit ({refit['mode']}): {refit['weights']} weights reading a pruned input "
                           f"({', '.join(refit['structures'])}) refitted by least squares on {refit['tokens']:,} "
                           f"calibration tokens, damping {refit['damping']:g}{scored}."]
+        if self.recovery:
+            lines += RecoveryResult(**self.recovery).markdown_lines()
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
@@ -109,8 +117,11 @@ class PruneReport:
         atomic_write_bytes(path, png.getvalue())
 
     def save(self, folder) -> None:
-        """Writes ``report.json``, ``report.md`` and ``widths.png`` into ``folder`` (each atomically)."""
+        """Writes ``report.json``, ``report.md``, ``widths.png`` and, after a recovery, ``recovery.png`` (its
+        held-out curve) into ``folder`` (each atomically)."""
         folder = Path(folder)
         atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
         atomic_write_text(folder / "report.md", self.to_markdown())
         self.plot(folder / "widths.png")
+        if self.recovery:
+            RecoveryResult(**self.recovery).plot(folder / "recovery.png")

@@ -184,3 +184,23 @@ def test_every_entry_point_that_needs_a_dense_model_says_so(entry):
         calls[entry](compacted)
     if entry != "budget":  # the dense model passes the same entry point's check
         calls[entry](dense)
+
+
+def test_recovery_stage_runs_after_compaction_and_reaches_the_report(tmp_path, word_tokenizer, word_text):
+    from dip_ext.recovery import RecoveryConfig
+
+    pruner = Pruner(tiny_llama(), word_tokenizer, PruneConfig(ratio=0.4, method="oneshot", calibration=word_text,
+                                                              seq_len=16, calibration_windows=4, val_windows=2),
+                    refit=RefitConfig(refit="off"),
+                    recovery=RecoveryConfig(recover="distill", recover_steps=3, recover_lr=1e-2, recover_batch=2,
+                                            recover_val_every=1),
+                    evaluation=EvalConfig(eval_text=[word_text], eval_windows=2, eval_seq_len=16, speed=False),
+                    progress=False)
+    assert pruner.windows().val is not None  # recovery early-stops on held-out windows
+    model, report = pruner.run()
+    assert report.recovery["mode"] == "distill" and "recovery" in report.seconds
+    if report.recovery["chosen"]:  # the recovered model was scored again
+        assert set(report.perplexity_recovered) == {word_text}
+    assert report.recovery["val_loss_after"] <= report.recovery["val_loss_before"]  # the best step is kept
+    report.save(tmp_path)
+    assert "## Recovery" in (tmp_path / "report.md").read_text() and (tmp_path / "recovery.png").is_file()

@@ -18,12 +18,11 @@ from typing import Optional
 
 from .. import distributed as dist
 from .. import zoo
-from ..config import EvalConfig, window_length
-from ..data import spread_indices
+from ..config import DEFAULT_SEQ_LEN, EvalConfig
+from ..data import fit_seq_len, spread_indices
 from ..eval import perplexity
 from ..files import atomic_write_text
 from ..options import check_fields, from_namespace, option
-from ..tokens import max_positions
 from ..windows import calibration_windows, split_calibration
 from .checks import check_training_text
 from .config import RecoveryConfig
@@ -89,15 +88,16 @@ def run_recover(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     student, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
     teacher, _ = zoo.resolve_model(run.teacher, dtype=run.dtype, device=run.device)
-    seq_len = window_length(run.seq_len, max_positions(student.config))
+    seq_len = fit_seq_len(run.seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--seq-len")
     blocks = calibration_windows(tokenizer, run.calibration, seq_len, config=student.config)
     windows = split_calibration(blocks, None, run.val_windows)
     train = windows.train
     if config.recover_text is not None and config.recover_text != run.calibration:
         train = calibration_windows(tokenizer, config.recover_text, seq_len, config=student.config)
-    if config.recover_windows is not None and config.recover_windows < train.shape[0]:        train = train[spread_indices(train.shape[0], config.recover_windows)]
+    if config.recover_windows is not None and config.recover_windows < train.shape[0]:
+        train = train[spread_indices(train.shape[0], config.recover_windows)]
     progress = not run.quiet and dist.is_main()
-    eval_len = window_length(evaluation.eval_seq_len, max_positions(student.config), "eval_seq_len")
+    eval_len = fit_seq_len(evaluation.eval_seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--eval-seq-len")
 
     def scores(model) -> dict:
         return {t: perplexity(model, tokenizer, t, seq_len=eval_len, max_windows=evaluation.eval_windows,
