@@ -1,5 +1,5 @@
 """Widths read from the modules, not assumed: configs whose heads × head_dim differ from the hidden size
-(Mistral-Nemo, Qwen3-like), MQA / GQA, biases a family hard-codes or ignores, tied / untied embeddings, a sliding
+(Mistral-Nemo, Qwen3, Gemma3), MQA / GQA, biases a family hard-codes or ignores, tied / untied embeddings, a sliding
 window shorter than the sequence. Compacted ≡ masked reference (fp32, 1e-5), KV-cache decode included, and the
 parameter formula ≡ the dense and compacted modules."""
 
@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks
@@ -34,6 +35,24 @@ CASES = {
     # Qwen2 hard-codes q/k/v biases and no o_proj bias, whatever attention_bias says
     "qwen2-wide-heads": (Qwen2ForCausalLM, Qwen2Config(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
                                                        attention_bias=False, tie_word_embeddings=False, **BASE)),
+    # Qwen3: 4 × 16 ≠ 48, GQA, q/k norms, untied, every layer sliding with a window of 4 over 14 tokens
+    "qwen3-wide-heads-window": (Qwen3ForCausalLM, Qwen3Config(num_attention_heads=4, head_dim=16,
+                                                              num_key_value_heads=2, use_sliding_window=True,
+                                                              sliding_window=4, max_window_layers=0,
+                                                              tie_word_embeddings=False, **BASE)),
+    # Qwen3 with attention_bias (q/k/v AND o_proj biases), MQA, 3 × 12 ≠ 48, tied, no sliding window
+    "qwen3-bias-mqa-tied": (Qwen3ForCausalLM, Qwen3Config(num_attention_heads=3, head_dim=12, num_key_value_heads=1,
+                                                          attention_bias=True, tie_word_embeddings=True, **BASE)),
+    # Gemma3: MQA, 2 × 32 ≠ 48 (head_dim 256 ≠ 640 / 4 in the 270M), local (window 4) / global / local layers,
+    # soft-capping, tied
+    "gemma3-mqa-window-softcap": (Gemma3ForCausalLM, Gemma3TextConfig(
+        num_attention_heads=2, head_dim=32, num_key_value_heads=1, query_pre_attn_scalar=32, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, tie_word_embeddings=True, **BASE)),
+    # Gemma3: GQA with attention_bias, untied, every layer global
+    "gemma3-gqa-bias-untied": (Gemma3ForCausalLM, Gemma3TextConfig(
+        num_attention_heads=4, head_dim=8, num_key_value_heads=2, attention_bias=True, sliding_window=4,
+        layer_types=["full_attention"] * 3, tie_word_embeddings=False, **BASE)),
     # Phi's attention reads head_dim when the config has one
     "phi-head-dim-gqa": (PhiForCausalLM, PhiConfig(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
                                                    partial_rotary_factor=0.5, **BASE)),
