@@ -150,3 +150,30 @@ def test_compacted_equals_masked_reference_with_cache(name):
     assert_close(out, ref)
     assert_close(out, whole)  # cached decode ≡ one pass over the whole sequence
     assert (unmasked - ref[:, :ids.shape[1]]).abs().max() > 1e-3  # the reference really is pruned
+
+
+def test_qwen3_and_gemma3_counts_by_hand():
+    """Decoder-linear and total parameters of two tiny configs, worked out by hand (d 48, ffn 40, 3 layers)."""
+    qwen3 = make_model("qwen3-bias-mqa-tied")  # q 3·12 = 36, k = v 12, biases on q/k/v/o, tied
+    per_layer = 48 * (36 + 12 + 12) + (36 + 12 + 12) + 36 * 48 + 48 + 3 * 48 * 40
+    norms = 3 * (2 * 48 + 2 * 12) + 48  # input / post-attention norms, q / k norms over head_dim, final norm
+    rep = dip_ext.param_report(qwen3)
+    assert rep.decoder_linear == 3 * per_layer == 3 * 10476
+    assert rep.total == VOCAB * 48 + 3 * per_layer + norms
+    gemma = make_model("gemma3-gqa-bias-untied")  # q 4·8 = 32, k = v 2·8 = 16, biases on q/k/v/o, untied
+    per_layer = 48 * (32 + 16 + 16) + (32 + 16 + 16) + 32 * 48 + 48 + 3 * 48 * 40
+    norms = 3 * (4 * 48 + 2 * 8) + 48  # the sandwich: four norms over d per layer
+    rep = dip_ext.param_report(gemma)
+    assert rep.decoder_linear == 3 * per_layer
+    assert rep.total == 2 * VOCAB * 48 + 3 * per_layer + norms
+    # a layer without attention drops its q/k/v/o, q/k norms and both attention norms
+    masks = random_masks(gemma)
+    compacted = dip_ext.compact(copy.deepcopy(gemma), masks)
+    layer1 = compacted.model.layers[1]
+    assert layer1.self_attn is None and layer1.input_layernorm is None and layer1.post_attention_layernorm is None
+    w = masks.widths()
+    linear = sum(w[i]["attn_in"] * 64 + 64 + 32 * w[i]["attn_out"] + w[i]["attn_out"]
+                 if w[i]["attn_out"] else 0 for i in range(3))
+    linear += sum(2 * w[i]["mlp_in"] * w[i]["mlp_mid"] + w[i]["mlp_mid"] * w[i]["mlp_out"]
+                  if w[i]["mlp_mid"] else 0 for i in range(3))
+    assert dip_ext.param_report(compacted).decoder_linear == linear
