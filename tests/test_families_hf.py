@@ -333,3 +333,10 @@ def test_dense_entry_points_refuse_a_compacted_model():
     layer = compacted.model.layers[0]
     with pytest.raises(ValueError, match="already compacted"):
         adapter_for(compacted).mask_points(layer)
+
+
+def test_multimodal_gemma3_is_refused_naming_the_text_class():
+    from transformers import Gemma3Config
+
+    with pytest.raises(dip_ext.UnsupportedModelError, match="model_type 'gemma3'.*supported: .*Gemma3ForCausalLM"):
+        adapter_for(Gemma3Config())
