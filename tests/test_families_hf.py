@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig,
-                          PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
+                          PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks
@@ -336,7 +336,5 @@ def test_dense_entry_points_refuse_a_compacted_model():
 
 
 def test_multimodal_gemma3_is_refused_naming_the_text_class():
-    from transformers import Gemma3Config
-
     with pytest.raises(dip_ext.UnsupportedModelError, match="model_type 'gemma3'.*supported: .*Gemma3ForCausalLM"):
         adapter_for(Gemma3Config())
