@@ -32,7 +32,7 @@ def cases(dtype):
     ws = (torch.randn(k, OUT, generator=g) / OUT**0.5).to(dtype)
     y = torch.randn(T, k, generator=g).to(dtype)
     res = torch.randn(T, D, generator=g).to(dtype)
-    env = dict(ops=ops, F=F, x=x, w=w, idx=idx, wg=wg, xs=xs, ws=ws, y=y, res=res, D=D, EPS=EPS)
+    env = dict(ops=ops, F=F, torch=torch, x=x, w=w, idx=idx, wg=wg, xs=xs, ws=ws, y=y, res=res, D=D, EPS=EPS)
     return env, {
         "rms_norm_gather": ("ops.rms_norm_gather(x, w, idx, EPS, check_idx=False)",
                             "F.rms_norm(x, (D,), w, EPS)[..., idx]"),
@@ -41,6 +41,10 @@ def cases(dtype):
         "scatter_add_": ("ops.scatter_add_(res, idx, y, check_idx=False)", "res.index_add_(-1, idx, y)"),
         "gemm_scatter_add_": ("ops.gemm_scatter_add_(res, idx, xs, ws, check_idx=False)",
                               "res.index_add_(-1, idx, F.linear(xs, ws))"),
+        "rms_norm_scatter_add_": (
+            "ops.rms_norm_scatter_add_(res, idx, y, w, EPS, unit_offset=True, check_idx=False)",
+            "res.index_add_(-1, idx, (y.float() * torch.rsqrt(y.float().pow(2).sum(-1, keepdim=True) / D + EPS)"
+            " * (w.float()[idx] + 1)).to(y.dtype))"),
     }
 
 

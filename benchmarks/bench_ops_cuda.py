@@ -135,6 +135,18 @@ def bench_cases(ops, M: int, dtype: torch.dtype, d: int, ffn: int, keep: float):
             "mm": lambda: torch.mm(h, w_down.t())},
            (k_out * k_mid + M * k_mid + 2 * M * k_out) * es, 2 * M * k_mid * k_out)
 
+    # Gemma's output norm fused with the residual update: residual[:, out] += rms_norm(y over d) * (1 + w)[out]
+    def rnsa_unfused():
+        yf = y.float()
+        scale = w_norm.float().index_select(0, idx_out) + 1.0
+        residual.index_add_(-1, idx_out, (yf * torch.rsqrt(yf.pow(2).sum(-1, keepdim=True) / d + eps) * scale).to(dtype))
+
+    yield ("rms_norm_scatter_add_",
+           {"dip": lambda: ops.rms_norm_scatter_add_(residual, idx_out, y, w_norm, eps, unit_offset=True,
+                                                     check_idx=False),
+            "unfused": rnsa_unfused},
+           (3 * M * k_out + d) * es, 0)
+
     s64 = torch.zeros(d, device="cuda", dtype=torch.float64)
     q64 = torch.zeros(d, device="cuda", dtype=torch.float64)
 

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p = OptionParser([PruneConfig, HypernetworkConfig], prog="quality.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the grid")
+    g.add_argument("--model", default=None, help="a zoo name (smollm2-135m, gemma3-270m) or a model folder "
+                   "(default: the embedded SmolLM2-135M)")
     g.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     g.add_argument("--methods", nargs="+", default=["dependent", "oneshot", "hypernetwork"])
     g.add_argument("--hyper-ratios", type=float, nargs="*", default=None,
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
     hyper_ratios = args.ratios if args.hyper_ratios is None else args.hyper_ratios
 
     t0 = time.perf_counter()
-    dense, tokenizer = zoo.load_default()
+    dense, tokenizer = zoo.resolve_model(args.model)
     load_s = time.perf_counter() - t0
     dense_eval = Pruner(dense, tokenizer, dataclasses.replace(base, method="oneshot"), refit=RefitConfig("off"),
                         evaluation=EvalConfig(eval_text=TEXTS, eval_windows=args.eval_windows, speed=False),

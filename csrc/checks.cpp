@@ -227,3 +227,18 @@ std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
 }
 
 }  // namespace dip_ext
+
+namespace dip_ext {
+
+at::Tensor check_rms_norm_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                           const at::Tensor& y, const at::Tensor& weight, double eps,
+                                           bool check_idx) {
+  at::Tensor ix = check_scatter_add_args(op, residual, idx, y, check_idx);
+  check_same_device(op, "weight", weight, "residual", residual);
+  check_same_dtype(op, "weight", weight, "residual", residual);
+  check_vector(op, "weight", weight, residual.size(-1));
+  TORCH_CHECK_VALUE(eps >= 0, "dip_ext.", op, ": eps must be >= 0, got ", eps);
+  return ix;
+}
+
+}  // namespace dip_ext

@@ -81,3 +81,11 @@ at::Tensor& update_residual_rows(at::Tensor& residual, F&& update) {
 }
 
 }  // namespace dip_ext
+
+namespace dip_ext {
+// rms_norm_scatter_add_: residual [..., d], y [..., len(idx)], weight [d] (residual's dtype / device),
+// eps >= 0, unique idx over [0, d). Returns the checked int64 idx.
+at::Tensor check_rms_norm_scatter_add_args(const char* op, const at::Tensor& residual, const at::Tensor& idx,
+                                           const at::Tensor& y, const at::Tensor& weight, double eps,
+                                           bool check_idx);
+}  // namespace dip_ext

@@ -49,3 +49,16 @@ void calibration_stats_cuda(const at::Tensor& x, at::Tensor& sum, at::Tensor& su
 #endif
 
 }  // namespace dip_ext
+
+namespace dip_ext {
+// Output RMSNorm + scatter-add (a block's output y is zero outside idx, so its RMS over the full width d needs
+// only the kept entries): residual[..., idx[j]] += y[..., j] * rsqrt(sum_j y^2 / d + eps) * (o + weight[idx[j]]),
+// o = 1 when unit_offset (Gemma's (1 + w) scale) else 0; statistics in fp32, the normalised value rounded to
+// the dtype before the add. residual [..., d], y [..., k], weight [d]; idx unique.
+at::Tensor& rms_norm_scatter_add_cpu(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& y,
+                                     const at::Tensor& weight, double eps, bool unit_offset, bool check_idx);
+#ifdef DIP_EXT_WITH_CUDA
+at::Tensor& rms_norm_scatter_add_cuda(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& y,
+                                      const at::Tensor& weight, double eps, bool unit_offset, bool check_idx);
+#endif
+}  // namespace dip_ext

@@ -48,3 +48,27 @@ TORCH_LIBRARY_IMPL(dip_ext, CUDA, m) {
   m.impl("calibration_stats_", &dip_ext::calibration_stats_cuda);
 }
 #endif
+
+// Output RMSNorm folded into the residual update (in place, returns nothing like the other in-place ops).
+TORCH_LIBRARY_FRAGMENT(dip_ext, m) {
+  m.def("rms_norm_scatter_add_(Tensor(a!) residual, Tensor idx, Tensor y, Tensor weight, float eps, "
+        "bool unit_offset=False, bool check_idx=True) -> ()");
+}
+
+namespace {
+template <auto F>
+void rms_norm_scatter_void(at::Tensor& residual, const at::Tensor& idx, const at::Tensor& y, const at::Tensor& weight,
+                           double eps, bool unit_offset, bool check_idx) {
+  F(residual, idx, y, weight, eps, unit_offset, check_idx);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dip_ext, CPU, m) {
+  m.impl("rms_norm_scatter_add_", &rms_norm_scatter_void<&dip_ext::rms_norm_scatter_add_cpu>);
+}
+
+#ifdef DIP_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(dip_ext, CUDA, m) {
+  m.impl("rms_norm_scatter_add_", &rms_norm_scatter_void<&dip_ext::rms_norm_scatter_add_cuda>);
+}
+#endif

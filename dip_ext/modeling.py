@@ -20,16 +20,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .errors import UnsupportedModelError
 from .families import FAMILIES
 from .families.hf_classes import REMOTE_CODE_FILE
+from .families.gemma3 import DipExtGemma3Config, DipExtGemma3ForCausalLM
 from .families.llama import DipExtLlamaConfig, DipExtLlamaForCausalLM
 from .families.mistral import DipExtMistralConfig, DipExtMistralForCausalLM
 from .families.opt import DipExtOPTConfig, DipExtOPTForCausalLM
 from .families.phi import DipExtPhiConfig, DipExtPhiForCausalLM
 from .families.qwen2 import DipExtQwen2Config, DipExtQwen2ForCausalLM
+from .families.qwen3 import DipExtQwen3Config, DipExtQwen3ForCausalLM
 
 __all__ = ["REMOTE_CODE_FILE", "register_classes", "register_peft_target_modules", "from_pretrained",
            "DipExtLlamaConfig", "DipExtLlamaForCausalLM", "DipExtMistralConfig", "DipExtMistralForCausalLM",
            "DipExtQwen2Config", "DipExtQwen2ForCausalLM", "DipExtOPTConfig", "DipExtOPTForCausalLM",
-           "DipExtPhiConfig", "DipExtPhiForCausalLM"]
+           "DipExtPhiConfig", "DipExtPhiForCausalLM", "DipExtQwen3Config", "DipExtQwen3ForCausalLM",
+           "DipExtGemma3Config", "DipExtGemma3ForCausalLM"]
 
 
 def register_classes() -> None:

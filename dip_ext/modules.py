@@ -109,23 +109,28 @@ class RMSNormGather(IndexSetsFollowDevice, nn.Module):
     """RMSNorm over the full width d, then only the columns ``idx``.
 
     ``x [..., d]`` → ``[..., len(idx)]`` in x's dtype; statistics in fp32. ``weight`` keeps its full width d
-    (it is a handful of numbers, and every kept subset of every block reads a different part of it).
+    (it is a handful of numbers, and every kept subset of every block reads a different part of it). With
+    ``unit_offset`` the scale is ``1 + weight`` (Gemma's norms, whose stored weight is centred on 0); the kernel
+    then reads ``1 + weight`` rounded to x's dtype.
     """
 
-    def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor, *, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self.variance_epsilon = float(eps)
+        self.unit_offset = bool(unit_offset)
         self.idx = IndexSet(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.idx.on(x.device)
+        weight = (1 + self.weight.float()).to(x.dtype) if self.unit_offset else self.weight
         if _autograd_needed(x, self.weight) or x.dim() not in (2, 3):
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon).index_select(-1, idx)
-        return ops.rms_norm_gather(x, self.weight, idx, self.variance_epsilon, check_idx=False)
+            return F.rms_norm(x, (x.shape[-1],), weight, self.variance_epsilon).index_select(-1, idx)
+        return ops.rms_norm_gather(x, weight, idx, self.variance_epsilon, check_idx=False)
 
     def extra_repr(self) -> str:
-        return f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
+        return (f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
+                + (", scale=1+weight" if self.unit_offset else ""))
 
 
 class LayerNormGather(IndexSetsFollowDevice, nn.Module):
@@ -192,3 +197,41 @@ def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bo
     if x.dim() not in (2, 3):
         return x.index_add_(-1, idx, y)
     return ops.scatter_add_(x, idx, y, check_idx=False)
+
+
+def rms_norm_scatter_add(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                         unit_offset: bool) -> torch.Tensor:
+    """Differentiable plain-torch ``x[..., idx] += rms_norm(y)``: a new tensor (see :func:`ops.rms_norm_scatter_add_`
+    for the semantics: RMS of the zero-padded output over the full width ``x.size(-1)``, fp32 statistics)."""
+    yf = y.float()
+    rstd = torch.rsqrt(yf.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)
+    scale = weight.float().index_select(0, idx) + (1.0 if unit_offset else 0.0)
+    return x.index_add(-1, idx, (yf * rstd * scale).to(y.dtype))
+
+
+class RMSNormScatterAdd(IndexSetsFollowDevice, nn.Module):
+    """An RMSNorm on a block's OUTPUT, folded into its residual update (Gemma's post-attention / post-feedforward
+    norms): ``x[..., idx] += rms_norm(y) ⊙ scale[idx]``, the RMS taken over the full width d of the zero-padded
+    output. ``y [..., len(idx)]``, ``x [..., d]``; ``weight`` keeps its full width d; the scale is ``1 + weight``
+    with ``unit_offset``. Exact against normalising the dense, masked output. In place on ``x`` when ``inplace``.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor, *, unit_offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.variance_epsilon = float(eps)
+        self.unit_offset = bool(unit_offset)
+        self.idx = IndexSet(idx)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        idx = self.idx.on(x.device)
+        if _autograd_needed(x, y, self.weight) or x.dim() not in (2, 3):
+            return rms_norm_scatter_add(x, idx, y, self.weight, self.variance_epsilon, self.unit_offset)
+        if not inplace:
+            x = x.clone()
+        return ops.rms_norm_scatter_add_(x, idx, y, self.weight, self.variance_epsilon, unit_offset=self.unit_offset,
+                                         check_idx=False)
+
+    def extra_repr(self) -> str:
+        return (f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
+                + (", scale=1+weight" if self.unit_offset else ""))

@@ -75,6 +75,19 @@ def gemm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, x: torch.Tensor
     return residual
 
 
+def rms_norm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                          eps: float, *, unit_offset: bool = False, check_idx: bool = True) -> torch.Tensor:
+    """Output RMSNorm folded into the residual update, in place (idx unique); returns ``residual``.
+
+    ``y [..., len(idx)]`` is a block's output on its kept entries (zero elsewhere), so its RMS over the full width
+    ``d = residual.size(-1)`` is ``sqrt(sum_j y_j^2 / d + eps)``; then ``residual[..., idx] += y * rsqrt(...) *
+    (o + weight[idx])`` with ``weight [d]`` and ``o = 1`` when ``unit_offset`` (Gemma's ``(1 + w)`` scale), else 0.
+    Statistics in fp32; the normalised value is rounded to the dtype before it is added (as the unfused model).
+    """
+    _ops.rms_norm_scatter_add_(residual, idx, y, weight, float(eps), bool(unit_offset), check_idx)
+    return residual
+
+
 @dataclass
 class CalibrationStats:
     """Running per-channel statistics of activations ``[..., d]``.
@@ -216,6 +229,11 @@ def _(residual, idx, x, weight, bias=None, check_idx=True):
     _same_device("gemm_scatter_add_", "residual", residual=residual, idx=idx, x=x, weight=weight, bias=bias)
 
 
+@torch.library.register_fake("dip_ext::rms_norm_scatter_add_")
+def _(residual, idx, y, weight, eps, unit_offset=False, check_idx=True):
+    _same_device("rms_norm_scatter_add_", "residual", residual=residual, idx=idx, y=y, weight=weight)
+
+
 @torch.library.register_fake("dip_ext::calibration_stats_")
 def _(x, sum, sumsq, gram=None):
     _same_device("calibration_stats_", "x", x=x, sum=sum, sumsq=sumsq, gram=gram)
@@ -223,4 +241,4 @@ def _(x, sum, sumsq, gram=None):
 
 
 __all__ = ["rms_norm_gather", "layer_norm_gather", "index_select_gemm", "scatter_add_", "gemm_scatter_add_",
-           "calibration_stats", "CalibrationStats"]
+           "rms_norm_scatter_add_", "calibration_stats", "CalibrationStats"]

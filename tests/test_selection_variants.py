@@ -1,6 +1,6 @@
 """Every width from the module it describes: one-shot, dependent and a 2-step hypernetwork run end to end over
-tiny Llama-family config variants (KV heads 1..heads, attention / MLP biases, tied or untied embeddings,
-Mistral's sliding window, head_dim other than hidden / heads): masks valid for the model's dims, budget met,
+tiny Llama-family, Qwen3 and Gemma3 config variants (KV heads 1..heads, attention / MLP biases, tied or untied
+embeddings, sliding windows, Gemma3's sandwich norms, head_dim other than hidden / heads): masks valid for the model's dims, budget met,
 compacted model equal to the masked dense reference."""
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ def _model(family: str, heads: int, kv_heads: int, head_dim: int, bias: bool, ti
                   num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=64, max_position_embeddings=64,
                   attention_bias=bias, tie_word_embeddings=tied, initializer_range=0.2)
     torch.manual_seed(seed)
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(use_sliding_window=True, sliding_window=8,
+                                                                      max_window_layers=1, **common)).eval()
+    if family == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=head_dim,
+            final_logit_softcapping=30.0, **common)).eval()
     if family == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=8, **common)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(mlp_bias=bias, **common)).eval()
@@ -53,13 +60,13 @@ def _check_end_to_end(model, seed: int) -> None:
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(family=st.sampled_from(["llama", "mistral"]), heads=st.sampled_from([2, 4]), data=st.data(),
+@given(family=st.sampled_from(["llama", "mistral", "qwen3", "gemma3"]), heads=st.sampled_from([2, 4]), data=st.data(),
        bias=st.booleans(), tied=st.booleans(), seed=st.integers(0, 3))
 def test_methods_end_to_end_over_config_variants(family, heads, data, bias, tied, seed):
     kv_heads = data.draw(st.sampled_from([k for k in range(1, heads + 1) if heads % k == 0]), label="kv_heads")
     _check_end_to_end(_model(family, heads, kv_heads, 32 // heads, bias, tied, seed), seed)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma3"])
 def test_methods_end_to_end_when_head_dim_times_heads_is_not_hidden(family):
     _check_end_to_end(_model(family, 4, 2, 12, False, False, 0), 0)

@@ -161,6 +161,18 @@ void register_all(at::ScalarType dt) {
     in.residual.index_add_(-1, in.idx, at::linear(in.x_scatter, in.w_scatter));
   });
 
+  // output RMSNorm + scatter-add (Gemma's sandwich norms): read y, read + write the kept residual columns.
+  const double rnsa_bytes = es * (kTokens * k * 3 + kD);
+  add("rms_norm_scatter_add_/ours" + sfx, rnsa_bytes, 0, [&in] {
+    dip_ext::rms_norm_scatter_add_cpu(in.residual, in.idx, in.y, in.w_norm, kEps, true, false);
+  });
+  add("rms_norm_scatter_add_/aten" + sfx, rnsa_bytes, 0, [&in] {
+    const at::Tensor yf = in.y.to(at::kFloat);
+    const at::Tensor rstd = at::rsqrt(yf.pow(2).sum(-1, true) / static_cast<double>(kD) + kEps);
+    const at::Tensor scale = in.w_norm.to(at::kFloat).index_select(0, in.idx) + 1.0;
+    in.residual.index_add_(-1, in.idx, (yf * rstd * scale).to(in.y.scalar_type()));
+  });
+
   // The four issue-2 targets, paired (see add_pair). The in-place pairs keep adding into one residual; its
   // values grow linearly, far from overflow, so the timing does not change over a run.
   add_pair("pair/rms_norm_gather" + sfx,

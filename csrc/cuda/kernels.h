@@ -77,3 +77,14 @@ cudaError_t launch_calibration_stats(const T* x, int64_t x_stride, int64_t rows,
                                      double* sum, double* sumsq, cudaStream_t stream);
 
 }  // namespace dip_ext::cuda
+
+namespace dip_ext::cuda {
+// Output RMSNorm folded into the residual update: for each row r, rstd = rsqrt(sum_j y[r, j]^2 / d + eps) in
+// fp32, then residual[r, idx[j]] += round(y[r, j] * rstd * (offset + weight[idx[j]])) (the normalised value
+// rounded to T, the sum added in fp32 and rounded once). idx must be unique (no atomics). residual row view
+// [rows, d]; y row view [rows, k]; weight [d]; offset is 1 for Gemma's (1 + w) scale, else 0.
+template <typename T>
+cudaError_t launch_rms_norm_scatter_add(T* residual, int64_t residual_stride, const T* y, int64_t y_stride,
+                                        const T* weight, const int64_t* idx, int64_t rows, int64_t d, int64_t k,
+                                        float eps, float offset, cudaStream_t stream);
+}  // namespace dip_ext::cuda

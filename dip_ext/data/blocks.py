@@ -54,7 +54,7 @@ def needs_bos(tokenizer, config=None) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
-    model_type = str(getattr(config, "model_type", "") or "")
+    model_type = str(getattr(config, "disp_base_model_type", None) or getattr(config, "model_type", "") or "")
     if model_type.startswith("gemma"):
         return True
     if getattr(tokenizer, "add_bos_token", False):

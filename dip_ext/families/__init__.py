@@ -1,7 +1,7 @@
 """Model families: the registry that maps a model / config to its adapter and its compacted classes.
 
-Each family module (llama, mistral, qwen2, opt, phi) declares its adapter, its compacted decoder layer and
-removed-attention classes, and its ``DipExt<Family>Config`` / ``DipExt<Family>ForCausalLM``, and exports them as
+Each family module (llama, mistral, qwen2, qwen3, gemma3, opt, phi) declares its adapter, its compacted decoder
+layer and removed-attention classes, and its ``DipExt<Family>Config`` / ``DipExt<Family>ForCausalLM``, and exports them as
 one :class:`~dip_ext.families.hf_classes.Family` record, ``FAMILY``. Registering the classes with transformers'
 Auto classes is :func:`dip_ext.modeling.register_classes`.
 """
@@ -9,12 +9,13 @@ Auto classes is :func:`dip_ext.modeling.register_classes`.
 from __future__ import annotations
 
 from ..errors import UnsupportedModelError
-from . import llama, mistral, opt, phi, qwen2
+from . import gemma3, llama, mistral, opt, phi, qwen2, qwen3
 from .base import FamilyAdapter, LayerShapes
 from .hf_classes import Family, is_compacted
 
 #: Every supported family, in the order messages list them.
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, opt.FAMILY, phi.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY, opt.FAMILY,
+                                phi.FAMILY)
 ADAPTERS: list[FamilyAdapter] = [f.adapter for f in FAMILIES]
 
 
