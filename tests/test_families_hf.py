@@ -6,7 +6,6 @@ Tiny random configs, fp32, CPU ("meta" stands in for an accelerator)."""
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -141,7 +141,7 @@ def test_qwen3_and_gemma3_counts_by_hand():
     assert rep.decoder_linear == 3 * per_layer
     assert rep.total == 2 * VOCAB * 48 + 3 * per_layer + norms
     # a layer without attention drops its q/k/v/o, q/k norms and both attention norms
-    masks = random_masks(gemma)
+    masks = layer_masks(gemma)
     compacted = dip_ext.compact(copy.deepcopy(gemma), masks)
     layer1 = compacted.model.layers[1]
     assert layer1.self_attn is None and layer1.input_layernorm is None and layer1.post_attention_layernorm is None
