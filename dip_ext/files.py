@@ -8,15 +8,17 @@ does not read.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "read_safetensors"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,3 +54,17 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata=dict(metadata) if metadata is not None else None)
     atomic_write_bytes(path, data)
+
+
+def read_safetensors(path: PathLike, what: str, remedy: str) -> tuple[dict[str, str], dict, dict[str, torch.Tensor]]:
+    """``(header metadata, the JSON object stored under its "json" key or None, tensors)`` of a safetensors file
+    written by :func:`atomic_save_safetensors`. ValueError naming ``what`` and ``remedy`` for an unreadable file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header.get("json", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable {what} ({e}); {remedy}") from None
+    return header, meta, tensors

@@ -105,14 +105,9 @@ def place_index_sets(model: nn.Module) -> None:
     visit(model, torch.device("cpu"), False)
 
 
-class RMSNormGather(IndexSetsFollowDevice, nn.Module):
-    """RMSNorm over the full width d, then only the columns ``idx``.
-
-    ``x [..., d]`` → ``[..., len(idx)]`` in x's dtype; statistics in fp32. ``weight`` keeps its full width d
-    (it is a handful of numbers, and every kept subset of every block reads a different part of it). With
-    ``unit_offset`` the scale is ``1 + weight`` (Gemma's norms, whose stored weight is centred on 0); the kernel
-    then reads ``1 + weight`` rounded to x's dtype.
-    """
+class _IndexedRMSNorm(IndexSetsFollowDevice, nn.Module):
+    """An RMSNorm's full-width ``weight`` (scale ``1 + weight`` with ``unit_offset``), its ``eps`` and one index set:
+    what :class:`RMSNormGather` and :class:`RMSNormScatterAdd` hold."""
 
     def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor, *, unit_offset: bool = False):
         super().__init__()
@@ -121,16 +116,26 @@ class RMSNormGather(IndexSetsFollowDevice, nn.Module):
         self.unit_offset = bool(unit_offset)
         self.idx = IndexSet(idx)
 
+    def extra_repr(self) -> str:
+        return (f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
+                + (", scale=1+weight" if self.unit_offset else ""))
+
+
+class RMSNormGather(_IndexedRMSNorm):
+    """RMSNorm over the full width d, then only the columns ``idx``.
+
+    ``x [..., d]`` → ``[..., len(idx)]`` in x's dtype; statistics in fp32. ``weight`` keeps its full width d
+    (it is a handful of numbers, and every kept subset of every block reads a different part of it). With
+    ``unit_offset`` the scale is ``1 + weight`` (Gemma's norms, whose stored weight is centred on 0); the kernel
+    then reads ``1 + weight`` rounded to x's dtype.
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.idx.on(x.device)
         weight = (1 + self.weight.float()).to(x.dtype) if self.unit_offset else self.weight
         if _autograd_needed(x, self.weight) or x.dim() not in (2, 3):
             return F.rms_norm(x, (x.shape[-1],), weight, self.variance_epsilon).index_select(-1, idx)
         return ops.rms_norm_gather(x, weight, idx, self.variance_epsilon, check_idx=False)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
-                + (", scale=1+weight" if self.unit_offset else ""))
 
 
 class LayerNormGather(IndexSetsFollowDevice, nn.Module):
@@ -209,19 +214,12 @@ def rms_norm_scatter_add(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, we
     return x.index_add(-1, idx, (yf * rstd * scale).to(y.dtype))
 
 
-class RMSNormScatterAdd(IndexSetsFollowDevice, nn.Module):
+class RMSNormScatterAdd(_IndexedRMSNorm):
     """An RMSNorm on a block's OUTPUT, folded into its residual update (Gemma's post-attention / post-feedforward
     norms): ``x[..., idx] += rms_norm(y) ⊙ scale[idx]``, the RMS taken over the full width d of the zero-padded
     output. ``y [..., len(idx)]``, ``x [..., d]``; ``weight`` keeps its full width d; the scale is ``1 + weight``
     with ``unit_offset``. Exact against normalising the dense, masked output. In place on ``x`` when ``inplace``.
     """
-
-    def __init__(self, weight: torch.Tensor, eps: float, idx: torch.Tensor, *, unit_offset: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        self.variance_epsilon = float(eps)
-        self.unit_offset = bool(unit_offset)
-        self.idx = IndexSet(idx)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, inplace: bool) -> torch.Tensor:
         idx = self.idx.on(x.device)
@@ -231,7 +229,3 @@ class RMSNormScatterAdd(IndexSetsFollowDevice, nn.Module):
             x = x.clone()
         return ops.rms_norm_scatter_add_(x, idx, y, self.weight, self.variance_epsilon, unit_offset=self.unit_offset,
                                          check_idx=False)
-
-    def extra_repr(self) -> str:
-        return (f"d={self.weight.numel()}, kept={self.idx.numel()}, eps={self.variance_epsilon}"
-                + (", scale=1+weight" if self.unit_offset else ""))

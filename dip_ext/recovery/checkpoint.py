@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from ..files import atomic_save_safetensors
+from .. import distributed as dist
+from ..files import atomic_save_safetensors, read_safetensors
 
 __all__ = ["FORMAT", "save_training_state", "load_training_state", "optimizer_tensors", "load_optimizer"]
 
@@ -53,14 +53,19 @@ def load_training_state(path: Path) -> Optional[tuple[dict, dict[str, torch.Tens
     a recovery checkpoint."""
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(header.get("json", "null"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable recovery checkpoint ({e}); remove it or start without "
-                         "--resume") from None
+    header, meta, tensors = read_safetensors(path, "recovery checkpoint", "remove it or start without --resume")
     if header.get("format") != FORMAT or not isinstance(meta, dict):
         raise ValueError(f"{path} is not a dip_ext recovery checkpoint")
     return meta, tensors
+
+
+def resume_state(path: Optional[Path], resume: bool, fingerprint: dict,
+                 what: str) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+    """The checkpoint to continue from, as rank 0 reads it, on every rank: None without ``resume``, a ``path`` or a
+    file there. ValueError when its fingerprint is not ``fingerprint`` (``what`` says which run wrote it)."""
+    if not resume or path is None:
+        return None
+    loaded = dist.read_on_main(lambda: load_training_state(path))
+    if loaded is not None and loaded[0].get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} was written by {what}; start without --resume (or remove it)")
+    return loaded

@@ -30,7 +30,7 @@ from ..eval import mean_window_loss
 from ..families import adapter_for
 from ..model_state import model_device, model_digest
 from ..options import as_dict
-from .checkpoint import load_optimizer, load_training_state, optimizer_tensors, save_training_state
+from .checkpoint import load_optimizer, optimizer_tensors, resume_state, save_training_state
 from .config import RecoveryConfig
 from .losses import window_objective
 
@@ -127,12 +127,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     run = DistillRun(steps=steps, best_step=0, best_val_loss=math.inf)
     best: Optional[list[torch.Tensor]] = None
     start, seconds0 = 0, 0.0
-    loaded = dist.read_on_main(lambda: load_training_state(ckpt)) if (resume and ckpt is not None) else None
+    loaded = resume_state(ckpt, resume, fingerprint, "a run with other recovery options, windows, ranks or student")
     if loaded is not None:
         meta, tensors = loaded
-        if meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"{ckpt} was written by a run with other recovery options, windows, ranks or student; "
-                             "start without --resume (or remove it)")
         start = int(meta["step"])
         if start > steps:
             raise ValueError(f"{ckpt} is at step {start}, beyond recover_steps {steps}")

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed as dist
 from ..data import spread_indices
 from ..families import adapter_for
 from ..model_state import model_device, model_digest
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import resume_state, save_training_state
 from .config import RecoveryConfig
 
 __all__ = ["ReconstructionRun", "reconstruct", "relative_error", "CHECKPOINT_NAME"]
@@ -127,12 +126,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
                    "epochs": config.recover_recon_epochs, "lr": config.recover_recon_lr, "seed": config.recover_seed,
                    "ids": int(picked.sum())}
     done, seconds0 = 0, 0.0
-    loaded = dist.read_on_main(lambda: load_training_state(ckpt)) if (resume and ckpt is not None) else None
+    loaded = resume_state(ckpt, resume, fingerprint, "a reconstruction with other options, windows or student")
     if loaded is not None:
         meta, tensors = loaded
-        if meta.get("fingerprint") != fingerprint:
-            raise ValueError(f"{ckpt} was written by a reconstruction with other options, windows or student; start "
-                             "without --resume (or remove it)")
         done, seconds0, run.resumed_from = int(meta["layers_done"]), float(meta["seconds"]), int(meta["layers_done"])
         run.error_before, run.error_after = list(meta["error_before"]), list(meta["error_after"])
     t0 = time.perf_counter()

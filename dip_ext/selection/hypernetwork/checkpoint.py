@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ...files import atomic_save_safetensors
+from ...files import atomic_save_safetensors, read_safetensors
 from ...masks import ModelDims
 from ...model_state import model_digest
 from ..budget import Budget
@@ -84,14 +83,8 @@ def write_checkpoint(path: Path, tensors: dict, meta: dict) -> None:
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """``(tensors, meta)`` of the checkpoint at ``path``; ValueError saying why a file is not one this version
     resumes (unreadable, foreign, or an older format)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(header.get("json", "null"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable dip_ext hypernetwork checkpoint ({e}); "
-                         f"use another checkpoint_dir or remove the file") from None
+    header, meta, tensors = read_safetensors(path, "dip_ext hypernetwork checkpoint",
+                                             "use another checkpoint_dir or remove the file")
     fmt = header.get("format")
     if fmt in _REFUSED_FORMATS:
         raise ValueError(f"{path} cannot be resumed: {_REFUSED_FORMATS[fmt]} (format {fmt!r}); remove it or use "
