@@ -114,7 +114,8 @@ def blocks_sha(blocks: torch.Tensor) -> str:
 
 
 def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = True, progress: bool = True,
-                    checkpoint: Optional[os.PathLike] = None, checkpoint_every: int = 8) -> CalibrationResult:
+                    checkpoint: Optional[os.PathLike] = None, checkpoint_every: int = 8,
+                    placement: Optional[dist.Placement] = None) -> CalibrationResult:
     """Fisher scores (+ activation statistics) of the frozen dense ``model`` over ``blocks`` [n, seq_len].
 
     One window per forward/backward (the Fisher needs per-window gradients). With ``checkpoint`` (a file path)
@@ -134,7 +135,8 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     check_windows(blocks, "calibration blocks", config=model.config)
     dims = adapter.dims(model.config)
     device = model_device(model)
-    world, rank = dist.world_size(), dist.rank()
+    placement = placement or dist.Placement.of(model)
+    world, rank = placement.world_size, placement.rank
     result = _load_checkpoint(checkpoint)
     model_sha = model_digest(model)  # the same on every rank, whatever the placement
     if result is None:
@@ -195,7 +197,7 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
             bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
             # A sharded (FSDP) model's forward and backward are collectives: a rank without a window in the last
             # round runs one on window 0 anyway (and keeps nothing of it) so that its peers are not left waiting.
-            lockstep = dist.is_sharded(model)
+            lockstep = placement.sharded
             for first in range(start, n, world):  # one round: windows first .. first + world - 1
                 w = first + rank
                 if w >= n and lockstep:

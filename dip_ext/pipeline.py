@@ -207,7 +207,7 @@ class Pruner:
             ckpt = self.work_dir / _CALIBRATION_CHECKPOINT if self.work_dir is not None else None
             with self._timed("calibration pass"):
                 self._calibration = run_calibration(self.model, windows.calibration, progress=self.progress,
-                                                    checkpoint=ckpt)
+                                                    checkpoint=ckpt, placement=self.placement)
         return self._calibration
 
     def select(self) -> SelectionResult:
@@ -231,7 +231,8 @@ class Pruner:
                 with self._timed("refit"):
                     self._refit = run_refit(self.model, masks, windows.calibration, windows.val,
                                             self.refit_config.refit, self.refit_config.refit_damping,
-                                            target=self.full_model, progress=self.progress)
+                                            target=self.full_model, progress=self.progress,
+                                            placement=self.placement)
             self._refit_done = True
         return self._refit
 

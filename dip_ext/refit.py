@@ -131,7 +131,8 @@ def _layer_groups(widths: list[dict[str, int]], max_gram_bytes: int) -> list[lis
 
 def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, layers: Optional[list] = None,
                         structures: Sequence[str] = INPUT_STRUCTURES, batch_size: int = 4,
-                        progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+                        progress: bool = True, placement: Optional[dist.Placement] = None,
+                        ) -> dict[tuple[int, str], torch.Tensor]:
     """Token-weighted Gram matrices of the inputs that ``masks`` prune, in the masked ``model``.
 
     Returns ``{(layer, structure): G}`` with ``G`` float64 ``[width, width]`` on the CPU (full width of the
@@ -173,10 +174,11 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
             h.remove()
         return {}
     # forwards of a sharded model are collectives: every rank runs as many (filler ones are not counted)
-    batches = dist.rank_batches(blocks.shape[0], batch_size, lockstep=dist.is_sharded(model))
+    placement = placement or dist.Placement.of(model)
+    batches = dist.rank_batches(blocks.shape[0], batch_size, lockstep=placement.sharded)
     try:
         with frozen(model, grad=True), MaskedModel(model, masks), torch.no_grad():
-            for batch in tqdm(batches, desc="refit (input statistics)", disable=not progress or not dist.is_main()):
+            for batch in tqdm(batches, desc="refit (input statistics)", disable=not progress or not placement.is_main):
                 counting[0] = batch is not None
                 model(input_ids=blocks[batch if batch is not None else [0]].to(device))
     finally:
@@ -225,7 +227,8 @@ def refit_weights(model: nn.Module, masks: DispMasks, grams: dict[tuple[int, str
 def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *,
                         damping: float = DEFAULT_DAMPING, structures: Sequence[str] = DEFAULT_STRUCTURES,
                         batch_size: int = 4, max_gram_bytes: int = 4 << 30, progress: bool = True,
-                        target: Optional[nn.Module] = None) -> RefitResult:
+                        target: Optional[nn.Module] = None,
+                        placement: Optional[dist.Placement] = None) -> RefitResult:
     """Collects the input statistics on ``model`` under ``masks`` and refits ``target`` (default ``model``).
 
     ``blocks`` ``[n, seq_len]``: calibration token windows. ``structures``: whose weights are refitted (default
@@ -234,7 +237,8 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     a :class:`RefitResult` (unscored: no ``val_loss``).
     """
     _check(model, masks, blocks, damping, batch_size, structures)
-    if target is None and not dist.is_sharded(model):  # sharded: ranks > 0 only take part in the forwards
+    placement = placement or dist.Placement.of(model)
+    if target is None and not placement.sharded:  # sharded: ranks > 0 only take part in the forwards
         target = model
     dims = adapter_for(model).dims(model.config)
     masks.validate(dims)
@@ -243,7 +247,7 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     weights = 0
     for group in groups:
         grams = collect_input_grams(model, masks, blocks, layers=group, structures=structures,
-                                    batch_size=batch_size, progress=progress)
+                                    batch_size=batch_size, progress=progress, placement=placement)
         if target is not None:
             weights += refit_weights(target, masks, grams, damping=damping, structures=structures)
         del grams
@@ -260,7 +264,8 @@ def masked_loss(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, *, bat
 
 def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_blocks: torch.Tensor, *,
                  candidates: Sequence[tuple[Sequence[str], float]] = CANDIDATES, batch_size: int = 4,
-                 max_gram_bytes: int = 4 << 30, progress: bool = True) -> RefitResult:
+                 max_gram_bytes: int = 4 << 30, progress: bool = True,
+                 placement: Optional[dist.Placement] = None) -> RefitResult:
     """Refits ``model`` in place with the candidate that gives the lowest LM loss on ``val_blocks``, or not at all.
 
     ``candidates``: ``(structures, damping)`` pairs (default :data:`CANDIDATES`); the statistics are collected
@@ -275,7 +280,8 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
     :func:`refit_pruned_inputs`.
     """
-    if dist.is_sharded(model):
+    placement = placement or dist.Placement.of(model)
+    if placement.sharded:
         raise ValueError("choose_refit needs whole weights on every rank; for a sharded (FSDP) model use "
                          "refit_pruned_inputs (a fixed structures / damping)")
     if not candidates:
@@ -290,8 +296,9 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
         warnings.warn(f"refit: the input statistics of every layer do not fit max_gram_bytes={max_gram_bytes}; "
                       "refitting with the default settings, unscored", stacklevel=2)
         return refit_pruned_inputs(model, masks, blocks, batch_size=batch_size, max_gram_bytes=max_gram_bytes,
-                                   progress=progress)
-    grams = collect_input_grams(model, masks, blocks, structures=used, batch_size=batch_size, progress=progress)
+                                   progress=progress, placement=placement)
+    grams = collect_input_grams(model, masks, blocks, structures=used, batch_size=batch_size, progress=progress,
+                                placement=placement)
     layer_modules = adapter.decoder_layers(model)
     weights = {(i, s): [m.weight for m, _ in adapter.mask_points(layer_modules[i])[s]] for i, s in grams}
     originals = {key: [w.detach().to("cpu", copy=True) for w in ws] for key, ws in weights.items()}
@@ -303,7 +310,7 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
                     w.copy_(orig)
 
     scored = [RefitCandidate(None, None, masked_loss(model, masks, val_blocks))]
-    for structures, damping in tqdm(candidates, desc="refit (choosing)", disable=not progress or dist.rank() != 0):
+    for structures, damping in tqdm(candidates, desc="refit (choosing)", disable=not progress or not placement.is_main):
         refit_weights(model, masks, grams, damping=damping, structures=structures)
         scored.append(RefitCandidate(list(structures), damping, masked_loss(model, masks, val_blocks)))
         restore()
@@ -318,7 +325,7 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
 
 def run_refit(model: nn.Module, masks: DispMasks, windows: torch.Tensor, val_windows: Optional[torch.Tensor],
               mode: str, damping: float = DEFAULT_DAMPING, *, target: Optional[nn.Module] = None,
-              progress: bool = True) -> Optional[RefitResult]:
+              progress: bool = True, placement: Optional[dist.Placement] = None) -> Optional[RefitResult]:
     """The refit stage as ``RefitConfig.refit`` names it: ``"off"`` (None), ``"on"`` (:func:`refit_pruned_inputs`
     of the MLP's last projection at ``damping``) or ``"auto"`` (:func:`choose_refit` on ``val_windows``; without
     held-out windows, or on a sharded model whose ranks hold no whole weights to score, it refits as ``"on"``).
@@ -327,9 +334,11 @@ def run_refit(model: nn.Module, masks: DispMasks, windows: torch.Tensor, val_win
         raise ValueError(f"refit mode must be auto, on or off, got {mode!r}")
     if mode == "off":
         return None
-    if mode == "auto" and val_windows is not None and not dist.is_sharded(model):
-        result = choose_refit(model, masks, windows, val_windows, progress=progress)
+    placement = placement or dist.Placement.of(model)
+    if mode == "auto" and val_windows is not None and not placement.sharded:
+        result = choose_refit(model, masks, windows, val_windows, progress=progress, placement=placement)
     else:
-        result = refit_pruned_inputs(model, masks, windows, damping=damping, progress=progress, target=target)
+        result = refit_pruned_inputs(model, masks, windows, damping=damping, progress=progress, target=target,
+                                     placement=placement)
     result.mode = mode
     return result
