@@ -31,6 +31,7 @@ from . import distributed as dist
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
+from .model_state import check_device
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
@@ -105,21 +106,6 @@ class InfoRun:
         check_fields(self)
         if self.device is not None:
             check_device(self.device)
-
-
-def check_device(device: str) -> None:
-    """ValueError unless ``device`` names a device torch knows and this machine has (cpu, cuda, cuda:N, ...)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA device is available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
-        raise ValueError(f"device {device!r} is not available here")
 
 
 def _prune_option_classes() -> list[type]:

@@ -15,7 +15,7 @@ try:  # FSDP2 parameters are DTensors; a torch without them has no sharded model
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None
 
-__all__ = ["frozen", "model_device", "model_digest"]
+__all__ = ["frozen", "model_device", "model_digest", "check_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -71,3 +71,18 @@ def model_digest(model: nn.Module, samples: int = 256) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(values.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` names a device torch knows and this machine has (cpu, cuda, cuda:N, ...)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+        raise ValueError(f"device {device!r} is not available here")

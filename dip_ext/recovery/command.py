@@ -22,6 +22,7 @@ from ..config import DEFAULT_SEQ_LEN, EvalConfig
 from ..data import fit_seq_len, spread_indices
 from ..eval import perplexity
 from ..files import atomic_write_text
+from ..model_state import check_device
 from ..options import check_fields, from_namespace, option
 from ..windows import calibration_windows, split_calibration
 from .checks import check_training_text
@@ -55,6 +56,7 @@ class RecoverRun:
 
     def __post_init__(self):
         check_fields(self)
+        check_device(self.device)
 
 
 def add_recover_parser(subparsers) -> argparse.ArgumentParser:
