@@ -49,13 +49,13 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     if tokenizer is None and (not isinstance(calibration, torch.Tensor) or (eval_texts and eval_windows != 0)):
         tokenizer = zoo.tokenizer_for(model)  # the model's own folder (never downloads), or what to pass
     values = dict(hypernetwork_options or {}, **method_kwargs)
-    fields = {f.name for f in dataclasses.fields(get_method(method).options_class or object)} \
-        if get_method(method).options_class is not None else set()
+    options_class = get_method(method).options_class
+    fields = {f.name for f in dataclasses.fields(options_class)} if options_class is not None else set()
     if steps is not None and "steps" in fields:  # steps of a method that does not train are ignored
         values["steps"] = steps
     if hypernetwork_options and method != "hypernetwork":
         raise ValueError(f"hypernetwork_options are for method 'hypernetwork', not {method!r}")
-    if values and get_method(method).options_class is None:
+    if values and options_class is None:
         raise TypeError(f"prune_and_compact() got unexpected keyword arguments {', '.join(sorted(values))} "
                         f"(method {method!r} has no options)")
     options = resolve_method_options(method, method_options, **values)
