@@ -55,6 +55,10 @@ class RecoveryConfig:
     recover_lora_alpha: Optional[float] = option(None, "LoRA alpha (default: 2 × rank)", above=0.0)
     recover_teacher_dtype: Literal["same", "float32", "bfloat16", "float16"] = option(
         "same", "dtype of the frozen dense teacher (lower: less memory; its logits are upcast to float32)")
+    recover_teacher_topk: int = option(
+        0, "0: run the teacher beside the student at every step; k > 0: run it once per training window first, "
+        "keep its top-k next-token logits on disk (reused by later runs on the same windows), train on the KL over "
+        "those k tokens plus the rest, and move an accelerator teacher to the CPU while training", minimum=0)
     recover_autocast: bool = option(False, "run the student's forward under bf16 autocast (where the device "
                                     "supports it)")
     recover_grad_checkpointing: bool = option(False, "recompute each layer's activations in the backward "

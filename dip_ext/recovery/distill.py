@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,6 +35,7 @@ from ..options import as_dict
 from .checkpoint import load_optimizer, optimizer_tensors, resume_state, save_training_state
 from .config import RecoveryConfig
 from .losses import window_objective
+from .teacher_cache import TeacherTopK
 
 __all__ = ["DistillRun", "distill", "step_windows", "CHECKPOINT_NAME"]
 
@@ -57,6 +60,8 @@ class DistillRun:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: Optional[int] = None
+    #: windows this run passed through the teacher to fill its top-k cache (0 without one, or when reused)
+    cached_windows: int = 0
 
 
 def step_windows(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -105,6 +110,11 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     writes, atomically); ``resume`` continues from it exactly: the same windows, optimizer state, schedule and
     RNG, so the losses equal an uninterrupted run's (ValueError when the checkpoint belongs to other options,
     windows, ranks or another student). ``callback`` receives each step's log dict (tests inject interruptions).
+
+    ``recover_teacher_topk`` = k > 0: before the first step the teacher fills a top-k cache
+    (:mod:`.teacher_cache`, in ``work_dir``, or a temporary folder removed on return) for every window this rank
+    will train on, is then moved to the CPU if it sits on an accelerator (in place), and is not run again; the
+    KL is :func:`~.losses.topk_kl_sum`. ValueError with ``recover_hidden_weight`` > 0 (the cache holds logits).
     """
     placement = placement or Placement.of(student)
     if teacher is None and not config.recover_lm_weight > 0:
@@ -112,6 +122,10 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     if placement.sharded:
         raise ValueError("distillation runs data-parallel (a whole student per rank); a sharded (FSDP) student is "
                          "not supported")
+    topk = config.recover_teacher_topk if teacher is not None else 0
+    if topk and config.recover_hidden_weight > 0:
+        raise ValueError("--recover-teacher-topk caches the teacher's logits only: it cannot be combined with the "
+                         "hidden-state loss (--recover-hidden-weight > 0)")
     named = trainable_parameters(student)
     if not named:
         raise ValueError("the student has no trainable parameter in its decoder layers")
@@ -183,15 +197,27 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
         score(0)
     was_training = student.training
     student.train()
+    stack = ExitStack()  # the temporary cache folder, if any, goes on return
+    cache: Optional[TeacherTopK] = None
     bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not (progress and placement.is_main))
     try:
+        if topk:
+            folder = work_dir if work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
+            cache = TeacherTopK.for_teacher(folder, teacher, train, topk, config.recover_temperature)
+            mine = [i for step in range(start, steps) for i in
+                    step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]]
+            run.cached_windows = cache.fill(teacher, mine, micro_batch=mb, progress=progress and placement.is_main)
+            if model_device(teacher).type != "cpu":
+                teacher.to("cpu")  # training reads the cache; the device keeps room for the student alone
         for step in range(start, steps):
             idx = step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]
             parts_sum: dict[str, float] = {}
             total = 0.0
             for k in range(0, len(idx), mb):
                 ids = train[idx[k:k + mb]].to(device)
-                total += _micro_step(student, teacher, ids, config, tokens=batch * (seq_len - 1), parts=parts_sum)
+                cached = cache.targets(idx[k:k + mb], device) if cache is not None else None
+                total += _micro_step(student, teacher, ids, config, tokens=batch * (seq_len - 1), parts=parts_sum,
+                                     cached=cached)
             if placement.world_size > 1:
                 dist.all_reduce_sum_([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
                 sums = torch.tensor([total], dtype=torch.float64)
@@ -217,6 +243,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     finally:
         bar.close()
         student.train(was_training)
+        stack.close()
     if best is not None:
         with torch.no_grad():
             for p, b in zip(params, best):
@@ -228,20 +255,21 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     return run
 
 
-def _micro_step(student, teacher, ids, config: RecoveryConfig, *, tokens: int, parts: dict) -> float:
+def _micro_step(student, teacher, ids, config: RecoveryConfig, *, tokens: int, parts: dict, cached=None) -> float:
     """Forward + backward of one micro-batch; the objective is divided by the global predicted-token count
-    ``tokens`` before the backward (gradients accumulate in ``.grad``). Returns the micro-batch's summed
-    objective."""
+    ``tokens`` before the backward (gradients accumulate in ``.grad``). ``cached``: the teacher's top-k targets of
+    these windows, in place of a teacher forward. Returns the micro-batch's summed objective."""
     hidden = config.recover_hidden_weight > 0 and teacher is not None
     t_out = None
-    if teacher is not None:
+    if teacher is not None and cached is None:
         with torch.no_grad():
             t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     autocast = config.recover_autocast and ids.device.type in ("cpu", "cuda")
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         s_out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     total, p = window_objective(s_out, t_out, ids, temperature=config.recover_temperature,
-                                lm_weight=config.recover_lm_weight, hidden_weight=config.recover_hidden_weight)
+                                lm_weight=config.recover_lm_weight, hidden_weight=config.recover_hidden_weight,
+                                teacher_topk=cached)
     (total / tokens).backward()
     for k, v in p.items():
         parts[k] = parts.get(k, 0.0) + v

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_sum", "lm_sum", "hidden_sum", "window_objective"]
+__all__ = ["kl_sum", "topk_kl_sum", "lm_sum", "hidden_sum", "window_objective"]
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -27,6 +27,36 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     with torch.no_grad():
         p = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
     return F.kl_div(s.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="sum") * (t * t)
+
+
+def topk_kl_sum(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """:func:`kl_sum` against a teacher known only by its top-k (:mod:`.teacher_cache`): Σ over positions of the KL
+    between the teacher's and the student's distributions at T coarsened to k + 1 outcomes (the teacher's k most
+    likely tokens, and "any other token"), times T².
+
+    ``student_logits`` ``[b, s, vocab]``; ``values`` ``[b, s-1, k]`` the teacher's tempered logits z = logits / T
+    of its top-k tokens ``indices`` ``[b, s-1, k]`` (int64), ``lse`` ``[b, s-1]`` logsumexp of z over the whole
+    vocabulary, so the k probabilities are the teacher's exact ones and the rest bucket holds what they leave.
+    By the data-processing inequality this is at most the full KL; it equals it when the rest bucket is a single
+    token (k = vocab − 1). Returns a 0-d float32 tensor (grad flows to the student only)."""
+    if values.shape != indices.shape or values.shape[:2] != lse.shape:
+        raise ValueError(f"top-k values {tuple(values.shape)}, indices {tuple(indices.shape)} and normaliser "
+                         f"{tuple(lse.shape)} do not match")
+    if tuple(student_logits.shape[:2]) != (values.shape[0], values.shape[1] + 1):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} do not match top-k targets of "
+                         f"{values.shape[0]} windows × {values.shape[1]} predicted positions")
+    t = float(temperature)
+    s = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1)
+    log_q = s.gather(-1, indices)
+    # the student's mass outside the teacher's top-k, summed in log space (stable when it is tiny)
+    log_q_rest = torch.logsumexp(s.scatter(-1, indices, float("-inf")), dim=-1)
+    with torch.no_grad():
+        log_p = values.float() - lse.float().unsqueeze(-1)
+        p = log_p.exp()
+        p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    kl = (p * (log_p - log_q)).sum() + (torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest).sum()
+    return kl * (t * t)
 
 
 def lm_sum(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -51,14 +81,23 @@ def hidden_sum(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[
 
 
 def window_objective(student_out, teacher_out, ids: torch.Tensor, *, temperature: float, lm_weight: float,
-                     hidden_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+                     hidden_weight: float, teacher_topk=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The summed objective of one micro-batch and its parts (floats, sums over predicted tokens).
 
     ``student_out`` / ``teacher_out``: model outputs with ``logits`` (and ``hidden_states`` when
-    ``hidden_weight`` > 0; ``teacher_out`` may be None when only the LM loss is used)."""
+    ``hidden_weight`` > 0; ``teacher_out`` may be None when only the LM loss is used). ``teacher_topk``: the
+    teacher's cached top-k targets (:class:`~.teacher_cache.TopKTargets`) in place of ``teacher_out``: the KL
+    term is then :func:`topk_kl_sum` (no hidden-state term: the cache holds logits only)."""
     parts: dict[str, float] = {}
     total: Optional[torch.Tensor] = None
-    if teacher_out is not None:
+    if teacher_topk is not None:
+        if hidden_weight > 0:
+            raise ValueError("the hidden-state loss needs the teacher's hidden states, which a top-k cache does "
+                             "not hold")
+        total = topk_kl_sum(student_out.logits, teacher_topk.values, teacher_topk.indices, teacher_topk.lse,
+                            temperature)
+        parts["kl"] = float(total.detach())
+    elif teacher_out is not None:
         total = kl_sum(student_out.logits, teacher_out.logits, temperature)
         parts["kl"] = float(total.detach())
     if lm_weight > 0:

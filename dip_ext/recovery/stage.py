@@ -165,7 +165,9 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
             result.tokens = base_tokens + run.tokens
             result.distillation = {"steps": run.steps, "best_step": run.best_step,
                                    "best_val_loss": run.best_val_loss if math.isfinite(run.best_val_loss) else None,
-                                   "losses": run.losses, "lora_rank": config.recover_lora_rank}
+                                   "losses": run.losses, "lora_rank": config.recover_lora_rank,
+                                   "teacher_topk": config.recover_teacher_topk,
+                                   "teacher_cached_windows": run.cached_windows}
             if run.best_step > 0:
                 result.chosen.append("distill")
                 current = run.best_val_loss
