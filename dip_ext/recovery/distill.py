@@ -31,6 +31,7 @@ from ..families import adapter_for
 from ..model_state import model_device, model_digest
 from ..options import as_dict
 from .checkpoint import load_optimizer, optimizer_tensors, resume_state, save_training_state
+from .checks import check_lockstep_batch
 from .config import RecoveryConfig
 from .losses import window_objective
 
@@ -105,6 +106,12 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     writes, atomically); ``resume`` continues from it exactly: the same windows, optimizer state, schedule and
     RNG, so the losses equal an uninterrupted run's (ValueError when the checkpoint belongs to other options,
     windows, ranks or another student). ``callback`` receives each step's log dict (tests inject interruptions).
+
+    ``placement``: the student's (data-parallel ranks each hold a whole student; ValueError for a sharded one).
+    The teacher may be FSDP-sharded over the same ranks (:mod:`dip_ext.sharding`, for a dense model that does not
+    fit one device): its forwards are collectives, so the step's batch must give every rank the same number of
+    micro-batches of the same size (ValueError otherwise, before any work; see
+    :func:`~dip_ext.recovery.checks.check_lockstep_batch`).
     """
     placement = placement or Placement.of(student)
     if teacher is None and not config.recover_lm_weight > 0:
@@ -112,6 +119,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     if placement.sharded:
         raise ValueError("distillation runs data-parallel (a whole student per rank); a sharded (FSDP) student is "
                          "not supported")
+    if teacher is not None and dist.is_sharded(teacher):  # its forwards are collectives: ranks run them in step
+        check_lockstep_batch(config.recover_batch, config.recover_micro_batch, placement.world_size)
     named = trainable_parameters(student)
     if not named:
         raise ValueError("the student has no trainable parameter in its decoder layers")
