@@ -35,6 +35,7 @@ from .model_state import check_device
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
+from .recovery.checks import check_sharded_teacher
 from .recovery.command import add_recover_parser, run_recover
 from .selection import get_method, method_names
 from .selection.registry import registered_options_classes
@@ -62,7 +63,9 @@ class PruneRun:
     device: str = option("cpu", "cpu, cuda, cuda:1 ... (under torchrun with cuda: one GPU per process)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weights dtype while pruning")
     fsdp: bool = option(False, "under torchrun: shard the frozen model across the processes with FSDP2 (for "
-                        "models that do not fit one device); rank 0 loads it on the CPU, compacts and saves it")
+                        "models that do not fit one device); rank 0 loads it on the CPU, compacts and saves it; "
+                        "--recover distill then trains a whole copy of the compacted model on every rank toward "
+                        "the sharded one")
     quiet: bool = option(False, "no progress bars")
 
     def __post_init__(self):
@@ -156,6 +159,9 @@ def _prune(args: argparse.Namespace) -> int:
     recovery = from_namespace(RecoveryConfig, args)
     evaluation, run = from_namespace(EvalConfig, args), from_namespace(PruneRun, args)
     options = _method_options(args)
+    if run.fsdp and dist.world_size() > 1:
+        # the sharded model will be the recovery's teacher: refuse what it cannot run before loading it
+        check_sharded_teacher(recovery, dist.world_size())
     out = Path(run.out)
     if run.overwrite and run.resume:
         return _fail("--overwrite and --resume contradict each other")

@@ -33,6 +33,7 @@ from .calibration import CalibrationResult, blocks_sha, run_calibration
 from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .recovery import RecoveryConfig, RecoveryResult, recover
+from .recovery.checks import check_sharded_teacher
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
@@ -43,6 +44,7 @@ from .refit import RefitResult, run_refit
 from .report import PruneReport
 from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection import method_options as resolve_method_options
+from .sharding import replicate_from_main
 from .windows import CalibrationWindows, calibration_windows, split_calibration
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
@@ -65,8 +67,8 @@ class Evaluation:
 
 @dataclass
 class CompactionResult:
-    """The compacted model (None on the ranks > 0 of a sharded run, which only help choose the masks) and the
-    parameter counts before and after."""
+    """The compacted model (None on the ranks > 0 of a sharded run, which only help choose the masks, until
+    :meth:`Pruner.recover` replicates it to them) and the parameter counts before and after."""
 
     model: Optional[nn.Module]
     params_before: ParamReport
@@ -87,7 +89,8 @@ class Pruner:
     it); without ``resume`` it is emptied first, with ``resume`` every stage continues from what is there (and
     refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
     FSDP-sharded ``model`` (see :mod:`dip_ext.sharding`): the masks are chosen on the sharded model in lockstep,
-    the copy is compacted and returned.
+    the copy is compacted and returned; with recovery (``distill`` only) it is replicated to every rank and
+    distilled data-parallel toward the sharded model.
 
     Every argument is checked here, before any work: ValueError (UnsupportedModelError for a family dip_ext does
     not support) naming the problem.
@@ -122,6 +125,8 @@ class Pruner:
                              "model that gets compacted and saved)")
         if not self.placement.sharded and full_model is not None:
             raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
+        if self.placement.sharded:  # the sharded model will be the recovery's teacher
+            check_sharded_teacher(self.recovery_config, self.placement.world_size)
         self.seq_len = data.fit_seq_len(self.config.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="seq_len")
         self.eval_seq_len = data.fit_seq_len(self.eval_config.eval_seq_len, model.config, default=DEFAULT_SEQ_LEN,
                                              what="eval_seq_len")
@@ -228,6 +233,7 @@ class Pruner:
         if not self._refit_done:
             masks, windows = self.select().masks, self.windows()
             if self.refit_config.refit != "off":
+                self._keep_dense_copy()  # before the refit changes the dense weights in place
                 with self._timed("refit"):
                     self._refit = run_refit(self.model, masks, windows.calibration, windows.val,
                                             self.refit_config.refit, self.refit_config.refit_damping,
@@ -236,6 +242,19 @@ class Pruner:
             self._refit_done = True
         return self._refit
 
+    def _keep_dense_copy(self) -> None:
+        """Copies the dense model as loaded (once, before the refit or the compaction changes it in place) when
+        it is needed: the recovery's teacher, and the reference the compacted model's speed is timed against in
+        interleaved pairs (so load changes hit both alike). A sharded run's teacher is the sharded model itself."""
+        keep = self.eval_config.speed or self.recovery_config.recover != "off"
+        if not keep or self.placement.sharded or self._teacher is not None or self._compaction is not None:
+            return
+        self._teacher = copy.deepcopy(self.model)
+        if self.eval_config.speed and self.placement.is_main:
+            # the teacher may be cast to another dtype for the recovery: time against the dense original
+            same = self.recovery_config.recover_teacher_dtype == "same"
+            self._speed_reference = self._teacher if same else copy.deepcopy(self.model)
+
     def compact(self) -> CompactionResult:
         """The dense model compacted in place under the masks (after the refit)."""
         if self._compaction is None:
@@ -243,15 +262,7 @@ class Pruner:
             self.refit()
             dense = self.full_model if self.placement.sharded else self.model
             before = param_report(dense if dense is not None else self.model)
-            keep_dense = self.eval_config.speed or self.recovery_config.recover != "off"
-            if keep_dense and not self.placement.sharded:
-                # the recovery's teacher, and the reference the compacted model's speed is timed against in
-                # interleaved pairs (so load changes hit both alike)
-                self._teacher = copy.deepcopy(self.model)
-                if self.eval_config.speed and self.placement.is_main:
-                    # the teacher may be cast to another dtype for the recovery: time against the dense original
-                    same = self.recovery_config.recover_teacher_dtype == "same"
-                    self._speed_reference = self._teacher if same else copy.deepcopy(self.model)
+            self._keep_dense_copy()
             with self._timed("compaction"):
                 model = dense
                 if model is not None:
@@ -263,16 +274,21 @@ class Pruner:
 
     def recover(self) -> Optional[RecoveryResult]:
         """Trains the compacted model back toward the dense one (:func:`dip_ext.recovery.recover`) on the
-        calibration text's training windows, early-stopped on the held-out ones; None with ``recover="off"``."""
+        calibration text's training windows, early-stopped on the held-out ones; None with ``recover="off"``.
+
+        Sharded: rank 0's compacted copy is first replicated to every rank
+        (:func:`dip_ext.sharding.replicate_from_main`), which then distil it data-parallel toward the sharded
+        dense model; every rank ends holding the same recovered model."""
         if self._recovery is None and self.recovery_config.recover != "off":
-            if self.placement.sharded:
-                raise ValueError("recovery of an FSDP-sharded run is not supported: recover the saved model with "
-                                 "dip-ext recover under torchrun (data-parallel)")
             model, windows = self.compact().model, self.windows()
+            teacher, placement = self._teacher, self.placement
+            if self.placement.sharded:
+                model = replicate_from_main(model, next(self.model.parameters()).device)
+                self._compaction.model, teacher, placement = model, self.model, Placement.of(model)
             work = self.work_dir / "recovery" if self.work_dir is not None else None
             with self._timed("recovery"):
-                self._recovery = recover(model, self._teacher, windows.train, windows.val, self.recovery_config,
-                                         work_dir=work, resume=self.resume, placement=self.placement,
+                self._recovery = recover(model, teacher, windows.train, windows.val, self.recovery_config,
+                                         work_dir=work, resume=self.resume, placement=placement,
                                          progress=self.progress)
             self._teacher = None  # the copy is not needed any more
         return self._recovery

@@ -110,16 +110,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, nproc: int = 2, timeout: float = 150.0):
-    """Runs ``nproc`` workers like torchrun does (same env vars; once one fails the others get 15 s, then are
-    killed). Returns ``(exit codes, stderr texts)``."""
+def launch(scenario: str, out: Path, nproc: int = 2, timeout: float = 150.0, script: str = __file__):
+    """Runs ``nproc`` workers of ``script`` (``python SCRIPT SCENARIO OUT``; default: this file) like torchrun does
+    (same env vars; once one fails the others get 15 s, then are killed). Returns ``(exit codes, stderr texts)``."""
     port = _free_port()
     procs = []
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DIP_EXT_DIST_TIMEOUT="60",
                    OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, script, scenario, str(out)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     deadline, failed_at = time.monotonic() + timeout, None
     while any(p.poll() is None for p in procs):
@@ -324,14 +324,18 @@ def _cli_folder(root: Path) -> tuple[Path, str]:
     return folder, f"file:{text}"
 
 
-def _torchrun(root: Path, folder: Path, text: str, out: str, *extra):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "dip_ext", "prune", "--model", str(folder), "--calibration", text, "--seq-len", "16",
-           "--calibration-windows", "6", "--eval-windows", "0", "--no-speed", "--quiet", "--out", str(root / out),
-           *extra]
+def torchrun_cli(root: Path, *argv: str):
+    """``torchrun --nproc_per_node=2 -m dip_ext ARGV`` (its cache in ``root``); the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "dip_ext", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", DIP_EXT_CACHE=str(root / "cache"), DIP_EXT_DIST_TIMEOUT="60")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(root: Path, folder: Path, text: str, out: str, *extra):
+    return torchrun_cli(root, "prune", "--model", str(folder), "--calibration", text, "--seq-len", "16",
+                        "--calibration-windows", "6", "--eval-windows", "0", "--no-speed", "--quiet", "--out",
+                        str(root / out), *extra)
 
 
 @pytest.mark.slow  # four torchrun launches of the CLI: ~100 s on the 2-core CI machine

@@ -204,3 +204,24 @@ def test_recovery_stage_runs_after_compaction_and_reaches_the_report(tmp_path, w
     assert report.recovery["val_loss_after"] <= report.recovery["val_loss_before"]  # the best step is kept
     report.save(tmp_path)
     assert "## Recovery" in (tmp_path / "report.md").read_text() and (tmp_path / "recovery.png").is_file()
+
+
+def test_recovery_teacher_is_the_dense_model_as_loaded_not_the_refit_one(monkeypatch):
+    from dip_ext import pipeline
+    from dip_ext.recovery import RecoveryConfig
+
+    original = tiny_llama()
+    seen = {}
+
+    def capture(student, teacher, *args, **kwargs):  # the stage's call, recorded instead of training
+        seen["teacher"] = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+        return pipeline.RecoveryResult(mode="distill", options={})
+
+    monkeypatch.setattr(pipeline, "recover", capture)
+    pruner = Pruner(tiny_llama(), None, PruneConfig(ratio=0.4, method="oneshot", val_windows=0),
+                    refit=RefitConfig(refit="on"), recovery=RecoveryConfig(recover="distill", recover_steps=1),
+                    evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
+    assert pruner.refit().weights > 0  # the refit rewrote dense weights in place before the compaction
+    pruner.recover()
+    for name, p in original.named_parameters():
+        assert torch.equal(seen["teacher"][name], p), name

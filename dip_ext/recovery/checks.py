@@ -1,5 +1,6 @@
 """The checks every recovery entry point makes before any work: a compacted student, a dense teacher of the same
-architecture and vocabulary, usable training and held-out windows that are not evaluation text."""
+architecture and vocabulary, usable training and held-out windows that are not evaluation text, and options a
+sharded (FSDP) teacher can run."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 from torch import nn
 
 from ..compaction import is_compacted
+from ..distributed import is_sharded
 from ..families import adapter_for, base_model_type
 from ..tokens import check_windows
 
-__all__ = ["check_pair", "check_training_windows", "check_training_text"]
+__all__ = ["check_pair", "check_training_windows", "check_training_text", "check_sharded_teacher",
+           "check_lockstep_batch", "check_reconstruction_teacher"]
 
 #: config fields that must agree between student and teacher (the student is the teacher, pruned)
 _SAME_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -41,6 +44,50 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
             what = "vocabulary" if name == "vocab_size" else name
             raise ValueError(f"the teacher's {what} ({b}) differs from the student's ({a}): pass the dense model "
                              "the student was pruned from")
+
+
+def check_reconstruction_teacher(teacher: nn.Module) -> None:
+    """ValueError for an FSDP-sharded ``teacher``: reconstruction runs the teacher's decoder layers one by one
+    and stops its forwards part-way, which FSDP's gathers of the whole model's units do not support."""
+    if is_sharded(teacher):
+        raise ValueError(_NO_SHARDED_RECONSTRUCTION)
+
+
+def check_sharded_teacher(config, world_size: int) -> None:
+    """ValueError unless the recovery ``config`` (a :class:`~dip_ext.recovery.RecoveryConfig`) can run with the
+    teacher sharded over ``world_size`` ranks: distillation only (no reconstruction), the teacher kept in the
+    dtype it was sharded in (FSDP2 does not cast a sharded module in place), and a step's batch that gives every
+    rank the same teacher forwards (:func:`check_lockstep_batch`). Nothing to check with ``recover="off"``."""
+    if config.recover == "off":
+        return
+    if config.recover in ("reconstruct", "auto"):
+        raise ValueError(_NO_SHARDED_RECONSTRUCTION)
+    if config.recover_teacher_dtype != "same":
+        raise ValueError("--recover-teacher-dtype casts the teacher in place, which a sharded (--fsdp) teacher "
+                         "does not support: load the models in that dtype with --dtype")
+    check_lockstep_batch(config.recover_batch, config.recover_micro_batch, world_size)
+
+
+def check_lockstep_batch(batch: int, micro_batch: int, world_size: int) -> None:
+    """ValueError unless a distillation step's global ``batch`` splits evenly over ``world_size`` ranks and each
+    rank's share into whole micro-batches of ``micro_batch`` windows (or one, when the share is smaller): a sharded
+    teacher's forward is a collective, so every rank must run the same number of them, of the same size."""
+    if not _splits_evenly(batch, micro_batch, world_size):
+        fit = next(b for b in range(batch, batch * world_size * micro_batch + 1) if _splits_evenly(b, micro_batch,
+                                                                                                    world_size))
+        raise ValueError(f"with a sharded (--fsdp) teacher every rank must run the same teacher forwards per step: "
+                         f"--recover-batch {batch} must split evenly over world size {world_size} ranks and each "
+                         f"rank's share into micro-batches of --recover-micro-batch {micro_batch} (e.g. "
+                         f"--recover-batch {fit})")
+
+
+def _splits_evenly(batch: int, micro_batch: int, world_size: int) -> bool:
+    share, rest = divmod(batch, world_size)
+    return rest == 0 and share % min(micro_batch, share) == 0
+
+
+_NO_SHARDED_RECONSTRUCTION = ("reconstruction (--recover reconstruct / auto) runs the dense teacher layer by layer, "
+                              "which a sharded (--fsdp) teacher does not support: use --recover distill with --fsdp")
 
 
 def check_training_windows(windows: torch.Tensor, name: str, config, *,

@@ -4,6 +4,8 @@
 :class:`RecoveryConfig` and :class:`~dip_ext.config.EvalConfig`); :func:`run_recover` runs it from the parsed
 arguments and returns the exit status. Output folder: the recovered model (an ordinary dip_ext checkpoint),
 ``recovery.json``, ``recovery.md``, ``recovery.png`` (held-out curve) and the checkpoints in ``OUT/work``.
+Under torchrun every rank loads the student and distils a whole copy of it data-parallel; with ``--fsdp`` the dense
+teacher is sharded across the ranks (:func:`dip_ext.sharding.load_sharded`) instead of loaded whole on each.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from ..config import DEFAULT_SEQ_LEN, EvalConfig
 from ..data import fit_seq_len, spread_indices
 from ..eval import perplexity
 from ..files import atomic_write_text
-from ..model_state import check_device
+from ..model_state import check_device, model_digest
 from ..options import check_fields, from_namespace, option
+from ..sharding import load_sharded
 from ..windows import calibration_windows, split_calibration
-from .checks import check_training_text
+from .checks import check_sharded_teacher, check_training_text
 from .config import RecoveryConfig
 from .stage import recover
 
@@ -52,6 +55,9 @@ class RecoverRun:
                               minimum=0)
     device: str = option("cpu", "cpu, cuda, cuda:1 ...")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    fsdp: bool = option(False, "under torchrun: shard the frozen dense teacher across the processes with FSDP2 (for "
+                        "models that do not fit one device); every rank still trains a whole copy of the pruned "
+                        "model (--recover distill only)")
     quiet: bool = option(False, "no progress bars")
 
     def __post_init__(self):
@@ -77,6 +83,11 @@ def run_recover(args: argparse.Namespace) -> int:
     evaluation = from_namespace(EvalConfig, args)
     if config.recover == "off":
         raise ValueError("--recover off does nothing; choose reconstruct, distill or auto")
+    if run.fsdp:
+        if dist.world_size() < 2:
+            raise ValueError("--fsdp shards the teacher across processes: launch with torchrun --nproc_per_node=N "
+                             "(N >= 2)")
+        check_sharded_teacher(config, dist.world_size())
     out = Path(run.out)
     if run.overwrite and run.resume:
         raise ValueError("--overwrite and --resume contradict each other")
@@ -89,7 +100,11 @@ def run_recover(args: argparse.Namespace) -> int:
     if run.overwrite and out.exists() and dist.is_main():
         shutil.rmtree(out)
     student, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
-    teacher, _ = zoo.resolve_model(run.teacher, dtype=run.dtype, device=run.device)
+    dist.check_same(model_digest(student), "the pruned model's weights (every rank loads --model itself)")
+    if run.fsdp:  # rank 0 reads the dense model, every rank keeps a shard of it
+        teacher, _, _ = load_sharded(run.teacher, run.device, run.dtype, what="the teacher of --fsdp recovery")
+    else:
+        teacher, _ = zoo.resolve_model(run.teacher, dtype=run.dtype, device=run.device)
     seq_len = fit_seq_len(run.seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--seq-len")
     blocks = calibration_windows(tokenizer, run.calibration, seq_len, config=student.config)
     windows = split_calibration(blocks, None, run.val_windows)
@@ -101,11 +116,11 @@ def run_recover(args: argparse.Namespace) -> int:
     progress = not run.quiet and dist.is_main()
     eval_len = fit_seq_len(evaluation.eval_seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--eval-seq-len")
 
-    def scores(model) -> dict:
+    def scores(model, every_rank: bool = False) -> dict:
         return {t: perplexity(model, tokenizer, t, seq_len=eval_len, max_windows=evaluation.eval_windows,
-                              progress=progress) for t in texts} if dist.is_main() else {}
+                              progress=progress) for t in texts} if dist.is_main() or every_rank else {}
 
-    dense, before = scores(teacher), scores(student)
+    dense, before = scores(teacher, every_rank=run.fsdp), scores(student)  # sharded: every rank joins the forwards
     result = recover(student, teacher, train, windows.val, config, work_dir=out / "work", resume=run.resume,
                      progress=progress)
     after = scores(student)

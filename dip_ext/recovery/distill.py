@@ -33,6 +33,7 @@ from ..families import adapter_for
 from ..model_state import model_device, model_digest
 from ..options import as_dict
 from .checkpoint import load_optimizer, optimizer_tensors, resume_state, save_training_state
+from .checks import check_lockstep_batch
 from .config import RecoveryConfig
 from .losses import window_objective
 from .teacher_cache import TeacherTopK
@@ -115,6 +116,12 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     (:mod:`.teacher_cache`, in ``work_dir``, or a temporary folder removed on return) for every window this rank
     will train on, is then moved to the CPU if it sits on an accelerator (in place), and is not run again; the
     KL is :func:`~.losses.topk_kl_sum`. ValueError with ``recover_hidden_weight`` > 0 (the cache holds logits).
+
+    ``placement``: the student's (data-parallel ranks each hold a whole student; ValueError for a sharded one).
+    The teacher may be FSDP-sharded over the same ranks (:mod:`dip_ext.sharding`, for a dense model that does not
+    fit one device): its forwards are collectives, so the step's batch must give every rank the same number of
+    micro-batches of the same size (ValueError otherwise, before any work; see
+    :func:`~dip_ext.recovery.checks.check_lockstep_batch`).
     """
     placement = placement or Placement.of(student)
     if teacher is None and not config.recover_lm_weight > 0:
@@ -126,6 +133,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     if topk and config.recover_hidden_weight > 0:
         raise ValueError("--recover-teacher-topk caches the teacher's logits only: it cannot be combined with the "
                          "hidden-state loss (--recover-hidden-weight > 0)")
+    if teacher is not None and dist.is_sharded(teacher):  # its forwards are collectives: ranks run them in step
+        check_lockstep_batch(config.recover_batch, config.recover_micro_batch, placement.world_size)
     named = trainable_parameters(student)
     if not named:
         raise ValueError("the student has no trainable parameter in its decoder layers")
@@ -207,7 +216,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
             mine = [i for step in range(start, steps) for i in
                     step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]]
             run.cached_windows = cache.fill(teacher, mine, micro_batch=mb, progress=progress and placement.is_main)
-            if model_device(teacher).type != "cpu":
+            if model_device(teacher).type != "cpu" and not dist.is_sharded(teacher):
                 teacher.to("cpu")  # training reads the cache; the device keeps room for the student alone
         for step in range(start, steps):
             idx = step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]

@@ -28,6 +28,7 @@ from ..data import spread_indices
 from ..families import adapter_for
 from ..model_state import model_device, model_digest
 from .checkpoint import resume_state, save_training_state
+from .checks import check_reconstruction_teacher
 from .config import RecoveryConfig
 
 __all__ = ["ReconstructionRun", "reconstruct", "relative_error", "CHECKPOINT_NAME"]
@@ -102,8 +103,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
     ``work_dir``: after each layer the fitted layers' weights are saved (``reconstruct.safetensors``, atomically, by
     the ``main`` process); with ``resume`` the saved layers are loaded and the streams recomputed through them, so a
     killed run loses at most the layer in progress. Data-parallel ranks each run the same fit on the same windows
-    (it is cheap; only rank 0 writes).
+    (it is cheap; only rank 0 writes). ValueError for an FSDP-sharded teacher (it runs the teacher layer by layer).
     """
+    check_reconstruction_teacher(teacher)
     adapter = adapter_for(student)
     s_layers, t_layers = adapter.decoder_layers(student), adapter.decoder_layers(teacher)
     device = model_device(student)

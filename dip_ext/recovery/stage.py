@@ -14,12 +14,12 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..distributed import Placement
+from ..distributed import Placement, is_sharded
 from ..eval import mean_window_loss
 from ..families import adapter_for
 from ..model_state import frozen
 from ..options import as_dict
-from .checks import check_pair, check_training_windows
+from .checks import check_pair, check_sharded_teacher, check_training_windows
 from .config import RecoveryConfig
 from .distill import distill
 from .lora import lora_wrapped
@@ -90,10 +90,13 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     ``work_dir``: checkpoints (``reconstruct.safetensors``, ``distill.safetensors``); ``resume`` continues from them
     exactly. ``placement``: data-parallel ranks (each holds the whole student; rank 0 writes). ``forbidden_windows``:
     evaluation windows that must not occur among the training windows. ``callback``: each distillation step's log.
+    The teacher may be FSDP-sharded over the ranks (:mod:`dip_ext.sharding`; every rank calls this in step):
+    ``distill`` only, in the dtype it was sharded in, with a batch every rank splits alike
+    (:func:`~dip_ext.recovery.checks.check_sharded_teacher`).
 
     ValueError for: a student that is not compacted, a teacher of another family / widths / vocabulary, empty or
     malformed windows, evaluation windows among the training windows, ``auto`` without held-out windows, a sharded
-    (FSDP) student, a checkpoint of another run on resume.
+    (FSDP) student, options a sharded teacher cannot run, a checkpoint of another run on resume.
     """
     if not isinstance(config, RecoveryConfig):
         raise ValueError(f"config must be a RecoveryConfig, got {type(config).__name__}")
@@ -110,6 +113,8 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
         raise ValueError("recover 'auto' chooses on held-out windows: pass val_windows (the pipeline's "
                          "--val-windows > 0), or choose --recover reconstruct or distill")
     placement = placement or Placement.of(student)
+    if is_sharded(teacher):
+        check_sharded_teacher(config, placement.world_size)
     work = Path(work_dir) if work_dir is not None else None
     if work is not None and placement.is_main:
         work.mkdir(parents=True, exist_ok=True)

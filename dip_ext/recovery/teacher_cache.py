@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..files import atomic_save_safetensors, read_safetensors
 from ..model_state import model_device, model_digest
 
@@ -91,9 +92,15 @@ class TeacherTopK:
     def fill(self, teacher: nn.Module, indices: Iterable[int], *, micro_batch: int = 1,
              progress: bool = True) -> int:
         """Runs ``teacher`` (frozen; eval mode for the call) over the windows ``indices`` not cached yet, in
-        micro-batches of ``micro_batch``, and writes one file per window. Returns how many windows it computed."""
+        micro-batches of ``micro_batch``, and writes one file per window. Returns how many windows it computed.
+
+        An FSDP-sharded teacher's forward is a collective: every rank then runs as many micro-batches as the rank
+        with the most windows to fill (the extra forwards' outputs are dropped), so ranks call it in step."""
         todo = self.missing(indices)
-        if not todo:
+        rounds = -(-len(todo) // micro_batch)
+        if dist.is_sharded(teacher):
+            rounds = max(dist.all_gather_object(rounds))
+        if rounds == 0:
             return 0
         self.folder.mkdir(parents=True, exist_ok=True)
         device = model_device(teacher)
@@ -101,8 +108,11 @@ class TeacherTopK:
         teacher.eval()
         try:
             with tqdm(total=len(todo), desc="teacher top-k", unit="window", disable=not progress) as bar:
-                for start in range(0, len(todo), micro_batch):
+                for start in range(0, rounds * micro_batch, micro_batch):
                     chunk = todo[start:start + micro_batch]
+                    if not chunk:  # a sharded teacher's forward is a collective: join the other ranks' rounds
+                        teacher(input_ids=self.train[:1].to(device), use_cache=False)
+                        continue
                     ids = self.train[chunk].to(device)
                     z = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float() / self.temperature
                     lse = torch.logsumexp(z, dim=-1)
