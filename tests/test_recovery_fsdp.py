@@ -264,8 +264,7 @@ def test_prune_fsdp_with_distillation_and_recover_fsdp_under_torchrun(tmp_path, 
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sharded.stdout.count("saved the compacted model") == 1  # rank 0 alone reports and saves
     torch.set_num_threads(1)
-    # One process, the whole dense model as teacher (--refit off: a one-process run copies its teacher after the
-    # refit changed the dense weights, a sharded run distils toward the dense model as loaded).
+    # One process, the whole dense model as teacher.
     assert main([*prune, "--out", str(tmp_path / "single")]) == 0
     got, want = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("fsdp", "single"))
     assert got["masks"] == want["masks"]
