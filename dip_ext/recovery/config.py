@@ -37,7 +37,7 @@ class RecoveryConfig:
         "layer in turn to the dense layer's output (cheap, no full backward); distill: train on the dense model's "
         "next-token distribution; auto: reconstruct, then distill, keeping the best state on the held-out windows")
     recover_steps: int = option(100, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
-    recover_lr: float = option(1e-4, "peak learning rate of the distillation (AdamW; linear warm-up, cosine decay "
+    recover_lr: float = option(3e-4, "peak learning rate of the distillation (AdamW; linear warm-up, cosine decay "
                                "to 10 % of it)", above=0.0)
     recover_batch: int = option(4, "windows per distillation step (the global batch, summed over ranks)",
                                 minimum=1)
