@@ -43,16 +43,19 @@ def scores(model, tokenizer, windows: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a zoo name (gemma3-270m), folder or hub id; default SmolLM2-135M")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--method", default="oneshot")
     ap.add_argument("--refit", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--mode", default="auto", choices=["off", "reconstruct", "distill", "auto"])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=RecoveryConfig().recover_lr)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lm-weight", type=float, default=0.0)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--teacher-topk", type=int, default=0, help="--recover-teacher-topk (0: the live teacher)")
+    ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--recon-windows", type=int, default=64)
     ap.add_argument("--recon-epochs", type=int, default=2)
     ap.add_argument("--recon-lr", type=float, default=1e-4)
@@ -69,11 +72,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = {"args": vars(args), "load_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                          time.gmtime())}
-    model, tok = zoo.load_default()
+    model, tok = zoo.resolve_model(args.model)
     teacher = copy.deepcopy(model)  # the dense teacher, kept before the in-place compaction
     cfg = RecoveryConfig(recover=args.mode, recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
                          recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
                          recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
+                         recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
                          recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
                          recover_val_every=args.val_every, recover_checkpoint_every=0)
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
