@@ -121,6 +121,42 @@ def test_gradients_of_compacted_model_equal_masked_dense_for_kept_weights():
     assert checked == 14
 
 
+def test_gradients_through_compacted_gemma3_sandwich_norms_equal_masked_dense():
+    """Gemma3's post-block norms are folded into the residual update (RMS over the full width, (1 + w) scale):
+    their autograd path must give the masked dense model's gradients too."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=3, vocab_size=VOCAB,
+                           max_position_embeddings=64, num_attention_heads=2, head_dim=32, num_key_value_heads=1,
+                           query_pre_attn_scalar=32, sliding_window=4, tie_word_embeddings=True,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    dense = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma's norm weights start at 0 (scale 1): make every scale distinct
+        for n, p in dense.named_parameters():
+            if "norm" in n:
+                p.uniform_(-0.5, 0.5)
+    masks = tiny_masks(dense, 1)
+    compacted = dip_ext.compact(copy.deepcopy(dense), masks)
+    ids = windows(2, 3)
+    with dip_ext.apply_masks(dense, masks):
+        F.cross_entropy(dense(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    F.cross_entropy(compacted(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for i, (d, c) in enumerate(zip(dense.model.layers, compacted.model.layers)):
+        idx = masks[i]
+        for name, rows, cols in (("self_attn.q_proj", None, idx["attn_in"]), ("self_attn.o_proj", idx["attn_out"], None),
+                                 ("mlp.up_proj", idx["mlp_mid"], idx["mlp_in"]),
+                                 ("mlp.down_proj", idx["mlp_out"], idx["mlp_mid"])):
+            g_dense = d.get_submodule(name).weight.grad
+            g_dense = g_dense[rows] if rows is not None else g_dense
+            g_dense = g_dense[:, cols] if cols is not None else g_dense
+            torch.testing.assert_close(c.get_submodule(name).weight.grad, g_dense, rtol=1e-4, atol=1e-6)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            torch.testing.assert_close(c.get_submodule(norm).weight.grad, d.get_submodule(norm).weight.grad,
+                                       rtol=1e-4, atol=1e-7)
+
+
 # ---- distillation -------------------------------------------------------------------------------------------
 
 def test_distillation_lowers_held_out_kl():
