@@ -92,32 +92,44 @@ def test_flags_do_not_collide_with_prune_flags():
 
 # ---- the gradient path --------------------------------------------------------------------------------------
 
+def _backward_both(dense, compacted, masks, ids) -> None:
+    """The LM loss's backward through the masked dense model and through the compacted one."""
+    with dip_ext.apply_masks(dense, masks):
+        F.cross_entropy(dense(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    F.cross_entropy(compacted(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+
+def _assert_kept_gradients_equal(dense, compacted, masks, weights: dict, norms: tuple, norm_atol: float) -> int:
+    """Each compacted weight's gradient equals the kept block of the dense weight's (``weights``: name -> (row
+    structure or None, column structure or None)), each norm's gradient the dense norm's. Returns the weights
+    checked."""
+    checked = 0
+    for i, (d, c) in enumerate(zip(dense.model.layers, compacted.model.layers)):
+        idx = masks[i]
+        for name, (rows, cols) in weights.items():
+            g_dense = d.get_submodule(name).weight.grad
+            g_dense = g_dense[idx[rows]] if rows is not None else g_dense
+            g_dense = g_dense[:, idx[cols]] if cols is not None else g_dense
+            torch.testing.assert_close(c.get_submodule(name).weight.grad, g_dense, rtol=1e-4, atol=1e-6)
+            checked += 1
+        for norm in norms:
+            torch.testing.assert_close(c.get_submodule(norm).weight.grad, d.get_submodule(norm).weight.grad,
+                                       rtol=1e-4, atol=norm_atol)
+    return checked
+
+
 def test_gradients_of_compacted_model_equal_masked_dense_for_kept_weights():
     dense = tiny_dense(1)
     masks = tiny_masks(dense, 1)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
-    ids = windows(2, 3)
-    with dip_ext.apply_masks(dense, masks):
-        F.cross_entropy(dense(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    F.cross_entropy(compacted(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    checked = 0
-    for i, (d, c) in enumerate(zip(dense.model.layers, compacted.model.layers)):
-        idx = masks[i]
-        kept = {  # compacted weight -> the dense weight's kept block
-            "self_attn.q_proj": (None, idx["attn_in"]), "self_attn.k_proj": (None, idx["attn_in"]),
-            "self_attn.v_proj": (None, idx["attn_in"]), "self_attn.o_proj": (idx["attn_out"], None),
-            "mlp.gate_proj": (idx["mlp_mid"], idx["mlp_in"]), "mlp.up_proj": (idx["mlp_mid"], idx["mlp_in"]),
-            "mlp.down_proj": (idx["mlp_out"], idx["mlp_mid"])}
-        for name, (rows, cols) in kept.items():
-            g_dense = d.get_submodule(name).weight.grad
-            g_dense = g_dense[rows] if rows is not None else g_dense
-            g_dense = g_dense[:, cols] if cols is not None else g_dense
-            g_comp = c.get_submodule(name).weight.grad
-            torch.testing.assert_close(g_comp, g_dense, rtol=1e-4, atol=1e-6)
-            checked += 1
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            torch.testing.assert_close(c.get_submodule(norm).weight.grad, d.get_submodule(norm).weight.grad,
-                                       rtol=1e-4, atol=1e-6)
+    _backward_both(dense, compacted, masks, windows(2, 3))
+    kept = {  # compacted weight -> the dense weight's kept block
+        "self_attn.q_proj": (None, "attn_in"), "self_attn.k_proj": (None, "attn_in"),
+        "self_attn.v_proj": (None, "attn_in"), "self_attn.o_proj": ("attn_out", None),
+        "mlp.gate_proj": ("mlp_mid", "mlp_in"), "mlp.up_proj": ("mlp_mid", "mlp_in"),
+        "mlp.down_proj": ("mlp_out", "mlp_mid")}
+    checked = _assert_kept_gradients_equal(dense, compacted, masks, kept,
+                                           ("input_layernorm", "post_attention_layernorm"), 1e-6)
     assert checked == 14
 
 
@@ -138,23 +150,12 @@ def test_gradients_through_compacted_gemma3_sandwich_norms_equal_masked_dense():
                 p.uniform_(-0.5, 0.5)
     masks = tiny_masks(dense, 1)
     compacted = dip_ext.compact(copy.deepcopy(dense), masks)
-    ids = windows(2, 3)
-    with dip_ext.apply_masks(dense, masks):
-        F.cross_entropy(dense(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    F.cross_entropy(compacted(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    for i, (d, c) in enumerate(zip(dense.model.layers, compacted.model.layers)):
-        idx = masks[i]
-        for name, rows, cols in (("self_attn.q_proj", None, idx["attn_in"]), ("self_attn.o_proj", idx["attn_out"], None),
-                                 ("mlp.up_proj", idx["mlp_mid"], idx["mlp_in"]),
-                                 ("mlp.down_proj", idx["mlp_out"], idx["mlp_mid"])):
-            g_dense = d.get_submodule(name).weight.grad
-            g_dense = g_dense[rows] if rows is not None else g_dense
-            g_dense = g_dense[:, cols] if cols is not None else g_dense
-            torch.testing.assert_close(c.get_submodule(name).weight.grad, g_dense, rtol=1e-4, atol=1e-6)
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
-            torch.testing.assert_close(c.get_submodule(norm).weight.grad, d.get_submodule(norm).weight.grad,
-                                       rtol=1e-4, atol=1e-7)
+    _backward_both(dense, compacted, masks, windows(2, 3))
+    kept = {"self_attn.q_proj": (None, "attn_in"), "self_attn.o_proj": ("attn_out", None),
+            "mlp.up_proj": ("mlp_mid", "mlp_in"), "mlp.down_proj": ("mlp_out", "mlp_mid")}
+    _assert_kept_gradients_equal(dense, compacted, masks, kept,
+                                 ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                  "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"), 1e-7)
 
 
 # ---- distillation -------------------------------------------------------------------------------------------
