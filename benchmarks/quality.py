@@ -8,10 +8,13 @@ all: runs without held-out windows -- one-shot and dependent without the refit -
 as ``prune_and_compact`` does); each (method, ratio) keeps its checkpoints in
 ``--work/<method>-<ratio>`` and resumes from them, so an interrupted grid continues where it stopped and a longer
 ``--steps`` extends the hypernetwork runs. ``--refit`` adds a row per method with the default refit (auto) on
-the same masks.
+the same masks. ``--recover distill`` (or ``reconstruct``, ``auto``; the pipeline's recovery options, e.g.
+``--recover-steps``) adds a row per cell: the same compacted model after the Pruner's recovery stage, with the
+tokens and seconds it used.
 
     python benchmarks/quality.py                                   # the RESULTS.md table
     python benchmarks/quality.py --ratios 0.2 --steps 50 --eval-windows 4    # quick look
+    python benchmarks/quality.py --ratios 0.1 0.2 --methods oneshot --recover distill --recover-steps 40
     python benchmarks/quality.py --table results/quality-*.json      # one table from several runs' files
 
 Every option of the pipeline (``--calibration-windows``, ``--seq-len``, ``--val-windows``, the hypernetwork's
@@ -33,13 +36,14 @@ import torch
 
 from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, Pruner, RefitConfig, zoo
 from dip_ext.options import OptionParser, as_dict, from_namespace
+from dip_ext.recovery import RecoveryConfig
 
 TEXTS = ["wiki", "ptb"]
 ORDER = {"dependent": 0, "oneshot": 1, "hypernetwork": 2}
 
 
 def parse_args(argv=None):
-    p = OptionParser([PruneConfig, HypernetworkConfig], prog="quality.py", description=__doc__,
+    p = OptionParser([PruneConfig, HypernetworkConfig, RecoveryConfig], prog="quality.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the grid")
     g.add_argument("--model", default=None, help="a zoo name (smollm2-135m, gemma3-270m) or a model folder "
@@ -55,17 +59,19 @@ def parse_args(argv=None):
     g.add_argument("--work", default="benchmarks/results/quality-work")
     g.add_argument("--out", default="benchmarks/results/quality.json")
     args = p.parse_args(argv)
-    return args, from_namespace(PruneConfig, args), from_namespace(HypernetworkConfig, args)
+    return (args, from_namespace(PruneConfig, args), from_namespace(HypernetworkConfig, args),
+            from_namespace(RecoveryConfig, args))
 
 
-def make_pruner(dense, tokenizer, base: PruneConfig, hyper: HypernetworkConfig, args, calibrations: dict, *,
-                ratio: float, method: str, refit: str) -> Pruner:
+def make_pruner(dense, tokenizer, base: PruneConfig, hyper: HypernetworkConfig, recovery: RecoveryConfig, args,
+                calibrations: dict, *, ratio: float, method: str, refit: str) -> Pruner:
     """A Pruner of one grid cell, reusing the calibration pass of an earlier cell with the same windows."""
     config = dataclasses.replace(base, ratio=ratio, method=method)
 
     def pruner(calibration=None) -> Pruner:
         return Pruner(copy.deepcopy(dense), tokenizer, config,
                       method_options=hyper if method == "hypernetwork" else None, refit=RefitConfig(refit=refit),
+                      recovery=recovery,
                       evaluation=EvalConfig(eval_text=TEXTS, eval_windows=args.eval_windows, speed=False),
                       work_dir=Path(args.work) / f"{method}-{ratio}-refit-{refit}", resume=True, progress=False,
                       calibration=calibration)
@@ -78,8 +84,9 @@ def make_pruner(dense, tokenizer, base: PruneConfig, hyper: HypernetworkConfig, 
     return pruner(calibrations[key])
 
 
-def run_one(pruner: Pruner) -> dict:
-    """One grid cell through the pipeline's stages: its row of the table."""
+def run_one(pruner: Pruner) -> list[dict]:
+    """One grid cell through the pipeline's stages: its row of the table, and with recovery a second row (the
+    same model after :meth:`Pruner.recover`)."""
     selection, compaction, after = pruner.select(), pruner.compact(), pruner.evaluate()
     params, config = compaction.params_after, pruner.config
     row = {"ratio": config.ratio, "method": config.method + ("+refit" if pruner.refit() is not None else ""),
@@ -91,11 +98,18 @@ def run_one(pruner: Pruner) -> dict:
                    train_windows=int(pruner.windows().train.shape[0]), settings=as_dict(pruner.method_options))
     if pruner.refit() is not None:
         row["refit"] = pruner.refit().to_dict()
-    return row
+    rows = [row]
+    recovery = pruner.recover()
+    if recovery is not None:
+        recovered = pruner.evaluate()  # "recovered", or the pruned weights again when recovery kept them
+        rows.append({**{k: row[k] for k in ("ratio", "select_s", "removed_decoder_linear", "removed_total")},
+                     "method": f"{row['method']}+recover", "ppl": recovered.perplexity,
+                     "seconds": dict(pruner.seconds), "recovery": recovery.to_dict()})
+    return rows
 
 
 def main(argv=None) -> None:
-    args, base, hyper = parse_args(argv)
+    args, base, hyper, recovery = parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     hyper_ratios = args.ratios if args.hyper_ratios is None else args.hyper_ratios
@@ -116,17 +130,19 @@ def main(argv=None) -> None:
             if method == "hypernetwork" and ratio not in hyper_ratios:
                 continue
             for refit in (("off", "auto") if args.refit else ("off",)):
-                pruner = make_pruner(dense, tokenizer, base, hyper, args, calibrations, ratio=ratio, method=method,
-                                     refit=refit)
-                row = run_one(pruner)
+                pruner = make_pruner(dense, tokenizer, base, hyper, recovery, args, calibrations, ratio=ratio,
+                                     method=method, refit=refit)
+                rows = run_one(pruner)
                 if "calibration pass" in pruner.seconds:  # this cell ran the pass the later ones reuse
                     results.setdefault("calibration_s", []).append(pruner.seconds["calibration pass"])
                 if method == "oneshot" and refit == "off":
-                    row["oneshot_wall_after_load_s"] = pruner.seconds.get("calibration pass", 0.0) + row["select_s"]
-                results["runs"].append(row)
-                print(f"{row['method']:>18} {100 * ratio:4.0f} %: removed {100 * row['removed_decoder_linear']:.2f} % "
-                      f"decoder-linear, ppl wiki {row['ppl']['wiki']:.2f} ptb {row['ppl']['ptb']:.2f} "
-                      f"(selection {row['select_s']:.1f} s)", flush=True)
+                    rows[0]["oneshot_wall_after_load_s"] = (pruner.seconds.get("calibration pass", 0.0)
+                                                            + rows[0]["select_s"])
+                for row in rows:
+                    results["runs"].append(row)
+                    print(f"{row['method']:>26} {100 * ratio:4.0f} %: removed {100 * row['removed_decoder_linear']:.2f}"
+                          f" % decoder-linear, ppl wiki {row['ppl']['wiki']:.2f} ptb {row['ppl']['ptb']:.2f} "
+                          f"(selection {row['select_s']:.1f} s)", flush=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
     print(table([results]))
     print(f"\nwrote {args.out}")
@@ -147,6 +163,11 @@ def table(all_results: list) -> str:
             schedule = {"cosine": " cosine", "cosine-tail": f" cosine over the last {settings.get('decay_steps')}"
                         }.get(settings.get("lr_schedule"), "")
             name += f" ({r['hyper_steps']} steps, best {r.get('best_step')}, lr {settings['lr']:g}{schedule}, {loss})"
+        if "recovery" in r:
+            rec = r["recovery"]
+            kept = "+".join(rec["chosen"]) or "nothing beat the pruned weights"
+            name += (f" ({rec['mode']}: kept {kept}, {rec['tokens']} tokens, "
+                     f"{sum(rec['seconds'].values()):.0f} s)")
         lines.append(f"| {100 * r['ratio']:.0f} % | {name} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
                      f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")
     return "\n".join(lines)

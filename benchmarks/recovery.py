@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--teacher-topk", type=int, default=0, help="--recover-teacher-topk (0: the live teacher)")
     ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--autocast", action="store_true", help="--recover-autocast (the student's forward in bf16)")
+    ap.add_argument("--teacher-dtype", default="same", help="--recover-teacher-dtype")
     ap.add_argument("--recon-windows", type=int, default=64)
     ap.add_argument("--recon-epochs", type=int, default=2)
     ap.add_argument("--recon-lr", type=float, default=1e-4)
@@ -78,6 +80,7 @@ def main() -> None:
                          recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
                          recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
                          recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
+                         recover_autocast=args.autocast, recover_teacher_dtype=args.teacher_dtype,
                          recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
                          recover_val_every=args.val_every, recover_checkpoint_every=0)
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
