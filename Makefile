@@ -19,7 +19,8 @@ test-fast: setup
 # one-shot masks, recover it toward the dense model (block-wise reconstruction, then 60 distillation steps), and
 # write ./dip-out. The combination that gave the best model for this wall time (benchmarks/RESULTS.md).
 prune: setup
-	$(VENV)/bin/dip-ext prune --method oneshot --refit off --recover distill --recover-steps 80 --recover-val-every 20
+	$(VENV)/bin/dip-ext prune --method oneshot --refit off --recover distill --recover-batch 2 --recover-steps 140 \
+		--recover-val-every 35
 
 # Compile every torch-free CUDA kernel for Ampere (sm_80) and Hopper (sm_90a) with nvcc (no GPU needed):
 # fails on errors, warnings, register spills and kernels without launch bounds.

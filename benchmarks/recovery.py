@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dip_ext import zoo
+from dip_ext import HypernetworkConfig, zoo
 from dip_ext.config import EvalConfig, PruneConfig, RefitConfig
 from dip_ext.eval import perplexity
 from dip_ext.pipeline import Pruner
@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a zoo name (gemma3-270m), folder or hub id; default SmolLM2-135M")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--method", default="oneshot")
+    ap.add_argument("--hyper-steps", type=int, default=HypernetworkConfig().steps,
+                    help="--method hypernetwork: its --steps (checkpointed in --work, resumed)")
+    ap.add_argument("--hyper-schedule", default="constant", help="--method hypernetwork: its --lr-schedule")
     ap.add_argument("--refit", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--mode", default="auto", choices=["off", "reconstruct", "distill", "auto"])
     ap.add_argument("--steps", type=int, default=100)
@@ -84,7 +87,9 @@ def main() -> None:
                          recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
                          recover_val_every=args.val_every, recover_checkpoint_every=0)
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
+    hyper = HypernetworkConfig(steps=args.hyper_steps, lr_schedule=args.hyper_schedule)
     pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method=args.method), refit=RefitConfig(refit=args.refit),
+                    method_options=hyper if args.method == "hypernetwork" else None,
                     recovery=cfg, evaluation=EvalConfig(eval_windows=0, speed=False), work_dir=args.work,
                     resume=True, progress=False)
     windows = pruner.windows()
@@ -119,6 +124,10 @@ def main() -> None:
         t0 = time.perf_counter()
         student = pruner.compact().model
         out["prune_seconds"] = dict(pruner.seconds)
+        selection = pruner.select()
+        if selection.training is not None:
+            out["hypernetwork"] = {"steps": selection.training.steps, "best_step": selection.training.best_step,
+                                   "val_history": selection.training.val_history}
         out["pruned"] = scores(student, tok, args.eval_windows)
         print(json.dumps({"pruned": out["pruned"]}), flush=True)
         t0 = time.perf_counter()
