@@ -209,17 +209,19 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     stack = ExitStack()  # the temporary cache folder, if any, goes on return
     cache: Optional[TeacherTopK] = None
     bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not (progress and placement.is_main))
+    def rank_windows(step: int) -> list[int]:  # this rank's share of the global batch of ``step``
+        return step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]
+
     try:
         if topk:
             folder = work_dir if work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
             cache = TeacherTopK.for_teacher(folder, teacher, train, topk, config.recover_temperature)
-            mine = [i for step in range(start, steps) for i in
-                    step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]]
+            mine = [i for step in range(start, steps) for i in rank_windows(step)]
             run.cached_windows = cache.fill(teacher, mine, micro_batch=mb, progress=progress and placement.is_main)
             if model_device(teacher).type != "cpu" and not dist.is_sharded(teacher):
                 teacher.to("cpu")  # training reads the cache; the device keeps room for the student alone
         for step in range(start, steps):
-            idx = step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]
+            idx = rank_windows(step)
             parts_sum: dict[str, float] = {}
             total = 0.0
             for k in range(0, len(idx), mb):
