@@ -7,6 +7,8 @@ import copy
 import json
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,6 +274,16 @@ def test_lora_merged_equals_unmerged_and_saved_model_reloads(tmp_path):
     again = dip_ext.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_wrapping_passes_on_no_library_deprecation_warning():
+    pytest.importorskip("peft")
+    student, _ = pair()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lora_wrapped(student, rank=4, alpha=8.0, seed=0):
+            pass
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 
 def test_lora_distillation_lowers_held_out_kl():

@@ -7,6 +7,7 @@ the names of every ``nn.Linear`` inside the decoder layers (never the LM head).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -45,7 +46,9 @@ def lora_wrapped(model: nn.Module, rank: int, alpha: float, seed: int) -> Iterat
     if not targets:
         raise ValueError("the model's decoder layers hold no nn.Linear to put LoRA adapters on")
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, target_modules=targets, bias="none")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing`` alias: nothing a caller can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     try:
