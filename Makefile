@@ -16,7 +16,7 @@ test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job: prune the embedded default model (SmolLM2-135M) by 30 % of its decoder-linear parameters with
-# one-shot masks, recover it toward the dense model (block-wise reconstruction, then 60 distillation steps), and
+# one-shot masks, recover it toward the dense model (140 distillation steps of 2 windows), and
 # write ./dip-out. The combination that gave the best model for this wall time (benchmarks/RESULTS.md).
 prune: setup
 	$(VENV)/bin/dip-ext prune --method oneshot --refit off --recover distill --recover-batch 2 --recover-steps 140 \

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--method", default="oneshot")
     ap.add_argument("--hyper-steps", type=int, default=HypernetworkConfig().steps,
                     help="--method hypernetwork: its --steps (checkpointed in --work, resumed)")
-    ap.add_argument("--hyper-schedule", default="constant", help="--method hypernetwork: its --lr-schedule")
+    ap.add_argument("--hyper-schedule", default="constant", choices=["constant", "cosine"], help="--method hypernetwork: its --lr-schedule")
     ap.add_argument("--refit", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--mode", default="auto", choices=["off", "reconstruct", "distill", "auto"])
     ap.add_argument("--steps", type=int, default=100)

@@ -206,12 +206,13 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
         score(0)
     was_training = student.training
     student.train()
-    stack = ExitStack()  # the temporary cache folder, if any, goes on return
-    cache: Optional[TeacherTopK] = None
-    bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not (progress and placement.is_main))
+
     def rank_windows(step: int) -> list[int]:  # this rank's share of the global batch of ``step``
         return step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]
 
+    stack = ExitStack()  # the temporary cache folder, if any, goes on return
+    cache: Optional[TeacherTopK] = None
+    bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not (progress and placement.is_main))
     try:
         if topk:
             folder = work_dir if work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
