@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .compaction import require_dense
-from .files import atomic_save_safetensors
+from .files import atomic_save_safetensors, fingerprint_differences
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
@@ -61,6 +61,9 @@ class CalibrationResult:
     blocks_sha: Optional[str] = None
     #: fingerprint of the model's weights (:func:`dip_ext.model_state.model_digest`; a resume must use the same)
     model_sha: Optional[str] = None
+    #: the run's settings that shaped the pass (``{option: value}``, e.g. the model, dtype, text): a resume with
+    #: other settings is refused naming the option that differs
+    settings: Optional[dict] = None
 
     @classmethod
     def empty(cls, dims: ModelDims) -> "CalibrationResult":
@@ -82,6 +85,8 @@ class CalibrationResult:
         for key in ("blocks_sha", "model_sha"):
             if getattr(self, key) is not None:
                 meta[key] = getattr(self, key)
+        if self.settings is not None:
+            meta["settings"] = json.dumps(self.settings)
         atomic_save_safetensors(path, tensors, meta)
 
     @classmethod
@@ -97,7 +102,8 @@ class CalibrationResult:
         dims = ModelDims(*json.loads(meta["dims"]))
         res = cls(dims, int(meta["windows"]),
                   [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
-                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"), meta.get("model_sha"))
+                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"), meta.get("model_sha"),
+                  json.loads(meta["settings"]) if "settings" in meta else None)
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
                 res.stats[point] = [CalibrationStats.from_state_dict(
@@ -115,12 +121,16 @@ def blocks_sha(blocks: torch.Tensor) -> str:
 
 def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = True, progress: bool = True,
                     checkpoint: Optional[os.PathLike] = None, checkpoint_every: int = 8,
-                    placement: Optional[dist.Placement] = None) -> CalibrationResult:
+                    placement: Optional[dist.Placement] = None,
+                    settings: Optional[Mapping[str, Any]] = None) -> CalibrationResult:
     """Fisher scores (+ activation statistics) of the frozen dense ``model`` over ``blocks`` [n, seq_len].
 
     One window per forward/backward (the Fisher needs per-window gradients). With ``checkpoint`` (a file path)
     the partial result is saved every ``checkpoint_every`` windows and a rerun resumes from it (ValueError when
-    the checkpoint's windows are not the first windows of ``blocks``: another text or window count). Raises
+    the checkpoint's windows are not the first windows of ``blocks``: another text or window count).
+    ``settings``: JSON-safe ``{option name: value}`` of what shaped the pass (the pipeline passes the model, its
+    dtype, the text, the window length and counts), stored in the checkpoint; a checkpoint of other settings is
+    refused naming each option that differs, before the weight and window digests are compared. Raises
     ValueError on non-finite activations or loss (names the layer / window).
 
     Data-parallel (``torch.distributed`` initialised; every rank passes the same blocks): the windows are
@@ -139,15 +149,20 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     world, rank = placement.world_size, placement.rank
     result = _load_checkpoint(checkpoint)
     model_sha = model_digest(model)  # the same on every rank, whatever the placement
+    settings = dict(settings) if settings is not None else None
     if result is None:
         result = CalibrationResult.empty(dims)
-        result.model_sha = model_sha
+        result.model_sha, result.settings = model_sha, settings
+    elif result.settings is not None and settings is not None and result.settings != settings:
+        raise ValueError(f"{checkpoint}: calibration checkpoint of a run with other settings "
+                         f"({fingerprint_differences(result.settings, settings)}); rerun with the same options, "
+                         "or without --resume")
     elif result.dims != dims:
         raise ValueError(f"{checkpoint}: calibration checkpoint of another model ({result.dims} vs {dims})")
     elif result.model_sha is not None and result.model_sha != model_sha:
         raise ValueError(f"{checkpoint}: calibration checkpoint made on other weights (model digest "
-                         f"{result.model_sha} vs {model_sha} now): another model of the same shape; delete it or "
-                         "run without resume")
+                         f"{result.model_sha} vs {model_sha} now): another model of the same shape, or the same one "
+                         "in another dtype; delete it or run without resume")
     start = result.windows
     if start > blocks.shape[0]:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {blocks.shape[0]} were given")

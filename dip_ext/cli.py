@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
 from .model_state import check_device
+from .outputs import OutputFolder, check_not_input, default_work_dir, text_input_path
 from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
@@ -56,10 +56,11 @@ class PruneRun:
 
     model: Optional[str] = option(None, "model: a local Hugging Face folder, a hub id (downloads), or "
                                   "'smollm2-135m' (default: the embedded SmolLM2-135M-Instruct, offline)")
-    out: str = option("dip-out", "output folder: the compacted model, report.json, report.md, widths.png and the "
-                      "checkpoints of the run (OUT/work)")
-    overwrite: bool = option(False, "replace an existing output folder")
-    resume: bool = option(False, "continue an interrupted run from the checkpoints in OUT/work")
+    out: str = option("dip-out", "output folder: the compacted model, report.json, report.md, widths.png; written "
+                      "beside it first and moved into place when the run succeeds")
+    work_dir: Optional[str] = option(None, "checkpoint folder of the run (default: OUT-work, beside the output)")
+    overwrite: bool = option(False, "replace an output folder an earlier dip-ext run wrote (never any other)")
+    resume: bool = option(False, "continue an interrupted run from the checkpoints in the work folder")
     device: str = option("cpu", "cpu, cuda, cuda:1 ... (under torchrun with cuda: one GPU per process)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weights dtype while pruning")
     fsdp: bool = option(False, "under torchrun: shard the frozen model across the processes with FSDP2 (for "
@@ -154,27 +155,46 @@ def _method_options(args: argparse.Namespace):
     return from_namespace(mine, args) if mine is not None else None
 
 
+#: (options class, the field that switches its other fields on, the values that switch them off, fields exempt):
+#: a flag of a switched-off group given with a non-default value would be silently ignored, so it is refused
+_SWITCHED_GROUPS = ((RecoveryConfig, "recover", ("off",), ()),
+                    (RefitConfig, "refit", ("off", "auto"), ()))
+
+
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """ValueError naming a flag that the other flags switch off (e.g. --recover-steps with --recover off)."""
+    for cls, switch, off, exempt in _SWITCHED_GROUPS:
+        if getattr(args, switch) not in off:
+            continue
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name not in (switch, *exempt) and getattr(args, f.name) != default:
+                raise ValueError(f"--{f.name.replace('_', '-')} has no effect with --{switch.replace('_', '-')} "
+                                 f"{getattr(args, switch)}")
+
+
 def _prune(args: argparse.Namespace) -> int:
     config, refit = from_namespace(PruneConfig, args), from_namespace(RefitConfig, args)
     recovery = from_namespace(RecoveryConfig, args)
     evaluation, run = from_namespace(EvalConfig, args), from_namespace(PruneRun, args)
     options = _method_options(args)
+    _refuse_ignored(args)
     if run.fsdp and dist.world_size() > 1:
         # the sharded model will be the recovery's teacher: refuse what it cannot run before loading it
         check_sharded_teacher(recovery, dist.world_size())
-    out = Path(run.out)
     if run.overwrite and run.resume:
         return _fail("--overwrite and --resume contradict each other")
-    # Under torchrun rank 0 decides (the others could already see its work folder) and tells everyone.
-    occupied = dist.read_on_main(lambda: out.exists() and any(out.iterdir()))
-    if occupied and not (run.overwrite or run.resume):
-        return _fail(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
-                     "or --resume to continue an interrupted run")
+    inputs = {"--model": run.model or zoo.default_model_dir(),
+              "--calibration": text_input_path(config.calibration), "--recover-text": text_input_path(recovery.recover_text),
+              **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
+    # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
+    out = OutputFolder(run.out, command="prune", inputs=inputs, replace=run.overwrite or run.resume) \
+        if dist.is_main() else None
+    work = Path(run.work_dir) if run.work_dir is not None else default_work_dir(run.out)
+    check_not_input(work, "work folder", inputs, outputs={"--out": run.out})
     data.get_text(config.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
     for name in (evaluation.eval_text if evaluation.eval_windows else []):
         data.get_text(name, data.eval_split(name, config.calibration))
-    if run.overwrite and out.exists() and dist.is_main():
-        shutil.rmtree(out)
     dist.barrier()
     device = run.device
     if dist.world_size() > 1 and device == "cuda":  # one GPU per process
@@ -186,15 +206,17 @@ def _prune(args: argparse.Namespace) -> int:
         model, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=device)
     pruner = Pruner(model, tokenizer, config, method_options=options, refit=refit, recovery=recovery,
                     evaluation=evaluation,
-                    work_dir=out / "work", resume=run.resume, progress=not run.quiet,
+                    work_dir=work, resume=run.resume, progress=not run.quiet,
                     model_name=run.model or zoo.DEFAULT_MODEL, full_model=full)
     model, report = pruner.run()
     if dist.is_main():  # every rank holds the same compacted model; one writes it
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        report.save(out)
+        with out.staging() as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            report.save(folder)
         print(report.to_markdown())
-        print(f"saved the compacted model and report to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+        print(f"saved the compacted model and report to {run.out}/ (load it with "
+              f"dip_ext.from_pretrained('{run.out}'))")
     dist.barrier()
     return 0
 

@@ -3,7 +3,9 @@
 A write goes to a temporary file in the target's folder, is flushed and fsync'ed, and replaces the target with
 ``os.replace`` (atomic on POSIX and Windows): a reader sees the old content or the new one, never a mix, and a
 process killed at any moment leaves at most a stray ``.tmp-*`` file, which the next write of the same target
-does not read.
+does not read. Files and folders made here get the permissions ``open`` / ``mkdir`` would give them under the
+process's umask (``tempfile`` alone makes them private to the owner, and a server running as another user could
+not read a saved model).
 """
 
 from __future__ import annotations
@@ -18,9 +20,28 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "read_safetensors"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "read_safetensors", "honour_umask",
+           "fingerprint_differences"]
 
 PathLike = Union[str, os.PathLike]
+
+
+def _current_umask() -> int:
+    try:  # Linux reports it without changing it; os.umask can only be read by setting it (racy with threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: PathLike, *, directory: bool = False) -> None:
+    """Gives ``path`` the mode a plain ``open`` (0666) or ``mkdir`` (0777) would under the current umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_current_umask())
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -29,6 +50,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,3 +90,23 @@ def read_safetensors(path: PathLike, what: str, remedy: str) -> tuple[dict[str, 
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable {what} ({e}); {remedy}") from None
     return header, meta, tensors
+
+
+def fingerprint_differences(saved: Mapping, now: Mapping, keys=None, labels: Mapping[str, str] = {}) -> str:
+    """``"key: checkpoint A vs now B, ..."`` for every key (of ``keys``, default all) whose values differ between
+    a checkpoint's fingerprint ``saved`` and this run's ``now``; nested mappings are compared key by key (named
+    ``outer.inner``). ``labels`` gives a key a readable name (e.g. a digest of weights). Empty when they agree."""
+    def flat(d: Mapping, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    names = sorted(set(a) | set(b)) if keys is None else sorted(
+        k for k in set(a) | set(b) if k in keys or k.split(".", 1)[0] in keys)
+    return ", ".join(f"{labels.get(k, k)}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in names
+                     if a.get(k) != b.get(k))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,23 +32,25 @@ from .calibration import CalibrationResult, blocks_sha, run_calibration
 from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .recovery import RecoveryConfig, RecoveryResult, recover
-from .recovery.checks import check_sharded_teacher
+from .recovery.checks import check_sharded_teacher, check_training_text
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
 from .model_state import model_digest
 from .options import as_dict
+from .outputs import WORK_MARKER, prepare_work_dir
 from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
 from .report import PruneReport
 from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
-from .windows import CalibrationWindows, calibration_windows, split_calibration
+from .windows import CalibrationWindows, calibration_windows, recovery_windows, split_calibration
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
 
 _CALIBRATION_CHECKPOINT = "calibration.safetensors"
+_RECOVERY_FOLDER = "recovery"
 
 
 @dataclass
@@ -86,8 +87,9 @@ class Pruner:
     one pass serving several ratios), used instead of a new pass; :meth:`calibrate` checks that its windows
     and weights are this run's.
     ``work_dir``: where stages checkpoint (the calibration pass and a training method, in a folder named after
-    it); without ``resume`` it is emptied first, with ``resume`` every stage continues from what is there (and
-    refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
+    it); without ``resume`` the checkpoints dip_ext names there are removed first (a non-empty folder dip_ext did
+    not create is refused, see :func:`dip_ext.outputs.prepare_work_dir`), with ``resume`` every stage continues
+    from what is there (and refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
     FSDP-sharded ``model`` (see :mod:`dip_ext.sharding`): the masks are chosen on the sharded model in lockstep,
     the copy is compacted and returned; with recovery (``distill`` only) it is replicated to every rank and
     distilled data-parallel toward the sharded model.
@@ -133,11 +135,18 @@ class Pruner:
         self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of)
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         needs_tokenizer = list(texts) + ([self.config.calibration] if calibration_tokens is None else [])
+        recover_text = self.recovery_config.recover_text if self.recovery_config.recover != "off" else None
+        if recover_text is not None:  # refused now if it is an evaluation text, unknown or missing
+            check_training_text(recover_text, texts, None if calibration_tokens is not None else self.config.calibration)
+            data.get_text(recover_text, "calibration")
+            needs_tokenizer.append(recover_text)
         if tokenizer is None and needs_tokenizer:
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
                              "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")
         self.model, self.tokenizer, self.full_model = model, tokenizer, full_model
         self.calibration_tokens = calibration_tokens
+        self.calibration_label = (self.config.calibration if calibration_tokens is None
+                                  else "the given calibration_tokens")
         self.progress = progress
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -162,15 +171,20 @@ class Pruner:
     # ---- checks and bookkeeping ----------------------------------------------------------------------------
 
     def _prepare_work_dir(self) -> None:
-        work = self.work_dir
-        if work.exists() and not work.is_dir():
-            raise ValueError(f"work_dir {work} exists and is not a folder")
-        if self.placement.is_main:
-            if not self.resume and work.exists():
-                shutil.rmtree(work)  # a run without resume starts from scratch: no stage may find old checkpoints
-            work.mkdir(parents=True, exist_ok=True)
-        self.resumed = dist.broadcast_object(self.resume and any(work.iterdir()) if self.placement.is_main else None)
+        work, main = self.work_dir, self.placement.is_main
+        if main:  # without resume no stage may find an older run's checkpoints
+            prepare_work_dir(work, resume=self.resume, checkpoints=(_CALIBRATION_CHECKPOINT, self.method.name,
+                                                                    _RECOVERY_FOLDER))
+        self.resumed = dist.broadcast_object(self.resume and any(p.name != WORK_MARKER for p in work.iterdir())
+                                             if main else None)
         dist.barrier()
+
+    def _calibration_settings(self) -> dict:
+        """What shaped the calibration pass, by option name (a resume with other values is refused naming them)."""
+        val = self.windows().val
+        return {"model": self.model_name, "dtype": self.dtype, "calibration": self.calibration_label,
+                "seq_len": self.seq_len, "calibration_windows": self.config.calibration_windows,
+                "val_windows": 0 if val is None else val.shape[0]}
 
     @contextmanager
     def _timed(self, stage: str):
@@ -212,7 +226,8 @@ class Pruner:
             ckpt = self.work_dir / _CALIBRATION_CHECKPOINT if self.work_dir is not None else None
             with self._timed("calibration pass"):
                 self._calibration = run_calibration(self.model, windows.calibration, progress=self.progress,
-                                                    checkpoint=ckpt, placement=self.placement)
+                                                    checkpoint=ckpt, placement=self.placement,
+                                                    settings=self._calibration_settings())
         return self._calibration
 
     def select(self) -> SelectionResult:
@@ -273,23 +288,25 @@ class Pruner:
         return self._compaction
 
     def recover(self) -> Optional[RecoveryResult]:
-        """Trains the compacted model back toward the dense one (:func:`dip_ext.recovery.recover`) on the
-        calibration text's training windows, early-stopped on the held-out ones; None with ``recover="off"``.
+        """Trains the compacted model toward the dense one (:func:`dip_ext.recovery.recover`) on the calibration
+        text's training windows (or ``recover_text``'s; ``recover_windows`` caps them), early-stopped on the
+        held-out ones; None with ``recover="off"``.
 
         Sharded: rank 0's compacted copy is first replicated to every rank
         (:func:`dip_ext.sharding.replicate_from_main`), which then distil it data-parallel toward the sharded
         dense model; every rank ends holding the same recovered model."""
-        if self._recovery is None and self.recovery_config.recover != "off":
+        if self._recovery is None and (rc := self.recovery_config).recover != "off":
             model, windows = self.compact().model, self.windows()
             teacher, placement = self._teacher, self.placement
             if self.placement.sharded:
                 model = replicate_from_main(model, next(self.model.parameters()).device)
                 self._compaction.model, teacher, placement = model, self.model, Placement.of(model)
-            work = self.work_dir / "recovery" if self.work_dir is not None else None
+            work = self.work_dir / _RECOVERY_FOLDER if self.work_dir is not None else None
             with self._timed("recovery"):
-                self._recovery = recover(model, teacher, windows.train, windows.val, self.recovery_config,
-                                         work_dir=work, resume=self.resume, placement=placement,
-                                         progress=self.progress)
+                train = recovery_windows(self.tokenizer, windows.train, self.calibration_label, rc.recover_text,
+                                         rc.recover_windows, self.seq_len, config=self.model.config)
+                self._recovery = recover(model, teacher, train, windows.val, rc, work_dir=work, resume=self.resume,
+                                         placement=placement, progress=self.progress)
             self._teacher = None  # the copy is not needed any more
         return self._recovery
 

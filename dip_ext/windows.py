@@ -73,3 +73,15 @@ def split_calibration(blocks: torch.Tensor, calibration_windows: Optional[int],
                       f"{rest.shape[0]}" + (" besides the validation windows" if val is not None else ""),
                       stacklevel=3)
     return CalibrationWindows(rest[data.spread_indices(rest.shape[0], calibration_windows)], rest, val)
+
+
+def recovery_windows(tokenizer, train: torch.Tensor, calibration, text: Optional[str], cap: Optional[int],
+                     seq_len: int, *, config=None) -> torch.Tensor:
+    """The windows recovery trains on ``[n, seq_len]``: the calibration text's training windows ``train``, or
+    every calibration-split window of ``text`` when it names another text than ``calibration``; then at most
+    ``cap`` of them (evenly spaced; None: all)."""
+    if text is not None and text != calibration:
+        train = calibration_windows(tokenizer, text, seq_len, config=config)
+    if cap is not None and cap < train.shape[0]:
+        train = train[data.spread_indices(train.shape[0], cap)]
+    return train

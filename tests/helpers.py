@@ -173,3 +173,17 @@ def write_word_text(folder) -> str:
     path = Path(folder) / "words.txt"
     path.write_text("\n\n".join(paras) + "\n")
     return f"file:{path}"
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of ``dip-ext argv`` run in-process (what fixtures printed before is dropped);
+    argparse's exits count as codes."""
+    from dip_ext.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

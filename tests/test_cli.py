@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from helpers import run_cli
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
 
 import dip_ext
 from dip_ext import zoo
-from dip_ext.cli import main
 from dip_ext.prune import prune_and_compact
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
@@ -60,16 +60,6 @@ def folders(tmp_path_factory, word_tokenizer):
         word_tokenizer.save_pretrained(path)
         out[family] = path
     return out
-
-
-def run_cli(capsys, *argv):
-    """(exit code, stdout, stderr) of dip_ext.cli.main in-process; argparse exits count as codes."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def tiny_prune_args(folder, word_text, out, *extra):
@@ -225,11 +215,16 @@ def test_prune_end_to_end(capsys, folders, word_text, tmp_path, family):
 def test_overwrite_replaces(capsys, folders, word_text, tmp_path):
     out = tmp_path / "out"
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, "--method", "dependent"))[0] == 0
-    (out / "stray.txt").write_text("old")
-    code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, "--method", "oneshot",
-                                                    "--ratio", "0.5", "--overwrite"))
+    # a file dip_ext did not write is never deleted: --overwrite refuses the folder while it is there
+    (out / "notes.txt").write_text("mine")
+    again = tiny_prune_args(folders["llama"], word_text, out, "--method", "oneshot", "--ratio", "0.5", "--overwrite")
+    code, _, err = run_cli(capsys, *again)
+    assert code == 2 and err.count("\n") == 1 and "notes.txt" in err and "did not write" in err, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "report.json").read_text())["method"] == "dependent"
+    (out / "notes.txt").unlink()
+    code, _, err = run_cli(capsys, *again)
     assert code == 0, err
-    assert not (out / "stray.txt").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "oneshot" and report["ratio"] == 0.5
     assert dip_ext.param_report(dip_ext.from_pretrained(out)).removed_decoder_linear >= 0.5 - 1e-3
@@ -262,7 +257,7 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     # resuming with other calibration windows would mix two runs: refused in one line
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4",
                                                     "--resume", "--calibration-windows", "6"))
-    assert code == 2 and err.count("\n") == 1 and "other token windows" in err, err
+    assert code == 2 and err.count("\n") == 1 and "calibration_windows: checkpoint 4 vs now 6" in err, err
     assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4 and resumed["options"]["val_windows"] == 3
     assert resumed["masks"] == fresh["masks"]
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks

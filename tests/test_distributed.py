@@ -348,7 +348,7 @@ def test_cli_under_torchrun_and_resume(tmp_path):
     assert part.returncode == 0, part.stderr[-3000:]
     resumed = _torchrun(tmp_path, folder, text, "part", "--steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, meta = _read_checkpoint(tmp_path / "part" / "work" / "hypernetwork" / CHECKPOINT_NAME)
+    _, meta = _read_checkpoint(tmp_path / "part-work" / "hypernetwork" / CHECKPOINT_NAME)
     assert meta["step"] == 4 and meta["world_size"] == 2 and meta["fingerprint"]["batch_size"] == 2
     sharded = _torchrun(tmp_path, folder, text, "fsdp", "--steps", "4", "--fsdp", "--eval-windows", "2",
                         "--eval-text", text)

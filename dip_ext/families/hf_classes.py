@@ -23,7 +23,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, honour_umask
 from ..masks import DispMasks
 from ..modules import place_index_sets
 from .base import FamilyAdapter
@@ -89,7 +89,10 @@ class DipExtForCausalLM:
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, then every index set copied to its module's device: loading with
         ``device_map`` places weights without ``Module.to``, and a lazy copy on the first forward would land
-        inside a captured CUDA graph."""
+        inside a captured CUDA graph. Hub kernels are off unless asked for (``use_kernels=True``): the compacted
+        layers run dip_ext's own kernels, and transformers >= 5.25 would otherwise try to swap them whenever the
+        ``kernels`` package is installed, refusing ``device_map`` "meta" on the way."""
+        kwargs.setdefault("use_kernels", False)
         loaded = super().from_pretrained(*args, **kwargs)
         place_index_sets(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
@@ -107,6 +110,10 @@ class DipExtForCausalLM:
                                 "AutoModelForCausalLM": f"{module}.{model_name}"}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
+            # transformers writes the weight files owner-only (0600) whatever the umask; a server running as
+            # another user must be able to read a saved model
+            for weights in Path(save_directory).glob("model*.safetensors"):
+                honour_umask(weights)
             text = ('"""Written by dip_ext: lets AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) '
                     'load this\nDISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) '
                     'installed."""\n'

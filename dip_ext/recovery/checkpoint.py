@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import distributed as dist
-from ..files import atomic_save_safetensors, read_safetensors
+from ..files import atomic_save_safetensors, fingerprint_differences, read_safetensors
 
 __all__ = ["FORMAT", "save_training_state", "load_training_state", "optimizer_tensors", "load_optimizer"]
 
@@ -67,5 +67,13 @@ def resume_state(path: Optional[Path], resume: bool, fingerprint: dict,
         return None
     loaded = dist.read_on_main(lambda: load_training_state(path))
     if loaded is not None and loaded[0].get("fingerprint") != fingerprint:
-        raise ValueError(f"{path} was written by {what}; start without --resume (or remove it)")
+        detail = fingerprint_differences(loaded[0].get("fingerprint") or {}, fingerprint, labels=_LABELS)
+        raise ValueError(f"{path} was written by {what} ({detail}); start without --resume (or remove it)")
     return loaded
+
+
+#: readable names of the fingerprint entries that are digests or counts
+_LABELS = {"student": "the pruned model's weights digest (another --model or pruning)",
+           "world": "the number of ranks", "train": "the training windows (count, length, digest)",
+           "val": "the held-out windows (count, digest)", "windows": "the windows (count, length)",
+           "ids": "the windows' token-id sum"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,13 +20,14 @@ from typing import Optional
 from .. import distributed as dist
 from .. import zoo
 from ..config import DEFAULT_SEQ_LEN, EvalConfig
-from ..data import fit_seq_len, spread_indices
+from ..data import fit_seq_len
 from ..eval import perplexity
 from ..files import atomic_write_text
 from ..model_state import check_device, model_digest
 from ..options import check_fields, from_namespace, option
+from ..outputs import OutputFolder, check_not_input, default_work_dir, prepare_work_dir, text_input_path
 from ..sharding import load_sharded
-from ..windows import calibration_windows, split_calibration
+from ..windows import calibration_windows, recovery_windows, split_calibration
 from .checks import check_sharded_teacher, check_training_text
 from .config import RecoveryConfig
 from .stage import recover
@@ -44,9 +44,11 @@ class RecoverRun:
     model: str = option(help="the pruned, compacted model's folder (saved by dip-ext prune)")
     teacher: Optional[str] = option(None, "the dense model it was pruned from: a folder, a hub id or 'smollm2-135m' "
                                     "(default: the embedded SmolLM2-135M-Instruct)")
-    out: str = option("dip-recovered", "output folder: the recovered model, recovery.json/.md/.png, OUT/work")
-    overwrite: bool = option(False, "replace an existing output folder")
-    resume: bool = option(False, "continue an interrupted run from the checkpoints in OUT/work")
+    out: str = option("dip-recovered", "output folder: the recovered model, recovery.json/.md/.png; written beside "
+                      "it first and moved into place when the run succeeds")
+    work_dir: Optional[str] = option(None, "checkpoint folder of the run (default: OUT-work, beside the output)")
+    overwrite: bool = option(False, "replace an output folder an earlier dip-ext run wrote (never any other)")
+    resume: bool = option(False, "continue an interrupted run from the checkpoints in the work folder")
     calibration: str = option("wiki", "the text the model was calibrated on: its training windows train the "
                               "recovery (unless --recover-text), its held-out windows stop it early")
     seq_len: Optional[int] = option(None, "tokens per training window (default: 256, or the model's position "
@@ -88,17 +90,20 @@ def run_recover(args: argparse.Namespace) -> int:
             raise ValueError("--fsdp shards the teacher across processes: launch with torchrun --nproc_per_node=N "
                              "(N >= 2)")
         check_sharded_teacher(config, dist.world_size())
-    out = Path(run.out)
     if run.overwrite and run.resume:
         raise ValueError("--overwrite and --resume contradict each other")
-    occupied = dist.read_on_main(lambda: out.exists() and any(out.iterdir()))
-    if occupied and not (run.overwrite or run.resume):
-        raise ValueError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")
+    inputs = {"--model": run.model, "--teacher": run.teacher or zoo.default_model_dir(),
+              "--calibration": text_input_path(run.calibration),
+              "--recover-text": text_input_path(config.recover_text),
+              **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
+    # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
+    out = OutputFolder(run.out, command="recover", inputs=inputs, replace=run.overwrite or run.resume) \
+        if dist.is_main() else None
+    work = Path(run.work_dir) if run.work_dir is not None else default_work_dir(run.out)
+    check_not_input(work, "work folder", inputs, outputs={"--out": run.out})
     texts = list(evaluation.eval_text) if evaluation.eval_windows != 0 else []
     if config.recover_text is not None:
         check_training_text(config.recover_text, texts, calibration=run.calibration)
-    if run.overwrite and out.exists() and dist.is_main():
-        shutil.rmtree(out)
     student, tokenizer = zoo.resolve_model(run.model, dtype=run.dtype, device=run.device)
     dist.check_same(model_digest(student), "the pruned model's weights (every rank loads --model itself)")
     if run.fsdp:  # rank 0 reads the dense model, every rank keeps a shard of it
@@ -108,11 +113,8 @@ def run_recover(args: argparse.Namespace) -> int:
     seq_len = fit_seq_len(run.seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--seq-len")
     blocks = calibration_windows(tokenizer, run.calibration, seq_len, config=student.config)
     windows = split_calibration(blocks, None, run.val_windows)
-    train = windows.train
-    if config.recover_text is not None and config.recover_text != run.calibration:
-        train = calibration_windows(tokenizer, config.recover_text, seq_len, config=student.config)
-    if config.recover_windows is not None and config.recover_windows < train.shape[0]:
-        train = train[spread_indices(train.shape[0], config.recover_windows)]
+    train = recovery_windows(tokenizer, windows.train, run.calibration, config.recover_text, config.recover_windows,
+                             seq_len, config=student.config)
     progress = not run.quiet and dist.is_main()
     eval_len = fit_seq_len(evaluation.eval_seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--eval-seq-len")
 
@@ -121,21 +123,24 @@ def run_recover(args: argparse.Namespace) -> int:
                               progress=progress) for t in texts} if dist.is_main() or every_rank else {}
 
     dense, before = scores(teacher, every_rank=run.fsdp), scores(student)  # sharded: every rank joins the forwards
-    result = recover(student, teacher, train, windows.val, config, work_dir=out / "work", resume=run.resume,
+    if dist.is_main():
+        prepare_work_dir(work, resume=run.resume, checkpoints=())  # checkpoints are overwritten, never deleted
+    result = recover(student, teacher, train, windows.val, config, work_dir=work, resume=run.resume,
                      progress=progress)
     after = scores(student)
     if dist.is_main():
-        student.save_pretrained(out)
-        tokenizer.save_pretrained(out)
         record = {"model": run.model, "teacher": run.teacher or zoo.DEFAULT_MODEL, "perplexity_dense": dense,
                   "perplexity_pruned": before, "perplexity_recovered": after, "recovery": result.to_dict()}
-        atomic_write_text(out / "recovery.json", json.dumps(record, indent=1))
         lines = ["# dip_ext recovery report", "", "| text | dense | pruned | recovered |", "|---|---:|---:|---:|"]
         lines += [f"| {t} | {dense[t]:.3f} | {before[t]:.3f} | {after[t]:.3f} |" for t in texts
                   if math.isfinite(after[t])]
-        atomic_write_text(out / "recovery.md", "\n".join(lines + result.markdown_lines()) + "\n")
-        result.plot(out / "recovery.png")
+        with out.staging() as folder:
+            student.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            atomic_write_text(folder / "recovery.json", json.dumps(record, indent=1))
+            atomic_write_text(folder / "recovery.md", "\n".join(lines + result.markdown_lines()) + "\n")
+            result.plot(folder / "recovery.png")
         print("\n".join(lines + result.markdown_lines()))
-        print(f"saved the recovered model to {out}/ (load it with dip_ext.from_pretrained('{out}'))")
+        print(f"saved the recovered model to {run.out}/ (load it with dip_ext.from_pretrained('{run.out}'))")
     dist.barrier()
     return 0

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...files import atomic_save_safetensors, read_safetensors
+from ...files import atomic_save_safetensors, fingerprint_differences, read_safetensors
 from ...masks import ModelDims
 from ...model_state import model_digest
 from ..budget import Budget
@@ -105,8 +105,7 @@ def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: 
     now = {**option_defaults, **fingerprint}
 
     def differences(keys) -> str:
-        return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(keys)
-                         if saved.get(k) != now.get(k))
+        return fingerprint_differences(saved, now, keys)
 
     detail = differences((set(saved) | set(now)) - set(_SCHEDULE_KEYS))
     if detail:
