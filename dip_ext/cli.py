@@ -184,8 +184,8 @@ def _prune(args: argparse.Namespace) -> int:
         check_sharded_teacher(recovery, dist.world_size())
     if run.overwrite and run.resume:
         return _fail("--overwrite and --resume contradict each other")
-    inputs = {"--model": run.model or zoo.default_model_dir(),
-              "--calibration": text_input_path(config.calibration), "--recover-text": text_input_path(recovery.recover_text),
+    inputs = {"--model": run.model or zoo.default_model_dir(), "--calibration": text_input_path(config.calibration),
+              "--recover-text": text_input_path(recovery.recover_text),
               **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
     # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
     out = OutputFolder(run.out, command="prune", inputs=inputs, replace=run.overwrite or run.resume) \
@@ -213,7 +213,7 @@ def _prune(args: argparse.Namespace) -> int:
         with out.staging() as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-            report.save(folder)
+            report.publishable().save(folder, model_card=True)
         print(report.to_markdown())
         print(f"saved the compacted model and report to {run.out}/ (load it with "
               f"dip_ext.from_pretrained('{run.out}'))")

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Optional, Union
 from .files import atomic_write_text, honour_umask
 
 __all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "default_work_dir",
-           "prepare_work_dir", "text_input_path"]
+           "prepare_work_dir", "text_input_path", "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -213,3 +213,20 @@ def prepare_work_dir(work: PathLike, *, resume: bool, checkpoints: Iterable[str]
             elif entry.exists() or entry.is_symlink():
                 entry.unlink()
     return work
+
+
+def without_local_paths(value):
+    """A copy of the JSON-like ``value`` (dicts, lists, strings, numbers) fit to publish: every string naming a
+    local file or folder (``file:PATH``, or a path that exists here) is cut to its last component, in values and
+    in keys alike."""
+    if isinstance(value, dict):
+        return {without_local_paths(k): without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_local_paths(v) for v in value)
+    if isinstance(value, str):
+        path = text_input_path(value)
+        if path is not None:
+            return f"file:{path.name}"
+        if (os.sep in value or value.startswith("~")) and Path(value).expanduser().exists():
+            return Path(value).expanduser().resolve().name
+    return value

@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 
 from .files import atomic_write_bytes, atomic_write_text
 from .masks import STRUCTURES
+from .model_card import model_card
+from .outputs import without_local_paths
 from .recovery import RecoveryResult
 
 __all__ = ["PruneReport"]
@@ -45,6 +47,28 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def publishable(self) -> "PruneReport":
+        """This report with every local path cut to its last component (a folder's name, ``file:NAME``), as it
+        goes into a saved model's folder."""
+        return PruneReport(**without_local_paths(self.to_dict()))
+
+    def model_card(self) -> str:
+        """The saved folder's ``README.md`` (:func:`dip_ext.model_card.model_card`)."""
+        b, a = self.params_before, self.params_after
+        summary = (f"`{self.model}` with **{100 * (1 - a['decoder_linear'] / b['decoder_linear']):.1f} %** of its "
+                   f"decoder-linear parameters removed ({100 * (1 - a['total'] / b['total']):.1f} % of all: "
+                   f"{a['total']:,} of {b['total']:,} kept) by DISP-LLM (Dimension-Independent Structural Pruning, "
+                   f"Gao et al., NeurIPS 2024), method `{self.method}`"
+                   + (", then recovered toward the dense model" if self.recovery else "")
+                   + ". Every block reads and writes its own subset of the full-width residual stream; the weights "
+                   "are smaller dense matrices plus index sets, run on dip_ext's kernels. Details: `report.md`.")
+        columns = ["dense", "pruned"] + (["recovered"] if self.perplexity_recovered else [])
+        nan = float("nan")
+        table = {t: [p, self.perplexity_after.get(t, nan)] + ([self.perplexity_recovered.get(t, nan)]
+                                                               if self.perplexity_recovered else [])
+                 for t, p in self.perplexity_before.items()}
+        return model_card(self.model, summary, table, columns)
 
     def to_markdown(self) -> str:
         b, a = self.params_before, self.params_after
@@ -116,10 +140,13 @@ class PruneReport:
         fig.savefig(png, format="png", dpi=120)
         atomic_write_bytes(path, png.getvalue())
 
-    def save(self, folder) -> None:
+    def save(self, folder, *, model_card: bool = False) -> None:
         """Writes ``report.json``, ``report.md``, ``widths.png`` and, after a recovery, ``recovery.png`` (its
-        held-out curve) into ``folder`` (each atomically)."""
+        held-out curve) into ``folder`` (each atomically); with ``model_card`` also :meth:`model_card` as
+        ``README.md`` (meant for a new folder: a README already there would be replaced)."""
         folder = Path(folder)
+        if model_card:
+            atomic_write_text(folder / "README.md", self.model_card())
         atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
         atomic_write_text(folder / "report.md", self.to_markdown())
         self.plot(folder / "widths.png")

@@ -5,6 +5,8 @@ previous output as it was; files and folders dip_ext writes honour the umask."""
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,7 @@ def test_failed_run_leaves_the_previous_output(capsys, tmp_path, tiny, word_text
     assert run_cli(capsys, *prune_argv(dense, word_text, out))[0] == 0
     before = snapshot(out)
 
-    def broken_save(self, folder):
+    def broken_save(self, folder, **kwargs):
         (Path(folder) / "report.json").write_text("half")
         raise ValueError("disk full")
 
@@ -241,3 +243,54 @@ def test_written_files_honour_the_umask(tmp_path, tiny, word_text, capsys, umask
     for name in ("config.json", "modeling_dip_ext.py", "model.safetensors"):
         assert mode(tmp_path / "api" / name) == 0o666 & ~umask, name
 
+
+
+# ---- ready to publish ---------------------------------------------------------------------------------------
+
+def _text_files(folder: Path) -> dict:
+    return {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".json", ".md", ".py", ".txt")}
+
+
+def test_prune_output_is_ready_to_publish(capsys, tmp_path, tiny, word_text):
+    dense, _ = tiny
+    out = tmp_path / "published"
+    argv = prune_argv(dense, word_text, out, "--eval-windows", 1, "--eval-text", word_text, "--eval-seq-len", 16,
+                      "--recover", "distill", "--recover-steps", 1, "--val-windows", 2)
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "base_model" not in card  # a local base
+    assert "## Measured quality" in card and f"| file:{text_path(word_text).name} |" in card
+    report = json.loads((out / "report.json").read_text())
+    columns = "| text | dense | pruned |" + (" recovered |" if report["perplexity_recovered"] else "")
+    assert columns + "\n" in card and "dip_ext.from_pretrained" in card
+    for name, text in _text_files(out).items():
+        assert str(tmp_path) not in text and str(Path.home()) + "/" not in text, name
+    assert report["model"] == "dense" and report["options"]["calibration"] == f"file:{text_path(word_text).name}"
+    assert not (out / "work").exists() and str(out) in stdout  # the terminal still names the real folder
+
+
+def test_recover_output_is_ready_to_publish(capsys, tmp_path, tiny, word_text):
+    dense, pruned = tiny
+    out = tmp_path / "recovered"
+    code, _, err = run_cli(capsys, *recover_argv(pruned, dense, word_text, out, "--eval-windows", 1, "--eval-text",
+                                                 word_text, "--eval-seq-len", 16))
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert "after `distill` recovery" in card and "| text | dense | pruned | recovered |" in card
+    for name, text in _text_files(out).items():
+        assert str(tmp_path) not in text, name
+
+
+def test_loading_without_dip_ext_says_how_to_install_it(tmp_path, tiny):
+    """transformers would advise `pip install dip_ext`, a name no registry serves; the shim says what works."""
+    _, pruned = tiny
+    code = ("import sys; sys.modules['dip_ext'] = None\n"  # dip_ext cannot be imported in this process
+            "from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(pruned)!r}, trust_remote_code=True)\n")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "pip install --no-build-isolation <dip_ext source folder>" in proc.stderr, proc.stderr[-2000:]
+    assert "Run `pip install dip_ext`" not in proc.stderr

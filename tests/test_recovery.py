@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 import math
 
 import warnings
@@ -415,7 +416,7 @@ def test_recover_command_saves_an_ordinary_dip_ext_checkpoint(tmp_path, word_tok
     assert args.recover == "auto"
     assert run_recover(args) == 0
     record = json.loads((tmp_path / "out" / "recovery.json").read_text())
-    assert record["recovery"]["mode"] == "auto" and set(record["perplexity_recovered"]) == {word_text}
+    assert record["recovery"]["mode"] == "auto" and set(record["perplexity_recovered"]) == {f"file:{Path(word_text[5:]).name}"}
     assert (tmp_path / "out" / "recovery.png").is_file() and (tmp_path / "out-work" / "distill.safetensors").is_file()
     again = dip_ext.from_pretrained(tmp_path / "out")
     ids = windows(1, 9)

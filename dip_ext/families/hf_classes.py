@@ -28,6 +28,10 @@ from ..masks import DispMasks
 from ..modules import place_index_sets
 from .base import FamilyAdapter
 
+#: what loading a saved folder without dip_ext says
+MISSING_PACKAGE = ("this checkpoint was compacted by dip_ext, which is not installed here (or its compiled "
+                   "extension does not load): build it from its source with `pip install --no-build-isolation "
+                   "<dip_ext source folder>` after installing torch, then load the folder again")
 REMOTE_CODE_FILE = "modeling_dip_ext.py"
 #: What a compacted checkpoint's config.json holds as ``use_cache``: the dense classes refuse it, naming dip_ext.
 LOAD_GUARD = ("dip_ext compacted checkpoint, not a dense model: load it with dip_ext.from_pretrained(dir), or "
@@ -114,10 +118,15 @@ class DipExtForCausalLM:
             # another user must be able to read a saved model
             for weights in Path(save_directory).glob("model*.safetensors"):
                 honour_umask(weights)
+            # the import sits in a try block so that transformers' own check (which would advise "pip install
+            # dip_ext", a name no registry serves) leaves the explanation to us
             text = ('"""Written by dip_ext: lets AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) '
                     'load this\nDISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) '
                     'installed."""\n'
-                    f"from dip_ext.modeling import {config_name}, {model_name}  # noqa: F401\n")
+                    "try:\n"
+                    f"    from dip_ext.modeling import {config_name}, {model_name}  # noqa: F401\n"
+                    "except ImportError as error:\n"
+                    f"    raise ImportError({MISSING_PACKAGE!r}) from error\n")
             atomic_write_text(Path(save_directory) / REMOTE_CODE_FILE, text)
 
 

@@ -23,9 +23,11 @@ from ..config import DEFAULT_SEQ_LEN, EvalConfig
 from ..data import fit_seq_len
 from ..eval import perplexity
 from ..files import atomic_write_text
+from ..model_card import model_card
 from ..model_state import check_device, model_digest
 from ..options import check_fields, from_namespace, option
-from ..outputs import OutputFolder, check_not_input, default_work_dir, prepare_work_dir, text_input_path
+from ..outputs import (OutputFolder, check_not_input, default_work_dir, prepare_work_dir, text_input_path,
+                       without_local_paths)
 from ..sharding import load_sharded
 from ..windows import calibration_windows, recovery_windows, split_calibration
 from .checks import check_sharded_teacher, check_training_text
@@ -132,13 +134,19 @@ def run_recover(args: argparse.Namespace) -> int:
         record = {"model": run.model, "teacher": run.teacher or zoo.DEFAULT_MODEL, "perplexity_dense": dense,
                   "perplexity_pruned": before, "perplexity_recovered": after, "recovery": result.to_dict()}
         lines = ["# dip_ext recovery report", "", "| text | dense | pruned | recovered |", "|---|---:|---:|---:|"]
-        lines += [f"| {t} | {dense[t]:.3f} | {before[t]:.3f} | {after[t]:.3f} |" for t in texts
-                  if math.isfinite(after[t])]
+        lines += [f"| {without_local_paths(t)} | {dense[t]:.3f} | {before[t]:.3f} | {after[t]:.3f} |"
+                  for t in texts if math.isfinite(after[t])]
+        card = model_card(without_local_paths(run.teacher or zoo.DEFAULT_MODEL),
+                          f"The pruned model `{without_local_paths(run.model)}` after `{config.recover}` recovery "
+                          "toward its dense original (DISP-LLM, dip_ext). Details: `recovery.md`.",
+                          {without_local_paths(t): [dense[t], before[t], after[t]] for t in texts},
+                          ["dense", "pruned", "recovered"])
         with out.staging() as folder:
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-            atomic_write_text(folder / "recovery.json", json.dumps(record, indent=1))
+            atomic_write_text(folder / "recovery.json", json.dumps(without_local_paths(record), indent=1))
             atomic_write_text(folder / "recovery.md", "\n".join(lines + result.markdown_lines()) + "\n")
+            atomic_write_text(folder / "README.md", card)
             result.plot(folder / "recovery.png")
         print("\n".join(lines + result.markdown_lines()))
         print(f"saved the recovered model to {run.out}/ (load it with dip_ext.from_pretrained('{run.out}'))")
