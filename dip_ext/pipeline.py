@@ -81,8 +81,8 @@ class Pruner:
 
     ``config``: what to remove and how (:class:`PruneConfig`); ``method_options``: the selection method's own
     options object (e.g. ``HypernetworkConfig``; None: its defaults); ``refit`` (:class:`RefitConfig`) and
-    ``evaluation`` (:class:`EvalConfig`). ``calibration_tokens``: ready-made windows ``[n, seq_len]`` instead of
-    the text ``config.calibration`` (up to ``config.calibration_windows`` of them feed the calibration pass).
+    ``evaluation`` (:class:`EvalConfig`). ``calibration_tokens``: data instead of the text ``config.calibration``
+    (:func:`dip_ext.data.calibration_tokens`: windows, documents, chats...; ``calibration_windows`` of it calibrate).
     ``calibration``: the result of an earlier calibration pass of the same model over the same windows (e.g.
     one pass serving several ratios), used instead of a new pass; :meth:`calibrate` checks that its windows
     and weights are this run's.
@@ -101,7 +101,7 @@ class Pruner:
     def __init__(self, model: nn.Module, tokenizer=None, config: Optional[PruneConfig] = None, *,
                  method_options: Any = None, refit: Optional[RefitConfig] = None,
                  recovery: Optional[RecoveryConfig] = None,
-                 evaluation: Optional[EvalConfig] = None, calibration_tokens: Optional[torch.Tensor] = None,
+                 evaluation: Optional[EvalConfig] = None, calibration_tokens: Any = None,
                  calibration: Optional[CalibrationResult] = None,
                  work_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False, progress: bool = True,
                  model_name: Optional[str] = None, full_model: Optional[nn.Module] = None):
@@ -134,7 +134,8 @@ class Pruner:
                                              what="eval_seq_len")
         self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of)
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
-        needs_tokenizer = list(texts) + ([self.config.calibration] if calibration_tokens is None else [])
+        given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
+        needs_tokenizer = list(texts) + ([self.config.calibration] if given is None else [])
         recover_text = self.recovery_config.recover_text if self.recovery_config.recover != "off" else None
         if recover_text is not None:  # refused now if it is an evaluation text, unknown or missing
             check_training_text(recover_text, texts, None if calibration_tokens is not None else self.config.calibration)
@@ -144,9 +145,8 @@ class Pruner:
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
                              "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")
         self.model, self.tokenizer, self.full_model = model, tokenizer, full_model
-        self.calibration_tokens = calibration_tokens
-        self.calibration_label = (self.config.calibration if calibration_tokens is None
-                                  else "the given calibration_tokens")
+        self.calibration_tokens = None if given is None else given.tokens
+        self.calibration_label = self.config.calibration if given is None else given.label
         self.progress = progress
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -366,7 +366,7 @@ class Pruner:
         learns = selection.training is not None
         refit = self._refit.to_dict() if self._refit is not None else None
         options = dict(seq_len=self.seq_len,
-                       calibration=cfg.calibration if self.calibration_tokens is None else "tokens",
+                       calibration=self.calibration_label,
                        calibration_windows=int(windows.calibration.shape[0]),
                        steps=int(getattr(opts, "steps", 0)), train_windows=int(windows.train.shape[0]) if learns else 0,
                        val_windows=0 if windows.val is None else int(windows.val.shape[0]),

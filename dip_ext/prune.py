@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Union
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ __all__ = ["prune_and_compact", "PruneReport"]
 
 
 def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
-                      calibration: Union[str, torch.Tensor] = "wiki", method: str = "hypernetwork", *,
+                      calibration: Any = "wiki", method: str = "hypernetwork", *,
                       ratio_of: str = "decoder_linear", seq_len: Optional[int] = None, calibration_windows: int = 64,
                       val_windows: int = 16, steps: Optional[int] = None, multiple_of: int = 1, seed: int = 0,
                       eval_texts=("wiki", "ptb"), eval_windows: Optional[int] = 16, eval_seq_len: Optional[int] = None,
@@ -35,7 +36,9 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
     ``tokenizer``: None takes the tokenizer of the model's own folder (``model.name_or_path``: a local folder or
     the embedded default model; nothing is downloaded) and raises ValueError saying what to pass otherwise.
     ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``), raw text
-    (:class:`dip_ext.data.Text`) or token windows ``[n, seq_len]``. ``method``: a registered selection method (``"hypernetwork"``, ``"oneshot"``,
+    (:class:`dip_ext.data.Text`), documents (strings), chat conversations (rendered with the tokenizer's chat
+    template), tokenizer output (padding dropped by its attention mask) or token ids (a stream or windows
+    ``[n, seq_len]``); see :func:`dip_ext.data.calibration_tokens`. ``method``: a registered selection method (``"hypernetwork"``, ``"oneshot"``,
     ``"dependent"``, ...); its options go in ``method_options`` (e.g. ``HypernetworkConfig(steps=500)``) or as
     keywords (``steps=500``; ``hypernetwork_options={...}`` is accepted too; ``steps`` is ignored by methods
     that do not train). The other keywords are the
@@ -46,7 +49,8 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
 
     Raises ValueError (naming the option) for a bad option before any work.
     """
-    if tokenizer is None and (not isinstance(calibration, torch.Tensor) or (eval_texts and eval_windows != 0)):
+    ready = isinstance(calibration, torch.Tensor) or (isinstance(calibration, Mapping) and "input_ids" in calibration)
+    if tokenizer is None and (not ready or (eval_texts and eval_windows != 0)):
         tokenizer = zoo.tokenizer_for(model)  # the model's own folder (never downloads), or what to pass
     values = dict(hypernetwork_options or {}, **method_kwargs)
     options_class = get_method(method).options_class
@@ -60,15 +64,15 @@ def prune_and_compact(model: nn.Module, tokenizer=None, ratio: float = 0.3,
                         f"(method {method!r} has no options)")
     options = resolve_method_options(method, method_options, **values)
     texts = list(eval_texts) if eval_texts else []
-    config = PruneConfig(method=method, ratio=ratio, ratio_of=ratio_of,
-                         calibration=calibration if isinstance(calibration, str) else "tokens",
+    text = {"calibration": calibration} if isinstance(calibration, str) else {}  # else: calibration_tokens below
+    config = PruneConfig(method=method, ratio=ratio, ratio_of=ratio_of, **text,
                          calibration_windows=calibration_windows, seq_len=seq_len, val_windows=val_windows,
                          multiple_of=multiple_of, seed=seed)
     evaluation = EvalConfig(eval_text=texts, eval_windows=eval_windows if texts else 0, eval_seq_len=eval_seq_len,
                             speed=measure_speed)
     pruner = Pruner(model, tokenizer, config, method_options=options,
                     refit=RefitConfig(refit=refit, refit_damping=refit_damping), evaluation=evaluation,
-                    calibration_tokens=calibration if isinstance(calibration, torch.Tensor) else None,
+                    calibration_tokens=None if isinstance(calibration, str) else calibration,
                     work_dir=work_dir, resume=resume, progress=progress, model_name=model_name,
                     full_model=full_model)
     return pruner.run()

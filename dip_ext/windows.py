@@ -33,9 +33,15 @@ def calibration_windows(tokenizer, calibration: Union[str, torch.Tensor], seq_le
     """Every window of the calibration text: LongTensor ``[n, seq_len]``.
 
     ``calibration``: a text name (``"wiki"``, ``"ptb"``, ``"wikitext2"``, ``"file:PATH"``: its calibration
-    split) tokenized by ``tokenizer``, or ready-made token windows (returned as they are after the check).
+    split) tokenized by ``tokenizer``, a 1-D token stream (cut into ``seq_len`` windows, BOS first where the
+    tokenizer wants it), or ready-made token windows (returned as they are after the check).
     ``config``: the model's config, to refuse windows longer than its positions or ids outside its vocabulary.
     """
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 1:  # a stream: cut into windows here
+        bos = data.needs_bos(tokenizer, config) if tokenizer is not None else False
+        blocks = data.make_blocks(calibration, seq_len, None, bos, getattr(tokenizer, "bos_token_id", None),
+                                  what="the calibration tokens")
+        return check_windows(blocks, "calibration token windows", config=config)
     if isinstance(calibration, torch.Tensor):
         return check_windows(calibration, "calibration token windows", config=config)
     if tokenizer is None:
