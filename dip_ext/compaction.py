@@ -9,6 +9,7 @@ from torch import nn
 from .errors import MaskError, UnsupportedModelError
 from .families import family_for, is_compacted
 from .masks import DispMasks
+from .model_state import offloaded_modules
 from .modules import place_index_sets
 from .params import param_report
 
@@ -25,7 +26,8 @@ def as_masks(masks: Union[DispMasks, Mapping]) -> DispMasks:
 
 
 def require_dense(model: nn.Module, what: str) -> None:
-    """Raises ValueError, in one line naming ``what``, when ``model`` is already compacted.
+    """Raises ValueError, in one line naming ``what``, when ``model`` is already compacted or has weights that
+    accelerate offloaded (:func:`dip_ext.model_state.offloaded_modules`).
 
     Every entry point that reads or changes the dense modules (masking, calibration, mask learning, refit,
     compaction) calls this first, so a compacted model is refused clearly instead of failing on a missing module.
@@ -33,6 +35,12 @@ def require_dense(model: nn.Module, what: str) -> None:
     if is_compacted(model):
         raise ValueError(f"{what} needs the dense model; this one is already compacted: prune the dense original "
                          "(a compacted model is for inference, evaluation and fine-tuning)")
+    offloaded = offloaded_modules(model)
+    if offloaded:
+        shown = ", ".join(offloaded[:4]) + (f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else "")
+        raise ValueError(f"{what} reads and rewrites every weight, but accelerate keeps {shown} offloaded (on disk "
+                         "or the meta device): load the model without offloading (device_map=None, or a device "
+                         "map without 'disk'), or shard it across processes (torchrun ... dip-ext prune --fsdp)")
 
 
 def compact(model: nn.Module, masks: Union[DispMasks, Mapping]) -> nn.Module:

@@ -15,7 +15,7 @@ try:  # FSDP2 parameters are DTensors; a torch without them has no sharded model
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None
 
-__all__ = ["frozen", "model_device", "model_digest", "check_device"]
+__all__ = ["frozen", "model_device", "model_digest", "check_device", "offloaded_modules"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -86,3 +86,14 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
         raise ValueError(f"device {device!r} is not available here")
+
+
+def offloaded_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose weights are not in ``model`` but elsewhere: the entries accelerate's device map
+    puts on "disk" or "meta", and the owners of parameters left on the meta device (weights that accelerate's
+    hooks bring in only around each forward). Empty for a model held in memory, FSDP-sharded ones included."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    names = [name or "(the whole model)" for name, where in device_map.items() if str(where) in ("disk", "meta")]
+    if names:
+        return names
+    return sorted({name.rpartition(".")[0] or name for name, p in model.named_parameters() if p.device.type == "meta"})
