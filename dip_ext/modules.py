@@ -4,6 +4,12 @@ Inference (no autograd needed) runs on the dip_ext kernels; when autograd is rec
 compacted model) the same maths runs on differentiable plain-torch ops, so gradients stay correct.
 Index sets are validated once when a layer is compacted; the kernels are then called with
 ``check_idx=False`` so no per-call host sync happens (CUDA graphs can capture decode).
+
+Under ``torch.autocast`` both paths keep the dense model's dtypes: the compact linears are ``nn.Linear``
+(autocast runs them in its dtype), the norms read the residual stream in its dtype, and a block's output,
+often in the autocast dtype, is added into the residual in the residual's dtype (an fp32 stream stays fp32,
+as the dense model's ``residual + block(x)`` promotes). The kernels do so by their autocast rules
+(:mod:`dip_ext.ops`), the differentiable fallbacks by casting the same way.
 """
 
 from __future__ import annotations
@@ -194,24 +200,28 @@ def residual_add(x: torch.Tensor, idx: IndexSet, y: torch.Tensor, *, inplace: bo
     hidden states) and ``inplace=True`` afterwards.
     """
     idx = idx.on(x.device)
+    # under autocast a block's output may come in a lower precision than the residual stream: the fallbacks
+    # add it in the residual's dtype, as the kernel's autocast rule does
     if _autograd_needed(x, y):
-        # under autocast a block's output may come in a lower precision than the residual stream
         return x.index_add(-1, idx, y.to(x.dtype))
     if not inplace:
         x = x.clone()
     if x.dim() not in (2, 3):
-        return x.index_add_(-1, idx, y)
+        return x.index_add_(-1, idx, y.to(x.dtype))
     return ops.scatter_add_(x, idx, y, check_idx=False)
 
 
 def rms_norm_scatter_add(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
                          unit_offset: bool) -> torch.Tensor:
     """Differentiable plain-torch ``x[..., idx] += rms_norm(y)``: a new tensor (see :func:`ops.rms_norm_scatter_add_`
-    for the semantics: RMS of the zero-padded output over the full width ``x.size(-1)``, fp32 statistics)."""
+    for the semantics: RMS of the zero-padded output over the full width ``x.size(-1)``, fp32 statistics).
+
+    The normalised value is rounded to y's dtype, then added in x's dtype: under autocast y may come in a
+    lower precision than the residual stream (the kernel's autocast rule computes the same)."""
     yf = y.float()
     rstd = torch.rsqrt(yf.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)
     scale = weight.float().index_select(0, idx) + (1.0 if unit_offset else 0.0)
-    return x.index_add(-1, idx, (yf * rstd * scale).to(y.dtype))
+    return x.index_add(-1, idx, (yf * rstd * scale).to(y.dtype).to(x.dtype))
 
 
 class RMSNormScatterAdd(_IndexedRMSNorm):
