@@ -179,6 +179,10 @@ def _prune(args: argparse.Namespace) -> int:
     evaluation, run = from_namespace(EvalConfig, args), from_namespace(PruneRun, args)
     options = _method_options(args)
     _refuse_ignored(args)
+    held_out = get_method(config.method).uses_validation(options) or refit.refit == "auto" or recovery.recover != "off"
+    if not held_out and config.val_windows != PruneConfig().val_windows:
+        raise ValueError("--val-windows has no effect: no stage of this run scores held-out windows (a trained "
+                         "method, --refit auto and --recover do)")
     if run.fsdp and dist.world_size() > 1:
         # the sharded model will be the recovery's teacher: refuse what it cannot run before loading it
         check_sharded_teacher(recovery, dist.world_size())
