@@ -21,7 +21,6 @@ import copy
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from dip_ext.config import EvalConfig, PruneConfig, RefitConfig
 from dip_ext.eval import perplexity
 from dip_ext.pipeline import Pruner
 from dip_ext.recovery import RecoveryConfig, recover
+from dip_ext.recovery.config import DISTILL_ONLY, RECONSTRUCT_ONLY
 from dip_ext.recovery.distill import distill
 from dip_ext.recovery.stage import _trainable
 
@@ -79,13 +79,15 @@ def main() -> None:
                                                                                          time.gmtime())}
     model, tok = zoo.resolve_model(args.model)
     teacher = copy.deepcopy(model)  # the dense teacher, kept before the in-place compaction
-    cfg = RecoveryConfig(recover=args.mode, recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
-                         recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
-                         recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
-                         recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
-                         recover_autocast=args.autocast, recover_teacher_dtype=args.teacher_dtype,
-                         recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
-                         recover_val_every=args.val_every, recover_checkpoint_every=0)
+    values = dict(recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
+                  recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
+                  recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
+                  recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
+                  recover_autocast=args.autocast, recover_teacher_dtype=args.teacher_dtype,
+                  recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
+                  recover_val_every=args.val_every, recover_checkpoint_every=0)
+    unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(args.mode, ())  # refused, not ignored
+    cfg = RecoveryConfig(recover=args.mode, **{k: v for k, v in values.items() if k not in unused})
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
     hyper = HypernetworkConfig(steps=args.hyper_steps, lr_schedule=args.hyper_schedule)
     pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method=args.method), refit=RefitConfig(refit=args.refit),
@@ -134,14 +136,14 @@ def main() -> None:
         if args.mode == "auto" and args.split_auto:
             # auto's two stages run one after the other, scored in between (auto would also drop the
             # reconstruction if it did not lower the held-out loss; the record says whether it did)
-            rec = recover(student, teacher, windows.train, windows.val, replace(cfg, recover="reconstruct"),
+            rec = recover(student, teacher, windows.train, windows.val, cfg.with_mode("reconstruct"),
                           progress=False)
             e0 = time.perf_counter()
             out["reconstructed"] = {"seconds": e0 - t0, "result": rec.to_dict(), **scores(student, tok,
                                                                                          args.eval_windows)}
             eval_seconds[0] += time.perf_counter() - e0
             print(json.dumps({"reconstructed": {k: out["reconstructed"][k] for k in ("seconds", *TEXTS)}}), flush=True)
-            cfg = replace(cfg, recover="distill")
+            cfg = cfg.with_mode("distill")
         result = recover(student, teacher, windows.train, windows.val, cfg, progress=False,
                          callback=make_callback(student, t0))
         out["recovery_seconds"] = time.perf_counter() - t0 - eval_seconds[0]

@@ -263,6 +263,8 @@ def offline_assets() -> dict[str, str]:
 
 def _info(args) -> int:
     run = from_namespace(InfoRun, args)
+    if run.device is not None and not run.selftest:
+        raise ValueError("--device is the device of --selftest; add --selftest")
     info = {"build": ops.build_info()}
     if run.assets:
         info["offline assets"] = offline_assets()

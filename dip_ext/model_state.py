@@ -84,7 +84,9 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r}: no CUDA device is available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+    elif dev.type == "meta":
+        raise ValueError(f"device {device!r} holds no data: name a device that computes (cpu, cuda, cuda:1, ...)")
+    elif dev.type != "cpu" and not getattr(torch, dev.type, None):
         raise ValueError(f"device {device!r} is not available here")
 
 

@@ -7,15 +7,17 @@ must differ from the same run without the flag, or the command must refuse the f
 act only on memory, time or interruption; they are listed with the test that shows their effect.
 """
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import run_cli, tiny_llama
 
 from dip_ext.cli import build_parser
+from dip_ext.recovery import RecoveryConfig
+from dip_ext.selection.hypernetwork import HypernetworkConfig
 
 #: flags whose effect is on memory, time, or what an interruption leaves, not on a finished run's result
 EFFECT_ELSEWHERE = {
@@ -26,8 +28,8 @@ EFFECT_ELSEWHERE = {
     "-h": "argparse's help",
 }
 #: the context each group of flags needs, and values for flags whose type alone does not give a valid one
-RECOVER = ("--recover", "auto", "--val-windows", 2, "--recover-steps", 2, "--recover-batch", 2, "--recover-val-every", 1,
-           "--recover-recon-windows", 2, "--recover-recon-epochs", 1)
+RECOVER = ("--recover", "auto", "--val-windows", 2, "--recover-steps", 2, "--recover-batch", 2,
+           "--recover-val-every", 1, "--recover-recon-windows", 2, "--recover-recon-epochs", 1)
 HYPER = ("--method", "hypernetwork", "--steps", 2, "--val-every", 1, "--val-windows", 2)
 
 
@@ -50,16 +52,6 @@ def _without_timings(value):
     return value
 
 
-def observed(capsys, tmp_path, argv, out, work) -> tuple:
-    code, _, err = run_cli(capsys, *argv)
-    if code != 0:
-        return (code,)
-    report = json.loads((out / "report.json").read_text())
-    files = sorted(p.name for p in out.iterdir())
-    checkpoints = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.is_dir() else []
-    return code, json.dumps(_without_timings(report), sort_keys=True), _digest(out), files, checkpoints, bool(err)
-
-
 def _current(action, base: tuple):
     """The flag's value in the ``base`` run: what it sets there, else its default."""
     flag = action.option_strings[0]
@@ -71,10 +63,12 @@ def _current(action, base: tuple):
 def _alternative(action, word_text, tmp_path, base: tuple) -> list:
     flag = action.option_strings[0]
     current = _current(action, base)
-    special = {"--model": None, "--calibration": "ptb", "--eval-text": [word_text, "ptb"],
-               "--recover-text": "ptb", "--out": None, "--work-dir": str(tmp_path / "elsewhere"),
-               "--device": "meta", "--lr-schedule": "cosine", "--decay-steps": 1, "--recover-lora-alpha": 4.0,
-               "--recover-teacher-topk": 8, "--recover-windows": 2, "--eval-seq-len": 8, "--seq-len": 12}
+    # --device: a machine without a GPU has no other device that computes; the walk sees the refusal
+    special = {"--calibration": "ptb", "--eval-text": [word_text, "ptb"], "--recover-text": "ptb",
+               "--work-dir": str(tmp_path / "elsewhere"), "--device": "meta", "--text": "ptb",
+               "--split": "calibration", "--max-windows": 1, "--lr-schedule": "cosine", "--decay-steps": 1,
+               "--recover-lora-alpha": 4.0, "--recover-teacher-topk": 8, "--recover-windows": 2,
+               "--eval-seq-len": 8, "--seq-len": 12}
     if flag in special:
         value = special[flag]
         return [] if value is None else [flag, *value] if isinstance(value, list) else [flag, value]
@@ -90,10 +84,7 @@ def _alternative(action, word_text, tmp_path, base: tuple) -> list:
 
 
 def _context(dest: str) -> tuple:
-    from dip_ext.recovery import RecoveryConfig
-    from dip_ext.selection.hypernetwork import HypernetworkConfig
-    import dataclasses
-
+    """The flags that give ``dest`` a role in a prune run."""
     if dest in {f.name for f in dataclasses.fields(RecoveryConfig)}:
         return RECOVER
     if dest in {f.name for f in dataclasses.fields(HypernetworkConfig)}:
@@ -103,52 +94,92 @@ def _context(dest: str) -> tuple:
     return ()
 
 
-def prune_actions():
-    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
-    return [a for a in prune._actions if a.option_strings and a.option_strings[0] not in EFFECT_ELSEWHERE]
+
+def command_actions(command: str):
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    return [(command, a) for a in parser._actions
+            if a.option_strings and a.option_strings[0] not in EFFECT_ELSEWHERE]
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory, word_tokenizer):
-    folder = tmp_path_factory.mktemp("dense")
-    model = tiny_llama(vocab_size=len(word_tokenizer), max_position_embeddings=64)
-    model.save_pretrained(folder)
-    word_tokenizer.save_pretrained(folder)
-    return folder
+def models(tmp_path_factory, word_tokenizer):
+    """A dense tiny Llama folder, another of the same shapes (other weights) and a compacted one."""
+    import dip_ext
+
+    folders = {}
+    for name, seed in (("dense", 0), ("other", 1), ("pruned", 0)):
+        folder = tmp_path_factory.mktemp(name)
+        model = tiny_llama(seed=seed, vocab_size=len(word_tokenizer), max_position_embeddings=64)
+        if name == "pruned":
+            keep = list(range(0, 32, 2))
+            dip_ext.compact(model, dip_ext.DispMasks.from_dict({"layers": [
+                {"attn_in": keep, "attn_out": keep, "mlp_in": keep, "mlp_mid": list(range(0, 64, 2)),
+                 "mlp_out": keep} for _ in range(model.config.num_hidden_layers)]}))
+        model.save_pretrained(folder)
+        word_tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
 
 
-@pytest.mark.parametrize("action", prune_actions(), ids=lambda a: a.option_strings[0])
-def test_every_prune_flag_changes_the_run_or_is_refused(capsys, tmp_path, dense, word_text, action, monkeypatch,
-                                                        one_thread):
+def _base(command: str, dest: str, models: dict, word_text: str) -> tuple:
+    if command == "prune":
+        return ("prune", "--model", models["dense"], "--calibration", word_text, "--method", "oneshot", "--ratio",
+                0.4, "--refit", "off", "--seq-len", 16, "--calibration-windows", 4, "--eval-text", word_text,
+                "--eval-windows", 1, "--eval-seq-len", 16, "--no-speed", "--quiet", *_context(dest))
+    if command == "recover":
+        return ("recover", "--model", models["pruned"], "--teacher", models["dense"], "--calibration", word_text,
+                "--seq-len", 16, *RECOVER[2:], "--eval-text", word_text, "--eval-windows", 1, "--eval-seq-len",
+                16, "--quiet")
+    if command == "eval":
+        return ("eval", "--model", models["dense"], "--text", word_text, "--seq-len", 16, "--max-windows", 2,
+                "--quiet")
+    return ("info", "--no-assets")
+
+
+def observe(capsys, argv, out: Path, work: Path) -> tuple:
+    """What a run did: exit status, then stdout for commands that write nothing, else the saved report (without
+    timings), the saved weights, the files written and the checkpoints; and whether progress was shown."""
+    code, stdout, err = run_cli(capsys, *argv)
+    if code != 0:
+        return (code,)
+    if not out.is_dir():
+        return code, stdout, bool(err)
+    report = json.loads(next(p for p in (out / "report.json", out / "recovery.json") if p.is_file()).read_text())
+    files = sorted(p.name for p in out.iterdir())
+    checkpoints = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.is_dir() else []
+    return code, json.dumps(_without_timings(report), sort_keys=True), _digest(out), files, checkpoints, bool(err)
+
+
+ALL = [*command_actions("prune"), *command_actions("recover"), *command_actions("eval"), *command_actions("info")]
+
+
+@pytest.mark.parametrize("command, action", ALL, ids=[f"{c} {a.option_strings[0]}" for c, a in ALL])
+def test_every_flag_changes_the_run_or_is_refused(capsys, tmp_path, models, word_text, command, action,
+                                                  monkeypatch, one_thread):
     monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     flag = action.option_strings[0]
-    base = ("prune", "--model", dense, "--calibration", word_text, "--method", "oneshot", "--ratio", 0.4,
-            "--refit", "off", "--seq-len", 16, "--calibration-windows", 4, "--eval-text", word_text,
-            "--eval-windows", 1, "--eval-seq-len", 16, "--no-speed", "--quiet", *_context(action.dest))
-    if flag == "--model":  # another model of the same family and shapes
-        other = tmp_path / "other"
-        tiny_llama(seed=1, vocab_size=64, max_position_embeddings=64).save_pretrained(other)
-        for f in dense.glob("tok*"):
-            (other / f.name).write_bytes(f.read_bytes())
-        extra = ["--model", other]
+    base = _base(command, action.dest, models, word_text)
+    writes = command in ("prune", "recover")
+    if flag == "--model":  # prune: another dense model of the same shapes; recover: a dense one (refused)
+        extra = [flag, models["dense" if command == "recover" else "other"]]
+    elif flag == "--teacher":
+        extra = [flag, models["other"]]
     elif flag == "--out":
         extra = ["--out", tmp_path / "second"]
+    elif (command, flag) == ("info", "--device"):  # a device that exists, given without --selftest
+        extra = [flag, "cpu"]
     else:
         extra = _alternative(action, word_text, tmp_path, base)
-    if flag in ("--overwrite", "--resume"):  # they act on an existing output / checkpoints: make them first
-        assert run_cli(capsys, *base, "--out", tmp_path / "a")[0] == 0
-        before = observed(capsys, tmp_path, [*base, "--out", tmp_path / "a"], tmp_path / "a", tmp_path / "a-work")
-        after = observed(capsys, tmp_path, [*base, *extra, "--out", tmp_path / "a"], tmp_path / "a", tmp_path / "a-work")
-        assert before != after, f"{flag} was accepted and changed nothing"
-        return
-    out_b = tmp_path / "b" if flag != "--out" else tmp_path / "second"
-    before = observed(capsys, tmp_path, [*base, "--out", tmp_path / "a"], tmp_path / "a", tmp_path / "a-work")
-    assert before[0] == 0, "the reference run failed"
-    argv = [*base, *extra] + ([] if flag == "--out" else ["--out", out_b])
-    after = observed(capsys, tmp_path, argv, out_b, tmp_path / "elsewhere" if flag == "--work-dir"
-                     else out_b.with_name(out_b.name + "-work"))
+    first = tmp_path / "a"
+    second = first if flag in ("--overwrite", "--resume") else tmp_path / ("second" if flag == "--out" else "b")
+    if flag in ("--overwrite", "--resume"):  # they act on an existing output and its checkpoints: made first
+        assert run_cli(capsys, *base, "--out", first)[0] == 0
+    before = observe(capsys, [*base, *(["--out", first] if writes else [])], first, tmp_path / "a-work")
+    work = tmp_path / "elsewhere" if flag == "--work-dir" else second.with_name(second.name + "-work")
+    given_out = ["--out", second] if writes and flag != "--out" else []
+    after = observe(capsys, [*base, *extra, *given_out], second, work)
     if flag in ("--out", "--work-dir"):  # the same run, written elsewhere
-        assert after[0] == 0 and (out_b if flag == "--out" else tmp_path / "elsewhere").is_dir()
+        assert after[0] == 0 and work.is_dir() and second.is_dir() and after[1:3] == before[1:3]
         return
-    assert after[0] == 2 or after != before, f"{flag} {extra[1:]} was accepted and changed nothing"
+    assert after[0] == 2 or after != before, f"{command} {flag} {extra[1:]} was accepted and changed nothing"

@@ -195,3 +195,13 @@ def test_loading_keeps_hub_kernels_off_unless_asked(monkeypatch, tmp_path):
     assert seen == [False, False]
     with pytest.raises(Exception, match=re.compile("kernel", re.I)):
         dip_ext.from_pretrained(tmp_path, use_kernels=True, kernel_config=object())
+
+
+@pytest.mark.parametrize("mode, field, value", [("distill", "recover_recon_lr", 1e-3),
+                                                ("distill", "recover_recon_windows", 8),
+                                                ("reconstruct", "recover_steps", 5),
+                                                ("reconstruct", "recover_lora_rank", 4)])
+def test_an_option_of_the_other_recovery_method_is_refused(mode, field, value):
+    with pytest.raises(ValueError, match=f"{field} has no effect with recover='{mode}'"):
+        RecoveryConfig(recover=mode, **{field: value})
+    RecoveryConfig(recover="auto", **{field: value})  # auto runs both: accepted

@@ -69,8 +69,11 @@ def held_out_kl(student, teacher, val) -> float:
 
 
 def config(**kw) -> RecoveryConfig:
-    return RecoveryConfig(**{**dict(recover="distill", recover_steps=6, recover_lr=3e-3, recover_batch=2,
-                                    recover_warmup=1, recover_val_every=2, recover_checkpoint_every=2), **kw})
+    """Small distillation options with ``kw`` on top (in another mode, without the options it does not read)."""
+    mode = kw.pop("recover", "distill")
+    return RecoveryConfig(**{**dict(recover="auto", recover_steps=6, recover_lr=3e-3, recover_batch=2,
+                                    recover_warmup=1, recover_val_every=2, recover_checkpoint_every=2), **kw}
+                          ).with_mode(mode)
 
 
 # ---- options ------------------------------------------------------------------------------------------------

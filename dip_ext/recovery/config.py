@@ -6,17 +6,23 @@ with the pruning, refit or evaluation options they sit beside on ``dip-ext prune
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional
 
 from ..options import check_fields, option
 
-__all__ = ["RecoveryConfig", "RECOVER_MODES"]
+__all__ = ["RecoveryConfig", "RECOVER_MODES", "RECONSTRUCT_ONLY", "DISTILL_ONLY"]
 
 #: off: nothing; reconstruct: block-wise reconstruction only; distill: distillation only; auto: reconstruction,
 #: then distillation from whichever of (pruned, reconstructed) scores better on the held-out windows, keeping the
 #: best state seen on them
 RECOVER_MODES = ("off", "reconstruct", "distill", "auto")
+#: the options only one of the two methods reads (a mode without it refuses them rather than ignore them)
+RECONSTRUCT_ONLY = ("recover_recon_windows", "recover_recon_epochs", "recover_recon_lr")
+DISTILL_ONLY = ("recover_steps", "recover_lr", "recover_batch", "recover_micro_batch", "recover_warmup",
+                "recover_weight_decay", "recover_temperature", "recover_lm_weight", "recover_hidden_weight",
+                "recover_lora_rank", "recover_lora_alpha", "recover_teacher_topk", "recover_autocast",
+                "recover_grad_checkpointing", "recover_val_every")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,17 @@ class RecoveryConfig:
 
     def __post_init__(self):
         check_fields(self)
+        unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(self.recover, ())
+        for f in fields(self):
+            if f.name in unused and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name} has no effect with recover={self.recover!r} (--recover "
+                                 f"{self.recover}): it is an option of "
+                                 f"{'block-wise reconstruction' if f.name in RECONSTRUCT_ONLY else 'distillation'}")
+
+    def with_mode(self, recover: str) -> "RecoveryConfig":
+        """These options for the mode ``recover``, the options that mode does not read back at their defaults."""
+        unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(recover, ())
+        return replace(self, recover=recover, **{f.name: f.default for f in fields(self) if f.name in unused})
 
     @property
     def lora_alpha(self) -> float:
