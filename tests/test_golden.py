@@ -27,6 +27,7 @@ across thread counts and machines, and CI runs under other load).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM
 
 import dip_ext
+from dip_ext import HypernetworkConfig
 from dip_ext.masks import STRUCTURES
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
@@ -72,22 +74,26 @@ COMMON = dict(ratio=0.5, seq_len=16, calibration_windows=8, val_windows=4, seed=
               measure_speed=False, progress=False)
 #: A hypernetwork that moves within 5 steps (the default margin 3 keeps the warm start for ~100 steps), scored on
 #: the held-out windows at every step, so the training step, the export and the early stopping are all pinned.
-TRAINED = dict(margin=0.05, lr=1e-2, val_every=1)
+TRAINED = HypernetworkConfig(steps=5, margin=0.05, lr=1e-2, val_every=1)
 
 #: name -> (family, prune_and_compact options beyond COMMON)
 CASES = {}
 for _family in FAMILIES:
-    CASES[f"{_family}-oneshot"] = (_family, dict(method="oneshot", steps=0, refit="off"))
-    CASES[f"{_family}-dependent"] = (_family, dict(method="dependent", steps=0, refit="off"))
-    CASES[f"{_family}-hypernetwork"] = (_family, dict(method="hypernetwork", steps=5, refit="off",
-                                                      hypernetwork_options=TRAINED))
+    CASES[f"{_family}-oneshot"] = (_family, dict(method="oneshot", refit="off"))
+    CASES[f"{_family}-dependent"] = (_family, dict(method="dependent", refit="off"))
+    CASES[f"{_family}-hypernetwork"] = (_family, dict(method=TRAINED, refit="off"))
     CASES[f"{_family}-hypernetwork-refit-auto"] = (_family, dict(method="hypernetwork", steps=5, refit="auto"))
 #: multiple_of=8: the budget-rounding policies (one-shot's greedy rounding, the hypernetwork export's rounding)
 BUDGET_CASES = {
-    "llama-oneshot-multiple8": ("llama", dict(method="oneshot", steps=0, refit="off", multiple_of=8)),
-    "llama-hypernetwork-multiple8": ("llama", dict(method="hypernetwork", steps=5, refit="off", multiple_of=8,
-                                                   hypernetwork_options=TRAINED)),
+    "llama-oneshot-multiple8": ("llama", dict(method="oneshot", refit="off", multiple_of=8)),
+    "llama-hypernetwork-multiple8": ("llama", dict(method=TRAINED, refit="off", multiple_of=8)),
 }
+
+def recorded_options(options: dict) -> dict:
+    """A case's options as the golden file records them (an options object as its class name and fields)."""
+    return {k: {"options": type(v).__name__, **dataclasses.asdict(v)} if dataclasses.is_dataclass(v) else v
+            for k, v in options.items()}
+
 
 #: the fixed input whose logits are pinned: 2 sequences of 16 word-token ids
 LOGIT_INPUT_SEED = 1234

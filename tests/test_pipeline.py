@@ -64,7 +64,7 @@ def test_stages_one_by_one_match_prune_and_compact():
     model, report = pruner.run()  # the stages that ran do not run again; the dense model is gone: no "before"
     assert model is compaction.model and set(pruner.seconds) == {"calibration data", "calibration pass",
                                                                  "selection", "refit", "compaction", "eval after"}
-    ref, ref_report = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "oneshot", val_windows=0,
+    ref, ref_report = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="oneshot", val_windows=0,
                                                 refit="on", eval_texts=(), progress=False)
     assert ref_report.masks == report.masks
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_bad_pruner_arguments_are_refused_before_any_work(kwargs, match):
 
 
 def test_a_compacted_model_is_refused():
-    model, _ = dip_ext.prune_and_compact(tiny_llama(), None, 0.3, WINDOWS, "oneshot", refit="off", eval_texts=(),
+    model, _ = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.3, calibration=WINDOWS, method="oneshot", refit="off", eval_texts=(),
                                          progress=False)
     with pytest.raises(ValueError, match="needs the dense model"):
         Pruner(model, None, PruneConfig(method="oneshot"), evaluation=NO_EVAL, calibration_tokens=WINDOWS)
@@ -122,11 +122,11 @@ def test_a_compacted_model_is_refused():
 
 def test_a_method_of_ones_own_runs_in_the_pipeline(random_scores):
     assert "random_scores" in dip_ext.method_names()
-    model, report = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "random_scores", refit="off",
+    model, report = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="random_scores", refit="off",
                                               eval_texts=(), progress=False)
     assert report.method == "random_scores" and dip_ext.is_compacted(model)
     assert report.params_after["removed_fraction_decoder_linear"] == pytest.approx(0.4, abs=0.02)
-    oneshot, _ = dip_ext.prune_and_compact(tiny_llama(), None, 0.4, WINDOWS, "oneshot", refit="off", eval_texts=(),
+    oneshot, _ = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="oneshot", refit="off", eval_texts=(),
                                            progress=False)
     assert report.masks != dip_ext.DispMasks.from_config(oneshot.config.disp_masks).to_dict()
 

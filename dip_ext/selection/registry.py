@@ -8,16 +8,18 @@ from typing import Any, Optional
 from .base import SelectionMethod
 
 __all__ = ["register_method", "unregister_method", "get_method", "method_names", "method_options",
-           "registered_options_classes"]
+           "method_for_options", "registered_options_classes"]
 
 _METHODS: dict[str, type] = {}
 
 
-def register_method(cls: type) -> type:
-    """Registers the selection method class ``cls`` under ``cls.name`` (replacing one of the same name).
+def register_method(cls: type, *, replace: bool = False) -> type:
+    """Registers the selection method class ``cls`` under ``cls.name``.
 
     ``cls`` implements :class:`~dip_ext.selection.base.SelectionMethod`; it is instantiated without arguments.
-    Returns ``cls``, so it also works as a class decorator.
+    A name already taken, or an options class another method already has (the options object picks its method),
+    raises ValueError unless ``replace=True`` (then the earlier method under that name is replaced). Returns
+    ``cls``, so it also works as a class decorator.
     """
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.isidentifier():
@@ -27,6 +29,14 @@ def register_method(cls: type) -> type:
             raise TypeError(f"selection method {name!r} has no method {attr}()")
     if not hasattr(cls, "options_class"):
         raise TypeError(f"selection method {name!r} has no options_class (None when it has no options)")
+    if name in _METHODS and _METHODS[name] is not cls and not replace:
+        raise ValueError(f"a selection method is already registered as {name!r} ({_METHODS[name].__name__}); "
+                         "pass replace=True to replace it, or choose another name")
+    options = cls.options_class
+    taken = [m for n, m in _METHODS.items() if n != name and options is not None and m.options_class is options]
+    if taken:
+        raise ValueError(f"{options.__name__} already picks the method {taken[0].name!r}: give {name!r} an options "
+                         "class of its own")
     _METHODS[name] = cls
     return cls
 
@@ -36,6 +46,15 @@ def unregister_method(name: str) -> None:
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
     del _METHODS[name]
+
+
+def method_for_options(options: Any) -> str:
+    """The name of the method whose options class ``options`` is an instance of; ValueError otherwise."""
+    for name, cls in _METHODS.items():
+        if cls.options_class is not None and type(options) is cls.options_class:
+            return name
+    raise ValueError(f"{type(options).__name__} is not the options class of a registered method (known: "
+                     + ", ".join(c.options_class.__name__ for c in _METHODS.values() if c.options_class) + ")")
 
 
 def method_names() -> tuple[str, ...]:

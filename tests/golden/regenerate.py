@@ -66,7 +66,7 @@ def _write(args, tmp: Path) -> int:
         if args.only not in (None, key):
             continue
         data = {**flags, "about": about, "common_options": tg.COMMON, "inputs": tg.input_digests(tokenizer, text),
-                "cases": {case: {"family": family, "options": options,
+                "cases": {case: {"family": family, "options": tg.recorded_options(options),
                                  **tg.observe(family, options, tokenizer, text)}
                           for case, (family, options) in cases.items()}}
         (args.out / name).write_text(json.dumps(data, indent=1) + "\n")

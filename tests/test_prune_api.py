@@ -1,0 +1,80 @@
+"""``prune_and_compact(model, tokenizer, config, *, method, refit, recovery, evaluation, ...)``: every option in
+its config, keyword overrides checked against the configs, the options object picks the method, recovery
+reachable; the method registry refuses duplicates."""
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+import dip_ext
+from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, RecoveryConfig, RefitConfig
+from dip_ext.selection import registry
+from dip_ext.selection.hypernetwork import Hypernetwork as HypernetworkMethod
+
+WINDOWS = torch.randint(3, 60, (24, 16), generator=torch.Generator().manual_seed(0))
+QUIET = dict(evaluation=EvalConfig(eval_windows=0, speed=False), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield one_thread
+
+
+def prune(**kw):
+    return dip_ext.prune_and_compact(tiny_llama(), None, calibration=WINDOWS, **{**QUIET, **kw})
+
+
+def test_the_options_object_picks_the_method_and_overrides_reach_their_config():
+    _, report = prune(config=PruneConfig(ratio=0.4, val_windows=2, seq_len=16), method=HypernetworkConfig(steps=2),
+                      refit=RefitConfig(refit="off"), lam=4.0)
+    assert report.method == "hypernetwork" and report.ratio == 0.4
+    assert report.options["hypernetwork"]["steps"] == 2 and report.options["hypernetwork"]["lam"] == 4.0
+    _, same = prune(ratio=0.4, val_windows=2, seq_len=16, method="hypernetwork", steps=2, refit="off", lam=4.0)
+    assert same.masks == report.masks  # the short form is the same run
+
+
+def test_recovery_is_reachable():
+    _, report = prune(ratio=0.4, val_windows=2, seq_len=16, method="oneshot", refit="off",
+                      recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1))
+    assert report.recovery is not None and report.recovery["mode"] == "distill"
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(ratioo=0.3), TypeError, "unexpected keyword argument 'ratioo'"),
+    (dict(method="oneshot", steps=5), TypeError, "steps is an option of HypernetworkConfig"),
+    (dict(hypernetwork_options={"steps": 5}), TypeError, r"hypernetwork_options is gone; pass method=Hyper"),
+    (dict(method_options=HypernetworkConfig()), TypeError, "method_options is gone"),
+    (dict(config=0.3), TypeError, "config must be a PruneConfig, got float"),
+    (dict(recovery="distill"), TypeError, "expected a RecoveryConfig, got str"),
+    (dict(ratio=2.0), ValueError, "ratio must be"),
+    (dict(method=RefitConfig()), ValueError, "RefitConfig is not the options class of a registered method"),
+])
+def test_bad_options_are_refused_naming_them(kw, error, match):
+    with pytest.raises(error, match=match):
+        prune(**kw)
+
+
+def test_old_keywords_keep_working():
+    _, report = prune(ratio=0.3, method="oneshot", refit="off", seq_len=16, val_windows=0, eval_texts=(),
+                      measure_speed=False)
+    assert report.method == "oneshot" and report.perplexity_before == {}
+
+
+def test_the_registry_refuses_a_taken_name_or_options_class():
+    class Impostor(HypernetworkMethod):
+        pass
+
+    with pytest.raises(ValueError, match="already registered as 'hypernetwork'"):
+        registry.register_method(Impostor)
+    assert registry.get_method("hypernetwork").__class__ is HypernetworkMethod
+
+    class Twin(HypernetworkMethod):
+        name = "twin"
+
+    with pytest.raises(ValueError, match="HypernetworkConfig already picks the method 'hypernetwork'"):
+        registry.register_method(Twin)
+    registry.register_method(Impostor, replace=True)
+    try:
+        assert registry.get_method("hypernetwork").__class__ is Impostor
+    finally:
+        registry.register_method(HypernetworkMethod, replace=True)
