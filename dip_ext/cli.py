@@ -32,7 +32,7 @@ from .errors import UnsupportedModelError
 from .eval import perplexity
 from .model_state import check_device
 from .outputs import OutputFolder, check_not_input, default_work_dir, text_input_path
-from .options import EXIT_USAGE, OptionParser, check_fields, from_namespace, option
+from .options import EXIT_USAGE, OptionParser, check_fields, flag_dest, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
 from .recovery.checks import check_sharded_teacher
@@ -112,6 +112,11 @@ class InfoRun:
             check_device(self.device)
 
 
+def _method_prefixes() -> dict[type, str]:
+    """Each registered method's options class and its flags' prefix (the method's name)."""
+    return {get_method(n).options_class: n for n in method_names() if get_method(n).options_class is not None}
+
+
 def _prune_option_classes() -> list[type]:
     return [PruneConfig, *registered_options_classes(), RefitConfig, RecoveryConfig, EvalConfig, PruneRun]
 
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dip-ext`` parser: ``prune`` (flags from every options class), ``eval`` and ``info``."""
     p = OptionParser(prog="dip-ext", description="DISP-LLM structural pruning for Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OptionParser)
-    prune = sub.add_parser("prune", dataclass_types=_prune_option_classes(),
+    prune = sub.add_parser("prune", dataclass_types=_prune_option_classes(), flag_prefixes=_method_prefixes(),
                            help="learn DISP masks, compact the model, save it with a report",
                            description="Prune a model with DISP and save the compacted model, report.json, report.md "
                                        "and widths.png into --out.")
@@ -142,17 +147,15 @@ def _fail(message: str) -> int:
 def _method_options(args: argparse.Namespace):
     """The chosen method's options; a flag of another method's options given with a non-default value is an
     error (it would be silently ignored)."""
-    method = get_method(args.method)
-    mine = method.options_class
-    for cls in registered_options_classes():
+    mine = get_method(args.method).options_class
+    for cls, prefix in _method_prefixes().items():
         if cls is mine:
             continue
         for f in dataclasses.fields(cls):
-            owned = mine is not None and f.name in {g.name for g in dataclasses.fields(mine)}
-            if not owned and getattr(args, f.name) != f.default:
-                raise ValueError(f"--{f.name.replace('_', '-')} is an option of another method, not of "
+            if getattr(args, flag_dest(f.name, prefix)) != f.default:
+                raise ValueError(f"--{prefix}-{f.name.replace('_', '-')} is an option of --method {prefix}, not of "
                                  f"--method {args.method}")
-    return from_namespace(mine, args) if mine is not None else None
+    return from_namespace(mine, args, get_method(args.method).name) if mine is not None else None
 
 
 #: (options class, the field that switches its other fields on, the values that switch them off, fields exempt):

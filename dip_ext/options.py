@@ -20,11 +20,11 @@ import math
 import operator
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from transformers import HfArgumentParser
 
-__all__ = ["option", "check_fields", "as_dict", "from_namespace", "OptionParser", "EXIT_USAGE"]
+__all__ = ["option", "check_fields", "as_dict", "from_namespace", "flag_dest", "OptionParser", "EXIT_USAGE"]
 
 #: exit status of a command-line usage error (argparse's)
 EXIT_USAGE = 2
@@ -127,9 +127,15 @@ def as_dict(config) -> dict:
     return {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
 
 
-def from_namespace(cls, namespace: argparse.Namespace):
-    """An instance of the options dataclass ``cls`` from parsed arguments (its fields by name)."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+def flag_dest(name: str, prefix: Optional[str] = None) -> str:
+    """Where the parser keeps the field ``name`` of an options class whose flags carry ``prefix``."""
+    return f"{prefix}_{name}" if prefix else name
+
+
+def from_namespace(cls, namespace: argparse.Namespace, prefix: Optional[str] = None):
+    """An instance of the options dataclass ``cls`` from parsed arguments (its fields by name; ``prefix``: the
+    one its flags were given, see :class:`OptionParser`)."""
+    return cls(**{f.name: getattr(namespace, flag_dest(f.name, prefix)) for f in dataclasses.fields(cls) if f.init})
 
 
 class _ReplaceThenExtend(argparse.Action):
@@ -147,7 +153,14 @@ class OptionParser(HfArgumentParser):
 
     Fields declared with :func:`option` become flags (range metadata stays with :func:`check_fields`); a
     ``bool`` field gets ``--flag`` and ``--no-flag``; a list field accepts ``--x a b`` and ``--x a --x b``.
+    ``flag_prefixes``: ``{options class: prefix}``: that class's fields become ``--PREFIX-FIELD`` (kept under
+    :func:`flag_dest`), so two classes may have fields of the same name (a selection method's options carry its
+    name); a class with ``_unprefixed_flags = True`` also keeps ``--FIELD`` as an alias (flags of earlier releases).
     """
+
+    def __init__(self, *args, flag_prefixes: Optional[Mapping[type, str]] = None, **kwargs):
+        self._flag_prefixes = dict(flag_prefixes or {})  # read while the base class adds the dataclasses' flags
+        super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -156,15 +169,19 @@ class OptionParser(HfArgumentParser):
         group = self.add_argument_group(dtype._argument_group_name) if hasattr(dtype, "_argument_group_name") \
             else self
         hints = typing.get_type_hints(dtype)
+        prefix = getattr(self, "_flag_prefixes", {}).get(dtype)
         for f in dataclasses.fields(dtype):
             if f.init:
-                self._add_option(group, f, hints[f.name])
+                self._add_option(group, f, hints[f.name], prefix, getattr(dtype, "_unprefixed_flags", False))
 
     @staticmethod
-    def _add_option(group, f: dataclasses.Field, hint) -> None:
-        names = [f"--{f.name.replace('_', '-')}"] + f.metadata.get("aliases", [])
+    def _add_option(group, f: dataclasses.Field, hint, prefix: Optional[str] = None, unprefixed: bool = True) -> None:
+        flag = f"--{f.name.replace('_', '-')}"
+        names = ([f"--{prefix.replace('_', '-')}-{flag[2:]}"] + ([flag] if unprefixed else [])) if prefix else [flag]
+        names += f.metadata.get("aliases", [])
         # argparse formats help with %: a literal percent sign must be doubled
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "dest": f.name}
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"),
+                                  "dest": flag_dest(f.name, prefix)}
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is dataclasses.MISSING:
             kwargs["required"] = True

@@ -16,6 +16,7 @@ import pytest
 from helpers import run_cli, tiny_llama
 
 from dip_ext.cli import build_parser
+from dip_ext.options import flag_dest
 from dip_ext.recovery import RecoveryConfig
 from dip_ext.selection.hypernetwork import HypernetworkConfig
 
@@ -30,7 +31,7 @@ EFFECT_ELSEWHERE = {
 #: the context each group of flags needs, and values for flags whose type alone does not give a valid one
 RECOVER = ("--recover", "auto", "--val-windows", 2, "--recover-steps", 2, "--recover-batch", 2,
            "--recover-val-every", 1, "--recover-recon-windows", 2, "--recover-recon-epochs", 1)
-HYPER = ("--method", "hypernetwork", "--steps", 2, "--val-every", 1, "--val-windows", 2)
+HYPER = ("--method", "hypernetwork", "--hypernetwork-steps", 2, "--hypernetwork-val-every", 1, "--val-windows", 2)
 
 
 def _digest(folder: Path) -> str:
@@ -87,7 +88,7 @@ def _context(dest: str) -> tuple:
     """The flags that give ``dest`` a role in a prune run."""
     if dest in {f.name for f in dataclasses.fields(RecoveryConfig)}:
         return RECOVER
-    if dest in {f.name for f in dataclasses.fields(HypernetworkConfig)}:
+    if dest in {flag_dest(f.name, "hypernetwork") for f in dataclasses.fields(HypernetworkConfig)}:
         return HYPER
     if dest == "refit_damping":
         return ("--refit", "on")

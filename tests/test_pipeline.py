@@ -144,7 +144,7 @@ def test_a_method_of_ones_own_on_the_command_line(random_scores, tmp_path, word_
     # an option of another method is refused rather than ignored
     code = main(["prune", "--model", str(folder), "--method", "random_scores", "--steps", "9",
                  "--calibration", word_text, "--out", str(tmp_path / "out2")])
-    assert code == 2 and "--steps is an option of another method" in capsys.readouterr().err
+    assert code == 2 and "--hypernetwork-steps is an option of --method hypernetwork" in capsys.readouterr().err
 
 
 def test_register_method_checks_the_protocol():

@@ -2,12 +2,15 @@
 its config, keyword overrides checked against the configs, the options object picks the method, recovery
 reachable; the method registry refuses duplicates."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from helpers import tiny_llama
 
 import dip_ext
 from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, RecoveryConfig, RefitConfig
+from dip_ext.options import option
 from dip_ext.selection import registry
 from dip_ext.selection.hypernetwork import Hypernetwork as HypernetworkMethod
 
@@ -78,3 +81,55 @@ def test_the_registry_refuses_a_taken_name_or_options_class():
         assert registry.get_method("hypernetwork").__class__ is Impostor
     finally:
         registry.register_method(HypernetworkMethod, replace=True)
+
+
+# ---- a second trained method on the command line --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """A trained method's options with the names the hypernetwork's also has."""
+
+    _argument_group_name = "toy (--method toy)"
+    steps: int = option(7, "steps", minimum=0)
+    lr: float = option(0.5, "learning rate", above=0.0)
+    batch_size: int = option(1, "windows per step", minimum=1)
+
+
+class Toy:
+    """Every dimension kept whatever it learns: what is checked here is where its options come from."""
+
+    name = "toy"
+    options_class = ToyConfig
+    seen: list = []
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs, options: ToyConfig):
+        Toy.seen.append(options)
+        return registry.get_method("oneshot").select(inputs, None)
+
+
+@pytest.fixture
+def toy():
+    registry.register_method(Toy)
+    Toy.seen.clear()
+    yield Toy
+    registry.unregister_method("toy")
+
+
+def test_a_second_trained_method_gets_flags_of_its_own(toy, capsys, tmp_path, word_tokenizer, word_text):
+    from helpers import run_cli
+
+    code, out, _ = run_cli(capsys, "prune", "--help")
+    assert code == 0 and "--toy-steps" in out and "--hypernetwork-steps" in out and "--toy-batch-size" in out
+    folder = tmp_path / "dense"
+    tiny_llama(vocab_size=len(word_tokenizer)).save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    run = ("prune", "--model", folder, "--calibration", word_text, "--method", "toy", "--seq-len", 16,
+           "--refit", "off", "--eval-windows", 0, "--no-speed", "--quiet")
+    code, _, err = run_cli(capsys, *run, "--toy-steps", 3, "--toy-lr", 0.1, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert Toy.seen == [ToyConfig(steps=3, lr=0.1)]
+    code, _, err = run_cli(capsys, *run, "--steps", 3, "--out", tmp_path / "o2")  # the hypernetwork's alias
+    assert code == 2 and "--hypernetwork-steps is an option of --method hypernetwork, not of --method toy" in err

@@ -21,6 +21,8 @@ class HypernetworkConfig:
     """Options of the paper's hypernetwork (Gao et al., NeurIPS 2024); defaults follow its official code."""
 
     _argument_group_name = "hypernetwork (--method hypernetwork)"
+    #: its flags are --hypernetwork-FIELD; the --FIELD of earlier releases stay as aliases
+    _unprefixed_flags = True
 
     steps: int = option(200, "training steps (0 exports the one-shot warm start); with --resume, the count to "
                         "reach", minimum=0)
