@@ -125,13 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dip-ext`` parser: ``prune`` (flags from every options class), ``eval`` and ``info``."""
     p = OptionParser(prog="dip-ext", description="DISP-LLM structural pruning for Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OptionParser)
-    prune = sub.add_parser("prune", dataclass_types=_prune_option_classes(), flag_prefixes=_method_prefixes(),
-                           help="learn DISP masks, compact the model, save it with a report",
-                           description="Prune a model with DISP and save the compacted model, report.json, report.md "
-                                       "and widths.png into --out.")
-    for action in prune._actions:  # registered methods are known at run time, not when PruneConfig is declared
-        if action.dest == "method":
-            action.choices = list(method_names())
+    # registered methods are known at run time, not when PruneConfig is declared
+    sub.add_parser("prune", dataclass_types=_prune_option_classes(), flag_prefixes=_method_prefixes(),
+                   flag_choices={"method": list(method_names())},
+                   help="learn DISP masks, compact the model, save it with a report",
+                   description="Prune a model with DISP and save the compacted model, report.json, report.md and "
+                               "widths.png into --out.")
     add_recover_parser(sub)
     sub.add_parser("eval", dataclass_types=[EvalRun], help="perplexity of a (pruned or dense) model on a text",
                    description="Print the perplexity of a model on a text (a built-in text's held-out part).")

@@ -29,7 +29,8 @@ import torch
 
 __all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "launched_distributed",
            "init_from_env", "is_sharded", "all_reduce_sum_", "broadcast_object", "all_gather_object", "barrier",
-           "check_same", "fail_fast", "read_on_main", "rank_batches", "Placement", "DEFAULT_TIMEOUT_S"]
+           "check_same", "fail_fast", "read_on_main", "rank_batches", "Placement", "DEFAULT_TIMEOUT_S",
+           "collective_device"]
 
 T = TypeVar("T")
 
@@ -121,8 +122,9 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo handles CPU (and CUDA via staging, slowly).
+def collective_device() -> torch.device:
+    """Where tensors must be for this process group's collectives: the current CUDA device under NCCL (it reduces
+    CUDA tensors only), else the CPU (gloo; CUDA tensors would be staged, slowly)."""
     if is_distributed() and "nccl" in str(_dist().get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -139,7 +141,7 @@ def all_reduce_sum_(tensors: Iterable[Optional[torch.Tensor]]) -> None:
     tensors = [t for t in tensors if t is not None]
     if world_size() == 1 or not tensors:
         return
-    dev = _collective_device()
+    dev = collective_device()
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
@@ -158,7 +160,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if world_size() == 1:
         return obj
     box = [obj if rank() == src else None]
-    _dist().broadcast_object_list(box, src=src, device=_collective_device())
+    _dist().broadcast_object_list(box, src=src, device=collective_device())
     return box[0]
 
 

@@ -153,13 +153,16 @@ class OptionParser(HfArgumentParser):
 
     Fields declared with :func:`option` become flags (range metadata stays with :func:`check_fields`); a
     ``bool`` field gets ``--flag`` and ``--no-flag``; a list field accepts ``--x a b`` and ``--x a --x b``.
-    ``flag_prefixes``: ``{options class: prefix}``: that class's fields become ``--PREFIX-FIELD`` (kept under
+    ``flag_choices``: ``{field name: choices}`` known only when the parser is built. ``flag_prefixes``:
+    ``{options class: prefix}``: that class's fields become ``--PREFIX-FIELD`` (kept under
     :func:`flag_dest`), so two classes may have fields of the same name (a selection method's options carry its
     name); a class with ``_unprefixed_flags = True`` also keeps ``--FIELD`` as an alias (flags of earlier releases).
     """
 
-    def __init__(self, *args, flag_prefixes: Optional[Mapping[type, str]] = None, **kwargs):
-        self._flag_prefixes = dict(flag_prefixes or {})  # read while the base class adds the dataclasses' flags
+    def __init__(self, *args, flag_prefixes: Optional[Mapping[type, str]] = None,
+                 flag_choices: Optional[Mapping[str, list]] = None, **kwargs):
+        # read while the base class adds the dataclasses' flags
+        self._flag_prefixes, self._flag_choices = dict(flag_prefixes or {}), dict(flag_choices or {})
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401
@@ -170,12 +173,15 @@ class OptionParser(HfArgumentParser):
             else self
         hints = typing.get_type_hints(dtype)
         prefix = getattr(self, "_flag_prefixes", {}).get(dtype)
+        choices = getattr(self, "_flag_choices", {})
         for f in dataclasses.fields(dtype):
             if f.init:
-                self._add_option(group, f, hints[f.name], prefix, getattr(dtype, "_unprefixed_flags", False))
+                self._add_option(group, f, hints[f.name], prefix, getattr(dtype, "_unprefixed_flags", False),
+                                 choices.get(f.name))
 
     @staticmethod
-    def _add_option(group, f: dataclasses.Field, hint, prefix: Optional[str] = None, unprefixed: bool = True) -> None:
+    def _add_option(group, f: dataclasses.Field, hint, prefix: Optional[str] = None, unprefixed: bool = True,
+                    choices: Optional[list] = None) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         names = ([f"--{prefix.replace('_', '-')}-{flag[2:]}"] + ([flag] if unprefixed else [])) if prefix else [flag]
         names += f.metadata.get("aliases", [])
@@ -200,5 +206,7 @@ class OptionParser(HfArgumentParser):
             kwargs["type"] = base
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
+        if choices is not None:  # known only when the parser is built (e.g. the registered methods)
+            kwargs["choices"] = list(choices)
         group.add_argument(*names, **kwargs)
 

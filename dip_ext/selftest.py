@@ -265,11 +265,13 @@ def _run_case(fn: Callable, dtype: torch.dtype) -> tuple:
     return worst_ratio <= 1.0, worst_abs, worst_ratio
 
 
-def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: int = 0) -> SelftestResult:
+def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: int = 0,
+             print_tracebacks: bool = False) -> SelftestResult:
     """Runs every dip_ext op against its plain-torch reference on ``device`` for each of ``dtypes``.
 
     Returns a :class:`SelftestResult` (``.ok``, ``.table()``, ``.failures``, ``.to_dict()``). Never raises for a
-    failing op: its case fails with the error message. Raises ``ValueError`` for a device torch cannot use.
+    failing op: its case fails with the error message (and, with ``print_tracebacks``, its traceback goes to
+    stderr). Raises ``ValueError`` for a device torch cannot use.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -307,7 +309,7 @@ def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: i
                 except Exception as e:  # noqa: BLE001  (a failing op is a result, not a crash)
                     msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
                     result.cases.append(CaseResult(op, dname, case, False, error=msg))
-                    if "--traceback" in sys.argv:
+                    if print_tracebacks:
                         traceback.print_exc()
     result.seconds = time.perf_counter() - t0
     return result
@@ -316,7 +318,7 @@ def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: i
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     device = next((a for a in argv if not a.startswith("-")), "cuda" if torch.cuda.is_available() else "cpu")
-    r = selftest(device)
+    r = selftest(device, print_tracebacks="--traceback" in argv)
     print(r.table())
     if "--json" in argv:
         print(json.dumps(r.to_dict(), indent=1))

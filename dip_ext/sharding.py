@@ -92,7 +92,7 @@ def shard_frozen_model(full: Optional[nn.Module], config, device, dtype: torch.d
 
 def _broadcast_(t: torch.Tensor) -> None:
     """Rank 0's ``t`` on every rank, in place (staged through the collective device)."""
-    staged = t.detach().to(dist._collective_device())
+    staged = t.detach().to(dist.collective_device())
     torch.distributed.broadcast(staged, src=0)
     t.detach().copy_(staged)
 

@@ -108,3 +108,22 @@ def test_function_level_imports_only_for_optional_packages(path):
         else:
             bad += [n for n in names if not n.startswith(OPTIONAL)]
     assert bad == []
+
+
+def _module_aliases(path: Path) -> set[str]:
+    """Names under which ``path`` binds other dip_ext modules (``from . import distributed as dist``)."""
+    names = set()
+    for node, _ in _imports(path):
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and not node.module:
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_no_private_access_through_a_module(path):
+    """``dist._collective_device()`` reaches into another module as surely as importing the private name."""
+    aliases = _module_aliases(path)
+    private = [f"{n.value.id}.{n.attr}" for n in ast.walk(ast.parse(path.read_text()))
+               if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+               and n.attr.startswith("_") and not n.attr.startswith("__") and n.attr != "_C"]
+    assert private == []
