@@ -45,10 +45,33 @@ def register_classes() -> None:
     register_peft_target_modules()
 
 
+#: Why peft's adaption prompt (LLaMA-Adapter) is refused on compacted models.
+ADAPTION_PROMPT_REFUSAL = (
+    "peft's adaption prompt cannot wrap a dip_ext compacted model: it feeds its learned prompt, hidden_size wide, "
+    "through each attention's k_proj / v_proj, which in a compacted layer read only the layer's kept attn_in "
+    "columns (and it infers the key/value heads from k_proj's input width); use prefix tuning, prompt tuning or "
+    "LoRA instead")
+
+
+class PeftRefusal:
+    """A peft per-model-type table entry for a method that cannot work on compacted models: peft reads the entry's
+    fields when it wraps the model (or runs the wrapped one), and every such read raises ValueError(reason)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy / pickle probe dunders: answer them as any object does
+            raise AttributeError(name)
+        raise ValueError(self.reason)
+
+
 def register_peft_target_modules() -> bool:
     """Gives each ``dip_ext_<family>`` model type the target modules peft uses for ``<family>`` (LoRA and every
     other method peft keeps such a table for), so ``LoraConfig()`` without ``target_modules`` works on a
-    compacted model. Returns False when peft is not installed (it is optional)."""
+    compacted model, and refuses adaption prompt where peft offers it for the dense family
+    (:data:`ADAPTION_PROMPT_REFUSAL`, raised when peft wraps or runs the model). Returns False when peft is not
+    installed (it is optional)."""
     try:
         from peft.utils import constants
     except ImportError:
@@ -58,6 +81,13 @@ def register_peft_target_modules() -> bool:
         for family in FAMILIES:
             if family.base_model_type in table:
                 table.setdefault(family.config.model_type, table[family.base_model_type])
+    try:
+        from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG as adaption_prompt_models
+    except ImportError:  # a peft without adaption prompt (or that moved it): nothing to refuse
+        return True
+    for family in FAMILIES:
+        if family.base_model_type in adaption_prompt_models:
+            adaption_prompt_models.setdefault(family.config.model_type, PeftRefusal(ADAPTION_PROMPT_REFUSAL))
     return True
 
 

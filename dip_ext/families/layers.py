@@ -51,14 +51,31 @@ def cache_from(kwargs: dict):
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
+def _placeholder_states(cache, layer_idx: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero keys and values, one per token of ``hidden_states``, for a removed attention to append to its entry in
+    ``cache``: ``[batch, 1, seq, 1]``, or ``[batch, heads, seq, head_dim]`` where the entry already holds keys /
+    values of that shape (a pre-filled prefix, a static cache allocated ahead)."""
+    batch, q_len = hidden_states.shape[:2]
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if isinstance(layers, list) and layer_idx < len(layers) else None
+    held = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    if not getattr(layer, "is_initialized", False):  # a lazily created entry takes the shape of its first update
+        held = (None, None)
+    return tuple(t.new_zeros(batch, t.shape[1], q_len, t.shape[3]) if isinstance(t, torch.Tensor) and t.dim() == 4
+                 else hidden_states.new_zeros(batch, 1, q_len, 1) for t in held)
+
+
 class SkippedAttention(nn.Module):
     """Where a pruned-away attention was: keeps the layer's KV-cache entry and its ``output_attentions`` slot.
 
-    Caches derive the sequence length from the layers' stored keys, so the placeholder appends a
-    ``[batch, 1, seq, 1]`` zero key and value (a few bytes per token instead of a full KV entry). Under the eager
-    attention implementation (the one that returns attention weights) it returns a ``[batch, 0, q_len, kv_len]``
-    weights tensor, a layer with no heads, so ``outputs.attentions[i]`` stays layer i's. Its output is None: the
-    layer adds nothing. Mixed in before the family's attention class, whose ``__init__`` is not run.
+    Caches derive the sequence length from the layers' stored keys (``get_seq_length()`` reads layer 0, the
+    attention masks each layer's own entry), so the placeholder appends a zero key and value per token, which
+    nothing reads: ``[batch, 1, seq, 1]`` (a few bytes per token instead of a full KV entry), or zeros of the
+    heads and head width the entry already holds (prefix tuning's pre-filled prefix, a static cache allocated
+    ahead of time), which a concatenation or an in-place copy into it needs. Under the eager attention
+    implementation (the one that returns attention weights) it returns a ``[batch, 0, q_len, kv_len]`` weights
+    tensor, a layer with no heads, so ``outputs.attentions[i]`` stays layer i's. Its output is None: the layer adds
+    nothing. Mixed in before the family's attention class, whose ``__init__`` is not run.
     """
 
     def __init__(self, dense_attention: nn.Module):
@@ -71,8 +88,7 @@ class SkippedAttention(nn.Module):
         kv_len = q_len
         cache = cache_from(kwargs)
         if cache is not None and hasattr(cache, "update"):
-            z = hidden_states.new_zeros(batch, 1, q_len, 1)
-            keys, _ = cache.update(z, z, self.layer_idx)
+            keys, _ = cache.update(*_placeholder_states(cache, self.layer_idx, hidden_states), self.layer_idx)
             kv_len = keys.shape[-2]
         if getattr(self.config, "_attn_implementation", None) != "eager":
             return None, None

@@ -15,6 +15,8 @@ whole biases, ``dense``/fc2 the biases of their kept rows, fc1 the biases of its
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers import PhiConfig, PhiForCausalLM
@@ -30,15 +32,26 @@ class DipExtPhiSkippedAttention(SkippedAttention, PhiAttention):
     """Placeholder of a removed Phi attention (see :class:`~dip_ext.families.layers.SkippedAttention`)."""
 
 
+class SharedLayerNormGather(LayerNormGather):
+    """Phi's one norm, read by both blocks: ``norm(x)`` gathers ``attn_in``, ``norm(x, idx)`` the set ``idx``.
+
+    The second read goes through the module call, not a method, so whatever wraps the norm (peft's LN tuning
+    swaps in a tuned copy, hooks) sees both reads.
+    """
+
+    def forward(self, x: torch.Tensor, idx: Optional[IndexSet] = None) -> torch.Tensor:
+        return self.gather(x, self.idx if idx is None else idx)
+
+
 class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
     """A compacted ``PhiDecoderLayer``; keeps the dense layer's submodule names for its weights.
 
     ``hidden_states [batch, seq, d]`` → ``[batch, seq, d]`` (full width), in the activations' dtype. Exact
     against the masked reference in eval mode; in training mode the dense layer's ``resid_dropout`` is applied
-    to both block outputs as Phi does. ``input_layernorm`` gathers ``attn_in`` when called and ``mlp_in`` through
-    :meth:`LayerNormGather.gather`; it is kept while either block is. A block whose output set is empty holds
-    no weights and its attribute (``self_attn`` / ``mlp``) is None (Phi's fc2 always has a bias, so an MLP with
-    no intermediate channels still adds it).
+    to both block outputs as Phi does. ``input_layernorm`` (a :class:`SharedLayerNormGather`) gathers ``attn_in``
+    when called alone and ``mlp_in`` when called with that set; it is kept while either block is. A block whose
+    output set is empty holds no weights and its attribute (``self_attn`` / ``mlp``) is None (Phi's fc2 always has
+    a bias, so an MLP with no intermediate channels still adds it).
     """
 
     def __init__(self, dense: nn.Module, idx: dict[str, torch.Tensor]):
@@ -54,7 +67,7 @@ class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
             self.mlp = mlp
         if self.self_attn is not None or self.mlp is not None:
             norm = dense.input_layernorm
-            self.input_layernorm = LayerNormGather(norm.weight, norm.bias, norm.eps, idx["attn_in"])
+            self.input_layernorm = SharedLayerNormGather(norm.weight, norm.bias, norm.eps, idx["attn_in"])
         # A new module starts in training mode: inherit the dense layer's, or dropout would be live in eval.
         self.train(dense.training)
 
@@ -67,7 +80,7 @@ class DipExtPhiDecoderLayer(CompactedLayer, PhiDecoderLayer):
         else:
             self.skip_attention(x, kwargs)
         if self.mlp is not None:
-            mlp_out = self.resid_dropout(self.mlp(self.input_layernorm.gather(x, self.mlp_in_idx)))
+            mlp_out = self.resid_dropout(self.mlp(self.input_layernorm(x, self.mlp_in_idx)))
         # Both blocks have read x; the first update copies it (the caller may hold it), the second is in place.
         if attn_out is not None:
             x = residual_add(x, self.attn_out_idx, attn_out, inplace=False)
