@@ -22,10 +22,11 @@ except ImportError as _e:  # pragma: no cover - depends on how the package was i
 from . import ops
 from .ops import build_info
 from .compaction import compact, is_compacted, require_dense
-from .errors import MaskError, UnsupportedModelError
+from .errors import LegacyOnnxExportError, MaskError, UnsupportedModelError
 from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
 from .modeling import from_pretrained, register_classes
+from .onnx_export import export_onnx
 from .params import ParamReport, param_report
 from .config import EvalConfig, PruneConfig, RefitConfig
 from .pipeline import CompactionResult, Evaluation, Pruner
@@ -51,4 +52,6 @@ __all__ = ["ops", "build_info", "__version__", "selftest", "SelftestResult",
            "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",
            # masks, the masked reference, compaction, loading
            "DispMasks", "ModelDims", "STRUCTURES", "apply_masks", "MaskedModel", "compact", "is_compacted",
-           "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError"]
+           "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError",
+           # ONNX
+           "export_onnx", "LegacyOnnxExportError"]

@@ -13,7 +13,8 @@ stays valid): validate once outside the capture, then pass ``check_idx=False`` i
 The in-place ops refuse overlapping memory like ``torch.Tensor.index_add_`` (``ValueError``): a residual whose
 elements share memory (``expand()``, stride 0), and an input (``y``, ``x``, ``weight``, ``bias``, ``idx``)
 that shares memory with the residual. ``calibration_stats_`` likewise refuses outputs that share memory with
-each other or with ``x``.
+each other or with ``x``. The legacy ONNX exporter (``torch.onnx.export(..., dynamo=False)``), which
+would drop them, is refused (``LegacyOnnxExportError``); :func:`dip_ext.export_onnx` exports.
 
 Under ``torch.autocast`` (CPU or CUDA) each op follows its torch equivalent, with or without grad and under
 ``torch.compile``: ``index_select_gemm`` runs in the autocast dtype like ``F.linear``; the in-place ops write
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _C  # registers the ops
+from .errors import refuse_legacy_onnx_export
 
 _ops = torch.ops.dip_ext
 
@@ -87,6 +89,7 @@ def scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
     Under autocast: ``y`` (a block's output, often in the autocast dtype) is cast to the residual's dtype, so
     an fp32 residual stays fp32 and receives ``y`` exactly, as ``residual + y`` promotes in the dense model.
     """
+    refuse_legacy_onnx_export("scatter_add_")
     _ops.scatter_add_(residual, idx, y, check_idx)
     return residual
 
@@ -101,6 +104,7 @@ def gemm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, x: torch.Tensor
     its output is added into the residual in the residual's dtype (exactly, into an fp32 residual: the GEMM
     and the scatter-add then run as two steps).
     """
+    refuse_legacy_onnx_export("gemm_scatter_add_")
     _ops.gemm_scatter_add_(residual, idx, x, weight, bias, check_idx)
     return residual
 
@@ -119,6 +123,7 @@ def rms_norm_scatter_add_(residual: torch.Tensor, idx: torch.Tensor, y: torch.Te
     dtype) and ``residual + ...`` (which promotes) do: an fp32 residual stays fp32 when y is bf16. When y or
     weight is in another dtype than the residual this runs unfused.
     """
+    refuse_legacy_onnx_export("rms_norm_scatter_add_")
     _ops.rms_norm_scatter_add_(residual, idx, y, weight, float(eps), bool(unit_offset), check_idx)
     return residual
 

@@ -2,6 +2,7 @@
 private helper imported across modules, and function-level imports only for optional third-party packages."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,15 @@ def test_no_private_access_through_a_module(path):
                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
                and n.attr.startswith("_") and not n.attr.startswith("__") and n.attr != "_C"]
     assert private == []
+
+
+def test_the_layer_contract_covers_every_module():
+    """Every module and subpackage of dip_ext sits in a layer of setup.cfg's contract (docs/architecture.md lists
+    the same layers)."""
+    text = (PACKAGE.parent / "setup.cfg").read_text()
+    listed = set(re.findall(r"dip_ext\.(\w+)", text.split("layers =", 1)[1].split("ignore_imports", 1)[0]))
+    present = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
+    present |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert sorted(present - listed) == []
+    docs = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    assert sorted(m for m in present if not re.search(rf"\b{m}\b", docs)) == []
