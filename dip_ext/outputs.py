@@ -138,7 +138,14 @@ class OutputFolder:
         entries = sorted(p.name for p in staged.iterdir())
         atomic_write_text(staged / OUTPUT_MARKER, json.dumps(
             {"written_by": "dip_ext", "command": self.command, "entries": entries}, indent=1) + "\n")
-        self.check_replaceable(True)  # the target may have changed while the run ran
+        try:
+            self.check_replaceable(True)  # the target may have changed while the run ran
+        except ValueError as e:  # the run's result is not lost: it stays beside the target under its own name
+            n = 1
+            while (kept := self.target.with_name(f"{self.target.name}.dip_ext-result-{n}")).exists():
+                n += 1
+            os.replace(staged, kept)
+            raise ValueError(f"{e}; this run's result is kept in {kept}") from None
         old = None
         if self.target.exists():
             old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=_STAGING_PREFIX + "old-"))

@@ -179,11 +179,13 @@ def test_output_folder_replaces_only_its_own_entries(tmp_path):
     assert (tmp_path / "o" / "model.bin").read_bytes() == b"1"
     again = OutputFolder(tmp_path / "o", command="t", replace=True)
     (tmp_path / "o" / "late.txt").write_text("added while the run ran")
-    with pytest.raises(ValueError, match="late.txt"):
+    with pytest.raises(ValueError, match="late.txt.*result is kept in .*o.dip_ext-result-1"):
         with again.staging() as folder:
             (folder / "model.bin").write_bytes(b"2")
     assert (tmp_path / "o" / "late.txt").exists() and (tmp_path / "o" / "model.bin").read_bytes() == b"1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging folder left behind
+    # nothing half-written stays behind, and the refused run's result is not lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "o.dip_ext-result-1"]
+    assert (tmp_path / "o.dip_ext-result-1" / "model.bin").read_bytes() == b"2"
 
 
 def test_work_dir_removes_only_named_checkpoints_of_its_own_folder(tmp_path):
