@@ -102,8 +102,8 @@ class CalibrationResult:
         dims = ModelDims(*json.loads(meta["dims"]))
         res = cls(dims, int(meta["windows"]),
                   [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
-                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"), meta.get("model_sha"),
-                  json.loads(meta["settings"]) if "settings" in meta else None)
+                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"),
+                  meta.get("model_sha"), json.loads(meta["settings"]) if "settings" in meta else None)
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
                 res.stats[point] = [CalibrationStats.from_state_dict(

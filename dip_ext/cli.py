@@ -19,7 +19,6 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -31,8 +30,8 @@ from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
 from .model_state import check_device
-from .outputs import OutputFolder, check_not_input, default_work_dir, text_input_path
-from .options import EXIT_USAGE, OptionParser, check_fields, flag_dest, from_namespace, option
+from .outputs import command_folders, text_input_path
+from .options import EXIT_USAGE, OptionParser, check_fields, field_default, flag_dest, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
 from .recovery.checks import check_sharded_teacher
@@ -146,7 +145,8 @@ def _fail(message: str) -> int:
 def _method_options(args: argparse.Namespace):
     """The chosen method's options; a flag of another method's options given with a non-default value is an
     error (it would be silently ignored)."""
-    mine = get_method(args.method).options_class
+    method = get_method(args.method)
+    mine = method.options_class
     for cls, prefix in _method_prefixes().items():
         if cls is mine:
             continue
@@ -154,7 +154,7 @@ def _method_options(args: argparse.Namespace):
             if getattr(args, flag_dest(f.name, prefix)) != f.default:
                 raise ValueError(f"--{prefix}-{f.name.replace('_', '-')} is an option of --method {prefix}, not of "
                                  f"--method {args.method}")
-    return from_namespace(mine, args, get_method(args.method).name) if mine is not None else None
+    return from_namespace(mine, args, method.name) if mine is not None else None
 
 
 #: (options class, the field that switches its other fields on, the values that switch them off, fields exempt):
@@ -169,8 +169,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         if getattr(args, switch) not in off:
             continue
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if f.name not in (switch, *exempt) and getattr(args, f.name) != default:
+            if f.name not in (switch, *exempt) and getattr(args, f.name) != field_default(f):
                 raise ValueError(f"--{f.name.replace('_', '-')} has no effect with --{switch.replace('_', '-')} "
                                  f"{getattr(args, switch)}")
 
@@ -194,10 +193,8 @@ def _prune(args: argparse.Namespace) -> int:
               "--recover-text": text_input_path(recovery.recover_text),
               **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
     # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
-    out = OutputFolder(run.out, command="prune", inputs=inputs, replace=run.overwrite or run.resume) \
-        if dist.is_main() else None
-    work = Path(run.work_dir) if run.work_dir is not None else default_work_dir(run.out)
-    check_not_input(work, "work folder", inputs, outputs={"--out": run.out})
+    out, work = command_folders(run.out, run.work_dir, command="prune", inputs=inputs,
+                                replace=run.overwrite or run.resume, main=dist.is_main())
     data.get_text(config.calibration, "calibration")  # unknown / empty / missing texts fail before the model loads
     for name in (evaluation.eval_text if evaluation.eval_windows else []):
         data.get_text(name, data.eval_split(name, config.calibration))

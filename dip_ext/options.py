@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from transformers import HfArgumentParser
 
-__all__ = ["option", "check_fields", "as_dict", "from_namespace", "flag_dest", "OptionParser", "EXIT_USAGE"]
+__all__ = ["option", "check_fields", "as_dict", "from_namespace", "flag_dest", "field_default", "OptionParser", "EXIT_USAGE"]
 
 #: exit status of a command-line usage error (argparse's)
 EXIT_USAGE = 2
@@ -127,6 +127,11 @@ def as_dict(config) -> dict:
     return {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a dataclass field (its factory called), or ``dataclasses.MISSING``."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def flag_dest(name: str, prefix: Optional[str] = None) -> str:
     """Where the parser keeps the field ``name`` of an options class whose flags carry ``prefix``."""
     return f"{prefix}_{name}" if prefix else name
@@ -188,7 +193,7 @@ class OptionParser(HfArgumentParser):
         # argparse formats help with %: a literal percent sign must be doubled
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"),
                                   "dest": flag_dest(f.name, prefix)}
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping, Optional, Union
 
 from .files import atomic_write_text, honour_umask
 
-__all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "default_work_dir",
+__all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "command_folders", "default_work_dir",
            "prepare_work_dir", "text_input_path", "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
@@ -181,6 +181,19 @@ class _Staging:
             if self.folder.exists():  # failed, or the commit failed: nothing half-written stays behind
                 shutil.rmtree(self.folder, ignore_errors=True)
         return False
+
+
+def command_folders(out: PathLike, work_dir: Optional[PathLike], *, command: str,
+                    inputs: Mapping[str, Optional[PathLike]], replace: bool,
+                    main: bool = True) -> tuple[Optional[OutputFolder], Path]:
+    """A command's :class:`OutputFolder` (checked and built on the ``main`` process only, None on the others,
+    which never write it) and its work folder (``work_dir``, default :func:`default_work_dir`), refused like the
+    output when it is an input, the current folder or a parent, and when it is, holds or lies inside the output.
+    ValueError naming the problem, before any work."""
+    folder = OutputFolder(out, command=command, inputs=inputs, replace=replace) if main else None
+    work = Path(work_dir) if work_dir is not None else default_work_dir(out)
+    check_not_input(work, "work folder", inputs, outputs={"--out": out})
+    return folder, work
 
 
 def default_work_dir(out: PathLike) -> Path:

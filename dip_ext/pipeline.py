@@ -87,9 +87,9 @@ class Pruner:
     one pass serving several ratios), used instead of a new pass; :meth:`calibrate` checks that its windows
     and weights are this run's.
     ``work_dir``: where stages checkpoint (the calibration pass and a training method, in a folder named after
-    it); without ``resume`` the checkpoints dip_ext names there are removed first (a non-empty folder dip_ext did
-    not create is refused, see :func:`dip_ext.outputs.prepare_work_dir`), with ``resume`` every stage continues
-    from what is there (and refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
+    it); without ``resume`` its named checkpoints are removed first (:func:`dip_ext.outputs.prepare_work_dir`:
+    a non-empty folder dip_ext did not create is refused), with ``resume`` every stage continues from what is
+    there (and refuses checkpoints of another model, text or options). ``full_model``: rank 0's whole dense copy of an
     FSDP-sharded ``model`` (see :mod:`dip_ext.sharding`): the masks are chosen on the sharded model in lockstep,
     the copy is compacted and returned; with recovery (``distill`` only) it is replicated to every rank and
     distilled data-parallel toward the sharded model.
@@ -138,7 +138,7 @@ class Pruner:
         needs_tokenizer = list(texts) + ([self.config.calibration] if given is None else [])
         recover_text = self.recovery_config.recover_text if self.recovery_config.recover != "off" else None
         if recover_text is not None:  # refused now if it is an evaluation text, unknown or missing
-            check_training_text(recover_text, texts, None if calibration_tokens is not None else self.config.calibration)
+            check_training_text(recover_text, texts, None if given is not None else self.config.calibration)
             data.get_text(recover_text, "calibration")
             needs_tokenizer.append(recover_text)
         if tokenizer is None and needs_tokenizer:

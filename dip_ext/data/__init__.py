@@ -50,6 +50,7 @@ from .inputs import CalibrationTokens, calibration_tokens
 from .texts import NAMES, SPLITS, Text, check_name, describe, download_data, eval_split, get_text, split_80_20
 from .wiki import extract_wiki_prose, wiki_text
 
-__all__ = ["NAMES", "SPLITS", "Text", "CalibrationTokens", "calibration_tokens", "check_name", "describe", "eval_split", "fit_seq_len", "too_short_message",
-           "cache_dir", "get_text", "get_blocks", "tokenize", "make_blocks", "needs_bos", "spread_indices",
-           "split_80_20", "wiki_text", "extract_wiki_prose", "download_data"]
+__all__ = ["NAMES", "SPLITS", "Text", "CalibrationTokens", "calibration_tokens", "check_name", "describe",
+           "eval_split", "fit_seq_len", "too_short_message", "cache_dir", "get_text", "get_blocks", "tokenize",
+           "make_blocks", "needs_bos", "spread_indices", "split_80_20", "wiki_text", "extract_wiki_prose",
+           "download_data"]

@@ -96,8 +96,8 @@ def calibration_tokens(value: Any, tokenizer=None) -> CalibrationTokens:
     tokenizer's EOS token; chat conversations are rendered with the tokenizer's chat template first; tokenizer
     output keeps only the positions its attention mask marks (no padding is ever calibrated on); token-id
     windows are kept as given, except that ids holding the tokenizer's pad id (when it is a token of its own, not
-    its EOS, BOS or unknown token) are refused: pass the attention mask with them. Raises ValueError naming what was received and
-    what is accepted.
+    its EOS, BOS or unknown token) are refused: pass the attention mask with them. Raises ValueError naming what
+    was received and what is accepted.
     """
     if isinstance(value, str):
         raise ValueError(f"a string is a text name here; pass documents as a list of strings ({ACCEPTED})")

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from .. import distributed as dist
@@ -26,8 +25,7 @@ from ..files import atomic_write_text
 from ..model_card import model_card
 from ..model_state import check_device, model_digest
 from ..options import check_fields, from_namespace, option
-from ..outputs import (OutputFolder, check_not_input, default_work_dir, prepare_work_dir, text_input_path,
-                       without_local_paths)
+from ..outputs import command_folders, prepare_work_dir, text_input_path, without_local_paths
 from ..sharding import load_sharded
 from ..windows import calibration_windows, recovery_windows, split_calibration
 from .checks import check_sharded_teacher, check_training_text
@@ -101,10 +99,8 @@ def run_recover(args: argparse.Namespace) -> int:
               "--recover-text": text_input_path(config.recover_text),
               **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
     # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
-    out = OutputFolder(run.out, command="recover", inputs=inputs, replace=run.overwrite or run.resume) \
-        if dist.is_main() else None
-    work = Path(run.work_dir) if run.work_dir is not None else default_work_dir(run.out)
-    check_not_input(work, "work folder", inputs, outputs={"--out": run.out})
+    out, work = command_folders(run.out, run.work_dir, command="recover", inputs=inputs,
+                                replace=run.overwrite or run.resume, main=dist.is_main())
     texts = list(evaluation.eval_text) if evaluation.eval_windows != 0 else []
     if config.recover_text is not None:
         check_training_text(config.recover_text, texts, calibration=run.calibration)
