@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-tests-on-cpu clean
+.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-build-check-oldest cuda-tests-on-cpu clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -31,6 +31,12 @@ cuda-check:
 # kernel with each TORCH_CUDA_ARCH_LIST spelling (no GPU needed; creates /tmp/venv-cuda on first use).
 cuda-build-check:
 	bash scripts/check_cuda_build.sh
+
+# The same build against the oldest torch the package admits (2.11, the GPU machine's: c10's CUDA helpers differ);
+# not in CI, which would download torch 2.11 (~1 GB) on every clean run.
+cuda-build-check-oldest:
+	VENV=/tmp/venv-cuda211 BUILD_DIR=/tmp/build-cuda211 TORCH_SPEC=torch==2.11.0 SKIP_ARCH_LISTS=1 \
+		bash scripts/check_cuda_build.sh
 
 # The CUDA test file run against the CPU kernels: checks the tests themselves (references, tolerances).
 # Uses the venv as `make setup` left it.

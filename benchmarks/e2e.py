@@ -186,6 +186,11 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
+    # Its sibling modules, also when Python was told not to put the script's folder on sys.path
+    # (PYTHONSAFEPATH=1, as the GPU check runs it so that the source checkout never shadows the installed package).
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import e2e_report
     from e2e_measure import Bench, build_variants, param_bytes
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from matplotlib.figure import Figure
 
 from .files import atomic_write_bytes, atomic_write_text
 from .masks import STRUCTURES
@@ -123,6 +122,8 @@ class PruneReport:
 
     def plot(self, path) -> None:
         """Kept width per layer and set, as a fraction of the full width (PNG)."""
+        from matplotlib.figure import Figure  # plotting is the only use: not paid at import
+
         fig = Figure(figsize=(9, 4.5))  # no pyplot: the caller's matplotlib backend and state stay untouched
         ax = fig.subplots()
         layers = range(len(self.widths))

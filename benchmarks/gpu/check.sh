@@ -5,7 +5,7 @@
 #   env.txt            nvidia-smi, python / torch / nvcc versions
 #   build.log          the pip build           build_info.json   dip_ext.build_info() of the installed package
 #   selftest.log       selftest table          selftest.json     per-case max errors, pass / fail
-#   pytest.log         CUDA tests              junit_ops_cuda.xml
+#   pytest.log         CUDA tests (marker cuda) junit_ops_cuda.xml
 #   bench_ops_cuda.log kernel benchmark table  ops_cuda.json
 #   e2e.log            end-to-end benchmark    e2e.json
 #   summary.json       per step: exit code, seconds, status; test counts; ceilings
@@ -128,10 +128,12 @@ else
   skip_step selftest "build failed"
 fi
 
-# 3. CUDA tests (junit XML for the record).
+# 3. CUDA tests: every test marked `cuda` (the ops, the fused norm, autocast on the compacted families), with
+# junit XML for the record.
 if [ "$build_ok" = 1 ]; then
   TAIL_LINES=25 run_step tests 200 "$OUT/pytest.log" \
-    "$PYTHON" -m pytest tests/test_ops_cuda.py -q -rfE -p no:cacheprovider --junitxml="$OUT/junit_ops_cuda.xml"
+    "$PYTHON" -m pytest tests/test_ops_cuda.py tests/test_ops_rms_norm_scatter_add_cuda.py tests/test_autocast.py \
+    -m cuda -q -rfE -p no:cacheprovider --junitxml="$OUT/junit_ops_cuda.xml"
 else
   skip_step tests "build failed"
 fi

