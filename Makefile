@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-build-check-oldest cuda-tests-on-cpu clean
+.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-build-check-oldest static-libstdcxx-check cuda-tests-on-cpu clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -37,6 +37,11 @@ cuda-build-check:
 cuda-build-check-oldest:
 	VENV=/tmp/venv-cuda211 BUILD_DIR=/tmp/build-cuda211 TORCH_SPEC=torch==2.11.0 SKIP_ARCH_LISTS=1 \
 		bash scripts/check_cuda_build.sh
+
+# The extension built with libstdc++ linked statically (as the GPU machine's toolchain does) must still raise
+# whole error messages: its bad-input tests against that build (scratch folder; the venv is left alone).
+static-libstdcxx-check: setup
+	VENV=$(VENV) bash scripts/check_static_libstdcxx.sh
 
 # The CUDA test file run against the CPU kernels: checks the tests themselves (references, tolerances).
 # Uses the venv as `make setup` left it.

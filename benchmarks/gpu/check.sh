@@ -5,7 +5,7 @@
 #   env.txt            nvidia-smi, python / torch / nvcc versions
 #   build.log          the pip build           build_info.json   dip_ext.build_info() of the installed package
 #   selftest.log       selftest table          selftest.json     per-case max errors, pass / fail
-#   pytest.log         CUDA tests (marker cuda) junit_ops_cuda.xml
+#   pytest.log         CUDA tests (marker cuda) junit_ops_cuda.xml   pytest_crash_stack.log  native stack of a crash
 #   bench_ops_cuda.log kernel benchmark table  ops_cuda.json
 #   e2e.log            end-to-end benchmark    e2e.json
 #   summary.json       per step: exit code, seconds, status; test counts; ceilings
@@ -134,6 +134,15 @@ if [ "$build_ok" = 1 ]; then
   TAIL_LINES=25 run_step tests 200 "$OUT/pytest.log" \
     "$PYTHON" -m pytest tests/test_ops_cuda.py tests/test_ops_rms_norm_scatter_add_cuda.py tests/test_autocast.py \
     -m cuda -q -rfE -p no:cacheprovider --junitxml="$OUT/junit_ops_cuda.xml"
+  tests_rc=$?
+  # Killed by a signal (a crash in native code): Python's faulthandler only names the Python frames. Run the
+  # tests again up to the crash with a handler that prints the native stack (segv_backtrace.c; no gdb there).
+  if [ "$tests_rc" -gt 128 ] && [ "$tests_rc" -ne 137 ] && cc -shared -fPIC -O1 -o /tmp/dip_ext_segv.so \
+       benchmarks/gpu/segv_backtrace.c 2>/dev/null; then
+    TAIL_LINES=40 run_step tests_crash_stack 90 "$OUT/pytest_crash_stack.log" env LD_PRELOAD=/tmp/dip_ext_segv.so \
+      "$PYTHON" -m pytest tests/test_ops_cuda.py tests/test_ops_rms_norm_scatter_add_cuda.py tests/test_autocast.py \
+      -m cuda -x -q -p no:cacheprovider -p no:faulthandler
+  fi
 else
   skip_step tests "build failed"
 fi
