@@ -12,7 +12,8 @@ buffer is overwritten):
 Ceilings measured in the same run: device-to-device copy bandwidth (``dst.copy_(src)`` on 1 GiB) and a large
 bf16 GEMM (8192^3).
 
-Rows that measure two design choices: ``index_select_gemm`` at 1 and 16 tokens is the decode GEMV, which
+Rows that measure two design choices: ``index_select_gemm`` at 1 token is the decode GEMV (2 to 16 tokens
+take gather + cuBLAS: the rows at 2, 4, 8 and 16 tokens show that choice), which
 gathers ``x[:, idx]`` once per call (not once per thread block) and then only streams the weight, so its
 ``%copy`` (weight bytes over copy bandwidth) and ``ratio_vs_mm`` (against cuBLAS on a pre-gathered input) show
 what the gather costs; ``calibration_stats`` at 512 and 2048 tokens uses short row chunks so that even small
@@ -20,7 +21,7 @@ inputs launch several thread blocks per SM (its ``%copy``). Each row reports GB/
 [M, k]; scatter-add: read y + read and write residual[:, idx]; statistics: read x; GEMMs: weight + inputs +
 outputs) and its fraction of the copy bandwidth, and TFLOP/s with its fraction of the GEMM ceiling.
 
-    python benchmarks/bench_ops_cuda.py --out results/ops_cuda.json [--tokens 1,16,512,2048,8192] [--dtypes bf16,fp32]
+    python benchmarks/bench_ops_cuda.py --out results/ops_cuda.json [--tokens 1,2,4,8,16,512,2048,8192] [--dtypes bf16,fp32]
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def correctness(ops, dtype) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
-    ap.add_argument("--tokens", default="1,16,512,2048,8192")
+    ap.add_argument("--tokens", default="1,2,4,8,16,512,2048,8192")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=11008)

@@ -187,7 +187,7 @@ def _cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> It
         yield "rms_norm_gather", f"x{list(shape)}", rms
         yield "layer_norm_gather", f"x{list(shape)} bias/none", ln
 
-    # index-select GEMM: <= 16 tokens is the decode GEMV on CUDA, more is gather + cuBLAS; k % 8 == 0 takes the
+    # index-select GEMM: one token is the decode GEMV on CUDA, more is gather + cuBLAS; k % 8 == 0 takes the
     # 16-byte weight loads, odd k the scalar ones.
     for tokens, d, k in ((1, 96, 64), (5, 131, 77), (16, 600, 520), (20, 96, 40)):
         def gemm(tokens=tokens, d=d, k=k):

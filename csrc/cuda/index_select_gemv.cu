@@ -1,4 +1,4 @@
-// Decode-time index-select GEMV/GEMM for 1..16 tokens: y[m, n] = sum_j x[m, idx[j]] * w[n, j] (+ bias[n]).
+// Decode-time index-select GEMV for one token: y[0, n] = sum_j x[0, idx[j]] * w[n, j] (+ bias[n]).
 // With so few tokens the weight bytes dominate, so the kernel streams w once with 16-byte loads (evict-first).
 // Every block needs all of x[:, idx], so the columns are gathered ONCE per call into a contiguous scratch
 // (launch_gather_columns, a few KB) and each block copies contiguous slices of it into a shared-memory tile
@@ -109,11 +109,8 @@ void launch_bucket(const T* xg, const T* w, int64_t w_stride, const T* bias, T* 
 template <typename T, int V>
 void launch_vec(const T* xg, const T* w, int64_t w_stride, const T* bias, T* y, int M, int64_t K, int64_t N,
                 cudaStream_t stream) {
-  if (M <= 1) launch_bucket<T, V, 1>(xg, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 2) launch_bucket<T, V, 2>(xg, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 4) launch_bucket<T, V, 4>(xg, w, w_stride, bias, y, M, K, N, stream);
-  else if (M <= 8) launch_bucket<T, V, 8>(xg, w, w_stride, bias, y, M, K, N, stream);
-  else launch_bucket<T, V, 16>(xg, w, w_stride, bias, y, M, K, N, stream);
+  static_assert(kGemvMaxTokens == 1, "add a token bucket (launch_bucket<T, V, kM>) for each new token count");
+  launch_bucket<T, V, 1>(xg, w, w_stride, bias, y, M, K, N, stream);
 }
 
 }  // namespace

@@ -40,10 +40,12 @@ template <typename T>
 cudaError_t launch_gather_columns(const T* x, int64_t x_stride, const int64_t* idx, T* out, int64_t rows,
                                   int64_t k, cudaStream_t stream);
 
-// Largest token count the index-select GEMV handles; more tokens go gather + cuBLAS.
-inline constexpr int64_t kGemvMaxTokens = 16;
+// Largest token count the index-select GEMV handles; more tokens go gather + cuBLAS. One: on the H200 the
+// GEMV beat gather + cuBLAS at one token and took several times as long at 16 (benchmarks/RESULTS.md), where
+// cuBLAS's time hardly grows with the token count.
+inline constexpr int64_t kGemvMaxTokens = 1;
 
-// y[m, n] = sum_j x[m, idx[j]] * w[n, j] (+ bias[n]), fp32 accumulation, for 1 <= m_tokens <= 16.
+// y[0, n] = sum_j x[0, idx[j]] * w[n, j] (+ bias[n]), fp32 accumulation, for m_tokens == 1.
 // x row view [m_tokens, d]; w row view [n_out, k] (w_stride >= k); bias [n_out] or null; y contiguous
 // [m_tokens, n_out]; x_gathered: scratch of m_tokens * k elements owned by the caller. Two launches: the
 // columns x[:, idx] are gathered ONCE into x_gathered (launch_gather_columns), then the GEMV streams w and
