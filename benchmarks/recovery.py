@@ -32,7 +32,7 @@ from dip_ext.pipeline import Pruner
 from dip_ext.recovery import RecoveryConfig, recover
 from dip_ext.recovery.config import DISTILL_ONLY, RECONSTRUCT_ONLY
 from dip_ext.recovery.distill import distill
-from dip_ext.recovery.stage import _trainable
+from dip_ext.recovery.stage import trainable_student
 
 TEXTS = ("wiki", "ptb")
 
@@ -115,7 +115,7 @@ def main() -> None:
     if args.control:
         student = teacher
         t0 = time.perf_counter()
-        with _trainable(student, cfg):
+        with trainable_student(student, cfg):
             run = distill(student, None, windows.train, windows.val, RecoveryConfig(
                 recover="distill", recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
                 recover_lm_weight=1.0, recover_val_every=args.val_every, recover_checkpoint_every=0),

@@ -25,9 +25,9 @@ from dip_ext import zoo
 from dip_ext.config import EvalConfig, PruneConfig, RefitConfig
 from dip_ext.pipeline import Pruner
 from dip_ext.recovery import RecoveryConfig
-from dip_ext.recovery.distill import _micro_step
+from dip_ext.recovery.distill import micro_step
 from dip_ext.recovery.losses import kl_sum, topk_kl_sum
-from dip_ext.recovery.stage import _trainable
+from dip_ext.recovery.stage import trainable_student
 from dip_ext.recovery.teacher_cache import TeacherTopK
 
 
@@ -73,13 +73,13 @@ def main() -> None:
         cache.fill(teacher, batch, micro_batch=1, progress=False)
         fill_s = (time.perf_counter() - t0) / len(batch)
         live, cached = [], []
-        with _trainable(student, config):
+        with trainable_student(student, config):
             for _ in range(args.repeats):
                 for kind, times in (("live", live), ("cached", cached)):
                     t0 = time.perf_counter()
                     for i in batch:
                         targets = cache.targets([i]) if kind == "cached" else None
-                        _micro_step(student, teacher, train[i:i + 1], config, tokens=tokens, parts={},
+                        micro_step(student, teacher, train[i:i + 1], config, tokens=tokens, parts={},
                                     cached=targets)
                     times.append(time.perf_counter() - t0)
                     student.zero_grad(set_to_none=True)

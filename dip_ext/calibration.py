@@ -15,32 +15,35 @@ safetensors and reusable.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .compaction import require_dense
-from .files import atomic_save_safetensors, fingerprint_differences
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
 from .model_state import frozen, model_device, model_digest
 from .ops import CalibrationStats, calibration_stats
 from .tokens import check_windows
+from .training import CheckpointFormat, digest
 
 #: activation statistics points: name -> (structure whose mask point it shares, input side)
 STAT_POINTS = {"attn_in": "attn_in", "attn_proj_in": "attn_out", "mlp_in": "mlp_in", "mlp_mid": "mlp_mid"}
 HIDDEN = tuple(s for s in STRUCTURES if STRUCTURE_SPACE[s] == "hidden")
+#: a calibration result on disk (also the pass's checkpoint): the training kit's checkpoint format
+FORMAT = CheckpointFormat("dip_ext.calibration", 2, "calibration file",
+                          remedy="delete it (the calibration pass runs again) or run without resume")
+#: readable names of the fingerprint's entries, for a refused resume
+_LABELS = {"dims": "the model's dims (another model)",
+           "weights": "the model's weights digest (other weights: another model of the same shape, or another dtype)",
+           "blocks": "the digest of the windows done (other token windows: another text, seq_len or window count)"}
 
 
 @dataclass
@@ -72,38 +75,36 @@ class CalibrationResult:
                    z(dims.hidden), {}, [])
 
     # ---- persistence (safetensors + JSON, no pickle) -------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What a resume must match: the model's dims and weights digest, the digest of the windows done and the
+        settings that shaped the pass."""
+        return {"dims": [self.dims.num_layers, self.dims.hidden, self.dims.ffn], "weights": self.model_sha,
+                "blocks": self.blocks_sha, "settings": self.settings}
+
     def save(self, path) -> None:
-        """Writes ``path`` (a .safetensors file) atomically; the small metadata rides in its header."""
+        """Writes ``path`` (a .safetensors file of :data:`FORMAT`) atomically."""
         tensors = {f"scores.{i}.{s}": t for i, layer in enumerate(self.scores) for s, t in layer.items()}
         tensors["tied_hidden"] = self.tied_hidden
         for point, per_layer in self.stats.items():
             for i, st in enumerate(per_layer):
                 for k, v in st.state_dict().items():
                     tensors[f"stats.{point}.{i}.{k}"] = v.reshape(-1) if k == "count" else v
-        meta = {"format": "dip_ext.calibration.v1", "windows": str(self.windows), "losses": json.dumps(self.losses),
-                "dims": json.dumps([self.dims.num_layers, self.dims.hidden, self.dims.ffn])}
-        for key in ("blocks_sha", "model_sha"):
-            if getattr(self, key) is not None:
-                meta[key] = getattr(self, key)
-        if self.settings is not None:
-            meta["settings"] = json.dumps(self.settings)
-        atomic_save_safetensors(path, tensors, meta)
+        FORMAT.write(path, tensors, {"fingerprint": self.fingerprint(), "windows": self.windows,
+                                     "losses": self.losses})
 
     @classmethod
     def load(cls, path) -> "CalibrationResult":
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path}: not a readable calibration file ({e})") from None
-        if meta.get("format") != "dip_ext.calibration.v1":
-            raise ValueError(f"{path}: not a dip_ext calibration file")
-        dims = ModelDims(*json.loads(meta["dims"]))
+        """The result :meth:`save` wrote; ValueError for an unreadable, foreign or older file (naming its format)."""
+        return cls.from_file_content(*FORMAT.read(path))
+
+    @classmethod
+    def from_file_content(cls, tensors: dict, meta: dict) -> "CalibrationResult":
+        """The result of a file's ``(tensors, meta)`` as :meth:`CheckpointFormat.read` returns them."""
+        fp = meta["fingerprint"]
+        dims = ModelDims(*fp["dims"])
         res = cls(dims, int(meta["windows"]),
                   [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
-                  tensors["tied_hidden"], {}, json.loads(meta["losses"]), meta.get("blocks_sha"),
-                  meta.get("model_sha"), json.loads(meta["settings"]) if "settings" in meta else None)
+                  tensors["tied_hidden"], {}, list(meta["losses"]), fp["blocks"], fp["weights"], fp["settings"])
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
                 res.stats[point] = [CalibrationStats.from_state_dict(
@@ -114,9 +115,7 @@ class CalibrationResult:
 
 def blocks_sha(blocks: torch.Tensor) -> str:
     """A short fingerprint of token blocks [n, seq_len] (shape and ids)."""
-    h = hashlib.sha256(str(tuple(blocks.shape)).encode())
-    h.update(blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return digest(str(tuple(blocks.shape)), blocks.to(torch.int64))
 
 
 def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = True, progress: bool = True,
@@ -129,8 +128,8 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     the partial result is saved every ``checkpoint_every`` windows and a rerun resumes from it (ValueError when
     the checkpoint's windows are not the first windows of ``blocks``: another text or window count).
     ``settings``: JSON-safe ``{option name: value}`` of what shaped the pass (the pipeline passes the model, its
-    dtype, the text, the window length and counts), stored in the checkpoint; a checkpoint of other settings is
-    refused naming each option that differs, before the weight and window digests are compared. Raises
+    dtype, the text, the window length and counts), stored in the checkpoint; a checkpoint of another run is
+    refused naming each entry that differs (each option, the model's dims, the weights and window digests). Raises
     ValueError on non-finite activations or loss (names the layer / window).
 
     Data-parallel (``torch.distributed`` initialised; every rank passes the same blocks): the windows are
@@ -141,126 +140,148 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     checkpoint (the others receive what it read); a checkpoint always holds complete, reduced rounds.
     """
     require_dense(model, "the calibration pass")
-    adapter = adapter_for(model)
     check_windows(blocks, "calibration blocks", config=model.config)
-    dims = adapter.dims(model.config)
-    device = model_device(model)
+    dims = adapter_for(model).dims(model.config)
     placement = placement or dist.Placement.of(model)
-    world, rank = placement.world_size, placement.rank
-    result = _load_checkpoint(checkpoint)
-    model_sha = model_digest(model)  # the same on every rank, whatever the placement
     settings = dict(settings) if settings is not None else None
+    result = _start(checkpoint, blocks, dims, model_digest(model), settings)  # the digest: the same on every rank
+    # With peers, this rank's windows accumulate into `acc` and are folded into `result` at each sync; alone,
+    # `acc` IS `result` (the one-process sums stay exactly what they always were).
+    acc = result if placement.world_size == 1 else CalibrationResult.empty(dims)
+    pending_losses: list[tuple[int, float]] = []
+    with _stat_hooks(model, result, acc, on=stats):
+        _pass(model, blocks, result, acc, pending_losses, placement=placement, checkpoint=checkpoint,
+              checkpoint_every=checkpoint_every, progress=progress)
+    if result.windows < blocks.shape[0]:
+        _sync(result, acc, pending_losses, blocks.shape[0])
+    _settle(result, blocks, checkpoint)
+    return result
+
+
+def _start(checkpoint, blocks: torch.Tensor, dims: ModelDims, model_sha: str,
+           settings: Optional[dict]) -> CalibrationResult:
+    """The checkpoint's partial result, checked to be this run's (its windows the first of ``blocks``), or an
+    empty one. ValueError naming every fingerprint entry that differs (the settings only when both runs recorded
+    some), or when the checkpoint holds more windows than ``blocks``."""
+    result = _load_checkpoint(checkpoint)
     if result is None:
         result = CalibrationResult.empty(dims)
         result.model_sha, result.settings = model_sha, settings
-    elif result.settings is not None and settings is not None and result.settings != settings:
-        raise ValueError(f"{checkpoint}: calibration checkpoint of a run with other settings "
-                         f"({fingerprint_differences(result.settings, settings)}); rerun with the same options, "
-                         "or without --resume")
-    elif result.dims != dims:
-        raise ValueError(f"{checkpoint}: calibration checkpoint of another model ({result.dims} vs {dims})")
-    elif result.model_sha is not None and result.model_sha != model_sha:
-        raise ValueError(f"{checkpoint}: calibration checkpoint made on other weights (model digest "
-                         f"{result.model_sha} vs {model_sha} now): another model of the same shape, or the same one "
-                         "in another dtype; delete it or run without resume")
-    start = result.windows
-    if start > blocks.shape[0]:
-        raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {blocks.shape[0]} were given")
-    if start and result.blocks_sha is not None and result.blocks_sha != blocks_sha(blocks[:start]):
-        # e.g. another --calibration text or window count: summing both would be neither run
-        raise ValueError(f"{checkpoint}: calibration checkpoint made on other token windows than the first {start} "
-                         "given now (other text, seq_len or window count?); delete it or run without resume")
+        return result
+    start, n = result.windows, blocks.shape[0]
+    now = {"dims": [dims.num_layers, dims.hidden, dims.ffn], "weights": model_sha,
+           "blocks": blocks_sha(blocks[:start]), "settings": settings}
+    keys = {"dims", "weights"} | ({"blocks"} if start <= n else set())
+    keys |= {"settings"} if settings is not None and result.settings is not None else set()
+    FORMAT.check_fingerprint(checkpoint, result.fingerprint(), now, keys=keys, labels=_LABELS)
+    if start > n:
+        raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {n} were given")
+    return result
 
-    # With peers, this rank's windows accumulate into `acc` and are folded into `result` at each sync; alone,
-    # `acc` IS `result` (the one-process sums stay exactly what they always were).
-    acc = result if world == 1 else CalibrationResult.empty(dims)
-    pending_losses: list[tuple[int, float]] = []
 
-    ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in STRUCTURES}
-            for _ in range(dims.num_layers)]
-    flat = [m for layer in ones for m in layer.values()]
-    layers = adapter.decoder_layers(model)
+@contextmanager
+def _stat_hooks(model: nn.Module, result: CalibrationResult, acc: CalibrationResult, *, on: bool) -> Iterator[None]:
+    """Forward pre-hooks accumulating the activation statistics of every :data:`STAT_POINTS` input into ``acc``
+    (``result`` gets empty statistics first, unless resumed with some); removed on exit. Nothing when not ``on``."""
+    if not on:
+        yield
+        return
+    adapter, dims = adapter_for(model), result.dims
+    modules = [{p: adapter.mask_points(layer)[s][0][0] for p, s in STAT_POINTS.items()}
+               for layer in adapter.decoder_layers(model)]
+
+    def empty_stats() -> dict[str, list[CalibrationStats]]:
+        # widths read from the module the statistics describe: o_proj's input is heads * head_dim wide,
+        # which need not be the residual width
+        return {p: [CalibrationStats.empty(_input_width(m[p], dims.size(STAT_POINTS[p]))) for m in modules]
+                for p in STAT_POINTS}
+
+    if not result.stats:
+        result.stats = empty_stats()
+    if acc is not result:
+        acc.stats = empty_stats()
+
     hooks = []
-    if stats:
-        modules = [{p: adapter.mask_points(layer)[s][0][0] for p, s in STAT_POINTS.items()} for layer in layers]
-
-        def empty_stats() -> dict[str, list[CalibrationStats]]:
-            # widths read from the module the statistics describe: o_proj's input is heads * head_dim wide,
-            # which need not be the residual width
-            return {p: [CalibrationStats.empty(_input_width(m[p], dims.size(STAT_POINTS[p]))) for m in modules]
-                    for p in STAT_POINTS}
-
-        if not result.stats:
-            result.stats = empty_stats()
-        if acc is not result:
-            acc.stats = empty_stats()
-        for i, layer in enumerate(layers):
-            for p in STAT_POINTS:
-                module = modules[i][p]
-
-                def hook(mod, args, p=p, i=i):
-                    x = args[0].detach()
-                    if x.dim() in (2, 3):  # OPT runs its MLP on [tokens, d]
-                        # accumulate on the activations' device: no host read per call
-                        st = acc.stats[p][i] = acc.stats[p][i].to(x.device)
-                        calibration_stats(x, st)
-                hooks.append(module.register_forward_pre_hook(hook))
-
+    for i, per_layer in enumerate(modules):
+        for p, module in per_layer.items():
+            def hook(mod, args, p=p, i=i):
+                x = args[0].detach()
+                if x.dim() in (2, 3):  # OPT runs its MLP on [tokens, d]
+                    # accumulate on the activations' device: no host read per call
+                    st = acc.stats[p][i] = acc.stats[p][i].to(x.device)
+                    calibration_stats(x, st)
+            hooks.append(module.register_forward_pre_hook(hook))
     try:
-        with frozen(model), MaskedModel(model, ones):
-            n = blocks.shape[0]
-            bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
-            # A sharded (FSDP) model's forward and backward are collectives: a rank without a window in the last
-            # round runs one on window 0 anyway (and keeps nothing of it) so that its peers are not left waiting.
-            lockstep = placement.sharded
-            for first in range(start, n, world):  # one round: windows first .. first + world - 1
-                w = first + rank
-                if w >= n and lockstep:
-                    ids = blocks[:1].to(device)
-                    torch.autograd.grad(model(input_ids=ids, labels=ids).loss, flat)
-                if w < n:
-                    ids = blocks[w:w + 1].to(device)
-                    loss = model(input_ids=ids, labels=ids).loss
-                    if not torch.isfinite(loss):
-                        _check_finite(acc)  # names the first layer whose activations went non-finite
-                        raise ValueError(f"non-finite loss on calibration window {w}: the model or its input is "
-                                         f"broken")
-                    grads = torch.autograd.grad(loss, flat)
-                    tied = torch.zeros(dims.hidden, dtype=torch.float64)
-                    for k, g in enumerate(grads):
-                        i, s = divmod(k, len(STRUCTURES))
-                        g64 = g.detach().double().cpu()
-                        acc.scores[i][STRUCTURES[s]] += g64 * g64
-                        if STRUCTURES[s] in HIDDEN:
-                            tied += g64
-                    acc.tied_hidden += tied * tied
-                    if world == 1:
-                        result.losses.append(float(loss.detach()))
-                    else:
-                        pending_losses.append((w, float(loss.detach())))
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                done = min(first + world, n)
-                bar.update(done - first)
-                if world == 1:
-                    result.windows = done
-                if checkpoint is not None and done // checkpoint_every > first // checkpoint_every:
-                    _sync(result, acc, pending_losses, done)
-                    _stats_to_cpu(result)
-                    _check_finite(result)
-                    result.blocks_sha = blocks_sha(blocks[:result.windows])
-                    _save_on_main(result, checkpoint)
-            bar.close()
+        yield
     finally:
         for h in hooks:
             h.remove()
-    if result.windows < blocks.shape[0]:
-        _sync(result, acc, pending_losses, blocks.shape[0])
+
+
+def _pass(model: nn.Module, blocks: torch.Tensor, result: CalibrationResult, acc: CalibrationResult,
+          pending_losses: list, *, placement: dist.Placement, checkpoint, checkpoint_every: int,
+          progress: bool) -> None:
+    """The windows from ``result.windows`` on, in rounds of ``world_size`` (see :func:`run_calibration`), each
+    accumulated into ``acc``; every ``checkpoint_every`` windows the ranks sync and rank 0 saves."""
+    dims, device, world, rank = result.dims, model_device(model), placement.world_size, placement.rank
+    ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in STRUCTURES}
+            for _ in range(dims.num_layers)]
+    flat = [m for layer in ones for m in layer.values()]
+    n, start = blocks.shape[0], result.windows
+    with frozen(model), MaskedModel(model, ones):
+        bar = tqdm(desc="calibration (Fisher)", disable=not progress or rank != 0, initial=start, total=n)
+        for first in range(start, n, world):  # one round: windows first .. first + world - 1
+            w = first + rank
+            # A sharded (FSDP) model's forward and backward are collectives: a rank without a window in the last
+            # round runs one on window 0 anyway (and keeps nothing of it) so that its peers are not left waiting.
+            if w >= n and placement.sharded:
+                ids = blocks[:1].to(device)
+                torch.autograd.grad(model(input_ids=ids, labels=ids).loss, flat)
+            if w < n:
+                loss = _accumulate(model, blocks[w:w + 1].to(device), flat, acc, w)
+                if world == 1:
+                    result.losses.append(loss)
+                else:
+                    pending_losses.append((w, loss))
+                bar.set_postfix(loss=f"{loss:.3f}")
+            done = min(first + world, n)
+            bar.update(done - first)
+            if world == 1:
+                result.windows = done
+            if checkpoint is not None and done // checkpoint_every > first // checkpoint_every:
+                _sync(result, acc, pending_losses, done)
+                _settle(result, blocks, checkpoint)
+        bar.close()
+
+
+def _accumulate(model: nn.Module, ids: torch.Tensor, flat: list[torch.Tensor], acc: CalibrationResult,
+                window: int) -> float:
+    """Forward and backward of one window: its squared mask gradients added to ``acc``'s scores (and the tied
+    score); returns its loss. ValueError naming the window (or the layer whose activations went non-finite)."""
+    loss = model(input_ids=ids, labels=ids).loss
+    if not torch.isfinite(loss):
+        _check_finite(acc)  # names the first layer whose activations went non-finite
+        raise ValueError(f"non-finite loss on calibration window {window}: the model or its input is broken")
+    grads = torch.autograd.grad(loss, flat)
+    tied = torch.zeros(acc.dims.hidden, dtype=torch.float64)
+    for k, g in enumerate(grads):
+        i, s = divmod(k, len(STRUCTURES))
+        g64 = g.detach().double().cpu()
+        acc.scores[i][STRUCTURES[s]] += g64 * g64
+        if STRUCTURES[s] in HIDDEN:
+            tied += g64
+    acc.tied_hidden += tied * tied
+    return float(loss.detach())
+
+
+def _settle(result: CalibrationResult, blocks: torch.Tensor, checkpoint) -> None:
+    """``result`` made whole after a sync: statistics on the CPU, checked finite, the digest of its windows; then
+    saved by rank 0 (every rank waits) when there is a ``checkpoint``."""
     _stats_to_cpu(result)
     _check_finite(result)
     result.blocks_sha = blocks_sha(blocks[:result.windows])
     if checkpoint is not None:
         _save_on_main(result, checkpoint)
-    return result
 
 
 def _input_width(module: nn.Module, fallback: int) -> int:
@@ -271,7 +292,8 @@ def _load_checkpoint(checkpoint) -> Optional[CalibrationResult]:
     """The checkpoint as rank 0 reads it, on every rank (None when there is none); errors raise on all."""
     if checkpoint is None:
         return None
-    return dist.read_on_main(lambda: CalibrationResult.load(checkpoint) if Path(checkpoint).is_file() else None)
+    loaded = FORMAT.read_if_present(checkpoint)
+    return None if loaded is None else CalibrationResult.from_file_content(*loaded)
 
 
 def _save_on_main(result: CalibrationResult, checkpoint) -> None:

@@ -17,7 +17,7 @@ from dip_ext.selection.budget import Budget
 from dip_ext.selection.hypernetwork import (CHECKPOINT_NAME, HyperNetwork, HypernetworkConfig, StepLog, Trainer,
                                             export_masks)
 from dip_ext.selection.hypernetwork import schedule as hn
-from dip_ext.selection.hypernetwork.batches import batch_indices
+from dip_ext.training import EpochOrder
 
 transformers = pytest.importorskip("transformers")
 
@@ -488,11 +488,11 @@ def test_warm_started_training_stays_near_init(model, blocks, dims):
 
 def test_batch_order_is_seeded_epoch_shuffles():
     n, bs = 5, 2
-    stream = torch.cat([batch_indices(t, bs, n, seed=3) for t in range(5)])  # 10 = two epochs
+    stream = torch.tensor([i for t in range(5) for i in EpochOrder(n, bs, seed=3).indices(t)])  # 10 = two epochs
     assert sorted(stream[:5].tolist()) == list(range(5)) and sorted(stream[5:].tolist()) == list(range(5))
     assert not torch.equal(stream[:5], stream[5:]) or n < 3
-    assert torch.equal(stream, torch.cat([batch_indices(t, bs, n, seed=3) for t in range(5)]))
-    assert not torch.equal(stream, torch.cat([batch_indices(t, bs, n, seed=4) for t in range(5)]))
+    assert stream.tolist() == [i for t in range(5) for i in EpochOrder(n, bs, seed=3).indices(t)]
+    assert stream.tolist() != [i for t in range(5) for i in EpochOrder(n, bs, seed=4).indices(t)]
 
 
 @pytest.mark.parametrize("bad, kw, err, match", [

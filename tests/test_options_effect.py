@@ -125,7 +125,7 @@ def _calibrate(work, resume, dtype=torch.float32, **config):
 
 def test_calibration_resume_names_the_option_that_differs(tmp_path):
     _calibrate(tmp_path / "w", resume=False)
-    with pytest.raises(ValueError, match=r"other settings \(dtype: checkpoint 'float32' vs now 'float64'\)"):
+    with pytest.raises(ValueError, match=r"different run.*\(settings\.dtype: checkpoint 'float32' vs now 'float64'"):
         _calibrate(tmp_path / "w", resume=True, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"calibration_windows: checkpoint 64 vs now 5"):
         _calibrate(tmp_path / "w", resume=True, calibration_windows=5)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dip_ext.recovery import recover
-from dip_ext.recovery.distill import step_windows
 from dip_ext.recovery.losses import kl_sum, topk_kl_sum
 from dip_ext.recovery.teacher_cache import TeacherTopK
+from dip_ext.training import EpochOrder
 from test_recovery import VOCAB, config, held_out_kl, pair, windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +63,7 @@ def test_cached_distillation_with_all_but_one_token_equals_the_live_teacher(tmp_
     assert b == pytest.approx(a, rel=1e-4)
     for p, q in zip(student.parameters(), live_student.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
-    used = {i for s in range(6) for i in step_windows(s, 2, 8, 0)}
+    used = {i for s in range(6) for i in EpochOrder(8, 2, 0).indices(s)}
     assert cached.distillation["teacher_cached_windows"] == len(used)
 
 

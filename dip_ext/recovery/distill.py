@@ -1,17 +1,16 @@
 """Distillation of a compacted student from its dense teacher: AdamW, warm-up + cosine, accumulation, early stopping
 on held-out windows, exact resume, data-parallel ranks.
 
-Each optimizer step takes ``recover_batch`` training windows in a seeded order (a fresh permutation per pass over
-the windows, a function of seed and pass only), so the windows of step s never depend on how the run got there:
-a resumed run, or N ranks each taking every N-th window of the step's batch, see exactly the windows of an
-uninterrupted one-process run. The objective (:mod:`.losses`) is summed over the step's predicted tokens on every
-rank, divided by the global count, gradients are summed over ranks, clipped to norm 1 and applied identically on
-every rank, so all ranks hold the same weights.
+Each optimizer step takes ``recover_batch`` training windows in a seeded order (:class:`dip_ext.training.EpochOrder`:
+a fresh permutation per pass over the windows, a function of seed and pass only), so the windows of step s never
+depend on how the run got there: a resumed run, or N ranks each taking every N-th window of the step's batch, see
+exactly the windows of an uninterrupted one-process run. The objective (:mod:`.losses`) is summed over the step's
+predicted tokens on every rank, divided by the global count, gradients are summed over ranks, clipped to norm 1
+and applied identically on every rank, so all ranks hold the same weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tempfile
 import time
@@ -30,15 +29,15 @@ from .. import distributed as dist
 from ..distributed import Placement
 from ..eval import mean_window_loss
 from ..families import adapter_for
-from ..model_state import model_device, model_digest
-from ..options import as_dict
-from .checkpoint import load_optimizer, optimizer_tensors, resume_state, save_training_state
+from ..model_state import model_device
+from ..training import BestState, EpochOrder, copy_into, load_optimizer_state, optimizer_state, snapshot
+from .checkpoint import DISTILL_FORMAT, LABELS, distill_fingerprint
 from .checks import check_lockstep_batch
 from .config import RecoveryConfig
 from .losses import window_objective
 from .teacher_cache import TeacherTopK
 
-__all__ = ["DistillRun", "distill", "step_windows", "CHECKPOINT_NAME"]
+__all__ = ["DistillRun", "distill", "decoder_parameters", "trainable_parameters", "micro_step", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "distill.safetensors"
 #: gradient-norm clip (global L2 norm over the trainable tensors)
@@ -65,36 +64,17 @@ class DistillRun:
     cached_windows: int = 0
 
 
-def step_windows(step: int, batch: int, n: int, seed: int) -> list[int]:
-    """Indices (into ``n`` training windows) of the global batch of 0-based ``step``: positions
-    ``step·batch … step·batch + batch − 1`` of the concatenated seeded permutations (one per pass)."""
-    out = []
-    for k in range(step * batch, (step + 1) * batch):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
-    return out
+def decoder_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter inside ``model``'s decoder layers as ``(layers.<i>.<name>, parameter)``, in a fixed order:
+    what recovery may train (embeddings, final norm and LM head stay as they are)."""
+    layers = adapter_for(model).decoder_layers(model)
+    return [(f"layers.{i}.{n}", p) for i, layer in enumerate(layers) for n, p in layer.named_parameters()]
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The parameters distillation updates: every parameter inside the decoder layers that requires grad (the
-    LoRA adapters when they are on), in a fixed order. Embeddings, final norm and LM head stay as they are."""
-    layers = adapter_for(model).decoder_layers(model)
-    return [(f"layers.{i}.{n}", p) for i, layer in enumerate(layers) for n, p in layer.named_parameters()
-            if p.requires_grad]
-
-
-def _fingerprint(student, train, val, config: RecoveryConfig, placement: Placement) -> dict:
-    opts = as_dict(config)
-    for key in ("recover", "recover_val_every", "recover_checkpoint_every"):
-        opts.pop(key)  # how often a run scores or saves does not change its steps
-    return {"options": opts, "student": model_digest(student), "world": placement.world_size,
-            "train": [int(train.shape[0]), int(train.shape[1]), _tensor_digest(train)],
-            "val": None if val is None else [int(val.shape[0]), _tensor_digest(val)]}
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    """The parameters distillation updates: the :func:`decoder_parameters` that require grad (the LoRA adapters
+    when they are on)."""
+    return [(name, p) for name, p in decoder_parameters(model) if p.requires_grad]
 
 
 def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Optional[torch.Tensor],
@@ -109,8 +89,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
 
     ``work_dir``: checkpoint folder (``distill.safetensors`` every ``recover_checkpoint_every`` steps, rank 0
     writes, atomically); ``resume`` continues from it exactly: the same windows, optimizer state, schedule and
-    RNG, so the losses equal an uninterrupted run's (ValueError when the checkpoint belongs to other options,
-    windows, ranks or another student). ``callback`` receives each step's log dict (tests inject interruptions).
+    RNG, so the losses equal an uninterrupted run's (ValueError naming each difference when the checkpoint
+    belongs to other options, windows, ranks or another student). ``callback`` receives each step's log dict
+    (tests inject interruptions).
 
     ``recover_teacher_topk`` = k > 0: before the first step the teacher fills a top-k cache
     (:mod:`.teacher_cache`, in ``work_dir``, or a temporary folder removed on return) for every window this rank
@@ -124,150 +105,183 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     :func:`~dip_ext.recovery.checks.check_lockstep_batch`).
     """
     placement = placement or Placement.of(student)
-    if teacher is None and not config.recover_lm_weight > 0:
-        raise ValueError("without a teacher the only objective is the LM loss: set recover_lm_weight > 0")
-    if placement.sharded:
-        raise ValueError("distillation runs data-parallel (a whole student per rank); a sharded (FSDP) student is "
-                         "not supported")
-    topk = config.recover_teacher_topk if teacher is not None else 0
-    if topk and config.recover_hidden_weight > 0:
-        raise ValueError("--recover-teacher-topk caches the teacher's logits only: it cannot be combined with the "
-                         "hidden-state loss (--recover-hidden-weight > 0)")
-    if teacher is not None and dist.is_sharded(teacher):  # its forwards are collectives: ranks run them in step
-        check_lockstep_batch(config.recover_batch, config.recover_micro_batch, placement.world_size)
-    named = trainable_parameters(student)
-    if not named:
-        raise ValueError("the student has no trainable parameter in its decoder layers")
-    params = [p for _, p in named]
-    device = model_device(student)
-    steps, batch = config.recover_steps, config.recover_batch
-    mb = min(config.recover_micro_batch, batch)
-    optimizer = torch.optim.AdamW(params, lr=config.recover_lr, weight_decay=config.recover_weight_decay)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, min(config.recover_warmup, steps),
-                                                           max(steps, 1), min_lr_rate=MIN_LR_RATE)
-    fingerprint = _fingerprint(student, train, val, config, placement)
-    ckpt = Path(work_dir) / CHECKPOINT_NAME if work_dir is not None else None
-    run = DistillRun(steps=steps, best_step=0, best_val_loss=math.inf)
-    best: Optional[list[torch.Tensor]] = None
-    start, seconds0 = 0, 0.0
-    loaded = resume_state(ckpt, resume, fingerprint, "a run with other recovery options, windows, ranks or student")
-    if loaded is not None:
-        meta, tensors = loaded
-        start = int(meta["step"])
-        if start > steps:
-            raise ValueError(f"{ckpt} is at step {start}, beyond recover_steps {steps}")
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(tensors[f"param.{name}"])
-        if meta["has_best"]:
-            best = [tensors[f"best.{name}"].to(device) for name, _ in named]
-        load_optimizer(optimizer, tensors, meta["groups"])
-        with warnings.catch_warnings():  # replaying the schedule's steps, not skipping an optimizer step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start):
-                schedule.step()
-        torch.set_rng_state(tensors["rng"])
-        run.curve, run.losses = [tuple(c) for c in meta["curve"]], [tuple(x) for x in meta["losses"]]
-        run.best_step, run.best_val_loss = int(meta["best_step"]), float(meta["best_val_loss"])
-        seconds0, run.resumed_from = float(meta["seconds"]), start
-
-    seq_len = int(train.shape[1])
-    tokens_per_step = batch * seq_len
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return seconds0 + time.perf_counter() - t0
-
-    def score(step: int) -> None:
-        nonlocal best
-        if val is None:
-            return
-        loss = mean_window_loss(student, val)
-        run.curve.append((step, step * tokens_per_step, round(elapsed(), 3), loss))
-        if loss < run.best_val_loss:
-            run.best_step, run.best_val_loss = step, loss
-            best = [p.detach().clone() for p in params]
-
-    def save(step: int) -> None:
-        if ckpt is None or not placement.is_main:
-            return
-        tensors, groups = optimizer_tensors(optimizer)
-        tensors.update({f"param.{n}": p.detach() for n, p in named})
-        if best is not None:
-            tensors.update({f"best.{n}": b for (n, _), b in zip(named, best)})
-        tensors["rng"] = torch.get_rng_state()
-        meta = {"fingerprint": fingerprint, "step": step, "groups": groups, "has_best": best is not None,
-                "curve": run.curve, "losses": run.losses, "best_step": run.best_step,
-                "best_val_loss": run.best_val_loss if math.isfinite(run.best_val_loss) else None,
-                "seconds": elapsed()}
-        save_training_state(ckpt, meta, tensors)
-
-    if start == 0 and not run.curve:
-        score(0)
+    _check_setup(teacher, config, placement)
+    loop = _Distillation(student, teacher, train, val, config, work_dir, placement)
+    if resume and loop.path is not None:
+        loop.resume()
+    if loop.start == 0 and not loop.run.curve:
+        loop.score(0)
     was_training = student.training
     student.train()
-
-    def rank_windows(step: int) -> list[int]:  # this rank's share of the global batch of ``step``
-        return step_windows(step, batch, int(train.shape[0]), config.recover_seed)[placement.rank::placement.world_size]
-
     stack = ExitStack()  # the temporary cache folder, if any, goes on return
-    cache: Optional[TeacherTopK] = None
-    bar = tqdm(total=steps, initial=start, desc="distill", unit="step", disable=not (progress and placement.is_main))
+    bar = tqdm(total=loop.steps, initial=loop.start, desc="distill", unit="step",
+               disable=not (progress and placement.is_main))
     try:
-        if topk:
-            folder = work_dir if work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
-            cache = TeacherTopK.for_teacher(folder, teacher, train, topk, config.recover_temperature)
-            mine = [i for step in range(start, steps) for i in rank_windows(step)]
-            run.cached_windows = cache.fill(teacher, mine, micro_batch=mb, progress=progress and placement.is_main)
-            if model_device(teacher).type != "cpu" and not dist.is_sharded(teacher):
-                teacher.to("cpu")  # training reads the cache; the device keeps room for the student alone
-        for step in range(start, steps):
-            idx = rank_windows(step)
-            parts_sum: dict[str, float] = {}
-            total = 0.0
-            for k in range(0, len(idx), mb):
-                ids = train[idx[k:k + mb]].to(device)
-                cached = cache.targets(idx[k:k + mb], device) if cache is not None else None
-                total += _micro_step(student, teacher, ids, config, tokens=batch * (seq_len - 1), parts=parts_sum,
-                                     cached=cached)
-            if placement.world_size > 1:
-                dist.all_reduce_sum_([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-                sums = torch.tensor([total], dtype=torch.float64)
-                dist.all_reduce_sum_([sums])
-                total = float(sums[0])
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = total / (batch * (seq_len - 1))
-            run.losses.append((step + 1, loss))
-            entry = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
-            bar.set_postfix(loss=f"{loss:.4f}", best=f"{run.best_val_loss:.4f}")
+        loop.fill_cache(stack, progress and placement.is_main)
+        for step in range(loop.start, loop.steps):
+            loss = loop.step(step)
+            entry = {"step": step + 1, "loss": loss, "lr": loop.optimizer.param_groups[0]["lr"]}
+            bar.set_postfix(loss=f"{loss:.4f}", best=f"{loop.best.loss:.4f}")
             bar.update(1)
-            done = step + 1
-            if done == steps or (config.recover_val_every and done % config.recover_val_every == 0):
-                score(done)
-                student.train()
-            if done == steps or (config.recover_checkpoint_every and done % config.recover_checkpoint_every == 0):
-                save(done)
+            loop.score_and_save(step + 1)
             if callback is not None:
                 callback(entry)
     finally:
         bar.close()
         student.train(was_training)
         stack.close()
-    if best is not None:
-        with torch.no_grad():
-            for p, b in zip(params, best):
-                p.copy_(b)
-    run.tokens = steps * tokens_per_step
-    run.seconds = elapsed()
-    if run.best_step == 0 and not math.isfinite(run.best_val_loss):
-        run.best_step = steps
-    return run
+    return loop.finish()
 
 
-def _micro_step(student, teacher, ids, config: RecoveryConfig, *, tokens: int, parts: dict, cached=None) -> float:
+def _check_setup(teacher: Optional[nn.Module], config: RecoveryConfig, placement: Placement) -> None:
+    """ValueError for what :func:`distill` cannot run, before any work."""
+    if teacher is None and not config.recover_lm_weight > 0:
+        raise ValueError("without a teacher the only objective is the LM loss: set recover_lm_weight > 0")
+    if placement.sharded:
+        raise ValueError("distillation runs data-parallel (a whole student per rank); a sharded (FSDP) student is "
+                         "not supported")
+    if teacher is not None and config.recover_teacher_topk and config.recover_hidden_weight > 0:
+        raise ValueError("--recover-teacher-topk caches the teacher's logits only: it cannot be combined with the "
+                         "hidden-state loss (--recover-hidden-weight > 0)")
+    if teacher is not None and dist.is_sharded(teacher):  # its forwards are collectives: ranks run them in step
+        check_lockstep_batch(config.recover_batch, config.recover_micro_batch, placement.world_size)
+
+
+class _Distillation:
+    """One distillation run's state between steps: optimizer, schedule, window order, best state, checkpoint."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], train: torch.Tensor,
+                 val: Optional[torch.Tensor], config: RecoveryConfig, work_dir: Optional[Path],
+                 placement: Placement):
+        self.named = trainable_parameters(student)
+        if not self.named:
+            raise ValueError("the student has no trainable parameter in its decoder layers")
+        self.student, self.teacher, self.train, self.val, self.config = student, teacher, train, val, config
+        self.work_dir, self.placement, self.device = work_dir, placement, model_device(student)
+        self.params = [p for _, p in self.named]
+        self.steps = config.recover_steps
+        self.micro_batch = min(config.recover_micro_batch, config.recover_batch)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.recover_lr,
+                                           weight_decay=config.recover_weight_decay)
+        self.schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, min(config.recover_warmup, self.steps), max(self.steps, 1), min_lr_rate=MIN_LR_RATE)
+        self.order = EpochOrder(int(train.shape[0]), config.recover_batch, config.recover_seed)
+        self.tokens_per_step = config.recover_batch * int(train.shape[1])
+        self.fingerprint = distill_fingerprint(student, train, val, config, placement)
+        self.path = Path(work_dir) / CHECKPOINT_NAME if work_dir is not None else None
+        self.run = DistillRun(steps=self.steps, best_step=0, best_val_loss=math.inf)
+        self.best = BestState()
+        self.cache: Optional[TeacherTopK] = None
+        self.start, self.seconds0, self.t0 = 0, 0.0, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.seconds0 + time.perf_counter() - self.t0
+
+    def windows(self, step: int) -> list[int]:
+        """This rank's share of the global batch of (0-based) ``step``."""
+        return self.order.share(step, self.placement.rank, self.placement.world_size)
+
+    def resume(self) -> None:
+        """Continues from the checkpoint, if there is one: weights, best state, optimizer, schedule and RNG as
+        they were after its step. ValueError for another run's checkpoint or one beyond ``recover_steps``."""
+        loaded = DISTILL_FORMAT.load_matching(self.path, self.fingerprint, labels=LABELS)
+        if loaded is None:
+            return
+        tensors, meta = loaded
+        start = int(meta["step"])
+        if start > self.steps:
+            raise ValueError(f"{self.path} is at step {start}, beyond recover_steps {self.steps}")
+        copy_into(self.named, tensors, prefix="param.")
+        self.best = BestState.from_checkpoint(tensors, meta)
+        load_optimizer_state(self.optimizer, tensors, meta["groups"])
+        with warnings.catch_warnings():  # replaying the schedule's steps, not skipping an optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                self.schedule.step()
+        torch.set_rng_state(tensors["rng"])
+        self.run.curve, self.run.losses = [tuple(c) for c in meta["curve"]], [tuple(x) for x in meta["losses"]]
+        self.start, self.seconds0, self.run.resumed_from = start, float(meta["seconds"]), start
+        self.t0 = time.perf_counter()  # the seconds go on from the checkpoint's
+
+    def save(self, step: int) -> None:
+        """Writes the checkpoint after ``step`` (rank 0; nothing without a work folder)."""
+        if self.path is None or not self.placement.is_main:
+            return
+        tensors, groups = optimizer_state(self.optimizer)
+        tensors.update({f"param.{n}": p for n, p in self.named})
+        tensors.update(self.best.tensors())
+        tensors["rng"] = torch.get_rng_state()
+        DISTILL_FORMAT.write(self.path, tensors, {
+            "fingerprint": self.fingerprint, "step": step, "groups": groups, "curve": self.run.curve,
+            "losses": self.run.losses, "seconds": self.elapsed(), **self.best.meta()})
+
+    def score(self, step: int) -> None:
+        """The held-out LM loss after ``step`` on the curve, the weights kept when it is the best so far."""
+        if self.val is None:
+            return
+        loss = mean_window_loss(self.student, self.val)
+        self.run.curve.append((step, step * self.tokens_per_step, round(self.elapsed(), 3), loss))
+        self.best.offer(step, loss, lambda: snapshot(self.named))
+
+    def score_and_save(self, done: int) -> None:
+        """After step ``done`` (1-based): scoring and the checkpoint when they are due (always after the last)."""
+        last, cfg = done == self.steps, self.config
+        if last or (cfg.recover_val_every and done % cfg.recover_val_every == 0):
+            self.score(done)
+            self.student.train()
+        if last or (cfg.recover_checkpoint_every and done % cfg.recover_checkpoint_every == 0):
+            self.save(done)
+
+    def fill_cache(self, stack: ExitStack, progress: bool) -> None:
+        """With ``recover_teacher_topk``: the teacher's top-k of every window this rank trains on from here (in
+        the work folder, or a temporary one ``stack`` removes), then the teacher off an accelerator."""
+        topk = self.config.recover_teacher_topk if self.teacher is not None else 0
+        if not topk:
+            return
+        folder = self.work_dir if self.work_dir is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        self.cache = TeacherTopK.for_teacher(folder, self.teacher, self.train, topk, self.config.recover_temperature)
+        mine = [i for step in range(self.start, self.steps) for i in self.windows(step)]
+        self.run.cached_windows = self.cache.fill(self.teacher, mine, micro_batch=self.micro_batch, progress=progress)
+        if model_device(self.teacher).type != "cpu" and not dist.is_sharded(self.teacher):
+            self.teacher.to("cpu")  # training reads the cache; the device keeps room for the student alone
+
+    def step(self, step: int) -> float:
+        """Optimizer step ``step`` (0-based): this rank's micro-batches, gradients summed over ranks, clipped and
+        applied identically everywhere. Returns the step's objective per predicted token (global)."""
+        idx, mb = self.windows(step), self.micro_batch
+        tokens = self.config.recover_batch * (int(self.train.shape[1]) - 1)
+        total, parts = 0.0, {}
+        for k in range(0, len(idx), mb):
+            ids = self.train[idx[k:k + mb]].to(self.device)
+            cached = self.cache.targets(idx[k:k + mb], self.device) if self.cache is not None else None
+            total += micro_step(self.student, self.teacher, ids, self.config, tokens=tokens, parts=parts,
+                                 cached=cached)
+        if self.placement.world_size > 1:
+            dist.all_reduce_sum_([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+            sums = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce_sum_([sums])
+            total = float(sums[0])
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = total / tokens
+        self.run.losses.append((step + 1, loss))
+        return loss
+
+    def finish(self) -> DistillRun:
+        """The run's record, the student holding the best state's weights (the last step's without scoring)."""
+        if self.best.state is not None:
+            copy_into(self.named, self.best.state)
+        run = self.run
+        run.best_step = self.best.step if self.best.step is not None else self.steps
+        run.best_val_loss = self.best.loss
+        run.tokens = self.steps * self.tokens_per_step
+        run.seconds = self.elapsed()
+        return run
+
+
+def micro_step(student, teacher, ids, config: RecoveryConfig, *, tokens: int, parts: dict, cached=None) -> float:
     """Forward + backward of one micro-batch; the objective is divided by the global predicted-token count
     ``tokens`` before the backward (gradients accumulate in ``.grad``). ``cached``: the teacher's top-k targets of
     these windows, in place of a teacher forward. Returns the micro-batch's summed objective."""

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from ..data import spread_indices
 from ..families import adapter_for
-from ..model_state import model_device, model_digest
-from .checkpoint import resume_state, save_training_state
+from ..model_state import model_device
+from ..training import copy_into, requires_grad_only
+from .checkpoint import LABELS, RECONSTRUCT_FORMAT, reconstruct_fingerprint
 from .checks import check_reconstruction_teacher
 from .config import RecoveryConfig
 
@@ -102,66 +103,60 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, c
 
     ``work_dir``: after each layer the fitted layers' weights are saved (``reconstruct.safetensors``, atomically, by
     the ``main`` process); with ``resume`` the saved layers are loaded and the streams recomputed through them, so a
-    killed run loses at most the layer in progress. Data-parallel ranks each run the same fit on the same windows
-    (it is cheap; only rank 0 writes). ValueError for an FSDP-sharded teacher (it runs the teacher layer by layer).
+    killed run loses at most the layer in progress (ValueError naming each difference for a checkpoint of other
+    options, windows or student). Data-parallel ranks each run the same fit on the same windows (it is cheap; only
+    rank 0 writes). ValueError for an FSDP-sharded teacher (it runs the teacher layer by layer).
     """
     check_reconstruction_teacher(teacher)
     adapter = adapter_for(student)
     s_layers, t_layers = adapter.decoder_layers(student), adapter.decoder_layers(teacher)
-    device = model_device(student)
-    picked = windows[spread_indices(windows.shape[0], min(config.recover_recon_windows, windows.shape[0]))].to(device)
-    n = picked.shape[0]
-    run = ReconstructionRun(windows=n, tokens=int(picked.numel()))
-    kw_cache: dict[int, dict] = {}
-
-    def kw_for(b: int) -> dict:
-        if b not in kw_cache:
-            with torch.no_grad():
-                kw_cache[b] = _layer_kwargs(teacher, picked[:b])[1]
-        return kw_cache[b]
-
+    picked = windows[spread_indices(windows.shape[0], min(config.recover_recon_windows, windows.shape[0]))]
+    picked = picked.to(model_device(student))
+    run = ReconstructionRun(windows=picked.shape[0], tokens=int(picked.numel()))
+    kw_for = _kwargs_by_batch(teacher, picked)
     with torch.no_grad():
-        xs = torch.cat([_layer_kwargs(student, picked[b:b + BATCH])[0] for b in range(0, n, BATCH)])
-        xt = torch.cat([_layer_kwargs(teacher, picked[b:b + BATCH])[0] for b in range(0, n, BATCH)])
-    ckpt = Path(work_dir) / CHECKPOINT_NAME if work_dir is not None else None
-    fingerprint = {"student": model_digest(student), "windows": [int(n), int(picked.shape[1])],
-                   "epochs": config.recover_recon_epochs, "lr": config.recover_recon_lr, "seed": config.recover_seed,
-                   "ids": int(picked.sum())}
-    done, seconds0 = 0, 0.0
-    loaded = resume_state(ckpt, resume, fingerprint, "a reconstruction with other options, windows or student")
+        xs = torch.cat([_layer_kwargs(student, picked[b:b + BATCH])[0] for b in range(0, run.windows, BATCH)])
+        xt = torch.cat([_layer_kwargs(teacher, picked[b:b + BATCH])[0] for b in range(0, run.windows, BATCH)])
+    path = Path(work_dir) / CHECKPOINT_NAME if work_dir is not None else None
+    fingerprint = reconstruct_fingerprint(student, picked, config)
+    loaded = RECONSTRUCT_FORMAT.load_matching(path, fingerprint, labels=LABELS) if resume and path else None
+    tensors, meta = loaded if loaded is not None else ({}, {"layers_done": 0, "seconds": 0.0})
+    done, seconds0 = int(meta["layers_done"]), float(meta["seconds"])
     if loaded is not None:
-        meta, tensors = loaded
-        done, seconds0, run.resumed_from = int(meta["layers_done"]), float(meta["seconds"]), int(meta["layers_done"])
+        run.resumed_from = done
         run.error_before, run.error_after = list(meta["error_before"]), list(meta["error_after"])
     t0 = time.perf_counter()
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
+    with requires_grad_only(student):  # _fit_layer opens each layer in turn
         for i in tqdm(range(len(s_layers)), desc="reconstruct", unit="layer", disable=not (progress and main)):
-            layer, dense = s_layers[i], t_layers[i]
-            target = _stream(dense, xt, kw_for)
+            layer, target = s_layers[i], _stream(t_layers[i], xt, kw_for)
             if i < done:
-                with torch.no_grad():
-                    for name, p in layer.named_parameters():
-                        p.copy_(tensors[f"layer.{i}.{name}"])
+                copy_into(layer.named_parameters(), tensors, prefix=f"layer.{i}.")
                 xs = _stream(layer, xs, kw_for)
             else:
                 before, after, xs = _fit_layer(layer, xs, target, kw_for, config, seed=config.recover_seed + i)
                 run.error_before.append(before)
                 run.error_after.append(after)
             xt = target
-            if i >= done and ckpt is not None and main:
-                state = {f"layer.{j}.{name}": p.detach() for j in range(i + 1)
-                         for name, p in s_layers[j].named_parameters()}
-                meta = {"fingerprint": fingerprint, "layers_done": i + 1, "seconds": seconds0 + time.perf_counter() - t0,
-                        "error_before": run.error_before, "error_after": run.error_after}
-                save_training_state(ckpt, meta, state)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+            if i >= done and path is not None and main:
+                state = {f"layer.{j}.{name}": p for j in range(i + 1) for name, p in s_layers[j].named_parameters()}
+                RECONSTRUCT_FORMAT.write(path, state, {
+                    "fingerprint": fingerprint, "layers_done": i + 1, "seconds": seconds0 + time.perf_counter() - t0,
+                    "error_before": run.error_before, "error_after": run.error_after})
     run.seconds = seconds0 + time.perf_counter() - t0
     return run
+
+
+def _kwargs_by_batch(teacher: nn.Module, picked: torch.Tensor):
+    """``kw_for(b)``: the decoder layers' keyword arguments for a batch of ``b`` windows (computed once per size
+    from the teacher; position embeddings and masks depend on the batch's shape only)."""
+    cache: dict[int, dict] = {}
+
+    def kw_for(b: int) -> dict:
+        if b not in cache:
+            with torch.no_grad():
+                cache[b] = _layer_kwargs(teacher, picked[:b])[1]
+        return cache[b]
+    return kw_for
 
 
 def _fit_layer(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor, kw_for, config: RecoveryConfig, *,
@@ -174,25 +169,22 @@ def _fit_layer(layer: nn.Module, xs: torch.Tensor, target: torch.Tensor, kw_for,
         err = float(relative_error(out, target))
         return err, err, out
     before = float(relative_error(_stream(layer, xs, kw_for), target))
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.recover_recon_lr)
     gen = torch.Generator().manual_seed(seed)
     n = xs.shape[0]
     was_training = layer.training
     layer.train()
     try:
-        for _ in range(config.recover_recon_epochs):
-            order = torch.randperm(n, generator=gen)
-            for b in range(0, n, BATCH):
-                idx = order[b:b + BATCH]
-                loss = relative_error(_run_layer(layer, xs[idx], kw_for(idx.numel())), target[idx])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        with requires_grad_only(layer, params):
+            for _ in range(config.recover_recon_epochs):
+                order = torch.randperm(n, generator=gen)
+                for b in range(0, n, BATCH):
+                    idx = order[b:b + BATCH]
+                    loss = relative_error(_run_layer(layer, xs[idx], kw_for(idx.numel())), target[idx])
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
     finally:
         layer.train(was_training)
-        for p in params:
-            p.requires_grad_(False)
     out = _stream(layer, xs, kw_for)
     return before, float(relative_error(out, target)), out

@@ -9,58 +9,38 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..distributed import Placement, is_sharded
 from ..eval import mean_window_loss
-from ..families import adapter_for
 from ..model_state import frozen
 from ..options import as_dict
+from ..training import BestState, copy_into, requires_grad_only, snapshot
+from ..zoo import as_dtype
 from .checks import check_pair, check_sharded_teacher, check_training_windows
 from .config import RecoveryConfig
-from .distill import distill
+from .distill import decoder_parameters, distill
 from .lora import lora_wrapped
 from .reconstruct import reconstruct
 from .result import RecoveryResult
 
-__all__ = ["recover"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _decoder_state(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for layer in adapter_for(model).decoder_layers(model) for p in layer.parameters()]
-
-
-def _load_decoder_state(model: nn.Module, state: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        params = [p for layer in adapter_for(model).decoder_layers(model) for p in layer.parameters()]
-        for p, s in zip(params, state):
-            p.copy_(s)
+__all__ = ["recover", "trainable_student"]
 
 
 @contextmanager
-def _trainable(student: nn.Module, config: RecoveryConfig) -> Iterator[nn.Module]:
+def trainable_student(student: nn.Module, config: RecoveryConfig) -> Iterator[nn.Module]:
     """``student`` with exactly the parameters distillation trains requiring grad (every decoder-layer parameter,
     or LoRA adapters merged back on exit); every flag restored on exit."""
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        if config.recover_lora_rank > 0:
-            with lora_wrapped(student, config.recover_lora_rank, config.lora_alpha, config.recover_seed):
-                yield student
-        else:
-            for layer in adapter_for(student).decoder_layers(student):
-                for p in layer.parameters():
-                    p.requires_grad_(True)
+    if config.recover_lora_rank > 0:
+        with requires_grad_only(student), lora_wrapped(student, config.recover_lora_rank, config.lora_alpha,
+                                                       config.recover_seed):
             yield student
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    else:
+        with requires_grad_only(student, (p for _, p in decoder_parameters(student))):
+            yield student
 
 
 @contextmanager
@@ -103,9 +83,31 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     result = RecoveryResult(mode=config.recover, options=as_dict(config))
     if config.recover == "off":
         return result
+    train, val, placement = _checked(student, teacher, train_windows, val_windows, config, placement,
+                                     forbidden_windows)
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None and placement.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    if config.recover_teacher_dtype != "same":
+        teacher.to(as_dtype(config.recover_teacher_dtype))
+    stages = _Stages(student, teacher, train, val, config, result, work=work, resume=resume, placement=placement,
+                     progress=progress, callback=callback)
+    with frozen(teacher):
+        current = result.val_loss_before = stages.score()
+        stages.point("start", 0, current)
+        if config.recover in ("reconstruct", "auto"):
+            current = stages.reconstruction(current)
+        if config.recover in ("distill", "auto") and config.recover_steps > 0:
+            current = stages.distillation(current)
+    result.val_loss_after = current
+    return result
+
+
+def _checked(student, teacher, train_windows, val_windows, config: RecoveryConfig, placement: Optional[Placement],
+             forbidden) -> tuple[torch.Tensor, Optional[torch.Tensor], Placement]:
+    """The training and held-out windows and the placement, once every input is checked (see :func:`recover`)."""
     check_pair(student, teacher)
-    train = check_training_windows(train_windows, "recovery training windows", student.config,
-                                   forbidden=forbidden_windows)
+    train = check_training_windows(train_windows, "recovery training windows", student.config, forbidden=forbidden)
     val = None
     if val_windows is not None:
         val = check_training_windows(val_windows, "recovery held-out windows", student.config)
@@ -115,66 +117,77 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     placement = placement or Placement.of(student)
     if is_sharded(teacher):
         check_sharded_teacher(config, placement.world_size)
-    work = Path(work_dir) if work_dir is not None else None
-    if work is not None and placement.is_main:
-        work.mkdir(parents=True, exist_ok=True)
-    if config.recover_teacher_dtype != "same":
-        teacher.to(_DTYPES[config.recover_teacher_dtype])
-    t_start = time.perf_counter()
+    return train, val, placement
 
-    def score() -> Optional[float]:
-        return mean_window_loss(student, val) if val is not None else None
 
-    def point(stage: str, step: int, loss: Optional[float]) -> None:
+class _Stages:
+    """One recovery run between its stages: the models, windows and options, the result being filled, its clock."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Optional[torch.Tensor],
+                 config: RecoveryConfig, result: RecoveryResult, *, work: Optional[Path], resume: bool,
+                 placement: Placement, progress: bool, callback: Optional[Callable[[dict], None]]):
+        self.student, self.teacher, self.train, self.val, self.config = student, teacher, train, val, config
+        self.result, self.work, self.resume, self.placement = result, work, resume, placement
+        self.progress, self.callback = progress, callback
+        self.t_start = time.perf_counter()
+
+    def score(self) -> Optional[float]:
+        """The student's held-out LM loss now (None without held-out windows)."""
+        return mean_window_loss(self.student, self.val) if self.val is not None else None
+
+    def point(self, stage: str, step: int, loss: Optional[float]) -> None:
         if loss is not None:
-            result.curve.append({"stage": stage, "step": step, "tokens": result.tokens,
-                                 "seconds": round(time.perf_counter() - t_start, 3), "val_loss": loss})
+            self.result.curve.append({"stage": stage, "step": step, "tokens": self.result.tokens,
+                                      "seconds": round(time.perf_counter() - self.t_start, 3), "val_loss": loss})
 
-    with frozen(teacher):
-        start_loss = score()
-        result.val_loss_before = start_loss
-        point("start", 0, start_loss)
-        current = start_loss
-        if config.recover in ("reconstruct", "auto"):
-            saved = _decoder_state(student) if config.recover == "auto" else None
-            t0 = time.perf_counter()
-            rec = reconstruct(student, teacher, train, config, work_dir=work, resume=resume, progress=progress,
-                              main=placement.is_main)
-            result.seconds["reconstruct"] = time.perf_counter() - t0
-            result.tokens += rec.tokens
-            result.resumed |= rec.resumed_from is not None
-            loss = score()
-            point("reconstruct", 0, loss)
-            result.reconstruction = {"windows": rec.windows, "tokens": rec.tokens, "error_before": rec.error_before,
-                                     "error_after": rec.error_after, "val_loss": loss, "kept": True}
-            if saved is not None and loss is not None and current is not None and not loss < current:
-                _load_decoder_state(student, saved)  # auto: reconstruction did not help on held-out windows
-                result.reconstruction["kept"] = False
-            else:
-                result.chosen.append("reconstruct")
-                current = loss
-        if config.recover in ("distill", "auto") and config.recover_steps > 0:
-            t0 = time.perf_counter()
-            base_tokens = result.tokens
-            with _trainable(student, config), _grad_checkpointing(student, config.recover_grad_checkpointing):
-                run = distill(student, teacher, train, val, config, work_dir=work, resume=resume,
-                              placement=placement, progress=progress, callback=callback)
-            result.seconds["distill"] = time.perf_counter() - t0
-            result.resumed |= run.resumed_from is not None
-            for step, tokens, seconds, loss in run.curve:
-                if step == 0:  # the start of the distillation is already on the curve
-                    continue
-                result.curve.append({"stage": "distill", "step": step, "tokens": base_tokens + tokens,
-                                     "seconds": round(result.seconds.get("reconstruct", 0.0) + seconds, 3),
-                                     "val_loss": loss})
-            result.tokens = base_tokens + run.tokens
-            result.distillation = {"steps": run.steps, "best_step": run.best_step,
-                                   "best_val_loss": run.best_val_loss if math.isfinite(run.best_val_loss) else None,
-                                   "losses": run.losses, "lora_rank": config.recover_lora_rank,
-                                   "teacher_topk": config.recover_teacher_topk,
-                                   "teacher_cached_windows": run.cached_windows}
-            if run.best_step > 0:
-                result.chosen.append("distill")
-                current = run.best_val_loss
-    result.val_loss_after = current
-    return result
+    def reconstruction(self, current: Optional[float]) -> Optional[float]:
+        """Block-wise reconstruction from held-out loss ``current``; under ``auto`` its weights are kept only when
+        they lower the held-out loss (else the weights before it come back). Returns the held-out loss after."""
+        result, auto = self.result, self.config.recover == "auto"
+        before = BestState()
+        if auto:
+            before.offer(0, current, lambda: snapshot(decoder_parameters(self.student)))
+        t0 = time.perf_counter()
+        rec = reconstruct(self.student, self.teacher, self.train, self.config, work_dir=self.work,
+                          resume=self.resume, progress=self.progress, main=self.placement.is_main)
+        result.seconds["reconstruct"] = time.perf_counter() - t0
+        result.tokens += rec.tokens
+        result.resumed |= rec.resumed_from is not None
+        loss = self.score()
+        self.point("reconstruct", 0, loss)
+        if auto and loss is not None:
+            before.offer(1, loss)
+        kept = before.step != 0  # under auto, step 0 (the weights before reconstruction) may stay the best
+        result.reconstruction = {"windows": rec.windows, "tokens": rec.tokens, "error_before": rec.error_before,
+                                 "error_after": rec.error_after, "val_loss": loss, "kept": kept}
+        if not kept:  # auto: reconstruction did not help on the held-out windows
+            copy_into(decoder_parameters(self.student), before.state)
+            return current
+        result.chosen.append("reconstruct")
+        return loss
+
+    def distillation(self, current: Optional[float]) -> Optional[float]:
+        """Distillation (LoRA when asked) from the student as it is; kept when a step beat the start on the
+        held-out windows (its best state is then in the student). Returns the held-out loss after."""
+        result, cfg = self.result, self.config
+        t0, base_tokens = time.perf_counter(), result.tokens
+        with trainable_student(self.student, cfg), _grad_checkpointing(self.student, cfg.recover_grad_checkpointing):
+            run = distill(self.student, self.teacher, self.train, self.val, cfg, work_dir=self.work,
+                          resume=self.resume, placement=self.placement, progress=self.progress,
+                          callback=self.callback)
+        result.seconds["distill"] = time.perf_counter() - t0
+        result.resumed |= run.resumed_from is not None
+        offset = result.seconds.get("reconstruct", 0.0)
+        result.curve.extend({"stage": "distill", "step": step, "tokens": base_tokens + tokens,
+                             "seconds": round(offset + seconds, 3), "val_loss": loss}
+                            for step, tokens, seconds, loss in run.curve
+                            if step != 0)  # the start of the distillation is already on the curve
+        result.tokens = base_tokens + run.tokens
+        result.distillation = {"steps": run.steps, "best_step": run.best_step,
+                               "best_val_loss": run.best_val_loss if math.isfinite(run.best_val_loss) else None,
+                               "losses": run.losses, "lora_rank": cfg.recover_lora_rank,
+                               "teacher_topk": cfg.recover_teacher_topk, "teacher_cached_windows": run.cached_windows}
+        if run.best_step > 0:
+            result.chosen.append("distill")
+            return run.best_val_loss
+        return current

@@ -20,7 +20,6 @@ weights, the training windows, k and T, so a cache is never read for another tea
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..files import atomic_save_safetensors, read_safetensors
 from ..model_state import model_device, model_digest
+from ..training import digest
 
 __all__ = ["TopKTargets", "TeacherTopK", "cache_key"]
 
@@ -48,11 +48,9 @@ class TopKTargets:
 
 
 def cache_key(teacher: nn.Module, train: torch.Tensor, k: int, temperature: float) -> str:
-    """16 hex characters identifying a cache: the teacher's weights digest, the training windows' tokens, k, T."""
-    h = hashlib.sha256()
-    h.update(f"{model_digest(teacher)}|{k}|{float(temperature)!r}|{tuple(train.shape)}|".encode())
-    h.update(train.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """16 hex characters identifying a cache (:func:`dip_ext.training.digest`): the teacher's weights digest, the
+    training windows' tokens, k, T."""
+    return digest(f"{model_digest(teacher)}|{k}|{float(temperature)!r}|{tuple(train.shape)}|", train)
 
 
 class TeacherTopK:

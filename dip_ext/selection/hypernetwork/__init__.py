@@ -2,9 +2,10 @@
 
 Modules, one job each: :mod:`.network` (the hypernetwork), :mod:`.export` (deterministic masks meeting the
 budget), :mod:`.losses` (one step's losses, gradient averaging across ranks), :mod:`.schedule` (learning rates
-and which checkpoints a schedule may continue), :mod:`.batches` (data order), :mod:`.validation` (early
-stopping), :mod:`.checkpoint` (format and fingerprint), :mod:`.trainer` (:class:`Trainer`), :mod:`.config`
-(:class:`HypernetworkConfig`) and :mod:`.method` (the registered :class:`Hypernetwork` method).
+and which checkpoints a schedule may continue), :mod:`.validation` (early stopping's score), :mod:`.checkpoint`
+(format and fingerprint), :mod:`.trainer` (:class:`Trainer`), :mod:`.config` (:class:`HypernetworkConfig`) and
+:mod:`.method` (the registered :class:`Hypernetwork` method). The data order, optimizer state, best-state
+tracking and checkpoint file mechanics are the training kit's (:mod:`dip_ext.training`).
 """
 
 from __future__ import annotations

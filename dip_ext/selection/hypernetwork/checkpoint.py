@@ -1,16 +1,18 @@
 """Hypernetwork training checkpoints: the file format, the fingerprint of the run that wrote one, the check that
 a checkpoint belongs to this run, and the training state (hypernetwork, optimizer, noise RNG) it holds.
 
-One safetensors file (:data:`CHECKPOINT_NAME`), written atomically (:func:`dip_ext.files.atomic_save_safetensors`).
+One safetensors file (:data:`CHECKPOINT_NAME`) of :data:`FORMAT` (:class:`dip_ext.training.CheckpointFormat`).
 Tensors: ``hnet.*`` (the hypernetwork's state dict), ``opt.<i>.<key>`` (AdamW state), ``rng.noise`` (the Gumbel
 noise generator), ``best.scores`` (the best export's flat logits, with validation). Header: ``format`` =
-:data:`FORMAT` and ``json``: step, batch position, the fingerprint, the warm start's digest, best step and
-validation history, world size, wall time.
+``FORMAT.tag`` and ``json``: step, batch position, the fingerprint, the warm start's digest, best step and
+validation history, world size, wall time. The layout and the fingerprint are those of earlier releases' v2
+files, so those resume.
 
 The fingerprint records everything that decides the checkpoint's content: the model (family, dims, heads,
-vocabulary, dtype and a digest of its weights: :func:`dip_ext.model_state.model_digest`), the budget, the seed, ``multiple_of``,
-the global batch, the training and validation windows (sha256 of their token ids), every hypernetwork option
-that shapes training (from the options object, :func:`dip_ext.options.as_dict`) and the learning-rate schedule.
+vocabulary, dtype and a digest of its weights: :func:`dip_ext.model_state.model_digest`), the budget, the seed,
+``multiple_of``, the global batch, the training and validation windows (:func:`dip_ext.training.digest` of their
+token ids), every hypernetwork option that shapes training (from the options object,
+:func:`dip_ext.options.as_dict`) and the learning-rate schedule.
 A resume is refused with a ValueError naming each difference; the schedule is compared by the learning rates
 the checkpoint already used (:func:`dip_ext.selection.hypernetwork.schedule.first_lr_difference`). Checkpoints
 of format ``v1`` (no weight digest) are refused: nothing in them shows which model wrote them.
@@ -18,38 +20,30 @@ of format ``v1`` (no weight digest) are refused: nothing in them shows which mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ...files import atomic_save_safetensors, fingerprint_differences, read_safetensors
+from ...files import fingerprint_differences
 from ...masks import ModelDims
 from ...model_state import model_digest
+from ...training import CheckpointFormat, load_optimizer_state, optimizer_state, tensor_fingerprint
 from ..budget import Budget
 from .schedule import LrSchedule, first_lr_difference
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "windows_digest", "run_fingerprint", "read_checkpoint",
-           "write_checkpoint", "check_resumable", "state_tensors", "restore_state"]
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "run_fingerprint", "read_checkpoint", "check_resumable",
+           "state_tensors", "restore_state"]
 
 CHECKPOINT_NAME = "hypernetwork.ckpt.safetensors"
-FORMAT = "dip_ext.hypernetwork-checkpoint.v2"
-#: formats this version recognises but cannot resume, and why
-_REFUSED_FORMATS = {"dip_ext.hypernetwork-checkpoint.v1": "it was written by an older dip_ext whose checkpoints do "
-                    "not record the model's weights, so it cannot be checked against this model"}
+FORMAT = CheckpointFormat(
+    "dip_ext.hypernetwork-checkpoint", 2, "hypernetwork checkpoint",
+    remedy="use another checkpoint_dir or remove the file",
+    refused={"dip_ext.hypernetwork-checkpoint.v1": "it was written by an older dip_ext whose checkpoints do not "
+             "record the model's weights, so it cannot be checked against this model"})
 #: fingerprint keys of the learning-rate schedule: compared by the rates they give, not key by key
 _SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
-
-
-def windows_digest(windows: Optional[torch.Tensor]) -> Optional[list]:
-    """``[n_windows, seq_len, sha256 of the token ids (16 hex)]`` of a ``[n, seq_len]`` int64 tensor, or None."""
-    if windows is None:
-        return None
-    data = windows.detach().cpu().contiguous().numpy().tobytes()
-    return [int(windows.shape[0]), int(windows.shape[1]), hashlib.sha256(data).hexdigest()[:16]]
 
 
 def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: dict, schedule: LrSchedule,
@@ -70,29 +64,14 @@ def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: 
             "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": model_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
-            **{k: v for k, v in options.items()}, **schedule.record(),
-            "train_windows": windows_digest(train_windows), "val_windows": windows_digest(val_windows)}
-
-
-def write_checkpoint(path: Path, tensors: dict, meta: dict) -> None:
-    """Writes ``tensors`` and ``meta`` (JSON-safe; ``format`` is added) to ``path`` atomically."""
-    meta = {"format": FORMAT, **meta}
-    atomic_save_safetensors(path, tensors, metadata={"format": FORMAT, "json": json.dumps(meta)})
+            **options, **schedule.record(),
+            "train_windows": tensor_fingerprint(train_windows), "val_windows": tensor_fingerprint(val_windows)}
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """``(tensors, meta)`` of the checkpoint at ``path``; ValueError saying why a file is not one this version
     resumes (unreadable, foreign, or an older format)."""
-    header, meta, tensors = read_safetensors(path, "dip_ext hypernetwork checkpoint",
-                                             "use another checkpoint_dir or remove the file")
-    fmt = header.get("format")
-    if fmt in _REFUSED_FORMATS:
-        raise ValueError(f"{path} cannot be resumed: {_REFUSED_FORMATS[fmt]} (format {fmt!r}); remove it or use "
-                         f"another checkpoint_dir to train afresh")
-    if fmt != FORMAT or not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
-        raise ValueError(f"{path} is not a dip_ext hypernetwork checkpoint (format {fmt!r}); "
-                         f"use another checkpoint_dir or remove the file")
-    return tensors, meta
+    return FORMAT.read(path)
 
 
 def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: dict) -> None:
@@ -103,23 +82,17 @@ def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: 
     """
     saved = {**option_defaults, **meta["fingerprint"]}
     now = {**option_defaults, **fingerprint}
-
-    def differences(keys) -> str:
-        return fingerprint_differences(saved, now, keys)
-
-    detail = differences((set(saved) | set(now)) - set(_SCHEDULE_KEYS))
-    if detail:
-        raise ValueError(f"{path} was written by a different run and cannot be resumed ({detail})")
+    FORMAT.check_fingerprint(path, saved, now, keys=(set(saved) | set(now)) - set(_SCHEDULE_KEYS))
     try:
         old = LrSchedule.from_record(saved)
     except ValueError as e:
         raise ValueError(f"{path}: corrupt learning-rate schedule in the checkpoint "
-                         f"({differences(_SCHEDULE_KEYS)}; {e})") from None
+                         f"({fingerprint_differences(saved, now, _SCHEDULE_KEYS)}; {e})") from None
     step = int(meta["step"])
     differs = first_lr_difference(old, LrSchedule.from_record(now), step)
     if differs is not None:
         raise ValueError(f"{path} was written by a different run and cannot be resumed: its learning rate at step "
-                         f"{differs} differs from this run's ({differences(_SCHEDULE_KEYS)})")
+                         f"{differs} differs from this run's ({fingerprint_differences(saved, now, _SCHEDULE_KEYS)})")
     if int(meta["position"]) != step * int(now["batch_size"]):
         raise ValueError(f"{path}: batch position {meta['position']} does not match step {step}")
 
@@ -127,25 +100,14 @@ def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: 
 def state_tensors(hnet: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
     """The training state as checkpoint tensors (``hnet.*``, ``opt.<i>.<key>``, ``rng.noise``), on the CPU."""
     tensors = {f"hnet.{k}": v.detach().cpu().contiguous() for k, v in hnet.state_dict().items()}
-    for i, st in opt.state_dict()["state"].items():
-        for key, v in st.items():
-            tensors[f"opt.{i}.{key}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu()
+    tensors.update(optimizer_state(opt)[0])
     tensors["rng.noise"] = gen.get_state()
     return tensors
 
 
 def restore_state(tensors: dict, hnet: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
-    """Loads :func:`state_tensors`' output into ``hnet``, ``opt`` (on the hypernetwork's device) and ``gen``."""
+    """Loads :func:`state_tensors`' output into ``hnet``, ``opt`` (its state on the hypernetwork's device, its
+    hyper-parameters the trainer's own) and ``gen``."""
     hnet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("hnet.")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, key = k.split(".", 2)
-            state.setdefault(int(i), {})[key] = v
-    device = next(hnet.parameters()).device
-    for st in state.values():
-        for key in st:
-            if key != "step":
-                st[key] = st[key].to(device)
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    load_optimizer_state(opt, tensors)
     gen.set_state(tensors["rng.noise"])

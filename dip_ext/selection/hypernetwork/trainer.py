@@ -2,11 +2,11 @@
 
 Data-parallel (a ``data_parallel`` / ``fsdp`` :class:`~dip_ext.distributed.Placement`, e.g. under torchrun):
 every rank builds the Trainer with the same arguments. Step ``t`` draws one global batch of
-``batch_size * world_size`` windows (:func:`~dip_ext.selection.hypernetwork.batches.batch_indices`) and rank
-``r`` trains on its ``r``-th share; the hypernetwork gradients (and the LM loss, for the log) are averaged across
-ranks before the AdamW step. The Gumbel noise comes from the same seeded CPU generator on every rank, so all
-ranks sample the same masks and keep identical hypernetworks; the exported masks are checked to be equal on all
-ranks. Only rank 0 writes checkpoints (all ranks wait for it) and shows the progress bar; on resume rank 0 reads
+``batch_size * world_size`` windows (:class:`dip_ext.training.EpochOrder`) and rank ``r`` trains on its share
+(every ``world_size``-th window from the ``r``-th); the hypernetwork gradients (and the LM loss, for the log) are
+averaged across ranks before the AdamW step. The Gumbel noise comes from the same seeded CPU generator on every
+rank, so all ranks sample the same masks and keep identical hypernetworks; the exported masks are checked to be
+equal on all ranks. Only rank 0 writes checkpoints (all ranks wait for it) and shows the progress bar; on resume rank 0 reads
 the checkpoint and sends it to the others. The fingerprint records the GLOBAL batch, so a checkpoint resumes
 under any world size with the same global batch. Wrap the caller in :func:`dip_ext.distributed.fail_fast` so
 that an error on one rank ends the job instead of leaving the others waiting in a collective.
@@ -15,7 +15,6 @@ that an error on one rank ends the job instead of leaving the others waiting in 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,21 +33,20 @@ from ...compaction import require_dense
 from ...distributed import Placement
 from ...families import adapter_for
 from ...masking import MaskedModel, apply_masks
-from ...masks import DispMasks
+from ...masks import DispMasks, ModelDims
 from ...model_state import frozen, model_device
 from ...options import as_dict
 from ...tokens import check_windows
+from ...training import BestState, EpochOrder, digest
 from ..base import TrainingSummary
 from ..budget import Budget
 from ..slots import unflatten
-from .batches import batch_indices
-from .checkpoint import (CHECKPOINT_NAME, check_resumable, read_checkpoint, restore_state, run_fingerprint,
-                         state_tensors, write_checkpoint)
+from .checkpoint import CHECKPOINT_NAME, FORMAT, check_resumable, restore_state, run_fingerprint, state_tensors
 from .config import HypernetworkConfig
 from .export import ExportInfo, export_masks
 from .losses import average_grads, check_loss, step_losses
 from .network import HyperNetwork
-from .validation import BestExport, validation_loss
+from .validation import validation_loss
 
 __all__ = ["Trainer", "StepLog"]
 
@@ -72,15 +70,45 @@ class StepLog:
     val_loss: Optional[float] = None
 
 
-def _masks_digest(masks: DispMasks) -> str:
-    return hashlib.sha256(json.dumps(masks.to_dict()).encode()).hexdigest()[:16]
-
-
 def _adamw(hnet: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     try:  # the fused kernel makes one pass over all head parameters
         return torch.optim.AdamW(hnet.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device / torch without the fused kernel
         return torch.optim.AdamW(hnet.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _checked_dims(model, train_windows, budget, config, *, init_masks, val_windows, seed, multiple_of, placement,
+                  checkpoint_dir, callback) -> ModelDims:
+    """The model's dims, once every argument of :class:`Trainer` is checked (ValueError naming the bad one)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
+    require_dense(model, "the hypernetwork")
+    if not isinstance(config, HypernetworkConfig):
+        raise ValueError(f"config must be a HypernetworkConfig, got {type(config).__name__}")
+    dims = adapter_for(model).dims(model.config)
+    check_windows(train_windows, "train_windows", config=model.config)
+    if val_windows is not None:
+        check_windows(val_windows, "val_windows", config=model.config)
+    if not isinstance(budget, Budget):
+        raise ValueError(f"budget must be a dip_ext.selection.Budget (Budget.for_model(model, ratio)), "
+                         f"got {type(budget).__name__}")
+    bdims = adapter_for(budget.config).dims(budget.config)
+    if bdims != dims:
+        raise ValueError(f"budget was made for a model of {bdims}, this model is {dims}")
+    if init_masks is not None:
+        if not isinstance(init_masks, DispMasks):
+            raise ValueError(f"init_masks must be DispMasks or None, got {type(init_masks).__name__}")
+        init_masks.validate(dims)
+    for name, value, low in (("seed", seed, 0), ("multiple_of", multiple_of, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if placement is not None and not isinstance(placement, Placement):
+        raise ValueError(f"placement must be a dip_ext.distributed.Placement, got {type(placement).__name__}")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory")
+    if callback is not None and not callable(callback):
+        raise ValueError("callback must be callable or None")
+    return dims
 
 
 class Trainer:
@@ -107,8 +135,9 @@ class Trainer:
         progress: a tqdm bar (rank 0). callback: called with each :class:`StepLog` after that step and its
             checkpoint; may raise to stop the run.
 
-    ValueError for any bad argument, before anything runs. State: ``step_index`` (steps taken), ``best``
-    (:class:`BestExport`), ``log`` (the :class:`StepLog` of every step this trainer ran).
+    ValueError for any bad argument, before anything runs. State: ``step_index`` (steps taken), ``best`` (a
+    :class:`dip_ext.training.BestState` whose state is the best export's flat logits ``scores``), ``log`` (the
+    :class:`StepLog` of every step this trainer ran).
     """
 
     def __init__(self, model: nn.Module, train_windows: torch.Tensor, budget: Budget, config: HypernetworkConfig, *,
@@ -116,35 +145,9 @@ class Trainer:
                  checkpoint_dir: Union[str, os.PathLike, None] = None, resume: bool = False, seed: int = 0,
                  multiple_of: int = 1, placement: Optional[Placement] = None, progress: bool = True,
                  callback: Optional[Callable[[StepLog], None]] = None):
-        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-            raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
-        require_dense(model, "the hypernetwork")
-        if not isinstance(config, HypernetworkConfig):
-            raise ValueError(f"config must be a HypernetworkConfig, got {type(config).__name__}")
-        self.dims = adapter_for(model).dims(model.config)
-        check_windows(train_windows, "train_windows", config=model.config)
-        if val_windows is not None:
-            check_windows(val_windows, "val_windows", config=model.config)
-        if not isinstance(budget, Budget):
-            raise ValueError(f"budget must be a dip_ext.selection.Budget (Budget.for_model(model, ratio)), "
-                             f"got {type(budget).__name__}")
-        bdims = adapter_for(budget.config).dims(budget.config)
-        if bdims != self.dims:
-            raise ValueError(f"budget was made for a model of {bdims}, this model is {self.dims}")
-        if init_masks is not None:
-            if not isinstance(init_masks, DispMasks):
-                raise ValueError(f"init_masks must be DispMasks or None, got {type(init_masks).__name__}")
-            init_masks.validate(self.dims)
-        for name, value, low in (("seed", seed, 0), ("multiple_of", multiple_of, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if placement is not None and not isinstance(placement, Placement):
-            raise ValueError(f"placement must be a dip_ext.distributed.Placement, got {type(placement).__name__}")
-        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
-            raise ValueError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory")
-        if callback is not None and not callable(callback):
-            raise ValueError("callback must be callable or None")
-
+        self.dims = _checked_dims(model, train_windows, budget, config, init_masks=init_masks,
+                                  val_windows=val_windows, seed=seed, multiple_of=multiple_of, placement=placement,
+                                  checkpoint_dir=checkpoint_dir, callback=callback)
         self.model, self.budget, self.config = model, budget, config
         self.train_windows = train_windows.cpu()
         self.val_windows = None if val_windows is None else val_windows.cpu()
@@ -154,6 +157,7 @@ class Trainer:
         self.device = model_device(model)
         self.global_batch = config.batch_size * self.placement.world_size
         self.schedule = config.schedule()
+        self.order = EpochOrder(int(self.train_windows.shape[0]), self.global_batch, seed)
         self.path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self._resume_requested = bool(resume)
         options = {k: v for k, v in as_dict(config).items() if k not in _NOT_FINGERPRINTED}
@@ -163,7 +167,7 @@ class Trainer:
         self.fingerprint = run_fingerprint(model, self.dims, budget, options, self.schedule, self.train_windows,
                                            self.val_windows, seed=seed, multiple_of=multiple_of,
                                            global_batch=self.global_batch, weights=self.path is not None)
-        self._init_digest = None if init_masks is None else _masks_digest(init_masks)
+        self._init_digest = None if init_masks is None else digest(json.dumps(init_masks.to_dict()))
         if self.placement.world_size > 1:  # ranks given other data or settings would train other hypernetworks
             dist.check_same((self.fingerprint, self._init_digest, config.steps, checkpoint_dir is None),
                             "run settings")
@@ -172,7 +176,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed + 2)  # the Gumbel noise; CPU so every device draws the same
         self.step_index = 0
         self.start_step = 0
-        self.best = BestExport()
+        self.best = BestState()
         self.log: list[StepLog] = []
         self.export_info: Optional[ExportInfo] = None  # set by run()
         self._prepared = False
@@ -191,7 +195,7 @@ class Trainer:
         if self.step_index != 0 or self.log:
             raise ValueError("resume() must come before the first step")
         path = self.path
-        loaded = dist.read_on_main(lambda: read_checkpoint(path) if path.exists() else None)
+        loaded = FORMAT.read_if_present(path)
         self._prepared = True
         if loaded is None:
             self._warm_start()
@@ -207,7 +211,7 @@ class Trainer:
             raise ValueError(f"{path} is at step {start}, beyond steps={self.config.steps}; pass steps >= {start} "
                              f"(a run cannot go back) or use another checkpoint_dir")
         restore_state(tensors, self.hnet, self.opt, self.gen)
-        self.best = BestExport.from_checkpoint(tensors, meta)
+        self.best = BestState.from_checkpoint(tensors, meta)
         self.step_index = self.start_step = start
         return True
 
@@ -220,7 +224,7 @@ class Trainer:
             meta = {"step": self.step_index, "position": self.step_index * self.global_batch,
                     "fingerprint": self.fingerprint, "init_masks": self._init_digest, "time": time.time(),
                     "world_size": self.placement.world_size, **self.best.meta()}
-            write_checkpoint(self.path, {**state_tensors(self.hnet, self.opt, self.gen), **self.best.tensors()}, meta)
+            FORMAT.write(self.path, {**state_tensors(self.hnet, self.opt, self.gen), **self.best.tensors()}, meta)
         dist.barrier()  # a peer that fails after this point leaves a checkpoint every rank had reached
 
     def _prepare(self) -> None:
@@ -231,7 +235,7 @@ class Trainer:
         if self.path is not None:
             path = self.path
             if not self._resume_requested:
-                loaded = dist.read_on_main(lambda: read_checkpoint(path) if path.exists() else None)
+                loaded = FORMAT.read_if_present(path)
                 if loaded is not None:
                     raise ValueError(f"{path} already holds a hypernetwork checkpoint (step {loaded[1].get('step')});"
                                      f" pass resume=True to continue it, or use another checkpoint_dir")
@@ -268,8 +272,7 @@ class Trainer:
         with self._session() as masked:
             self._prepare()
             step = self.step_index
-            order = batch_indices(step, self.global_batch, self.train_windows.shape[0], self.seed)
-            ids = self.train_windows[order[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(self.device)
+            ids = self.train_windows[self.order.share(step, rank, world)].to(self.device)
             out = step_losses(self.hnet, masked, self.model, ids, self.budget, self.gen, lam=cfg.lam,
                               temperature=cfg.temperature, offset=cfg.offset, distill=cfg.distill)
             lm_loss = out.lm_loss
@@ -299,13 +302,13 @@ class Trainer:
                 flat = self.hnet.flat_logits()
             loss = validation_loss(unflatten(flat, self.dims), masked, self.model, self.val_windows, self.budget,
                                    offset=self.config.offset, multiple_of=self.multiple_of, device=self.device)
-        self.best.offer(self.step_index, loss, flat)
+        self.best.offer(self.step_index, loss, lambda: {"scores": flat.detach().float().cpu()})
         return loss
 
     def export(self) -> tuple[DispMasks, ExportInfo]:
         """The masks of the best-scoring export (with validation) or of the current hypernetwork."""
         with torch.no_grad():
-            logits = self.hnet() if self.best.scores is None else unflatten(self.best.scores, self.dims)
+            logits = self.hnet() if self.best.state is None else unflatten(self.best.state["scores"], self.dims)
             return export_masks(logits, self.budget, offset=self.config.offset, multiple_of=self.multiple_of)
 
     def run(self) -> tuple[DispMasks, TrainingSummary]:
@@ -341,7 +344,7 @@ class Trainer:
                 bar.close()
         masks, info = self.export()
         if self.placement.world_size > 1:
-            dist.check_same(_masks_digest(masks), "exported masks")
+            dist.check_same(digest(json.dumps(masks.to_dict())), "exported masks")
         self.export_info = info
         summary = TrainingSummary(
             steps=cfg.steps, start_step=self.start_step, seconds=time.perf_counter() - t_start,
