@@ -10,21 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .options import check_fields, option
+from .mixtures import parse_mixture
+from .options import Options, check_fields, option
 
-__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "RATIO_OF", "REFIT_MODES", "DEFAULT_SEQ_LEN"]
+__all__ = ["PruneConfig", "RefitConfig", "EvalConfig", "DEFAULT_SEQ_LEN"]
 
 #: tokens per window (calibration and evaluation) unless the model's position limit is shorter
 DEFAULT_SEQ_LEN = 256
 
-#: what a ratio is a fraction of
-RATIO_OF = ("decoder_linear", "total")
-#: refit modes: choose on held-out windows, always (fixed settings), never
-REFIT_MODES = ("auto", "on", "off")
-
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Options):
     """What to remove and how to choose it: the selection method, the budget and the calibration text."""
 
     _argument_group_name = "pruning"
@@ -38,7 +34,10 @@ class PruneConfig:
     ratio_of: Literal["decoder_linear", "total"] = option(
         "decoder_linear", "what --ratio is a fraction of: the decoder linear layers, or all parameters (embeddings, "
         "norms and the LM head are kept, so the decoder linears pay for it)")
-    calibration: str = option("wiki", "calibration text: wiki, ptb, wikitext2 (online) or file:PATH")
+    calibration: str = option("wiki", "calibration text: wiki, ptb, wikitext2 (online) or file:PATH; or a mixture "
+                              "of them with weights, e.g. wiki:0.5,ptb:0.3,file:notes.txt:0.2 (every part of the "
+                              "calibration windows drawn from each text in proportion; evaluation splits such as "
+                              "ptb-test are refused)")
     calibration_windows: int = option(64, "calibration-pass windows (Fisher scores, statistics), evenly spaced "
                                       "over the calibration text", minimum=1)
     seq_len: Optional[int] = option(None, "tokens per calibration window (default: 256, or the model's position "
@@ -53,10 +52,11 @@ class PruneConfig:
 
     def __post_init__(self):
         check_fields(self)
+        parse_mixture(self.calibration)  # a malformed mixture or an evaluation split: refused before any work
 
 
 @dataclass(frozen=True)
-class RefitConfig:
+class RefitConfig(Options):
     """The least-squares refit between selection and compaction (:mod:`dip_ext.refit`)."""
 
     _argument_group_name = "refit"
@@ -73,7 +73,7 @@ class RefitConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Options):
     """How the model is measured before and after pruning (perplexity windows and prefill speed)."""
 
     _argument_group_name = "evaluation"

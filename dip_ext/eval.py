@@ -274,6 +274,12 @@ class PrefillComparison:
                 "speedup_q1": q1, "speedup_q3": q3, "ratios": list(self.ratios),
                 "dense_seconds": list(self.dense_seconds), "pruned_seconds": list(self.pruned_seconds)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrefillComparison":
+        """The comparison :meth:`to_dict` recorded (the summary figures are recomputed from the times)."""
+        return cls(seq_len=data["seq_len"], batch=data["batch"], dense_seconds=tuple(data["dense_seconds"]),
+                   pruned_seconds=tuple(data["pruned_seconds"]))
+
     def describe(self) -> str:
         """One line, e.g. ``×1.31 (median of 7 interleaved pairs; min ×1.26, max ×1.47)``."""
         return (f"×{self.speedup:.2f} (median of {len(self.ratios)} interleaved pairs; "

@@ -20,8 +20,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "read_safetensors", "honour_umask",
-           "fingerprint_differences"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors", "read_safetensors", "read_json",
+           "honour_umask", "fingerprint_differences"]
+
+
+def read_json(path, missing: str):
+    """The JSON value in the file ``path``. FileNotFoundError with the message ``missing`` when there is no such
+    file; ValueError naming the file when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 PathLike = Union[str, os.PathLike]
 

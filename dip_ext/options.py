@@ -8,7 +8,8 @@ Every option of a pipeline stage is a field of a frozen dataclass (``PruneConfig
 - the command line: :class:`OptionParser` (transformers' ``HfArgumentParser``) turns each field into
   ``--field-name`` with the help text, choices and default, and every ``bool`` into a ``--flag`` /
   ``--no-flag`` pair;
-- records: :func:`as_dict` for checkpoint fingerprints and reports.
+- records: :func:`as_dict` for checkpoint fingerprints and reports, and back: :func:`from_dict` (a class that
+  derives from :class:`Options` has both as methods, and a ``VERSION``, as torchao's ``AOBaseConfig``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import math
 import operator
 import types
 import typing
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, Union
 
 from transformers import HfArgumentParser
 
-__all__ = ["option", "check_fields", "as_dict", "from_namespace", "flag_dest", "field_default", "OptionParser", "EXIT_USAGE"]
+__all__ = ["option", "check_fields", "as_dict", "from_dict", "Options", "from_namespace", "flag_dest", "field_default",
+           "OptionParser", "EXIT_USAGE"]
 
 #: exit status of a command-line usage error (argparse's)
 EXIT_USAGE = 2
@@ -125,6 +127,44 @@ def check_fields(config) -> None:
 def as_dict(config) -> dict:
     """The fields of ``config`` as a JSON-safe dict (for fingerprints and reports)."""
     return {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+
+
+def from_dict(cls, data: Mapping, *, version: Optional[int] = None):
+    """An instance of the options dataclass ``cls`` from ``data`` as :func:`as_dict` wrote it (fields left out
+    take their defaults, as in a record of a release that did not have them yet).
+
+    ``version``: the ``VERSION`` of ``cls`` the record was written with (None: not recorded). Raises ValueError
+    for a record of another version, a key that is not a field of ``cls`` (named, with the fields it has) or a
+    value the field refuses (:func:`check_fields`, when ``cls`` calls it).
+    """
+    current = getattr(cls, "VERSION", 1)
+    if version is not None and version != current:
+        raise ValueError(f"{cls.__name__}: the record has format version {version}; this dip_ext reads version "
+                         f"{current}")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__}: expected a mapping of its options, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))} (its options: "
+                         f"{', '.join(names)})")
+    return cls(**copy.deepcopy(dict(data)))
+
+
+class Options:
+    """Base of the option dataclasses: a record format ``VERSION`` (bump it when a field changes meaning or is
+    removed; an added field with a default needs none), :meth:`to_dict` and :meth:`from_dict`."""
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-safe dict (:func:`as_dict`): what reports and checkpoint fingerprints record."""
+        return as_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping, *, version: Optional[int] = None):
+        """The options :meth:`to_dict` recorded (see :func:`from_dict`)."""
+        return from_dict(cls, data, version=version)
 
 
 def field_default(f: dataclasses.Field) -> Any:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 from .files import atomic_write_text, honour_umask
+from .mixtures import mixture_files
 
 __all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "command_folders", "default_work_dir",
-           "prepare_work_dir", "text_input_path", "without_local_paths"]
+           "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,6 +44,19 @@ def text_input_path(spec) -> Optional[Path]:
     if isinstance(spec, str) and spec.startswith("file:") and len(spec) > len("file:"):
         return Path(spec[len("file:"):]).expanduser()
     return None
+
+
+def text_input_paths(spec) -> list[Path]:
+    """Every local file a text option reads: its ``file:`` entries, one for a plain ``file:PATH``, several for a
+    text mixture (:mod:`dip_ext.mixtures`)."""
+    return [p for p in (text_input_path(f) for f in mixture_files(spec)) if p is not None]
+
+
+def text_inputs(option: str, spec) -> dict[str, Path]:
+    """``{name: path}`` of the files the text option ``option`` (e.g. ``"--calibration"``) reads, for
+    :func:`check_not_input`: the option's name for one file, the option and the file for each of a mixture's."""
+    paths = text_input_paths(spec)
+    return {option: paths[0]} if len(paths) == 1 else {f"{option} {p}": p for p in paths}
 
 
 def check_not_input(folder: PathLike, what: str, inputs: Mapping[str, Optional[PathLike]],
@@ -245,8 +259,10 @@ def without_local_paths(value):
         return type(value)(without_local_paths(v) for v in value)
     if isinstance(value, str):
         path = text_input_path(value)
-        if path is not None:
+        if path is not None and "," not in value:
             return f"file:{path.name}"
+        for entry in mixture_files(value) if "," in value or ":" in value else []:
+            value = value.replace(entry, f"file:{Path(entry[len('file:'):]).name}")
         if (os.sep in value or value.startswith("~")) and Path(value).expanduser().exists():
             return Path(value).expanduser().resolve().name
     return value

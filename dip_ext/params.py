@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from torch import nn
 
@@ -31,9 +31,15 @@ class ParamReport:
         return 1 - self.total / self.dense_total if self.dense_total else 0.0
 
     def to_dict(self) -> dict:
+        """The counts and widths, plus the two removed fractions (JSON-safe)."""
         d = asdict(self)
         d.update(removed_decoder_linear=self.removed_decoder_linear, removed_total=self.removed_total)
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParamReport":
+        """The report :meth:`to_dict` wrote (the derived fractions are recomputed, not read)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
     def table(self) -> str:
         lines = [f"total parameters          {self.total:>14,} of {self.dense_total:>14,} "

@@ -36,16 +36,17 @@ from .recovery.checks import check_sharded_teacher, check_training_text
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
+from .mixtures import is_mixture
 from .model_state import model_digest
-from .options import as_dict
 from .outputs import WORK_MARKER, prepare_work_dir
 from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
 from .report import PruneReport
+from .run_configs import RunConfigs
 from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
-from .windows import CalibrationWindows, calibration_windows, recovery_windows, split_calibration
+from .windows import CalibrationWindows, calibration_windows, mixture_windows, recovery_windows, split_calibration
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
 
@@ -203,12 +204,17 @@ class Pruner:
             with self._timed("calibration data"):
                 cfg = self.config
                 given = self.calibration_tokens is not None
-                blocks = calibration_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
-                                             self.seq_len, config=self.model.config)
                 wants_val = (self.method.uses_validation(self.method_options) or self.refit_config.refit == "auto"
                              or self.recovery_config.recover != "off")
+                val = cfg.val_windows if wants_val else 0
+                if not given and is_mixture(cfg.calibration):  # each part drawn from every text in proportion
+                    self._windows = mixture_windows(self.tokenizer, cfg.calibration, self.seq_len,
+                                                    cfg.calibration_windows, val, config=self.model.config)
+                    return self._windows
+                blocks = calibration_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
+                                             self.seq_len, config=self.model.config)
                 n_pass = None if given and cfg.calibration_windows >= blocks.shape[0] else cfg.calibration_windows
-                self._windows = split_calibration(blocks, n_pass, cfg.val_windows if wants_val else 0)
+                self._windows = split_calibration(blocks, n_pass, val)
         return self._windows
 
     def calibrate(self) -> CalibrationResult:
@@ -361,40 +367,22 @@ class Pruner:
     def report(self) -> PruneReport:
         """The report of the stages run so far (compaction must have run)."""
         compaction, selection, windows = self.compact(), self.select(), self.windows()
-        cfg, opts = self.config, self.method_options
-        before, after = compaction.params_before, compaction.params_after
-        learns = selection.training is not None
-        refit = self._refit.to_dict() if self._refit is not None else None
-        options = dict(seq_len=self.seq_len,
-                       calibration=self.calibration_label,
-                       calibration_windows=int(windows.calibration.shape[0]),
-                       steps=int(getattr(opts, "steps", 0)), train_windows=int(windows.train.shape[0]) if learns else 0,
-                       val_windows=0 if windows.val is None else int(windows.val.shape[0]),
-                       multiple_of=cfg.multiple_of, seed=cfg.seed, eval_windows=self.eval_config.eval_windows,
-                       eval_seq_len=self.eval_seq_len,
-                       method_options=as_dict(opts) if opts is not None else None, refit=refit)
-        options[self.method.name] = options["method_options"] if learns else None
-        run = selection.training
-        summary = {} if run is None else {
-            "steps": run.steps, "start_step": run.start_step, "train_seconds": run.seconds, "best_step": run.best_step,
-            "best_val_loss": run.best_val_loss, "val_history": [list(h) for h in run.val_history],
-            "threshold": run.threshold}
         masks = selection.masks
-        before_eval = self.evaluations.get("before", Evaluation("before"))
         after_eval = self.evaluations.get("after", Evaluation("after"))
+        configs = RunConfigs(prune=self.config, refit=self.refit_config, evaluation=self.eval_config,
+                             recovery=self.recovery_config, method_options=self.method_options)
         return PruneReport(
-            model=str(self.model_name), method=self.method.name, ratio=cfg.ratio, ratio_of=cfg.ratio_of,
-            options=options,
-            params_before={"total": before.total, "decoder_linear": before.decoder_linear},
-            params_after={"total": after.total if after else None,
-                          "decoder_linear": after.decoder_linear if after else None,
-                          **self.budget.describe(masks.widths())},
-            widths=masks.widths(), full_widths=before.full_widths,
-            perplexity_before=before_eval.perplexity, perplexity_after=after_eval.perplexity,
-            tokens_per_second_before=after_eval.speed.dense_tokens_per_second if after_eval.speed else None,
-            tokens_per_second_after=after_eval.tokens_per_second, seconds=dict(self.seconds),
-            speed=after_eval.speed.to_dict() if after_eval.speed else None,
+            model=str(self.model_name), configs=configs, calibration=self.calibration_label, seq_len=self.seq_len,
+            eval_seq_len=self.eval_seq_len,
+            windows={"calibration": int(windows.calibration.shape[0]),
+                     "train": int(windows.train.shape[0]) if selection.training is not None else 0,
+                     "val": 0 if windows.val is None else int(windows.val.shape[0]),
+                     **({"sources": windows.sources} if windows.sources else {})},
+            params_before=compaction.params_before, params_after=compaction.params_after,
+            budget=self.budget.describe(masks.widths()), masks=masks,
+            perplexity_before=self.evaluations.get("before", Evaluation("before")).perplexity,
+            perplexity_after=after_eval.perplexity,
             perplexity_recovered=self.evaluations.get("recovered", Evaluation("recovered")).perplexity,
-            recovery=self._recovery.to_dict() if self._recovery is not None else None,
-            masks=masks.to_dict(), selection={k: v for k, v in summary.items() if v is not None},
-            dtype=self.dtype, resumed=self.resumed)
+            speed=after_eval.speed, tokens_per_second_after=after_eval.tokens_per_second, seconds=dict(self.seconds),
+            selection=selection.training, refit=self._refit, recovery=self._recovery, dtype=self.dtype,
+            resumed=self.resumed)

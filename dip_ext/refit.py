@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .compaction import require_dense
+from .config import RefitConfig
 from .eval import mean_window_loss
 from .families import adapter_for
 from .masking import MaskedModel
@@ -53,7 +54,7 @@ from .tokens import check_windows
 INPUT_STRUCTURES = ("attn_in", "mlp_in", "mlp_mid")
 #: a fixed refit's defaults (``RefitConfig(refit="on")``): the MLP's last projection alone, damping 1
 DEFAULT_STRUCTURES = ("mlp_mid",)
-DEFAULT_DAMPING = 1.0
+DEFAULT_DAMPING = RefitConfig().refit_damping
 #: what :func:`choose_refit` tries by default (besides no refit)
 CANDIDATES = tuple((structures, damping) for structures in (("mlp_mid",), INPUT_STRUCTURES)
                    for damping in (0.1, 1.0, 10.0))
@@ -94,6 +95,27 @@ class RefitResult:
             out["val_loss"] = list(self.val_loss)
             out["candidates"] = [asdict(c) for c in self.candidates]
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RefitResult":
+        """The result :meth:`to_dict` recorded."""
+        val_loss = data.get("val_loss")
+        return cls(**{**data, "val_loss": tuple(val_loss) if val_loss is not None else None,
+                      "candidates": [RefitCandidate(**c) for c in data.get("candidates", [])]})
+
+    def markdown_lines(self) -> list[str]:
+        """The report's lines on this refit."""
+        if self.structures is None:
+            loss = f" (loss {self.val_loss[0]:.4f})" if self.val_loss is not None else ""
+            return ["", f"Refit ({self.mode}): no refit scored better on the held-out calibration windows than "
+                        f"none{loss}; the weights are the dense model's."]
+        scored = ""
+        if self.val_loss is not None:
+            scored = (f"; held-out calibration loss {self.val_loss[0]:.4f} → {self.val_loss[1]:.4f}, the best of "
+                      f"{len(self.candidates)} choices")
+        return ["", f"Refit ({self.mode}): {self.weights} weights reading a pruned input "
+                    f"({', '.join(self.structures)}) refitted by least squares on {self.tokens:,} calibration "
+                    f"tokens, damping {self.damping:g}{scored}."]
 
 
 def check_damping(damping) -> None:

@@ -315,8 +315,8 @@ def selftest(device: Union[str, torch.device] = "cpu", *, dtypes=DTYPES, seed: i
     return result
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str]) -> int:
+    """``python -m dip_ext.selftest [DEVICE] [--json] [--traceback]``: the table, then 0 when every case passed."""
     device = next((a for a in argv if not a.startswith("-")), "cuda" if torch.cuda.is_available() else "cpu")
     r = selftest(device, print_tracebacks="--traceback" in argv)
     print(r.table())
@@ -326,4 +326,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -9,9 +9,10 @@ from typing import Optional, Union
 import torch
 
 from . import data
+from .mixtures import is_mixture, parse_mixture
 from .tokens import check_windows
 
-__all__ = ["CalibrationWindows", "calibration_windows", "split_calibration"]
+__all__ = ["CalibrationWindows", "calibration_windows", "split_calibration", "mixture_windows", "allocate"]
 
 
 @dataclass
@@ -26,6 +27,8 @@ class CalibrationWindows:
     calibration: torch.Tensor
     train: torch.Tensor
     val: Optional[torch.Tensor] = None
+    #: a text mixture's windows per text: ``{name: {"calibration": n, "train": n, "val": n}}`` (None: one text)
+    sources: Optional[dict] = None
 
 
 def calibration_windows(tokenizer, calibration: Union[str, torch.Tensor], seq_len: int, *,
@@ -46,6 +49,8 @@ def calibration_windows(tokenizer, calibration: Union[str, torch.Tensor], seq_le
         return check_windows(calibration, "calibration token windows", config=config)
     if tokenizer is None:
         raise ValueError(f"calibration text {calibration!r} needs a tokenizer (pass tokenizer=...)")
+    if is_mixture(calibration):
+        return mixture_windows(tokenizer, calibration, seq_len, config=config).train
     blocks = data.get_blocks(tokenizer, calibration, "calibration", seq_len, None)
     return check_windows(blocks, f"calibration windows of {calibration!r}", config=config)
 
@@ -81,11 +86,55 @@ def split_calibration(blocks: torch.Tensor, calibration_windows: Optional[int],
     return CalibrationWindows(rest[data.spread_indices(rest.shape[0], calibration_windows)], rest, val)
 
 
+def allocate(weights: list[float], total: int) -> list[int]:
+    """``total`` split in proportion to ``weights`` (summing to 1) by largest remainder: each share is within
+    one of ``weight * total``; ties go to the earlier entry."""
+    exact = [w * total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixture_windows(tokenizer, spec: str, seq_len: int, calibration_windows: Optional[int] = None,
+                    val_windows: int = 0, *, config=None) -> CalibrationWindows:
+    """The windows of a text mixture (``"wiki:0.5,ptb:0.3,file:notes.txt:0.2"``, :mod:`dip_ext.mixtures`),
+    split as :func:`split_calibration` splits one text, with every part drawn from each text in proportion to
+    its weight (within one window per part and text).
+
+    The mixture has as many windows as the text with the fewest windows for its weight allows (all of that
+    text's); each text's share, evenly spaced over it, is split on its own (its share of ``val_windows`` held
+    out, its share of ``calibration_windows`` for the calibration pass), then the parts are concatenated text by
+    text. Deterministic: no randomness is involved. ``sources`` records each text's counts.
+    """
+    entries = parse_mixture(spec)
+    names, weights = [n for n, _ in entries], [w for _, w in entries]
+    texts = [check_windows(data.get_blocks(tokenizer, n, "calibration", seq_len, None),
+                           f"calibration windows of {n!r}", config=config) for n in names]
+    total = min(int(t.shape[0] / w + 1e-9) for t, w in zip(texts, weights))
+    shares = [min(c, t.shape[0]) for c, t in zip(allocate(weights, total), texts)]
+    vals = allocate(weights, val_windows) if val_windows else [0] * len(names)
+    passes = allocate(weights, calibration_windows) if calibration_windows is not None else [None] * len(names)
+    parts, sources = [], {}
+    for name, t, share, v, k in zip(names, texts, shares, vals, passes):
+        part = split_calibration(t[data.spread_indices(t.shape[0], share)], k, v)
+        parts.append(part)
+        sources[name] = {"calibration": int(part.calibration.shape[0]), "train": int(part.train.shape[0]),
+                         "val": 0 if part.val is None else int(part.val.shape[0])}
+    vals_kept = [p.val for p in parts if p.val is not None]
+    return CalibrationWindows(torch.cat([p.calibration for p in parts]), torch.cat([p.train for p in parts]),
+                              torch.cat(vals_kept) if vals_kept else None, sources)
+
+
 def recovery_windows(tokenizer, train: torch.Tensor, calibration, text: Optional[str], cap: Optional[int],
                      seq_len: int, *, config=None) -> torch.Tensor:
     """The windows recovery trains on ``[n, seq_len]``: the calibration text's training windows ``train``, or
     every calibration-split window of ``text`` when it names another text than ``calibration``; then at most
     ``cap`` of them (evenly spaced; None: all)."""
+    if text is not None and text != calibration and is_mixture(text):
+        mixed = mixture_windows(tokenizer, text, seq_len, cap, config=config)  # the cap drawn in proportion too
+        return mixed.calibration
     if text is not None and text != calibration:
         train = calibration_windows(tokenizer, text, seq_len, config=config)
     if cap is not None and cap < train.shape[0]:

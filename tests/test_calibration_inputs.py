@@ -91,8 +91,8 @@ def test_prune_and_compact_calibrates_on_documents_and_tokenizer_output(word_tok
                                            calibration=docs, **kw)
     _, by_batch = dip_ext.prune_and_compact(tiny_llama(vocab_size=len(word_tokenizer)), word_tokenizer,
                                             calibration=batch, **kw)
-    assert by_docs.options["calibration"] == "<8 documents>"
-    assert by_batch.options["calibration"].startswith("<tokenizer output: 8 sequences")
+    assert by_docs.calibration == "<8 documents>"
+    assert by_batch.calibration.startswith("<tokenizer output: 8 sequences")
     assert by_docs.masks == by_batch.masks  # the same tokens, padding or not
     with pytest.raises(ValueError, match="calibration got a list of int"):
         dip_ext.prune_and_compact(tiny_llama(), word_tokenizer, calibration=[1, 2], **kw)

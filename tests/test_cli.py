@@ -187,12 +187,14 @@ def test_prune_end_to_end(capsys, folders, word_text, tmp_path, family):
     assert "saved the compacted model" in stdout and err == ""  # --quiet: no progress bars
     for name in ("config.json", "model.safetensors", "tokenizer.json", "report.json", "report.md", "widths.png"):
         assert (out / name).is_file(), name
-    report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "oneshot" and report["ratio"] == 0.3 and report["model"] == folders[family].name
+    report = dip_ext.PruneReport.load(out)
+    assert report.method == "oneshot" and report.ratio == 0.3 and report.model == folders[family].name
     shown = f"file:{Path(word_text[5:]).name}"  # the report in the folder names no local path
-    assert report["options"]["calibration"] == shown and report["options"]["calibration_windows"] == 4
-    assert all(math.isfinite(report[k][shown]) for k in ("perplexity_before", "perplexity_after"))
-    assert report["params_after"]["kept_decoder_linear"] < report["params_before"]["decoder_linear"]
+    assert report.calibration == shown and report.configs.prune.calibration == shown
+    assert report.windows["calibration"] == report.configs.prune.calibration_windows == 4
+    assert all(math.isfinite(getattr(report, k)[shown]) for k in ("perplexity_before", "perplexity_after"))
+    assert report.budget["kept_decoder_linear"] == report.params_after.decoder_linear < \
+        report.params_before.decoder_linear
 
     # the saved output == the same pruning in-process
     reloaded = dip_ext.from_pretrained(out)
@@ -200,7 +202,7 @@ def test_prune_end_to_end(capsys, folders, word_text, tmp_path, family):
     model, tok = zoo.resolve_model(folders[family])
     model, same = prune_and_compact(model, tok, ratio=0.3, calibration=word_text, method="oneshot", seq_len=16,
                                     calibration_windows=4, eval_texts=(), measure_speed=False, progress=False)
-    assert same.masks == report["masks"]
+    assert same.masks == report.masks
     ids = torch.randint(3, 3 + 17, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
@@ -223,12 +225,12 @@ def test_overwrite_replaces(capsys, folders, word_text, tmp_path):
     code, _, err = run_cli(capsys, *again)
     assert code == 2 and err.count("\n") == 1 and "notes.txt" in err and "did not write" in err, err
     assert (out / "notes.txt").read_text() == "mine"
-    assert json.loads((out / "report.json").read_text())["method"] == "dependent"
+    assert dip_ext.PruneReport.load(out).method == "dependent"
     (out / "notes.txt").unlink()
     code, _, err = run_cli(capsys, *again)
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "oneshot" and report["ratio"] == 0.5
+    report = dip_ext.PruneReport.load(out)
+    assert report.method == "oneshot" and report.ratio == 0.5
     assert dip_ext.param_report(dip_ext.from_pretrained(out)).removed_decoder_linear >= 0.5 - 1e-3
 
 
@@ -249,21 +251,22 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "2"))[0] == 0
     assert len(forwards) == 4 + 2 + 2  # 4 calibration windows, 2 steps of one window, validation at steps 0, 2
-    two = json.loads((out / "report.json").read_text())
+    two = dip_ext.PruneReport.load(out)
     forwards.clear()
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4", "--resume"))
     assert code == 0, err
     assert len(forwards) == 2 + 1
     assert run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, ref, *hn, "--steps", "4"))[0] == 0
-    resumed, fresh = (json.loads((d / "report.json").read_text()) for d in (out, ref))
+    resumed, fresh = (dip_ext.PruneReport.load(d) for d in (out, ref))
     # resuming with other calibration windows would mix two runs: refused in one line
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, out, *hn, "--steps", "4",
                                                     "--resume", "--calibration-windows", "6"))
     assert code == 2 and err.count("\n") == 1 and "calibration_windows: checkpoint 4 vs now 6" in err, err
-    assert two["options"]["steps"] == 2 and resumed["options"]["steps"] == 4 and resumed["options"]["val_windows"] == 3
-    assert resumed["masks"] == fresh["masks"]
+    assert two.configs.method_options.steps == 2 and resumed.configs.method_options.steps == 4
+    assert resumed.windows["val"] == 3 and resumed.selection.start_step == 2 and resumed.resumed
+    assert resumed.masks == fresh.masks
     assert dip_ext.from_pretrained(out).config.disp_masks == dip_ext.from_pretrained(ref).config.disp_masks
-    assert resumed["options"]["hypernetwork"] == {"steps": 4, "val_every": 50, "batch_size": 1, "lr": 1e-3,
+    assert resumed.configs.method_options.to_dict() == {"steps": 4, "val_every": 50, "batch_size": 1, "lr": 1e-3,
                                                   "lam": 16.0, "distill": False, "margin": 3.0,
                                                   "lr_schedule": "constant", "decay_steps": None,
                                                   "weight_decay": 0.05, "temperature": 0.4, "offset": 3.0,
@@ -275,31 +278,31 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
             "--distill", "--margin", "1.5", "--lr", "0.01", "--val-every", "1", "--lr-schedule", "cosine")
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["options"]["hypernetwork"] == {"steps": 3, "val_every": 1, "batch_size": 1, "lr": 0.01,
+    report = dip_ext.PruneReport.load(tmp_path / "out")
+    assert report.configs.method_options.to_dict() == {"steps": 3, "val_every": 1, "batch_size": 1, "lr": 0.01,
                                                  "lam": 16.0, "distill": True, "margin": 1.5,
                                                  "lr_schedule": "cosine", "decay_steps": None,
                                                  "weight_decay": 0.05, "temperature": 0.4, "offset": 3.0,
                                                  "checkpoint_every": 50}
-    assert [s for s, _ in report["selection"]["val_history"]] == [0, 1, 2, 3]
+    assert [s for s, _ in report.selection.val_history] == [0, 1, 2, 3]
     # the default refit (auto) chose among its candidates on the same 2 held-out windows
-    refit = report["options"]["refit"]
-    assert refit["mode"] == "auto" and len(refit["candidates"]) == 7
-    assert refit["val_loss"][1] == min(c["val_loss"] for c in refit["candidates"])
+    refit = report.refit
+    assert refit.mode == "auto" and len(refit.candidates) == 7
+    assert refit.val_loss[1] == min(c.val_loss for c in refit.candidates)
 
 
 def test_refit_option_reaches_the_run(capsys, folders, word_text, tmp_path):
     args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "on", "--refit-damping", "0.5")
     code, stdout, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    refit = report["options"]["refit"]
-    assert refit["mode"] == "on" and refit["damping"] == 0.5 and refit["structures"] == ["mlp_mid"]
-    assert refit["weights"] > 0 and refit["passes"] == 1 and "refit" in report["seconds"]
+    report = dip_ext.PruneReport.load(tmp_path / "out")
+    refit = report.refit
+    assert refit.mode == "on" and refit.damping == 0.5 and refit.structures == ["mlp_mid"]
+    assert refit.weights > 0 and refit.passes == 1 and "refit" in report.seconds
     assert "Refit (on):" in stdout
     args = ("--method", "oneshot", "--ratio", "0.4", "--eval-windows", "0", "--refit", "off")
     code, stdout, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "off", *args))
-    assert code == 0 and json.loads((tmp_path / "off" / "report.json").read_text())["options"]["refit"] is None
+    assert code == 0 and dip_ext.PruneReport.load(tmp_path / "off").refit is None
 
 
 # ---------------------------------------------------------------------------------------- integration
@@ -318,17 +321,17 @@ def test_prune_default_model_end_to_end(capsys, tmp_path, one_thread):
                                 "--eval-windows", 2, "--seq-len", 128, "--no-speed", "--out", out, "--quiet")
     seconds = time.perf_counter() - t0
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
-    ppl = report["perplexity_after"]
+    report = dip_ext.PruneReport.load(out)
+    ppl = report.perplexity_after
     assert set(ppl) == {"wiki", "ptb"} and all(math.isfinite(v) for v in ppl.values())
-    assert report["params_after"]["removed_fraction_decoder_linear"] == pytest.approx(0.2, abs=2e-3)
+    assert report.budget["removed_fraction_decoder_linear"] == pytest.approx(0.2, abs=2e-3)
     model, tok = zoo.resolve_model(out)
     assert dip_ext.is_compacted(model)
     again = dip_ext.eval.perplexity(model, tok, "ptb", seq_len=128, max_windows=1, progress=False)
     assert math.isfinite(again)
     with capsys.disabled():
         print(f"\n[dip-ext prune SmolLM2 oneshot 20 %] {seconds:.1f} s wall; perplexity before "
-              f"{report['perplexity_before']} after {ppl}; stages {report['seconds']}")
+              f"{report.perplexity_before} after {ppl}; stages {report.seconds}")
 
 
 def test_info_selftest_on_cpu(capsys, monkeypatch):

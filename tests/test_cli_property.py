@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import tiny_llama
 
-from dip_ext.cli import _prune_option_classes, main
+from dip_ext.cli import prune_option_classes, main
 
 NOT_NUMBERS = st.sampled_from(["", "x", "1e", "--", "one", "0x1g", "1,5"])
 
@@ -50,7 +50,7 @@ def _bad_values(f: dataclasses.Field, hint) -> st.SearchStrategy:
 
 def _option_cases():
     cases = []
-    for cls in _prune_option_classes():
+    for cls in prune_option_classes():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")

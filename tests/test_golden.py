@@ -141,13 +141,12 @@ def observe(family: str, options: dict, tokenizer, text: str) -> dict:
     after = dip_ext.param_report(model)
     (ppl_before,) = report.perplexity_before.values()
     (ppl_after,) = report.perplexity_after.values()
-    refit = report.options.get("refit")
-    sel = report.selection
+    refit, sel = report.refit, report.selection
     return {
-        "masks_sha256": masks_digest(report.masks),
+        "masks_sha256": masks_digest(report.masks.to_dict()),
         "widths": [[w[s] for s in STRUCTURES] for w in report.widths],
-        "params_before": report.params_before,
-        "params_after": {k: report.params_after[k] for k in ("total", "decoder_linear")},
+        "params_before": {k: getattr(report.params_before, k) for k in ("total", "decoder_linear")},
+        "params_after": {k: getattr(report.params_after, k) for k in ("total", "decoder_linear")},
         "param_report_dense": {"total": dense.total, "decoder_linear": dense.decoder_linear},
         "param_report_after": {"total": after.total, "decoder_linear": after.decoder_linear,
                                "dense_total": after.dense_total, "dense_decoder_linear": after.dense_decoder_linear,
@@ -155,10 +154,10 @@ def observe(family: str, options: dict, tokenizer, text: str) -> dict:
         "perplexity_before": ppl_before,
         "perplexity_after": ppl_after,
         "logits": logits_summary(model),
-        "selection": None if "best_step" not in sel else {"best_step": sel["best_step"],
-                                                          "best_val_loss": sel["best_val_loss"]},
-        "refit": None if refit is None else {"structures": refit["structures"], "damping": refit["damping"],
-                                             "val_loss": refit.get("val_loss")},
+        "selection": None if sel is None or sel.best_step is None else {"best_step": sel.best_step,
+                                                                          "best_val_loss": sel.best_val_loss},
+        "refit": None if refit is None else {"structures": refit.structures, "damping": refit.damping,
+                                             "val_loss": None if refit.val_loss is None else list(refit.val_loss)},
     }
 
 

@@ -118,7 +118,7 @@ def test_prune_then_overwrite_and_resume(capsys, tmp_path, tiny, word_text):
     # again without --overwrite: refused; with it: replaced; --resume reuses the checkpoints and replaces it too
     assert run_cli(capsys, *prune_argv(dense, word_text, out))[0] == 2
     assert run_cli(capsys, *prune_argv(dense, word_text, out, "--overwrite", "--ratio", "0.5"))[0] == 0
-    assert json.loads((out / "report.json").read_text())["ratio"] == 0.5
+    assert dip_ext.PruneReport.load(out).ratio == 0.5
     code, _, err = run_cli(capsys, *prune_argv(dense, word_text, out, "--resume", "--ratio", "0.5"))
     assert code == 0, err
 
@@ -268,7 +268,7 @@ def test_prune_output_is_ready_to_publish(capsys, tmp_path, tiny, word_text):
     assert columns + "\n" in card and "dip_ext.from_pretrained" in card
     for name, text in _text_files(out).items():
         assert str(tmp_path) not in text and str(Path.home()) + "/" not in text, name
-    assert report["model"] == "dense" and report["options"]["calibration"] == f"file:{text_path(word_text).name}"
+    assert report["model"] == "dense" and report["calibration"] == f"file:{text_path(word_text).name}"
     assert not (out / "work").exists() and str(out) in stdout  # the terminal still names the real folder
 
 

@@ -125,10 +125,10 @@ def test_a_method_of_ones_own_runs_in_the_pipeline(random_scores):
     model, report = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="random_scores", refit="off",
                                               eval_texts=(), progress=False)
     assert report.method == "random_scores" and dip_ext.is_compacted(model)
-    assert report.params_after["removed_fraction_decoder_linear"] == pytest.approx(0.4, abs=0.02)
+    assert report.budget["removed_fraction_decoder_linear"] == pytest.approx(0.4, abs=0.02)
     oneshot, _ = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="oneshot", refit="off", eval_texts=(),
                                            progress=False)
-    assert report.masks != dip_ext.DispMasks.from_config(oneshot.config.disp_masks).to_dict()
+    assert report.masks != dip_ext.DispMasks.from_config(oneshot.config.disp_masks)
 
 
 def test_a_method_of_ones_own_on_the_command_line(random_scores, tmp_path, word_tokenizer, word_text, capsys):
@@ -139,8 +139,8 @@ def test_a_method_of_ones_own_on_the_command_line(random_scores, tmp_path, word_
                  "--seq-len", "16", "--calibration-windows", "4", "--eval-windows", "0", "--refit", "off",
                  "--quiet", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["method"] == "random_scores" and dip_ext.from_pretrained(tmp_path / "out") is not None
+    report = dip_ext.PruneReport.load(tmp_path / "out")
+    assert report.method == "random_scores" and dip_ext.from_pretrained(tmp_path / "out") is not None
     # an option of another method is refused rather than ignored
     code = main(["prune", "--model", str(folder), "--method", "random_scores", "--steps", "9",
                  "--calibration", word_text, "--out", str(tmp_path / "out2")])
@@ -198,10 +198,10 @@ def test_recovery_stage_runs_after_compaction_and_reaches_the_report(tmp_path, w
                     progress=False)
     assert pruner.windows().val is not None  # recovery early-stops on held-out windows
     model, report = pruner.run()
-    assert report.recovery["mode"] == "distill" and "recovery" in report.seconds
-    if report.recovery["chosen"]:  # the recovered model was scored again
+    assert report.recovery.mode == "distill" and "recovery" in report.seconds
+    if report.recovery.chosen:  # the recovered model was scored again
         assert set(report.perplexity_recovered) == {word_text}
-    assert report.recovery["val_loss_after"] <= report.recovery["val_loss_before"]  # the best step is kept
+    assert report.recovery.val_loss_after <= report.recovery.val_loss_before  # the best step is kept
     report.save(tmp_path)
     assert "## Recovery" in (tmp_path / "report.md").read_text() and (tmp_path / "recovery.png").is_file()
 

@@ -31,7 +31,8 @@ def test_the_options_object_picks_the_method_and_overrides_reach_their_config():
     _, report = prune(config=PruneConfig(ratio=0.4, val_windows=2, seq_len=16), method=HypernetworkConfig(steps=2),
                       refit=RefitConfig(refit="off"), lam=4.0)
     assert report.method == "hypernetwork" and report.ratio == 0.4
-    assert report.options["hypernetwork"]["steps"] == 2 and report.options["hypernetwork"]["lam"] == 4.0
+    assert report.configs.method_options == HypernetworkConfig(steps=2, lam=4.0)
+    assert report.configs.prune == PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16)
     _, same = prune(ratio=0.4, val_windows=2, seq_len=16, method="hypernetwork", steps=2, refit="off", lam=4.0)
     assert same.masks == report.masks  # the short form is the same run
 
@@ -39,7 +40,8 @@ def test_the_options_object_picks_the_method_and_overrides_reach_their_config():
 def test_recovery_is_reachable():
     _, report = prune(ratio=0.4, val_windows=2, seq_len=16, method="oneshot", refit="off",
                       recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1))
-    assert report.recovery is not None and report.recovery["mode"] == "distill"
+    assert report.recovery is not None and report.recovery.mode == "distill"
+    assert report.configs.recovery == RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1)
 
 
 @pytest.mark.parametrize("kw, error, match", [

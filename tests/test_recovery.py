@@ -17,16 +17,17 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 import dip_ext
 from dip_ext import STRUCTURES, DispMasks, ModelDims
-from dip_ext.cli import _prune_option_classes
+from dip_ext.cli import prune_option_classes
 from dip_ext.options import OptionParser
 from dip_ext.recovery.checks import check_training_text
 from dip_ext.recovery.command import add_recover_parser, run_recover
 from dip_ext.recovery import RecoveryConfig, RecoveryResult, recover
-from dip_ext.recovery.distill import distill, step_windows
+from dip_ext.recovery.distill import distill
 from dip_ext.recovery.lora import linear_names, lora_wrapped
 from dip_ext.recovery.losses import kl_sum
 from dip_ext.recovery.reconstruct import reconstruct
-from dip_ext.recovery.stage import _trainable
+from dip_ext.recovery.stage import trainable_student
+from dip_ext.training import EpochOrder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,8 +93,8 @@ def test_options_validate_and_make_flags():
 
 
 def test_flags_do_not_collide_with_prune_flags():
-    assert RecoveryConfig in _prune_option_classes()
-    OptionParser(dataclass_types=_prune_option_classes())  # argparse raises on a duplicate flag
+    assert RecoveryConfig in prune_option_classes()
+    OptionParser(dataclass_types=prune_option_classes())  # argparse raises on a duplicate flag
 
 
 # ---- the gradient path --------------------------------------------------------------------------------------
@@ -218,14 +219,14 @@ def test_interrupted_at_step_3_and_resumed_equals_uninterrupted(tmp_path):
     assert resumed.distillation["losses"] == ref.distillation["losses"]  # bit-identical losses
     for a, b in zip(student.parameters(), ref_student.parameters()):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="other recovery options"):
+    with pytest.raises(ValueError, match="different run.*options.recover_lr: checkpoint 0.003 vs now 0.001"):
         recover(*pair(**dropout), train, val, config(recover_steps=6, recover_lr=1e-3), work_dir=tmp_path / "run",
                 resume=True, progress=False)
 
 
 def test_seeded_runs_repeat_and_window_order_is_a_function_of_the_step():
-    assert step_windows(5, 3, 7, seed=0) == step_windows(5, 3, 7, seed=0)
-    firsts = [i for s in range(7) for i in step_windows(s, 1, 7, seed=0)]
+    assert EpochOrder(7, 3, seed=0).indices(5) == EpochOrder(7, 3, seed=0).indices(5)
+    firsts = [i for s in range(7) for i in EpochOrder(7, 1, seed=0).indices(s)]
     assert sorted(firsts) == list(range(7))  # one pass covers each window once
     a, b = pair(), pair()
     ra = recover(*a, windows(8, 1), windows(2, 2), config(), progress=False)
@@ -246,11 +247,11 @@ def test_lm_loss_and_hidden_state_terms_train():
 def test_dense_control_fine_tunes_on_the_lm_loss_alone():
     dense = tiny_dense(2)
     cfg = config(recover_lm_weight=1.0, recover_steps=8)
-    with _trainable(dense, cfg):
+    with trainable_student(dense, cfg):
         run = distill(dense, None, windows(12, 1), windows(4, 2), cfg, progress=False)
     assert run.best_val_loss < run.curve[0][3]
     with pytest.raises(ValueError, match="recover_lm_weight"):
-        with _trainable(dense, config()):
+        with trainable_student(dense, config()):
             distill(dense, None, windows(12, 1), None, config(), progress=False)
 
 

@@ -402,7 +402,7 @@ def test_prune_and_compact(family, method, tmp_path):
     assert out is model and isinstance(report, PruneReport) and dip_ext.is_compacted(model)
 
     # prune_and_compact == compact(dense copy, the masks it reports)
-    masks = DispMasks.from_dict(report.masks)
+    masks = report.masks
     assert masks == DispMasks.from_config(model.config.disp_masks)
     ref = dip_ext.compact(dense, masks)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -412,18 +412,18 @@ def test_prune_and_compact(family, method, tmp_path):
     # the report agrees with what the model stores
     after = dip_ext.param_report(model)
     budget = Budget.for_model(dense_model := make_model(family), 0.4)
-    assert report.params_before == {"total": before.total, "decoder_linear": before.decoder_linear}
-    pa = report.params_after
-    assert pa["total"] == after.total and pa["decoder_linear"] == after.decoder_linear
+    assert (report.params_before.total, report.params_before.decoder_linear) == (before.total, before.decoder_linear)
+    assert report.params_after == after
+    pa = report.budget
     assert pa["kept_decoder_linear"] == after.decoder_linear <= budget.target_linear
     assert pa["removed_decoder_linear"] == before.decoder_linear - after.decoder_linear
     assert pa["removed_fraction_decoder_linear"] == pytest.approx(after.removed_decoder_linear)
     assert pa["removed_fraction_total"] == pytest.approx(pa["removed_decoder_linear"] / before.total)
     assert report.widths == after.widths == masks.widths() and report.full_widths == after.full_widths
     assert report.method == method and report.ratio == 0.4 and report.ratio_of == "decoder_linear"
-    assert report.options["steps"] == (3 if method == "hypernetwork" else 0)
-    assert report.options["calibration"] == "<token ids %dx%d>" % tuple(BLOCKS.shape)
-    assert report.options["calibration_windows"] == BLOCKS.shape[0]
+    assert (report.selection.steps if report.selection else 0) == (3 if method == "hypernetwork" else 0)
+    assert report.calibration == "<token ids %dx%d>" % tuple(BLOCKS.shape)
+    assert report.windows["calibration"] == BLOCKS.shape[0]
     assert {"calibration pass", "selection", "compaction"} <= set(report.seconds)
     if method != "hypernetwork":  # the one-shot and dependent paths are the selection functions themselves
         calib = run_calibration(dense_model, BLOCKS, progress=False)
@@ -431,7 +431,8 @@ def test_prune_and_compact(family, method, tmp_path):
 
     report.save(tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert saved["masks"] == report.masks and saved["params_after"] == pa and saved["method"] == method
+    assert saved["masks"] == report.masks.to_dict() and saved["budget"] == pa
+    assert saved["params_after"] == after.to_dict() and saved["configs"]["prune"]["fields"]["method"] == method
     md = (tmp_path / "r" / "report.md").read_text()
     assert f"{after.decoder_linear:,}" in md and "Kept widths per layer" in md
     assert (tmp_path / "r" / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -446,13 +447,13 @@ def test_prune_with_file_texts_and_tokenizer(word_tokenizer, word_text):
     dense = copy.deepcopy(model)
     _, report = _prune(model, "oneshot", tokenizer=tok, calibration=name, calibration_windows=4,
                        eval_texts=(name,), eval_windows=2, eval_seq_len=SEQ, measure_speed=True)
-    assert report.options["calibration"] == name and report.options["calibration_windows"] == 4
+    assert report.calibration == name and report.windows["calibration"] == 4
     for ppl in (report.perplexity_before[name], report.perplexity_after[name]):
         assert 1 < ppl < 10 * VOCAB
     assert report.tokens_per_second_before > 0 and report.tokens_per_second_after > 0
     speed = report.speed  # interleaved pairs: the median and the spread of the per-pair speed-ups
-    assert speed["pairs"] == len(speed["ratios"]) and speed["speedup_min"] <= speed["speedup"] <= speed["speedup_max"]
-    assert speed["pruned_tokens_per_second"] == report.tokens_per_second_after
+    assert len(speed.ratios) >= 1 and speed.speedup_min <= speed.speedup <= speed.speedup_max
+    assert speed.pruned_tokens_per_second == report.tokens_per_second_after
     assert f"perplexity {name}" in report.to_markdown() and "interleaved pairs" in report.to_markdown()
     blocks = data.get_blocks(tok, name, "calibration", SEQ, 4)
     _, by_blocks = _prune(dense, "oneshot", calibration=blocks)
@@ -473,12 +474,13 @@ def test_prune_work_dir_resume(tmp_path):
 def test_split_calibration():
 
     blocks = torch.arange(40).view(20, 2)  # row k starts with 2k: rows are recognisable
-    calib, train, val = astuple(split_calibration(blocks, 5, 4))
+    calib, train, val, sources = astuple(split_calibration(blocks, 5, 4))
+    assert sources is None  # one text
     rows = lambda t: (t[:, 0] // 2).tolist()  # noqa: E731
     assert rows(val) == [2, 7, 12, 17]  # evenly spaced, mid-stride
     assert rows(train) == [k for k in range(20) if k not in (2, 7, 12, 17)]
     assert set(rows(calib)) <= set(rows(train)) and len(rows(calib)) == 5 and rows(calib)[0] == 0
-    calib0, train0, val0 = astuple(split_calibration(blocks, 5, 0))  # no validation: make_blocks' spread windows
+    calib0, train0, val0, _ = astuple(split_calibration(blocks, 5, 0))  # no validation: make_blocks' spread windows
     assert val0 is None and torch.equal(train0, blocks) and rows(calib0) == [0, 5, 10, 14, 19]
     with pytest.warns(UserWarning, match="too few to hold out"):
         assert split_calibration(blocks[:3], 2, 3).val is None
@@ -488,12 +490,11 @@ def test_split_calibration():
 
 def test_prune_hypernetwork_holds_out_validation_windows():
     _, report = _prune(make_model("llama"), "hypernetwork", val_windows=2)
-    assert report.options["val_windows"] == 2 and report.options["train_windows"] == BLOCKS.shape[0] - 2
-    assert report.options["calibration_windows"] == BLOCKS.shape[0] - 2
+    assert report.windows == {"calibration": BLOCKS.shape[0] - 2, "train": BLOCKS.shape[0] - 2, "val": 2}
     sel = report.selection
-    assert sel["steps"] == 3 and [h[0] for h in sel["val_history"]] == [0, 3]
-    assert sel["best_val_loss"] == min(h[1] for h in sel["val_history"])
-    assert f"the masks of step {sel['best_step']} are kept" in report.to_markdown()
+    assert sel.steps == 3 and [h[0] for h in sel.val_history] == [0, 3]
+    assert sel.best_val_loss == min(h[1] for h in sel.val_history)
+    assert f"The masks of step {sel.best_step} are kept" in report.to_markdown()
 
 
 @pytest.mark.parametrize("kw, err, match", [
@@ -635,14 +636,14 @@ def test_prune_and_compact_with_refit(family, tmp_path):
     model = make_model(family)
     dense = copy.deepcopy(model)
     _, report = _prune(model, "oneshot", refit="on", refit_damping=0.2)
-    masks = DispMasks.from_dict(report.masks)
+    masks = report.masks
     refit_pruned_inputs(dense, masks, BLOCKS, damping=0.2, progress=False)  # the MLP's last projection
     ref = dip_ext.compact(dense, masks)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
-    assert report.options["refit"]["damping"] == 0.2 and report.options["refit"]["weights"] > 0
-    assert report.options["refit"]["structures"] == ["mlp_mid"] and report.options["refit"]["mode"] == "on"
+    assert report.refit.damping == 0.2 and report.refit.weights > 0
+    assert report.refit.structures == ["mlp_mid"] and report.refit.mode == "on"
     assert "refit" in report.seconds and "Refit (on):" in report.to_markdown()
     # the compacted, refitted model saves and loads like any other
     model.save_pretrained(tmp_path / "m")
@@ -699,13 +700,13 @@ def test_prune_and_compact_refit_auto_holds_out_validation_for_oneshot():
     dense = copy.deepcopy(model)
     blocks = torch.randint(0, VOCAB, (10, SEQ), generator=torch.Generator().manual_seed(4))
     _, report = _prune(model, "oneshot", calibration=blocks, val_windows=3, refit="auto")
-    refit = report.options["refit"]
-    assert report.options["val_windows"] == 3 and report.options["calibration_windows"] == 7
-    assert refit["mode"] == "auto" and len(refit["candidates"]) == 7
-    masks = DispMasks.from_dict(report.masks)
-    if refit["structures"] is not None:
+    refit = report.refit
+    assert report.windows["val"] == 3 and report.windows["calibration"] == 7
+    assert refit.mode == "auto" and len(refit.candidates) == 7
+    masks = report.masks
+    if refit.structures is not None:
         rest = split_calibration(blocks, None, 3).train
-        refit_pruned_inputs(dense, masks, rest, damping=refit["damping"], structures=refit["structures"],
+        refit_pruned_inputs(dense, masks, rest, damping=refit.damping, structures=refit.structures,
                             progress=False)
     ref = dip_ext.compact(dense, masks)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))

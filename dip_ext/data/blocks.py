@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..config import DEFAULT_SEQ_LEN
 from ..files import atomic_write_bytes
 from ..tokens import max_positions as _max_positions
 from .cache import cache_dir, sha256_hex
@@ -157,7 +158,7 @@ def make_blocks(ids: torch.Tensor, seq_len: int, n_blocks: int | None = None, ad
     return body.contiguous()
 
 
-def get_blocks(tokenizer, name: str, split: str = "calibration", seq_len: int = 512,
+def get_blocks(tokenizer, name: str, split: str = "calibration", seq_len: int = DEFAULT_SEQ_LEN,
                n_blocks: int | None = None, add_bos: bool | None = None, spread: bool = True,
                max_positions: int | None = None) -> torch.Tensor:
     """The text ``name``/``split`` tokenized into windows: LongTensor ``[n, seq_len]`` (int64 token ids).

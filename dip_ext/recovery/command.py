@@ -25,9 +25,10 @@ from ..files import atomic_write_text
 from ..model_card import model_card
 from ..model_state import check_device, model_digest
 from ..options import check_fields, from_namespace, option
-from ..outputs import command_folders, prepare_work_dir, text_input_path, without_local_paths
+from ..mixtures import is_mixture
+from ..outputs import command_folders, prepare_work_dir, text_input_path, text_inputs, without_local_paths
 from ..sharding import load_sharded
-from ..windows import calibration_windows, recovery_windows, split_calibration
+from ..windows import calibration_windows, mixture_windows, recovery_windows, split_calibration
 from .checks import check_sharded_teacher, check_training_text
 from .config import RecoveryConfig
 from .stage import recover
@@ -95,8 +96,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if run.overwrite and run.resume:
         raise ValueError("--overwrite and --resume contradict each other")
     inputs = {"--model": run.model, "--teacher": run.teacher or zoo.default_model_dir(),
-              "--calibration": text_input_path(run.calibration),
-              "--recover-text": text_input_path(config.recover_text),
+              **text_inputs("--calibration", run.calibration), **text_inputs("--recover-text", config.recover_text),
               **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
     # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
     out, work = command_folders(run.out, run.work_dir, command="recover", inputs=inputs,
@@ -111,8 +111,11 @@ def run_recover(args: argparse.Namespace) -> int:
     else:
         teacher, _ = zoo.resolve_model(run.teacher, dtype=run.dtype, device=run.device)
     seq_len = fit_seq_len(run.seq_len, student.config, default=DEFAULT_SEQ_LEN, what="--seq-len")
-    blocks = calibration_windows(tokenizer, run.calibration, seq_len, config=student.config)
-    windows = split_calibration(blocks, None, run.val_windows)
+    if is_mixture(run.calibration):  # held-out and training windows each drawn from every text in proportion
+        windows = mixture_windows(tokenizer, run.calibration, seq_len, None, run.val_windows, config=student.config)
+    else:
+        windows = split_calibration(calibration_windows(tokenizer, run.calibration, seq_len, config=student.config),
+                                    None, run.val_windows)
     train = recovery_windows(tokenizer, windows.train, run.calibration, config.recover_text, config.recover_windows,
                              seq_len, config=student.config)
     progress = not run.quiet and dist.is_main()

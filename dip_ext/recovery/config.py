@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional
 
-from ..options import check_fields, option
+from ..mixtures import parse_mixture
+from ..options import Options, check_fields, option
 
 __all__ = ["RecoveryConfig", "RECOVER_MODES", "RECONSTRUCT_ONLY", "DISTILL_ONLY"]
 
@@ -26,7 +27,7 @@ DISTILL_ONLY = ("recover_steps", "recover_lr", "recover_batch", "recover_micro_b
 
 
 @dataclass(frozen=True)
-class RecoveryConfig:
+class RecoveryConfig(Options):
     """How the compacted model is trained back toward the dense one after pruning.
 
     Distillation (Hinton et al. 2015): KL(teacher ‖ student) of the next-token distributions at temperature
@@ -73,7 +74,8 @@ class RecoveryConfig:
                                     "kept (0: only at the start and the end)", minimum=0)
     recover_checkpoint_every: int = option(25, "write a training checkpoint every N steps (0: never)", minimum=0)
     recover_text: Optional[str] = option(None, "training text: None uses the calibration text's training windows; "
-                                         "file:PATH (its calibration part) or another text name")
+                                         "file:PATH (its calibration part), another text name, or a mixture with "
+                                         "weights as --calibration takes (wiki:0.5,file:notes.txt:0.5)")
     recover_windows: Optional[int] = option(None, "cap on the training windows (evenly spaced; None: all)",
                                             minimum=1)
     recover_recon_windows: int = option(64, "reconstruction: windows whose activations are cached per layer",
@@ -85,6 +87,8 @@ class RecoveryConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.recover_text is not None:
+            parse_mixture(self.recover_text)  # malformed, or an evaluation split: refused before any work
         unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(self.recover, ())
         for f in fields(self):
             if f.name in unused and getattr(self, f.name) != f.default:

@@ -13,6 +13,18 @@ from ..files import atomic_write_bytes
 __all__ = ["RecoveryResult"]
 
 
+#: the fields that hold nested records
+_RECORDS = frozenset({"chosen", "curve", "seconds", "reconstruction", "distillation", "options"})
+
+
+def _as_lists(value):
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    return value
+
+
 @dataclass
 class RecoveryResult:
     """One recovery run.
@@ -39,6 +51,11 @@ class RecoveryResult:
     options: dict = field(default_factory=dict)
     resumed: bool = False
 
+    def __setattr__(self, name, value):
+        # the stages' records hold tuples and JSON gives lists back: stored as lists (also when a stage fills a
+        # record in later), a reloaded result compares equal to the one the run made
+        super().__setattr__(name, _as_lists(value) if name in _RECORDS else value)
+
     def to_dict(self) -> dict:
         """JSON-safe copy (non-finite floats become None)."""
         def clean(v):
@@ -50,6 +67,11 @@ class RecoveryResult:
                 return [clean(x) for x in v]
             return v
         return clean(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecoveryResult":
+        """The result :meth:`to_dict` recorded."""
+        return cls(**data)
 
     def markdown_lines(self) -> list[str]:
         """Lines for the report's Markdown (a heading, one sentence, a table of the held-out curve)."""

@@ -7,7 +7,7 @@ line (``--method NAME`` plus flags generated from its options class) and the ben
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Protocol
 
@@ -58,6 +58,29 @@ class TrainingSummary:
     best_val_loss: Optional[float] = None
     val_history: list[tuple[int, float]] = field(default_factory=list)
     threshold: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe record (the history as ``[[step, loss], ...]``)."""
+        out = asdict(self)
+        out["val_history"] = [[int(s), float(v)] for s, v in self.val_history]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingSummary":
+        """The summary :meth:`to_dict` recorded."""
+        return cls(**{**data, "val_history": [(int(s), float(v)) for s, v in data.get("val_history", [])]})
+
+    def markdown_lines(self, method: str, val_windows: int) -> list[str]:
+        """The report's lines on this run of ``method`` (``val_windows``: held-out windows it was scored on)."""
+        lines = ["", f"{method}: trained {self.steps} steps" + (f" ({self.start_step} of them resumed)"
+                                                                  if self.start_step else "")
+                 + (f" in {self.seconds:.0f} s" if self.seconds else "") + "."]
+        if self.best_step is not None and self.best_val_loss is not None:
+            history = dict(self.val_history)
+            lines[-1] += (f" The masks of step {self.best_step} are kept (lowest LM loss on {val_windows} held-out "
+                          f"calibration windows: {self.best_val_loss:.4f}; warm start "
+                          f"{history.get(0, float('nan')):.4f}, last step {self.val_history[-1][1]:.4f}).")
+        return lines
 
 
 @dataclass

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ...options import check_fields, option
+from ...options import Options, check_fields, option
 from .schedule import LrSchedule, check_lr_schedule
 
 __all__ = ["HypernetworkConfig"]
 
 
 @dataclass(frozen=True)
-class HypernetworkConfig:
+class HypernetworkConfig(Options):
     """Options of the paper's hypernetwork (Gao et al., NeurIPS 2024); defaults follow its official code."""
 
     _argument_group_name = "hypernetwork (--method hypernetwork)"

@@ -1,0 +1,113 @@
+"""The report is typed and serialized once: ``report.json`` reloads into the same report and into the configs that
+made it (and those configs rerun the same run: its checkpoints are accepted); configs round-trip through
+``to_dict`` / ``from_dict`` with a format version; a report of the earlier format is refused naming it."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+import dip_ext
+from dip_ext import (EvalConfig, HypernetworkConfig, PruneConfig, PruneReport, RecoveryConfig, RefitConfig,
+                     RunConfigs, TrainingSummary)
+
+WINDOWS = torch.randint(3, 60, (24, 16), generator=torch.Generator().manual_seed(0))
+NO_EVAL = EvalConfig(eval_windows=0, speed=False)
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield one_thread
+
+
+def run(work_dir=None, resume=False, **kwargs):
+    return dip_ext.prune_and_compact(tiny_llama(), None, calibration=WINDOWS, progress=False, work_dir=work_dir,
+                                     resume=resume, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A hypernetwork run with a refit and a recovery, its work folder and its saved report."""
+    folder = tmp_path_factory.mktemp("report")
+    configs = dict(config=PruneConfig(ratio=0.4, val_windows=2, seq_len=16, calibration_windows=12),
+                   method=HypernetworkConfig(steps=2, val_every=1, lr=0.01), refit=RefitConfig(refit="on"),
+                   recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1), evaluation=NO_EVAL)
+    _, report = run(work_dir=folder / "work", **configs)
+    report.save(folder)
+    return report, folder
+
+
+@pytest.mark.parametrize("options", [
+    PruneConfig(method="oneshot", ratio=0.25, ratio_of="total", calibration="ptb", seq_len=32, multiple_of=8, seed=3),
+    RefitConfig(refit="on", refit_damping=0.5),
+    EvalConfig(eval_text=["ptb"], eval_windows=None, eval_seq_len=64, speed=False),
+    RecoveryConfig(recover="distill", recover_steps=7, recover_lr=3e-4),
+    HypernetworkConfig(steps=11, lr=0.02, lr_schedule="cosine", distill=True, margin=1.5),
+], ids=lambda o: type(o).__name__)
+def test_configs_round_trip_through_json(options):
+    data = json.loads(json.dumps(options.to_dict()))
+    back = type(options).from_dict(data, version=type(options).VERSION)
+    assert back == options and back.to_dict() == options.to_dict()
+    assert type(options).from_dict({}) == type(options)()  # a field left out takes its default
+
+
+def test_config_records_name_what_they_cannot_read():
+    with pytest.raises(ValueError, match=r"PruneConfig has no option 'ratoi' \(its options: method, ratio"):
+        PruneConfig.from_dict({"ratoi": 0.3})
+    with pytest.raises(ValueError, match=r"format version 7; this dip_ext reads version 1"):
+        RefitConfig.from_dict({}, version=7)
+    with pytest.raises(ValueError, match=r"ratio must be a finite number in \(0, 1\), got 2"):
+        PruneConfig.from_dict({"ratio": 2})
+    with pytest.raises(ValueError, match=r"method 'oneshot' takes no options, but the record has options"):
+        RunConfigs.from_dict({**RunConfigs(PruneConfig(method="oneshot"), RefitConfig(), EvalConfig(),
+                                           RecoveryConfig()).to_dict(),
+                              "method_options": {"version": 1, "fields": {}}})
+
+
+def test_report_json_reloads_into_the_same_typed_report(trained):
+    report, folder = trained
+    loaded = PruneReport.load(folder)
+    assert loaded == report  # every member, typed
+    assert isinstance(loaded.selection, TrainingSummary) and isinstance(loaded.refit, dip_ext.RefitResult)
+    assert isinstance(loaded.params_after, dip_ext.ParamReport) and isinstance(loaded.masks, dip_ext.DispMasks)
+    assert loaded.to_markdown() == report.to_markdown()
+    assert loaded.configs == RunConfigs(
+        prune=PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16, calibration_windows=12),
+        refit=RefitConfig(refit="on"), evaluation=NO_EVAL,
+        recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1),
+        method_options=HypernetworkConfig(steps=2, val_every=1, lr=0.01))
+    assert loaded.recovery.mode == "distill" and loaded.refit.mode == "on" and loaded.selection.steps == 2
+
+
+def test_the_reloaded_configs_rerun_the_same_run(trained, tmp_path):
+    """Same options, same serialization, same fingerprint: a resume in the first run's work folder accepts its
+    checkpoints (the hypernetwork continues from its last step) and picks the same masks."""
+    report, folder = trained
+    configs = PruneReport.load(folder / "report.json").configs
+    _, again = run(work_dir=folder / "work", resume=True, **configs.kwargs())
+    assert again.resumed and again.selection.start_step == report.selection.steps
+    assert again.masks == report.masks and again.configs == report.configs
+    # changed options are refused by the same checkpoints, naming the option
+    changed = configs.kwargs() | {"method": HypernetworkConfig(steps=2, val_every=1, lr=0.02)}
+    with pytest.raises(ValueError, match=r"lr"):
+        run(work_dir=folder / "work", resume=True, **changed)
+
+
+def test_a_trained_method_renders_its_own_lines(trained):
+    report, _ = trained
+    lines = "\n".join(report.selection.markdown_lines("my_method", 5))
+    assert lines.startswith("\nmy_method: trained 2 steps") and "on 5 held-out calibration windows" in lines
+    assert "hypernetwork: trained 2 steps" in report.to_markdown()
+    assert "Refit (on):" in report.to_markdown() and "## Recovery" in report.to_markdown()
+
+
+def test_a_report_of_the_earlier_format_is_refused(tmp_path):
+    old = {"model": "m", "method": "oneshot", "ratio": 0.3, "ratio_of": "decoder_linear", "options": {}}
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"earlier dip_ext \(report format 1\); this one reads format 2"):
+        PruneReport.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no report at"):
+        PruneReport.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"report format version 9"):
+        PruneReport.from_dict({"format": "dip_ext.report", "version": 9})
