@@ -27,6 +27,9 @@ from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
 from .modeling import from_pretrained, register_classes
 from .onnx_export import export_onnx
+from .export_decilm import export_decilm
+from .export_gguf import export_gguf
+from .zero_pad import ExportReport
 from .params import ParamReport, param_report
 from .config import EvalConfig, PruneConfig, RefitConfig
 from .pipeline import CompactionResult, Evaluation, Pruner
@@ -34,6 +37,7 @@ from .prune import prune_and_compact
 from .recovery import RecoveryConfig
 from .refit import RefitResult
 from .report import PruneReport
+from .run_configs import RunConfigs
 from .selftest import SelftestResult, selftest
 from .selection import (HypernetworkConfig, SelectionInputs, SelectionResult, TrainingSummary, get_method,
                         method_names, register_method)
@@ -47,11 +51,13 @@ __all__ = ["ops", "build_info", "__version__", "selftest", "SelftestResult",
            # the pipeline: one call, or its stages one by one
            "prune_and_compact", "Pruner", "PruneConfig", "RefitConfig", "EvalConfig", "HypernetworkConfig",
            "RecoveryConfig",
-           "PruneReport", "Evaluation", "CompactionResult", "RefitResult",
+           "PruneReport", "RunConfigs", "Evaluation", "CompactionResult", "RefitResult",
            # selection methods
            "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",
            # masks, the masked reference, compaction, loading
            "DispMasks", "ModelDims", "STRUCTURES", "apply_masks", "MaskedModel", "compact", "is_compacted",
            "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError",
            # ONNX
-           "export_onnx", "LegacyOnnxExportError"]
+           "export_onnx", "LegacyOnnxExportError",
+           # zero-padded exports for engines that cannot run index sets (vLLM's DeciLM, llama.cpp)
+           "export_decilm", "export_gguf", "ExportReport"]

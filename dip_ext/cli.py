@@ -3,6 +3,7 @@
     dip-ext prune                     # prune the embedded default model (SmolLM2-135M) into ./dip-out
     dip-ext prune --model DIR --method oneshot --ratio 0.2 --out pruned/
     dip-ext eval --model pruned/ --text ptb
+    dip-ext export --model pruned/ --to gguf --out pruned.gguf   # or --to decilm --out DIR: for stock vLLM
     dip-ext info
     torchrun --nproc_per_node=4 -m dip_ext prune --device cuda ...   # data-parallel (docs/distributed.md)
 
@@ -29,8 +30,10 @@ from . import distributed as dist
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .errors import UnsupportedModelError
 from .eval import perplexity
+from .export_decilm import export_decilm
+from .export_gguf import LLAMA_CPP_TYPES, QUANTIZE_TYPES, export_gguf
 from .model_state import check_device
-from .outputs import command_folders, text_input_path
+from .outputs import command_folders, text_input_path, text_inputs
 from .options import EXIT_USAGE, OptionParser, check_fields, field_default, flag_dest, from_namespace, option
 from .pipeline import Pruner
 from .recovery import RecoveryConfig
@@ -41,7 +44,7 @@ from .selection.registry import registered_options_classes
 from .selftest import selftest
 from .sharding import load_sharded
 
-__all__ = ["main", "build_parser", "PruneRun", "EvalRun", "InfoRun"]
+__all__ = ["main", "build_parser", "prune_option_classes", "PruneRun", "EvalRun", "ExportRun", "InfoRun"]
 
 #: what a bad input raises anywhere in the library: one line, exit status 2
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, zoo.ZooError, UnsupportedModelError)
@@ -96,6 +99,34 @@ class EvalRun:
 
 
 @dataclass(frozen=True)
+class ExportRun:
+    """``dip-ext export``: a pruned model zero-padded back to full-width inputs and outputs (lossless), for engines that
+    cannot run index sets; prints what the export keeps against the compacted and the dense model."""
+
+    model: str = option(dataclasses.MISSING, "folder of a model pruned by dip_ext (what `dip-ext prune --out` wrote); "
+                        "a dense Llama-shaped folder works too")
+    to: Literal["decilm", "gguf"] = option(dataclasses.MISSING, "decilm: a DeciLM (Nemotron-NAS) folder that stock "
+                                           "vLLM and transformers (trust_remote_code) run; gguf: one GGUF file for "
+                                           "llama.cpp")
+    out: str = option(dataclasses.MISSING, "the folder (decilm) or .gguf file (gguf) to write; written beside it first "
+                      "and moved into place when complete")
+    quantize: Optional[str] = option(None, "gguf only: weights type (default: the model's dtype); q4_0 .. q8_0 apply "
+                                     "to matrices whose rows split into whole blocks (the others are written f16); "
+                                     "the k-quants run llama.cpp's quantizer (needs llama-cpp-python)",
+                                     choices=QUANTIZE_TYPES + LLAMA_CPP_TYPES)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "decilm only: weights dtype (default: "
+                                                                        "the model's)")
+    overwrite: bool = option(False, "replace an output dip_ext wrote (never any other)")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.to == "decilm" and self.quantize is not None:
+            raise ValueError("--quantize applies to --to gguf; a DeciLM folder takes --dtype")
+        if self.to == "gguf" and self.dtype is not None:
+            raise ValueError("--dtype applies to --to decilm; a GGUF file takes --quantize")
+
+
+@dataclass(frozen=True)
 class InfoRun:
     """``dip-ext info``: how the extension was built, whether the offline default model and texts are here, and
     (``--selftest``) whether every kernel matches its torch reference on a device."""
@@ -116,7 +147,8 @@ def _method_prefixes() -> dict[type, str]:
     return {get_method(n).options_class: n for n in method_names() if get_method(n).options_class is not None}
 
 
-def _prune_option_classes() -> list[type]:
+def prune_option_classes() -> list[type]:
+    """The options classes ``dip-ext prune`` builds its flags from, in the order of its help."""
     return [PruneConfig, *registered_options_classes(), RefitConfig, RecoveryConfig, EvalConfig, PruneRun]
 
 
@@ -125,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OptionParser(prog="dip-ext", description="DISP-LLM structural pruning for Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=OptionParser)
     # registered methods are known at run time, not when PruneConfig is declared
-    sub.add_parser("prune", dataclass_types=_prune_option_classes(), flag_prefixes=_method_prefixes(),
+    sub.add_parser("prune", dataclass_types=prune_option_classes(), flag_prefixes=_method_prefixes(),
                    flag_choices={"method": list(method_names())},
                    help="learn DISP masks, compact the model, save it with a report",
                    description="Prune a model with DISP and save the compacted model, report.json, report.md and "
@@ -133,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_recover_parser(sub)
     sub.add_parser("eval", dataclass_types=[EvalRun], help="perplexity of a (pruned or dense) model on a text",
                    description="Print the perplexity of a model on a text (a built-in text's held-out part).")
+    sub.add_parser("export", dataclass_types=[ExportRun], help="write a pruned model for vLLM (DeciLM) or llama.cpp "
+                   "(GGUF), zero-padded, lossless",
+                   description="Write a pruned model zero-padded back to full-width inputs and outputs (identical "
+                               "logits), keeping per-layer MLP widths and removed blocks: a DeciLM folder for stock "
+                               "vLLM / transformers, or a GGUF file for llama.cpp. Prints what it keeps.")
     sub.add_parser("info", dataclass_types=[InfoRun], help="print how the extension was built (JSON)")
     return p
 
@@ -189,8 +226,8 @@ def _prune(args: argparse.Namespace) -> int:
         check_sharded_teacher(recovery, dist.world_size())
     if run.overwrite and run.resume:
         return _fail("--overwrite and --resume contradict each other")
-    inputs = {"--model": run.model or zoo.default_model_dir(), "--calibration": text_input_path(config.calibration),
-              "--recover-text": text_input_path(recovery.recover_text),
+    inputs = {"--model": run.model or zoo.default_model_dir(), **text_inputs("--calibration", config.calibration),
+              **text_inputs("--recover-text", recovery.recover_text),
               **{f"--eval-text {t}": text_input_path(t) for t in evaluation.eval_text}}
     # rank 0 checks (and later writes) the output; an error there ends every rank (dist.fail_fast)
     out, work = command_folders(run.out, run.work_dir, command="prune", inputs=inputs,
@@ -247,6 +284,17 @@ def _eval(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    run = from_namespace(ExportRun, args)
+    if run.to == "decilm":
+        report = export_decilm(run.model, run.out, dtype=getattr(torch, run.dtype) if run.dtype else None,
+                               overwrite=run.overwrite)
+    else:
+        report = export_gguf(run.model, run.out, quantize=run.quantize, overwrite=run.overwrite)
+    print(report.table())
+    return 0
+
+
 def offline_assets() -> dict[str, str]:
     """``{asset: "ok: ..." | "missing: <what to run>"}`` for the default model and the built-in texts."""
     try:
@@ -297,6 +345,8 @@ def main(argv=None) -> int:
             return _prune(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "recover":
             if dist.init_from_env(device=args.device) and dist.world_size() > 1:
                 with dist.fail_fast(brief=USER_ERRORS):

@@ -187,3 +187,45 @@ def run_cli(capsys, *argv):
         code = e.code
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+# ------------------------------------------------------------------------------------ exports (DeciLM, GGUF)
+
+#: layers of :func:`export_model` with blocks removed: attention in layer 0 (the engines' first-layer traps), the MLP
+#: in layer 1 (llama.cpp's skipped layer), both in the last layer
+EXPORT_REMOVED = {0: ["attn_out"], 1: ["mlp_out"], 3: ["attn_out", "mlp_out"]}
+
+
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A GPT-2-style byte-level BPE fast tokenizer trained offline on WORDS text (seeded): <s> = 0, </s> = 1, then the
+    256 byte tokens and merges, ``vocab_size`` tokens in all (what the GGUF export writes for llama.cpp)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    g = torch.Generator().manual_seed(0)
+    text = [" ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(50)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def export_model(seed: int = 0, **config):
+    """(dense, compacted) tiny Llama for the export tests: 4 layers, d 64, 2 heads of 32 (vLLM's CPU attention needs
+    head_dim >= 32) over 1 KV head, ffn 96, vocab 300, weights of std 0.15 (greedy decoding then wanders instead
+    of repeating one token), non-trivial norms; the compacted copy keeps random sets
+    (seeded) with the blocks of EXPORT_REMOVED removed."""
+    import copy
+
+    import dip_ext
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=1, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+               initializer_range=0.15)
+    dense = perturb_norms_and_biases(LlamaForCausalLM(LlamaConfig(**{**cfg, **config})).eval())
+    masks = random_masks(dims_of(dense), seed, 0.6, empty=EXPORT_REMOVED)
+    return dense, dip_ext.compact(copy.deepcopy(dense), masks)

@@ -131,6 +131,8 @@ def _base(command: str, dest: str, models: dict, word_text: str) -> tuple:
         return ("recover", "--model", models["pruned"], "--teacher", models["dense"], "--calibration", word_text,
                 "--seq-len", 16, *RECOVER[2:], "--eval-text", word_text, "--eval-windows", 1, "--eval-seq-len",
                 16, "--quiet")
+    if command == "export":
+        return ("export", "--model", models["pruned"], "--to", "decilm")
     if command == "eval":
         return ("eval", "--model", models["dense"], "--text", word_text, "--seq-len", 16, "--max-windows", 2,
                 "--quiet")
@@ -145,13 +147,15 @@ def observe(capsys, argv, out: Path, work: Path) -> tuple:
         return (code,)
     if not out.is_dir():
         return code, stdout, bool(err)
-    report = json.loads(next(p for p in (out / "report.json", out / "recovery.json") if p.is_file()).read_text())
+    report = json.loads(next(p for p in (out / "report.json", out / "recovery.json", out / "export.json")
+                             if p.is_file()).read_text())
     files = sorted(p.name for p in out.iterdir())
     checkpoints = sorted(str(p.relative_to(work)) for p in work.rglob("*")) if work.is_dir() else []
     return code, json.dumps(_without_timings(report), sort_keys=True), _digest(out), files, checkpoints, bool(err)
 
 
-ALL = [*command_actions("prune"), *command_actions("recover"), *command_actions("eval"), *command_actions("info")]
+ALL = [*command_actions("prune"), *command_actions("recover"), *command_actions("eval"), *command_actions("export"),
+       *command_actions("info")]
 
 
 @pytest.mark.parametrize("command, action", ALL, ids=[f"{c} {a.option_strings[0]}" for c, a in ALL])
@@ -161,7 +165,7 @@ def test_every_flag_changes_the_run_or_is_refused(capsys, tmp_path, models, word
     monkeypatch.chdir(tmp_path)
     flag = action.option_strings[0]
     base = _base(command, action.dest, models, word_text)
-    writes = command in ("prune", "recover")
+    writes = command in ("prune", "recover", "export")
     if flag == "--model":  # prune: another dense model of the same shapes; recover: a dense one (refused)
         extra = [flag, models["dense" if command == "recover" else "other"]]
     elif flag == "--teacher":
@@ -170,6 +174,8 @@ def test_every_flag_changes_the_run_or_is_refused(capsys, tmp_path, models, word
         extra = ["--out", tmp_path / "second"]
     elif (command, flag) == ("info", "--device"):  # a device that exists, given without --selftest
         extra = [flag, "cpu"]
+    elif (command, flag) == ("export", "--dtype"):  # the model's own dtype (float32) would change nothing
+        extra = [flag, "bfloat16"]
     else:
         extra = _alternative(action, word_text, tmp_path, base)
     first = tmp_path / "a"
@@ -181,6 +187,7 @@ def test_every_flag_changes_the_run_or_is_refused(capsys, tmp_path, models, word
     given_out = ["--out", second] if writes and flag != "--out" else []
     after = observe(capsys, [*base, *extra, *given_out], second, work)
     if flag in ("--out", "--work-dir"):  # the same run, written elsewhere
-        assert after[0] == 0 and work.is_dir() and second.is_dir() and after[1:3] == before[1:3]
+        assert after[0] == 0 and (work.is_dir() or command == "export") and second.is_dir()
+        assert after[1:3] == before[1:3]
         return
     assert after[0] == 2 or after != before, f"{command} {flag} {extra[1:]} was accepted and changed nothing"
