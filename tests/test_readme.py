@@ -3,6 +3,9 @@
 The README uses the embedded SmolLM2 and the built-in texts; here ``zoo.load_default`` returns a tiny seeded
 Llama with the tests' word-level tokenizer and every named text is the tests' word text, so the examples run
 in seconds and offline. Nothing else is changed: the calls are the README's own.
+
+Examples fenced as ``python vllm`` need vLLM, which lives in its own venv: tests/vllm/test_vllm_engine.py runs
+them there (``make test-vllm``), and this file's pattern (a fence of exactly ``python``) leaves them out.
 """
 
 import re

@@ -55,8 +55,8 @@ class FamilyAdapter:
 
     Subclasses set ``dense_model`` (the family's Hugging Face CausalLM class) and ``layer_class`` (its compacted
     decoder layer, built as ``layer_class(dense_layer, idx)``) and implement :meth:`shapes` and
-    :meth:`dense_mask_points`; :meth:`dims` and :meth:`decoder_layers` default to the common
-    ``num_hidden_layers`` / ``hidden_size`` / ``intermediate_size`` and ``model.model.layers``.
+    :meth:`dense_mask_points`; :meth:`dims` and :meth:`base_layers` default to the common
+    ``num_hidden_layers`` / ``hidden_size`` / ``intermediate_size`` and ``base_model.layers``.
     """
 
     #: The dense Hugging Face ``*ForCausalLM`` class of the family.
@@ -91,9 +91,13 @@ class FamilyAdapter:
         the config: e.g. ``head_dim`` when the family's attention reads it)."""
         raise NotImplementedError
 
+    def base_layers(self, base_model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of the family's base model (``LlamaModel``…, the ``model`` of a ``*ForCausalLM``)."""
+        return base_model.layers
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of a ``*ForCausalLM`` model."""
-        return model.model.layers
+        return self.base_layers(model.model)
 
     def dense_mask_points(self, layer: nn.Module) -> dict[str, list[MaskPoint]]:
         """:meth:`mask_points` of a layer known to be dense."""
@@ -118,12 +122,20 @@ class FamilyAdapter:
         return {s: pts[0] for s, pts in self.mask_points(layer).items()}
 
     def compact_layers(self, model: nn.Module, masks: DispMasks) -> None:
-        """Replaces every decoder layer of ``model`` by its compacted form (weights sliced, dense ones dropped).
+        """Replaces every decoder layer of the ``*ForCausalLM`` ``model`` by its compacted form (weights sliced,
+        dense ones dropped): :meth:`compact_base_model` of its base model.
 
         Raises :class:`~dip_ext.errors.MaskError` when ``masks`` do not fit the model.
         """
-        masks.validate(self.dims(model.config))
-        layers = self.decoder_layers(model)
+        self.compact_base_model(model.model, masks)
+
+    def compact_base_model(self, base_model: nn.Module, masks: DispMasks) -> None:
+        """Replaces every decoder layer of the family's base model ``base_model`` by its compacted form.
+
+        Raises :class:`~dip_ext.errors.MaskError` when ``masks`` do not fit the model.
+        """
+        masks.validate(self.dims(base_model.config))
+        layers = self.base_layers(base_model)
         for i in range(len(layers)):
             layers[i] = self.compact_layer(layers[i], masks[i])
 

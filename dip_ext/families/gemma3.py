@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3DecoderLayer
 
 from ..modules import RMSNormGather, RMSNormScatterAdd
 from .base import FamilyAdapter, LayerShapes, block_points
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
@@ -101,11 +101,20 @@ class DipExtGemma3Config(DipExtConfig, Gemma3TextConfig):
     model_type = "dip_ext_gemma3_text"
 
 
+class DipExtGemma3Model(DipExtModel, Gemma3TextModel):
+    """A compacted ``Gemma3TextModel``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtGemma3Config
+    disp_adapter = Gemma3Adapter()
+
+
 class DipExtGemma3ForCausalLM(DipExtForCausalLM, Gemma3ForCausalLM):
     """A compacted ``Gemma3ForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtGemma3Config
-    disp_adapter = Gemma3Adapter()
+    disp_adapter = DipExtGemma3Model.disp_adapter
+    disp_base_model = DipExtGemma3Model
 
 
 FAMILY = Family.of(DipExtGemma3ForCausalLM)

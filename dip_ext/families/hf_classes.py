@@ -1,11 +1,13 @@
 """Mixins of the Hugging Face classes of compacted models, and the record that names one family's classes.
 
-Each family declares ``DipExt<Family>Config(DipExtConfig, <Family>Config)`` and
+Each family declares ``DipExt<Family>Config(DipExtConfig, <Family>Config)``,
+``DipExt<Family>Model(DipExtModel, <Family>Model)`` (the base model) and
 ``DipExt<Family>ForCausalLM(DipExtForCausalLM, <Family>ForCausalLM)``. A compacted checkpoint is an ordinary
 Hugging Face folder: safetensors weights of the compacted matrices and a ``config.json`` whose ``model_type``
 is ``dip_ext_<family>``, which carries the index sets (``disp_masks``) and an ``auto_map`` to a small
 ``modeling_dip_ext.py`` that imports these classes from :mod:`dip_ext.modeling`, so
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it where dip_ext is installed.
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` (and ``AutoModel``, which vLLM's
+Transformers backend builds) loads it where dip_ext is installed.
 
 The dense class of the family must never load such a folder as if it were dense (a removed block would be
 initialised at random with only a warning): ``config.json`` stores a :data:`LOAD_GUARD` string as ``use_cache``,
@@ -66,9 +68,10 @@ class DipExtConfig:
         atomic_write_text(json_file_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-class DipExtForCausalLM:
-    """CausalLM mixin: builds the compacted structure from ``config.disp_masks`` so ``from_pretrained`` loads
-    compacted weights, puts index sets on their devices after loading, and saves the remote-code shim.
+class DipExtCompacted:
+    """Mixin of both compacted model classes (the ``*ForCausalLM`` and its base model): builds the compacted
+    structure from ``config.disp_masks`` (:meth:`disp_compact`) so ``from_pretrained`` loads compacted weights,
+    and puts index sets on their devices after loading.
 
     ``disp_adapter``: the family's adapter (set by each family's class). ``_no_split_modules`` (the decoder layer
     classes ``device_map="auto"`` keeps whole) lists, after the dense class's names, each one's compacted
@@ -79,6 +82,8 @@ class DipExtForCausalLM:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if all(issubclass(base, DipExtCompacted) for base in cls.__bases__):
+            return  # a mixin (DipExtModel, DipExtForCausalLM): the family's class reads its dense base's names
         dense = [n for n in getattr(cls, "_no_split_modules", None) or [] if not n.startswith("DipExt")]
         cls._no_split_modules = dense + [f"DipExt{n}" for n in dense]
 
@@ -86,8 +91,12 @@ class DipExtForCausalLM:
         super().__init__(config, *args, **kwargs)
         with torch.device("cpu"):  # from_pretrained builds models under a meta-device context
             masks = DispMasks.from_config(config.disp_masks)
-        self.disp_adapter.compact_layers(self, masks)
+        self.disp_compact(masks)
         place_index_sets(self)
+
+    def disp_compact(self, masks: DispMasks) -> None:
+        """Replaces the freshly built dense decoder layers by their compacted form (called by ``__init__``)."""
+        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -106,11 +115,37 @@ class DipExtForCausalLM:
         """The index sets this model was compacted with."""
         return DispMasks.from_config(self.config.disp_masks)
 
+
+class DipExtModel(DipExtCompacted):
+    """Base-model mixin (``DipExt<Family>Model(DipExtModel, <Family>Model)``): the decoder stack of a compacted
+    model without its LM head, as ``AutoModel`` loads it from a saved folder (``auto_map``'s ``AutoModel``
+    entry, the class serving engines such as vLLM's Transformers backend build and wrap with their own head)."""
+
+    def disp_compact(self, masks: DispMasks) -> None:
+        self.disp_adapter.compact_base_model(self, masks)
+
+
+class DipExtForCausalLM(DipExtCompacted):
+    """CausalLM mixin: the compacted model with its LM head; saves the remote-code shim with the checkpoint.
+
+    ``disp_base_model``: the family's compacted base-model class (a :class:`DipExtModel`), which the saved
+    ``auto_map`` names for ``AutoModel``. The CausalLM's own ``model`` stays the dense family's base class with
+    compacted layers.
+    """
+
+    disp_base_model: type
+
+    def disp_compact(self, masks: DispMasks) -> None:
+        self.disp_adapter.compact_layers(self, masks)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``save_pretrained`` plus the remote-code shim, so ``trust_remote_code=True`` loaders work."""
+        """``save_pretrained`` plus the remote-code shim, so ``trust_remote_code=True`` loaders work: ``auto_map``
+        names the config, the CausalLM and the base model (``AutoModel``)."""
         module = REMOTE_CODE_FILE[:-3]
         config_name, model_name = type(self.config).__name__, type(self).__name__
+        base_name = self.disp_base_model.__name__
         self.config.auto_map = {"AutoConfig": f"{module}.{config_name}",
+                                "AutoModel": f"{module}.{base_name}",
                                 "AutoModelForCausalLM": f"{module}.{model_name}"}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
@@ -124,7 +159,7 @@ class DipExtForCausalLM:
                     'load this\nDISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) '
                     'installed."""\n'
                     "try:\n"
-                    f"    from dip_ext.modeling import {config_name}, {model_name}  # noqa: F401\n"
+                    f"    from dip_ext.modeling import {config_name}, {base_name}, {model_name}  # noqa: F401\n"
                     "except ImportError as error:\n"
                     f"    raise ImportError({MISSING_PACKAGE!r}) from error\n")
             atomic_write_text(Path(save_directory) / REMOTE_CODE_FILE, text)
@@ -132,21 +167,29 @@ class DipExtForCausalLM:
 
 @dataclass(frozen=True)
 class Family:
-    """One family's adapter and classes: the dense config / CausalLM it compacts, and the compacted ones."""
+    """One family's adapter and classes: the dense config / CausalLM it compacts, and the compacted config,
+    CausalLM and base model."""
 
     adapter: FamilyAdapter
     dense_config: type
     dense_model: type
     config: type
     model: type
+    base_model: type
 
     @classmethod
     def of(cls, model: type) -> "Family":
-        """The record of a ``DipExt<Family>ForCausalLM`` class (its adapter, config class and dense bases)."""
+        """The record of a ``DipExt<Family>ForCausalLM`` class (its adapter, config class, base-model class
+        ``disp_base_model`` and dense bases). Raises TypeError when the base-model class does not belong with it."""
         dense_model = next(b for b in model.__bases__ if not issubclass(b, DipExtForCausalLM))
         config = model.config_class
         dense_config = next(b for b in config.__bases__ if not issubclass(b, DipExtConfig))
-        return cls(model.disp_adapter, dense_config, dense_model, config, model)
+        base = model.disp_base_model
+        if not (issubclass(base, DipExtModel) and base.config_class is config
+                and base.disp_adapter is model.disp_adapter):
+            raise TypeError(f"{model.__name__}.disp_base_model must be a DipExtModel with its config class and "
+                            f"adapter; got {base.__name__}")
+        return cls(model.disp_adapter, dense_config, dense_model, config, model, base)
 
     @property
     def base_model_type(self) -> str:

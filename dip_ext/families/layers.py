@@ -13,8 +13,12 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..modules import IndexSet, IndexSetsFollowDevice, compact_linear
+
+#: The entry of transformers' attention interface that a removed attention dispatches to (:func:`removed_attention`).
+REMOVED_ATTENTION = "dip_ext_removed_attention"
 
 
 def keeps_attention(attn_out_width) -> bool:
@@ -65,6 +69,26 @@ def _placeholder_states(cache, layer_idx: int, hidden_states: torch.Tensor) -> t
                  else hidden_states.new_zeros(batch, 1, q_len, 1) for t in held)
 
 
+def removed_attention(module: nn.Module, hidden_states: torch.Tensor,
+                      **kwargs) -> tuple[None, Optional[torch.Tensor]]:
+    """What a removed attention (``module``, a :class:`SkippedAttention`) does: appends placeholder keys and values
+    to its KV-cache entry when it is handed a cache, and returns ``(None, weights)``: no output, and under the eager
+    attention implementation (the one that returns attention weights) a ``[batch, 0, q_len, kv_len]`` weights tensor,
+    a layer with no heads."""
+    batch, q_len = hidden_states.shape[:2]
+    kv_len = q_len
+    cache = cache_from(kwargs)
+    if cache is not None and hasattr(cache, "update"):
+        keys, _ = cache.update(*_placeholder_states(cache, module.layer_idx, hidden_states), module.layer_idx)
+        kv_len = keys.shape[-2]
+    if getattr(module.config, "_attn_implementation", None) != "eager":
+        return None, None
+    return None, hidden_states.new_zeros(batch, 0, q_len, kv_len)
+
+
+ALL_ATTENTION_FUNCTIONS.register(REMOVED_ATTENTION, removed_attention)
+
+
 class SkippedAttention(nn.Module):
     """Where a pruned-away attention was: keeps the layer's KV-cache entry and its ``output_attentions`` slot.
 
@@ -76,6 +100,11 @@ class SkippedAttention(nn.Module):
     implementation (the one that returns attention weights) it returns a ``[batch, 0, q_len, kv_len]`` weights
     tensor, a layer with no heads, so ``outputs.attentions[i]`` stays layer i's. Its output is None: the layer adds
     nothing. Mixed in before the family's attention class, whose ``__init__`` is not run.
+
+    Like every attention module of a layer, it dispatches through transformers' attention interface (to its own
+    entry, :data:`REMOVED_ATTENTION`): engines that find each layer's attention by that dispatch, such as vLLM's
+    Transformers backend, then see one attention per layer. vLLM gives it an attention (and a KV-cache entry) that
+    is never called.
     """
 
     def __init__(self, dense_attention: nn.Module):
@@ -84,15 +113,8 @@ class SkippedAttention(nn.Module):
         self.config = dense_attention.config
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[None, Optional[torch.Tensor]]:
-        batch, q_len = hidden_states.shape[:2]
-        kv_len = q_len
-        cache = cache_from(kwargs)
-        if cache is not None and hasattr(cache, "update"):
-            keys, _ = cache.update(*_placeholder_states(cache, self.layer_idx, hidden_states), self.layer_idx)
-            kv_len = keys.shape[-2]
-        if getattr(self.config, "_attn_implementation", None) != "eager":
-            return None, None
-        return None, hidden_states.new_zeros(batch, 0, q_len, kv_len)
+        attention_interface = ALL_ATTENTION_FUNCTIONS[REMOVED_ATTENTION]
+        return attention_interface(self, hidden_states, **kwargs)
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, removed"

@@ -4,11 +4,11 @@ q/k/v/o biases and ``mlp_bias`` gate/up/down biases, as ``LlamaAttention`` / ``L
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
 
 from .base import LayerShapes
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import SkippedAttention
 from .llama_style import LlamaStyleAdapter, LlamaStyleLayer
 
@@ -40,11 +40,20 @@ class DipExtLlamaConfig(DipExtConfig, LlamaConfig):
     model_type = "dip_ext_llama"
 
 
+class DipExtLlamaModel(DipExtModel, LlamaModel):
+    """A compacted ``LlamaModel``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtLlamaConfig
+    disp_adapter = LlamaAdapter()
+
+
 class DipExtLlamaForCausalLM(DipExtForCausalLM, LlamaForCausalLM):
     """A compacted ``LlamaForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtLlamaConfig
-    disp_adapter = LlamaAdapter()
+    disp_adapter = DipExtLlamaModel.disp_adapter
+    disp_base_model = DipExtLlamaModel
 
 
 FAMILY = Family.of(DipExtLlamaForCausalLM)

@@ -4,11 +4,11 @@ biases, and its attention reads ``head_dim`` when the config sets one (Mistral-N
 
 from __future__ import annotations
 
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, MistralModel
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
 
 from .base import LayerShapes
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import SkippedAttention
 from .llama_style import LlamaStyleAdapter, LlamaStyleLayer
 
@@ -38,11 +38,20 @@ class DipExtMistralConfig(DipExtConfig, MistralConfig):
     model_type = "dip_ext_mistral"
 
 
+class DipExtMistralModel(DipExtModel, MistralModel):
+    """A compacted ``MistralModel``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtMistralConfig
+    disp_adapter = MistralAdapter()
+
+
 class DipExtMistralForCausalLM(DipExtForCausalLM, MistralForCausalLM):
     """A compacted ``MistralForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtMistralConfig
-    disp_adapter = MistralAdapter()
+    disp_adapter = DipExtMistralModel.disp_adapter
+    disp_base_model = DipExtMistralModel
 
 
 FAMILY = Family.of(DipExtMistralForCausalLM)

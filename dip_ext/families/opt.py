@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 
 from ..errors import UnsupportedModelError
 from ..masks import ModelDims
 from ..modules import LayerNormGather, residual_add
 from .base import FamilyAdapter, LayerShapes, block_points
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
@@ -100,8 +100,8 @@ class OPTAdapter(FamilyAdapter):
     def dims(self, config) -> ModelDims:
         return ModelDims(config.num_hidden_layers, config.hidden_size, config.ffn_dim)
 
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.decoder.layers
+    def base_layers(self, base_model: nn.Module) -> nn.ModuleList:
+        return base_model.decoder.layers
 
     def dense_mask_points(self, layer: nn.Module):
         attn = layer.self_attn
@@ -120,11 +120,20 @@ class DipExtOPTConfig(DipExtConfig, OPTConfig):
     model_type = "dip_ext_opt"
 
 
+class DipExtOPTModel(DipExtModel, OPTModel):
+    """A compacted ``OPTModel``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtOPTConfig
+    disp_adapter = OPTAdapter()
+
+
 class DipExtOPTForCausalLM(DipExtForCausalLM, OPTForCausalLM):
     """A compacted ``OPTForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtOPTConfig
-    disp_adapter = OPTAdapter()
+    disp_adapter = DipExtOPTModel.disp_adapter
+    disp_base_model = DipExtOPTModel
 
 
 FAMILY = Family.of(DipExtOPTForCausalLM)

@@ -19,12 +19,12 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PhiConfig, PhiForCausalLM
+from transformers import PhiConfig, PhiForCausalLM, PhiModel
 from transformers.models.phi.modeling_phi import PhiAttention, PhiDecoderLayer
 
 from ..modules import IndexSet, LayerNormGather, residual_add
 from .base import FamilyAdapter, LayerShapes, block_points
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
 
 
@@ -111,11 +111,20 @@ class DipExtPhiConfig(DipExtConfig, PhiConfig):
     model_type = "dip_ext_phi"
 
 
+class DipExtPhiModel(DipExtModel, PhiModel):
+    """A compacted ``PhiModel``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtPhiConfig
+    disp_adapter = PhiAdapter()
+
+
 class DipExtPhiForCausalLM(DipExtForCausalLM, PhiForCausalLM):
     """A compacted ``PhiForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtPhiConfig
-    disp_adapter = PhiAdapter()
+    disp_adapter = DipExtPhiModel.disp_adapter
+    disp_base_model = DipExtPhiModel
 
 
 FAMILY = Family.of(DipExtPhiForCausalLM)

@@ -4,11 +4,11 @@ whatever ``attention_bias`` says (``Qwen2Attention`` / ``Qwen2MLP`` hard-code th
 
 from __future__ import annotations
 
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 
 from .base import LayerShapes
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import SkippedAttention
 from .llama_style import LlamaStyleAdapter, LlamaStyleLayer
 
@@ -38,11 +38,20 @@ class DipExtQwen2Config(DipExtConfig, Qwen2Config):
     model_type = "dip_ext_qwen2"
 
 
+class DipExtQwen2Model(DipExtModel, Qwen2Model):
+    """A compacted ``Qwen2Model``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtQwen2Config
+    disp_adapter = Qwen2Adapter()
+
+
 class DipExtQwen2ForCausalLM(DipExtForCausalLM, Qwen2ForCausalLM):
     """A compacted ``Qwen2ForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtQwen2Config
-    disp_adapter = Qwen2Adapter()
+    disp_adapter = DipExtQwen2Model.disp_adapter
+    disp_base_model = DipExtQwen2Model
 
 
 FAMILY = Family.of(DipExtQwen2ForCausalLM)

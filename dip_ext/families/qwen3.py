@@ -8,11 +8,11 @@ as it is. ``attention_bias`` gives q/k/v/o biases (``Qwen3Attention`` reads it f
 
 from __future__ import annotations
 
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3DecoderLayer
 
 from .base import LayerShapes
-from .hf_classes import DipExtConfig, DipExtForCausalLM, Family
+from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import SkippedAttention
 from .llama_style import LlamaStyleAdapter, LlamaStyleLayer
 
@@ -43,11 +43,20 @@ class DipExtQwen3Config(DipExtConfig, Qwen3Config):
     model_type = "dip_ext_qwen3"
 
 
+class DipExtQwen3Model(DipExtModel, Qwen3Model):
+    """A compacted ``Qwen3Model``, the base model ``AutoModel`` loads (see
+    :class:`~dip_ext.families.hf_classes.DipExtModel`)."""
+
+    config_class = DipExtQwen3Config
+    disp_adapter = Qwen3Adapter()
+
+
 class DipExtQwen3ForCausalLM(DipExtForCausalLM, Qwen3ForCausalLM):
     """A compacted ``Qwen3ForCausalLM`` (see :class:`~dip_ext.families.hf_classes.DipExtForCausalLM`)."""
 
     config_class = DipExtQwen3Config
-    disp_adapter = Qwen3Adapter()
+    disp_adapter = DipExtQwen3Model.disp_adapter
+    disp_base_model = DipExtQwen3Model
 
 
 FAMILY = Family.of(DipExtQwen3ForCausalLM)
