@@ -24,7 +24,7 @@ from .params import ParamReport
 from .recovery import RecoveryResult
 from .refit import RefitResult
 from .run_configs import RunConfigs
-from .selection import TrainingSummary
+from .selection import TrainingSummary, get_method
 
 __all__ = ["PruneReport", "REPORT_FORMAT"]
 
@@ -199,7 +199,7 @@ class PruneReport:
                          f"×{sp.speedup:.2f} speed (median of {len(sp.ratios)} interleaved pairs, "
                          f"×{sp.speedup_min:.2f}–×{sp.speedup_max:.2f}) |")
         if self.selection is not None:
-            lines += self.selection.markdown_lines(self.method, self.windows.get("val", 0))
+            lines += self._selection_lines()
         if self.refit is not None:
             lines += self.refit.markdown_lines()
         if self.recovery is not None:
@@ -211,6 +211,16 @@ class PruneReport:
         lines += [f"| {i} | " + " | ".join(str(w[s]) for s in STRUCTURES) + " |" for i, w in enumerate(self.widths)]
         lines.append("| full | " + " | ".join(str(self.full_widths[s]) for s in STRUCTURES) + " |")
         return "\n".join(lines) + "\n"
+
+    def _selection_lines(self) -> list[str]:
+        """The selection method's own lines on its run, when it is registered here and renders them
+        (``report_lines(training, val_windows)``), else the training summary's."""
+        val = self.windows.get("val", 0)
+        try:
+            render = getattr(get_method(self.method), "report_lines", None)
+        except ValueError:  # a report of a method this process has not registered: read without it
+            render = None
+        return render(self.selection, val) if render is not None else self.selection.markdown_lines(self.method, val)
 
     def plot(self, path) -> None:
         """Kept width per layer and set, as a fraction of the full width (PNG)."""

@@ -11,6 +11,7 @@ from helpers import tiny_llama
 import dip_ext
 from dip_ext import (EvalConfig, HypernetworkConfig, PruneConfig, PruneReport, RecoveryConfig, RefitConfig,
                      RunConfigs, TrainingSummary)
+from dip_ext.selection import registry
 
 WINDOWS = torch.randint(3, 60, (24, 16), generator=torch.Generator().manual_seed(0))
 NO_EVAL = EvalConfig(eval_windows=0, speed=False)
@@ -111,3 +112,36 @@ def test_a_report_of_the_earlier_format_is_refused(tmp_path):
         PruneReport.load(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"report format version 9"):
         PruneReport.from_dict({"format": "dip_ext.report", "version": 9})
+
+
+class Counted:
+    """A method that 'trains' (it reports a training summary) and renders its own report lines."""
+
+    name = "counted"
+    options_class = None
+
+    def uses_validation(self, options) -> bool:
+        return False
+
+    def select(self, inputs, options):
+        chosen = registry.get_method("oneshot").select(inputs, None)
+        return dip_ext.SelectionResult("counted", chosen.masks, training=TrainingSummary(steps=5))
+
+    def report_lines(self, training, val_windows):
+        return ["", f"Counted {training.steps} sheep (held out: {val_windows})."]
+
+
+def test_a_method_renders_its_own_lines_and_a_report_reads_without_it(tmp_path):
+    registry.register_method(Counted)
+    try:
+        _, report = run(config=PruneConfig(method="counted", ratio=0.4, seq_len=16), evaluation=NO_EVAL,
+                        refit=RefitConfig(refit="off"))
+        assert "Counted 5 sheep (held out: 0)." in report.to_markdown()
+        report.save(tmp_path)
+    finally:
+        registry.unregister_method("counted")
+    # without the method: reloading is refused by name (its configs name it), and a report in memory renders the
+    # training summary's own lines instead
+    with pytest.raises(ValueError, match="unknown method 'counted'"):
+        PruneReport.load(tmp_path)
+    assert "counted: trained 5 steps." in report.to_markdown()

@@ -111,3 +111,6 @@ class SelectionMethod(Protocol):
 
     def select(self, inputs: SelectionInputs, options: Any) -> SelectionResult:
         ...
+
+    # Optional: ``report_lines(training: TrainingSummary, val_windows: int) -> list[str]``, the method's own
+    # Markdown lines on a trained run in the report (without it: :meth:`TrainingSummary.markdown_lines`).
