@@ -258,11 +258,11 @@ def without_local_paths(value):
     if isinstance(value, (list, tuple)):
         return type(value)(without_local_paths(v) for v in value)
     if isinstance(value, str):
-        path = text_input_path(value)
-        if path is not None and "," not in value:
-            return f"file:{path.name}"
-        for entry in mixture_files(value) if "," in value or ":" in value else []:
+        entries = mixture_files(value)  # a plain file:PATH is a mixture of one entry
+        for entry in entries:
             value = value.replace(entry, f"file:{Path(entry[len('file:'):]).name}")
+        if entries:
+            return value
         if (os.sep in value or value.startswith("~")) and Path(value).expanduser().exists():
             return Path(value).expanduser().resolve().name
     return value
