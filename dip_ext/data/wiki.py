@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import io
 import os
 import re
@@ -12,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from ..files import atomic_write_bytes
-from .cache import cache_dir, sha256_hex
+from .cache import cache_dir, cached_wheels, package_folders, sha256_hex
 
 __all__ = ["WIKI_MEMBER", "GENSIM_DOWNLOAD", "wiki_source", "wiki_text", "extract_wiki_prose"]
 
@@ -116,17 +115,11 @@ def wiki_source() -> tuple[bytes, str]:
         if not path.is_file():
             raise FileNotFoundError(f"DIP_EXT_WIKI_BZ2={env} is not a file")
         return path.read_bytes(), str(path)
-    try:
-        spec = importlib.util.find_spec("gensim")  # locates the package without running its __init__
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            path = Path(loc).parent / WIKI_MEMBER
-            if path.is_file():
-                return path.read_bytes(), str(path)
-    wheels = sorted(cache_dir().glob("gensim-*.whl"), key=lambda p: ("gensim-4.4.0-" not in p.name, p.name))
-    for wheel in wheels:
+    for loc in package_folders("gensim"):
+        path = loc.parent / WIKI_MEMBER
+        if path.is_file():
+            return path.read_bytes(), str(path)
+    for wheel in cached_wheels("gensim", "4.4.0"):
         try:
             with zipfile.ZipFile(wheel) as z:
                 return z.read(WIKI_MEMBER), f"{wheel}!{WIKI_MEMBER}"
