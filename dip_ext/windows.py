@@ -12,7 +12,8 @@ from . import data
 from .mixtures import is_mixture, parse_mixture
 from .tokens import check_windows
 
-__all__ = ["CalibrationWindows", "calibration_windows", "split_calibration", "mixture_windows", "allocate"]
+__all__ = ["CalibrationWindows", "calibration_windows", "split_calibration", "mixture_windows", "allocate",
+           "recovery_windows"]
 
 
 @dataclass

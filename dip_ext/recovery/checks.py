@@ -56,12 +56,16 @@ def check_reconstruction_teacher(teacher: nn.Module) -> None:
 def check_sharded_teacher(config, world_size: int) -> None:
     """ValueError unless the recovery ``config`` (a :class:`~dip_ext.recovery.RecoveryConfig`) can run with the
     teacher sharded over ``world_size`` ranks: distillation only (no reconstruction), the teacher kept in the
-    dtype it was sharded in (FSDP2 does not cast a sharded module in place), and a step's batch that gives every
+    dtype it was sharded in (FSDP2 does not cast a sharded module in place), recovery text (a sharded teacher does
+    not generate), and a step's batch that gives every
     rank the same teacher forwards (:func:`check_lockstep_batch`). Nothing to check with ``recover="off"``."""
     if config.recover == "off":
         return
     if config.recover in ("reconstruct", "auto"):
         raise ValueError(_NO_SHARDED_RECONSTRUCTION)
+    if config.recover_data != "text":
+        raise ValueError(f"--recover-data {config.recover_data} has the teacher generate text, which a sharded "
+                         "(--fsdp) teacher does not do: use --recover-data text with --fsdp")
     if config.recover_teacher_dtype != "same":
         raise ValueError("--recover-teacher-dtype casts the teacher in place, which a sharded (--fsdp) teacher "
                          "does not support: load the models in that dtype with --dtype")

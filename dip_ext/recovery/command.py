@@ -129,7 +129,7 @@ def run_recover(args: argparse.Namespace) -> int:
     if dist.is_main():
         prepare_work_dir(work, resume=run.resume, checkpoints=())  # checkpoints are overwritten, never deleted
     result = recover(student, teacher, train, windows.val, config, work_dir=work, resume=run.resume,
-                     progress=progress)
+                     progress=progress, tokenizer=tokenizer)
     after = scores(student)
     if dist.is_main():
         record = {"model": run.model, "teacher": run.teacher or zoo.DEFAULT_MODEL, "perplexity_dense": dense,

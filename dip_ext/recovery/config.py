@@ -12,12 +12,17 @@ from typing import Literal, Optional
 from ..mixtures import parse_mixture
 from ..options import Options, check_fields, option
 
-__all__ = ["RecoveryConfig", "RECOVER_MODES", "RECONSTRUCT_ONLY", "DISTILL_ONLY"]
+__all__ = ["RecoveryConfig", "RECOVER_MODES", "RECOVER_DATA", "RECONSTRUCT_ONLY", "DISTILL_ONLY", "SELF_TEXT_ONLY"]
 
 #: off: nothing; reconstruct: block-wise reconstruction only; distill: distillation only; auto: reconstruction,
 #: then distillation from whichever of (pruned, reconstructed) scores better on the held-out windows, keeping the
 #: best state seen on them
 RECOVER_MODES = ("off", "reconstruct", "distill", "auto")
+#: text: the recovery text's windows; self: text the dense model writes itself, prompted from that text
+#: (:mod:`dip_ext.recovery.self_text`); mix: half each
+RECOVER_DATA = ("text", "self", "mix")
+#: the options only self-generated recovery data reads (refused with recover_data="text")
+SELF_TEXT_ONLY = ("recover_self_temperature", "recover_self_prompt_len", "recover_self_batch", "recover_self_chat")
 #: the options only one of the two methods reads (a mode without it refuses them rather than ignore them)
 RECONSTRUCT_ONLY = ("recover_recon_windows", "recover_recon_epochs", "recover_recon_lr")
 DISTILL_ONLY = ("recover_steps", "recover_lr", "recover_batch", "recover_micro_batch", "recover_warmup",
@@ -76,6 +81,19 @@ class RecoveryConfig(Options):
     recover_text: Optional[str] = option(None, "training text: None uses the calibration text's training windows; "
                                          "file:PATH (its calibration part), another text name, or a mixture with "
                                          "weights as --calibration takes (wiki:0.5,file:notes.txt:0.5)")
+    recover_data: Literal["text", "self", "mix"] = option(
+        "text", "what recovery trains on. text: the recovery text's windows; self: text the dense model samples "
+        "itself, prompted with the start of those windows (cached under the work folder, reused by later runs on "
+        "the same model, text and seed); mix: half of the windows each")
+    recover_self_temperature: float = option(1.0, "--recover-data self/mix: sampling temperature (plain sampling: "
+                                             "no top-k or top-p)", above=0.0)
+    recover_self_prompt_len: int = option(32, "--recover-data self/mix: tokens of text that prompt each sample",
+                                          minimum=1)
+    recover_self_batch: int = option(32, "--recover-data self/mix: samples generated at once (a KV-cached "
+                                     "batch; part of the cache key)", minimum=1)
+    recover_self_chat: float = option(0.25, "--recover-data self/mix: fraction of the prompts wrapped in the "
+                                      "tokenizer's chat template as a request to continue the text (none when the "
+                                      "tokenizer has no template)", minimum=0.0, maximum=1.0)
     recover_windows: Optional[int] = option(None, "cap on the training windows (evenly spaced; None: all)",
                                             minimum=1)
     recover_recon_windows: int = option(64, "reconstruction: windows whose activations are cached per layer",
@@ -89,6 +107,11 @@ class RecoveryConfig(Options):
         check_fields(self)
         if self.recover_text is not None:
             parse_mixture(self.recover_text)  # malformed, or an evaluation split: refused before any work
+        if self.recover_data == "text" and self.recover != "off":  # with recovery off every option is unused
+            for f in fields(self):
+                if f.name in SELF_TEXT_ONLY and getattr(self, f.name) != f.default:
+                    raise ValueError(f"{f.name} has no effect with recover_data='text' (--recover-data text): it "
+                                     "is an option of self-generated recovery data (--recover-data self or mix)")
         unused = {"distill": RECONSTRUCT_ONLY, "reconstruct": DISTILL_ONLY}.get(self.recover, ())
         for f in fields(self):
             if f.name in unused and getattr(self, f.name) != f.default:

@@ -14,7 +14,7 @@ __all__ = ["RecoveryResult"]
 
 
 #: the fields that hold nested records
-_RECORDS = frozenset({"chosen", "curve", "seconds", "reconstruction", "distillation", "options"})
+_RECORDS = frozenset({"chosen", "curve", "seconds", "reconstruction", "distillation", "options", "data"})
 
 
 def _as_lists(value):
@@ -37,6 +37,8 @@ class RecoveryResult:
     seconds of recovery so far), ``val_loss``. ``tokens``: training tokens read (reconstruction windows × seq_len
     once, plus distillation steps × batch × seq_len). ``seconds``: wall seconds per stage. ``reconstruction``:
     per-layer relative output errors before / after; ``distillation``: steps, best step, per-step objective.
+    ``data``: the windows trained on (:func:`dip_ext.recovery.self_text.recovery_data_windows`: ``data``,
+    ``text_windows``, ``self_windows`` and, for self-generated text, the samples, generated tokens and seconds).
     """
 
     mode: str
@@ -50,6 +52,7 @@ class RecoveryResult:
     distillation: Optional[dict] = None
     options: dict = field(default_factory=dict)
     resumed: bool = False
+    data: Optional[dict] = None
 
     def __setattr__(self, name, value):
         # the stages' records hold tuples and JSON gives lists back: stored as lists (also when a stage fills a
@@ -81,6 +84,12 @@ class RecoveryResult:
         lines = ["", "## Recovery", "",
                  f"Mode **{self.mode}**: kept {' + '.join(self.chosen) if self.chosen else 'the pruned weights'}; "
                  f"{self.tokens:,} training tokens, {total:.0f} s."]
+        if self.data and self.data.get("self_windows"):
+            d = self.data
+            how = (f"{d['generated_tokens']:,} tokens generated in {d['generation_seconds']:.0f} s"
+                   if not d.get("cached") else "read from the cache")
+            lines[-1] += (f" Training windows: {d['self_windows']} written by the dense model itself ({how}), "
+                          f"{d['text_windows']} of text.")
         if self.val_loss_before is not None and self.val_loss_after is not None:
             lines[-1] += (f" Held-out calibration loss {self.val_loss_before:.4f} → {self.val_loss_after:.4f} "
                           f"(perplexity {math.exp(self.val_loss_before):.2f} → {math.exp(self.val_loss_after):.2f}).")

@@ -26,6 +26,7 @@ from .distill import decoder_parameters, distill
 from .lora import lora_wrapped
 from .reconstruct import reconstruct
 from .result import RecoveryResult
+from .self_text import recovery_data_windows
 
 __all__ = ["recover", "trainable_student"]
 
@@ -58,10 +59,14 @@ def _grad_checkpointing(student: nn.Module, on: bool) -> Iterator[None]:
 def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
             val_windows: Optional[torch.Tensor], config: RecoveryConfig, *, work_dir=None, resume: bool = False,
             placement: Optional[Placement] = None, progress: bool = True,
-            forbidden_windows: Optional[torch.Tensor] = None, callback=None) -> RecoveryResult:
+            forbidden_windows: Optional[torch.Tensor] = None, callback=None, tokenizer=None,
+            data_cache=None) -> RecoveryResult:
     """Trains the compacted ``student`` (in place) back toward the dense ``teacher`` and returns what it did.
 
     ``train_windows`` ``[n, seq_len]`` int64: the calibration text's training windows (never evaluation text);
+    under ``config.recover_data`` ``self`` / ``mix`` they prompt the text the teacher writes itself
+    (:mod:`dip_ext.recovery.self_text`, with ``tokenizer``; cached in ``data_cache``, default ``work_dir``, and
+    reused by later runs);
     ``val_windows`` ``[m, seq_len]`` or None: held-out windows for early stopping and for ``auto``'s choice.
     ``config.recover``: ``off`` (returns at once), ``reconstruct`` (:mod:`.reconstruct`), ``distill``
     (:mod:`.distill`; LoRA with ``recover_lora_rank`` > 0, merged back), ``auto`` (reconstruction kept only when it
@@ -70,11 +75,12 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     ``work_dir``: checkpoints (``reconstruct.safetensors``, ``distill.safetensors``); ``resume`` continues from them
     exactly. ``placement``: data-parallel ranks (each holds the whole student; rank 0 writes). ``forbidden_windows``:
     evaluation windows that must not occur among the training windows. ``callback``: each distillation step's log.
+    ``result.data`` records the windows trained on and what generating them cost.
     The teacher may be FSDP-sharded over the ranks (:mod:`dip_ext.sharding`; every rank calls this in step):
     ``distill`` only, in the dtype it was sharded in, with a batch every rank splits alike
     (:func:`~dip_ext.recovery.checks.check_sharded_teacher`).
 
-    ValueError for: a student that is not compacted, a teacher of another family / widths / vocabulary, empty or
+    ValueError for: ``self`` / ``mix`` without a tokenizer, a student that is not compacted, a teacher of another family / widths / vocabulary, empty or
     malformed windows, evaluation windows among the training windows, ``auto`` without held-out windows, a sharded
     (FSDP) student, options a sharded teacher cannot run, a checkpoint of another run on resume.
     """
@@ -83,6 +89,9 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     result = RecoveryResult(mode=config.recover, options=as_dict(config))
     if config.recover == "off":
         return result
+    if config.recover_data != "text" and tokenizer is None:
+        raise ValueError(f"recover_data {config.recover_data!r} has the teacher write its own training text, which "
+                         "needs its tokenizer: pass tokenizer=... (or use recover_data='text')")
     train, val, placement = _checked(student, teacher, train_windows, val_windows, config, placement,
                                      forbidden_windows)
     work = Path(work_dir) if work_dir is not None else None
@@ -90,6 +99,12 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
         work.mkdir(parents=True, exist_ok=True)
     if config.recover_teacher_dtype != "same":
         teacher.to(as_dtype(config.recover_teacher_dtype))
+    t0 = time.perf_counter()
+    cache = data_cache if data_cache is not None else work
+    train, result.data = recovery_data_windows(teacher, tokenizer, train, config, work_dir=cache,
+                                               progress=progress)
+    if config.recover_data != "text":
+        result.seconds["generate"] = time.perf_counter() - t0
     stages = _Stages(student, teacher, train, val, config, result, work=work, resume=resume, placement=placement,
                      progress=progress, callback=callback)
     with frozen(teacher):
