@@ -24,12 +24,11 @@ test-vllm:
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
-# The main job: prune the embedded default model (SmolLM2-135M) by 30 % of its decoder-linear parameters with
-# one-shot masks, recover it toward the dense model (140 distillation steps of 2 windows), and
-# write ./dip-out. The combination that gave the best model for this wall time (benchmarks/RESULTS.md).
+# The main job: `dip-ext prune` with its defaults (the measured recipe; README "On a fresh machine"): prune the
+# embedded default model (SmolLM2-135M) by 30 % of its decoder-linear parameters with one-shot masks, recover it
+# toward the dense model (140 distillation steps of 2 windows), and write ./dip-out.
 prune: setup
-	$(VENV)/bin/dip-ext prune --method oneshot --refit off --recover distill --recover-batch 2 --recover-steps 140 \
-		--recover-val-every 35
+	$(VENV)/bin/dip-ext prune
 
 # Compile every torch-free CUDA kernel for Ampere (sm_80) and Hopper (sm_90a) with nvcc (no GPU needed):
 # fails on errors, warnings, register spills and kernels without launch bounds.

@@ -1,13 +1,14 @@
 """Quality and cost of the selection methods on the default model: a grid of ratios x methods, run through the
 pipeline's own stages (``dip_ext.Pruner``).
 
-Held-out wiki perplexity and PTB test perplexity of dense, dependent, oneshot and hypernetwork at several ratios
-of decoder-linear parameters removed, plus the one-shot wall time after load. One calibration pass serves every
+Held-out wiki perplexity, PTB test perplexity and Shakespeare perplexity (the evaluation-only ``shakespeare``
+text: off-domain, never calibrated on) of dense, dependent, oneshot and hypernetwork at several ratios of
+decoder-linear parameters removed, plus the one-shot wall time after load. One calibration pass serves every
 ratio and method that hold out the same validation windows (``Pruner(..., calibration=...)``; two passes in
 all: runs without held-out windows -- one-shot and dependent without the refit -- calibrate on other windows,
 as ``prune_and_compact`` does); each (method, ratio) keeps its checkpoints in
 ``--work/<method>-<ratio>`` and resumes from them, so an interrupted grid continues where it stopped and a longer
-``--steps`` extends the hypernetwork runs. ``--refit`` adds a row per method with the default refit (auto) on
+``--steps`` extends the hypernetwork runs. ``--refit`` adds a row per method with ``--refit auto`` on
 the same masks. ``--recover distill`` (or ``reconstruct``, ``auto``; the pipeline's recovery options, e.g.
 ``--recover-steps``) adds a row per cell: the same compacted model after the Pruner's recovery stage, with the
 tokens and seconds it used.
@@ -38,7 +39,7 @@ from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, Pruner, RefitCo
 from dip_ext.options import OptionParser, as_dict, from_namespace
 from dip_ext.recovery import RecoveryConfig
 
-TEXTS = ["wiki", "ptb"]
+TEXTS = ["wiki", "ptb", "shakespeare"]
 ORDER = {"dependent": 0, "oneshot": 1, "hypernetwork": 2}
 
 
@@ -53,11 +54,12 @@ def parse_args(argv=None):
     g.add_argument("--hyper-ratios", type=float, nargs="*", default=None,
                    help="ratios that also get a hypernetwork run (default: all --ratios)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
-                   help="also score every method's masks after the default refit (rows 'METHOD+refit')")
+                   help="also score every method's masks after --refit auto (rows 'METHOD+refit')")
     g.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per text")
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--work", default="benchmarks/results/quality-work")
     g.add_argument("--out", default="benchmarks/results/quality.json")
+    p.set_defaults(recover="off")  # the grid scores masks; --recover distill adds the recovered rows
     args = p.parse_args(argv)
     return (args, from_namespace(PruneConfig, args), from_namespace(HypernetworkConfig, args),
             from_namespace(RecoveryConfig, args))
@@ -140,21 +142,28 @@ def main(argv=None) -> None:
                                                             + rows[0]["select_s"])
                 for row in rows:
                     results["runs"].append(row)
+                    ppl = " ".join(f"{t} {row['ppl'][t]:.2f}" for t in TEXTS)
                     print(f"{row['method']:>26} {100 * ratio:4.0f} %: removed {100 * row['removed_decoder_linear']:.2f}"
-                          f" % decoder-linear, ppl wiki {row['ppl']['wiki']:.2f} ptb {row['ppl']['ptb']:.2f} "
-                          f"(selection {row['select_s']:.1f} s)", flush=True)
+                          f" % decoder-linear, ppl {ppl} (selection {row['select_s']:.1f} s)", flush=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
     print(table([results]))
     print(f"\nwrote {args.out}")
 
 
+def _cell(ppl: dict, text: str, dense: float) -> str:
+    return f"{ppl[text]:.2f} (×{ppl[text] / dense:.2f})" if text in ppl else "–"
+
+
 def table(all_results: list) -> str:
-    """One Markdown table of the runs of several result files (sorted by ratio, then method)."""
-    dw, dp = all_results[0]["dense"]["wiki"], all_results[0]["dense"]["ptb"]
+    """One Markdown table of the runs of several result files (sorted by ratio, then method): a column per text
+    of the first file's dense row (files from before the shakespeare text have none for it: "–")."""
+    dense = all_results[0]["dense"]
+    texts = [t for t in TEXTS if t in dense]
     runs = sorted((r for res in all_results for r in res["runs"]),
                   key=lambda r: (r["ratio"], ORDER[r["method"].split("+")[0]], r["method"]))
-    lines = ["| ratio | method | wiki ppl (×dense) | ptb ppl (×dense) |", "|---:|---|---:|---:|",
-             f"| 0 | dense | {dw:.2f} | {dp:.2f} |"]
+    lines = ["| ratio | method | " + " | ".join(f"{t} ppl (×dense)" for t in texts) + " |",
+             "|---:|---|" + "---:|" * len(texts),
+             "| 0 | dense | " + " | ".join(f"{dense[t]:.2f}" for t in texts) + " |"]
     for r in runs:
         name = r["method"]
         if name.startswith("hypernetwork"):
@@ -168,8 +177,8 @@ def table(all_results: list) -> str:
             kept = "+".join(rec["chosen"]) or "nothing beat the pruned weights"
             name += (f" ({rec['mode']}: kept {kept}, {rec['tokens']} tokens, "
                      f"{sum(rec['seconds'].values()):.0f} s)")
-        lines.append(f"| {100 * r['ratio']:.0f} % | {name} | {r['ppl']['wiki']:.2f} (×{r['ppl']['wiki'] / dw:.2f}) | "
-                     f"{r['ppl']['ptb']:.2f} (×{r['ppl']['ptb'] / dp:.2f}) |")
+        lines.append(f"| {100 * r['ratio']:.0f} % | {name} | "
+                     + " | ".join(_cell(r["ppl"], t, dense[t]) for t in texts) + " |")
     return "\n".join(lines)
 
 

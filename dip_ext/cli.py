@@ -304,7 +304,7 @@ def offline_assets() -> dict[str, str]:
                                   " (converted on first use, ~30 s)")
     except zoo.ZooError as e:
         status = f"missing: {e}"
-    texts = data.download_data(("wiki", "ptb"), fetch=False)
+    texts = data.download_data(("wiki", "ptb", "shakespeare"), fetch=False)
     return {"default model": status, **{f"text {name}": line for name, line in texts.items()}}
 
 

@@ -25,10 +25,10 @@ class PruneConfig(Options):
 
     _argument_group_name = "pruning"
 
-    method: str = option("hypernetwork", "how masks are chosen: hypernetwork (the paper's learned masks, "
-                         "warm-started from oneshot), oneshot (Fisher scores, no training: minutes on a CPU), "
-                         "dependent (one shared embedding subset: the dimension-dependent baseline), or any "
-                         "registered method")
+    method: str = option("oneshot", "how masks are chosen: oneshot (Fisher scores, no training: minutes on a "
+                         "CPU; with the default recovery as good as learned masks), hypernetwork (the paper's "
+                         "learned masks, warm-started from oneshot), dependent (one shared embedding subset: the "
+                         "dimension-dependent baseline), or any registered method")
     ratio: float = option(0.3, "fraction of parameters removed, in (0, 1): of the decoder-linear parameters "
                           "(q/k/v/o and MLP linears, biases included) unless --ratio-of total", above=0.0, below=1.0)
     ratio_of: Literal["decoder_linear", "total"] = option(
@@ -62,7 +62,7 @@ class RefitConfig(Options):
     _argument_group_name = "refit"
 
     refit: Literal["auto", "on", "off"] = option(
-        "auto", "before compaction, refit the kept input columns of the weights whose input is pruned, by least "
+        "off", "before compaction, refit the kept input columns of the weights whose input is pruned, by least "
         "squares on the calibration windows. auto: try a few settings and no refit, keep the best on the held-out "
         "windows; on: the MLP's last projection with --refit-damping; off: the paper's method (masks only)")
     refit_damping: float = option(1.0, "--refit on: ridge toward the original weights, relative to the mean input "
@@ -79,7 +79,8 @@ class EvalConfig(Options):
     _argument_group_name = "evaluation"
 
     eval_text: list[str] = option(help="texts scored before/after, each on its held-out part: wiki, ptb, "
-                                  "wikitext2 (online) or file:PATH", default_factory=lambda: ["wiki", "ptb"])
+                                  "shakespeare (off-domain, never calibrated or trained on), wikitext2 (online) "
+                                  "or file:PATH", default_factory=lambda: ["wiki", "ptb", "shakespeare"])
     eval_windows: Optional[int] = option(16, "perplexity windows per text (evenly spaced; 0 skips evaluation; "
                                          "None, from Python: every window)", minimum=0)
     eval_seq_len: Optional[int] = option(None, "tokens per perplexity window and per prefill-speed sequence "

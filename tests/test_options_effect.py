@@ -61,8 +61,9 @@ def cli(capsys, *argv):
 @pytest.mark.parametrize("field", [f for f in dataclasses.fields(RecoveryConfig) if f.name != "recover"],
                          ids=lambda f: f.name)
 def test_every_recovery_flag_is_refused_with_recovery_off(capsys, tmp_path, word_text, field):
-    """Given with ``--recover off`` (the default) a recovery flag would change nothing: refused in one line."""
-    code, err = cli(capsys, "prune", "--calibration", word_text, "--out", tmp_path / "o", *flag_args(field, word_text))
+    """Given with ``--recover off`` a recovery flag would change nothing: refused in one line."""
+    code, err = cli(capsys, "prune", "--calibration", word_text, "--out", tmp_path / "o", "--recover", "off",
+                    *flag_args(field, word_text))
     assert code == 2 and err.count("\n") == 1, err
     assert f"--{field.name.replace('_', '-')} has no effect with --recover off" in err
     assert not (tmp_path / "o").exists()

@@ -10,6 +10,7 @@ from helpers import tiny_llama
 
 import dip_ext
 from dip_ext import EvalConfig, PruneConfig, Pruner, RefitConfig
+from dip_ext.recovery import RecoveryConfig
 from dip_ext.cli import main
 from dip_ext.selection import SelectionResult, registry
 from dip_ext.selection.oneshot import oneshot_masks
@@ -50,7 +51,8 @@ def random_scores(monkeypatch):
 
 def test_stages_one_by_one_match_prune_and_compact():
     pruner = Pruner(tiny_llama(), None, PruneConfig(ratio=0.4, method="oneshot", val_windows=0),
-                    refit=RefitConfig(refit="on"), evaluation=NO_EVAL, calibration_tokens=WINDOWS, progress=False)
+                    refit=RefitConfig(refit="on"), recovery=RecoveryConfig(recover="off"), evaluation=NO_EVAL,
+                    calibration_tokens=WINDOWS, progress=False)
     windows = pruner.windows()
     assert windows.val is None and torch.equal(windows.train, WINDOWS)
     calib = pruner.calibrate()
@@ -65,7 +67,7 @@ def test_stages_one_by_one_match_prune_and_compact():
     assert model is compaction.model and set(pruner.seconds) == {"calibration data", "calibration pass",
                                                                  "selection", "refit", "compaction", "eval after"}
     ref, ref_report = dip_ext.prune_and_compact(tiny_llama(), None, ratio=0.4, calibration=WINDOWS, method="oneshot", val_windows=0,
-                                                refit="on", eval_texts=(), progress=False)
+                                                refit="on", recover="off", eval_texts=(), progress=False)
     assert ref_report.masks == report.masks
     with torch.no_grad():
         assert torch.equal(ref(WINDOWS[:2]).logits, model(WINDOWS[:2]).logits)

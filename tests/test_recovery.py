@@ -306,14 +306,15 @@ def test_lora_distillation_lowers_held_out_kl():
 
 def test_reconstruction_reduces_each_layers_output_error(tmp_path):
     student, teacher = pair()
-    run = reconstruct(student, teacher, windows(8, 1), RecoveryConfig(recover_recon_epochs=10, recover_recon_lr=3e-3),
+    run = reconstruct(student, teacher, windows(8, 1), RecoveryConfig(recover="reconstruct", recover_recon_epochs=10,
+                                                                      recover_recon_lr=3e-3),
                       work_dir=tmp_path, progress=False)
     assert len(run.error_before) == 2
     for before, after in zip(run.error_before, run.error_after):
         assert after < 0.9 * before, (before, after)
     # resuming a finished reconstruction reloads the layers instead of fitting them again
     again, teacher2 = pair()
-    rerun = reconstruct(again, teacher2, windows(8, 1), RecoveryConfig(recover_recon_epochs=10,
+    rerun = reconstruct(again, teacher2, windows(8, 1), RecoveryConfig(recover="reconstruct", recover_recon_epochs=10,
                                                                         recover_recon_lr=3e-3),
                         work_dir=tmp_path, resume=True, progress=False)
     assert rerun.resumed_from == 2 and rerun.error_after == run.error_after
@@ -356,7 +357,7 @@ def test_result_report_lines_and_curve_png(tmp_path):
 def test_off_does_nothing():
     student, teacher = pair()
     before = [p.clone() for p in student.parameters()]
-    assert recover(student, teacher, windows(4, 1), None, RecoveryConfig()).chosen == []
+    assert recover(student, teacher, windows(4, 1), None, RecoveryConfig(recover="off")).chosen == []
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 

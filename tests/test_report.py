@@ -135,7 +135,7 @@ def test_a_method_renders_its_own_lines_and_a_report_reads_without_it(tmp_path):
     registry.register_method(Counted)
     try:
         _, report = run(config=PruneConfig(method="counted", ratio=0.4, seq_len=16), evaluation=NO_EVAL,
-                        refit=RefitConfig(refit="off"))
+                        refit=RefitConfig(refit="off"), recovery=RecoveryConfig(recover="off"))
         assert "Counted 5 sheep (held out: 0)." in report.to_markdown()
         report.save(tmp_path)
     finally:

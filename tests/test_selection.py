@@ -388,7 +388,7 @@ def test_calibration_bad_blocks(models, blocks, match):
 def _prune(model, method, **kw):
     trains = {"steps": 3} if method == "hypernetwork" else {}  # an option of a method that trains
     kw = {"ratio": 0.4, "calibration": BLOCKS, "method": method, **trains, "eval_texts": (), "val_windows": 0,
-          "measure_speed": False, "progress": False, "seq_len": SEQ, "refit": "off", **kw}
+          "measure_speed": False, "progress": False, "seq_len": SEQ, "refit": "off", "recover": "off", **kw}
     return prune_and_compact(model, kw.pop("tokenizer", None), **kw)
 
 

@@ -45,13 +45,13 @@ class RecoveryConfig(Options):
     _argument_group_name = "recovery"
 
     recover: Literal["off", "reconstruct", "distill", "auto"] = option(
-        "off", "after compaction, train the pruned model back toward the dense one. reconstruct: fit each decoder "
+        "distill", "after compaction, train the pruned model back toward the dense one. reconstruct: fit each decoder "
         "layer in turn to the dense layer's output (cheap, no full backward); distill: train on the dense model's "
         "next-token distribution; auto: reconstruct, then distill, keeping the best state on the held-out windows")
-    recover_steps: int = option(100, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
+    recover_steps: int = option(140, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
     recover_lr: float = option(3e-4, "peak learning rate of the distillation (AdamW; linear warm-up, cosine decay "
                                "to 10 % of it)", above=0.0)
-    recover_batch: int = option(4, "windows per distillation step (the global batch, summed over ranks)",
+    recover_batch: int = option(2, "windows per distillation step (the global batch, summed over ranks)",
                                 minimum=1)
     recover_micro_batch: int = option(1, "windows per forward/backward (gradient accumulation up to "
                                       "--recover-batch)", minimum=1)
@@ -75,7 +75,7 @@ class RecoveryConfig(Options):
                                     "supports it)")
     recover_grad_checkpointing: bool = option(False, "recompute each layer's activations in the backward "
                                               "(less memory, ~30 % more time)")
-    recover_val_every: int = option(25, "score the held-out windows every N steps; the best step's weights are "
+    recover_val_every: int = option(35, "score the held-out windows every N steps; the best step's weights are "
                                     "kept (0: only at the start and the end)", minimum=0)
     recover_checkpoint_every: int = option(25, "write a training checkpoint every N steps (0: never)", minimum=0)
     recover_text: Optional[str] = option(None, "training text: None uses the calibration text's training windows; "
