@@ -36,7 +36,7 @@ from .recovery.checks import check_sharded_teacher, check_training_text
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
-from .mixtures import is_mixture
+from .mixtures import is_mixture, parse_mixture
 from .model_state import model_digest
 from .outputs import WORK_MARKER, prepare_work_dir
 from .params import ParamReport, param_report
@@ -140,7 +140,8 @@ class Pruner:
         recover_text = self.recovery_config.recover_text if self.recovery_config.recover != "off" else None
         if recover_text is not None:  # refused now if it is an evaluation text, unknown or missing
             check_training_text(recover_text, texts, None if given is not None else self.config.calibration)
-            data.get_text(recover_text, "calibration")
+            for name, _ in parse_mixture(recover_text):  # each text of a mixture is read later
+                data.get_text(name, "calibration")
             needs_tokenizer.append(recover_text)
         if self.recovery_config.recover != "off" and self.recovery_config.recover_data != "text":
             needs_tokenizer.append(f"--recover-data {self.recovery_config.recover_data} (the dense model's own text)")

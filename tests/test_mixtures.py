@@ -10,6 +10,7 @@ import dip_ext
 from dip_ext import EvalConfig, PruneConfig, Pruner, RecoveryConfig, RefitConfig
 from dip_ext.mixtures import parse_mixture
 from dip_ext.outputs import text_input_paths, without_local_paths
+from dip_ext.recovery.checks import check_training_text
 from dip_ext.windows import allocate, mixture_windows
 
 SEQ = 16
@@ -122,3 +123,25 @@ def test_a_mixture_s_files_are_protected_as_inputs(capsys, two_texts, tmp_path):
                            "--out", str(tmp_path), "--overwrite")
     assert code == 2 and err.count("\n") == 1 and "--calibration" in err and "b.txt" in err, err
     assert {p: p.read_bytes() for p in tmp_path.glob("*.txt")} == before
+
+
+def test_prune_recovers_on_a_mixture_and_refuses_one_with_an_evaluation_text(two_texts, word_tokenizer, word_text):
+    a, b = two_texts
+    spec = f"{a}:0.5,{b}:0.5"
+    pruner = Pruner(tiny_llama(vocab_size=len(word_tokenizer)), word_tokenizer,
+                    PruneConfig(ratio=0.4, method="oneshot", seq_len=SEQ, calibration=word_text, val_windows=2),
+                    refit=RefitConfig(refit="off"),
+                    recovery=RecoveryConfig(recover="distill", recover_steps=2, recover_batch=2, recover_text=spec,
+                                            recover_val_every=0),
+                    evaluation=EvalConfig(eval_windows=0, speed=False), progress=False)
+    result = pruner.recover()
+    assert result.distillation["steps"] == 2 and result.data["text_windows"] > 0
+    # a text of the mixture is also evaluated: refused, by name (a training-split suffix changes nothing)
+    with pytest.raises(ValueError, match=f"recover_text '{b}' \\(in the mixture .*\\) is also an evaluation"):
+        Pruner(tiny_llama(vocab_size=len(word_tokenizer)), word_tokenizer,
+               PruneConfig(ratio=0.4, method="oneshot", seq_len=SEQ, calibration=word_text),
+               recovery=RecoveryConfig(recover="distill", recover_text=spec),
+               evaluation=EvalConfig(eval_text=[b], eval_windows=1, speed=False), progress=False)
+    with pytest.raises(ValueError, match="recover_text 'ptb' \\(in the mixture 'wiki:0.5,ptb-train:0.5'\\)"):
+        check_training_text("wiki:0.5,ptb-train:0.5", ["wiki", "ptb"], calibration="wiki")
+    check_training_text("wiki:0.5,ptb-train:0.5", ["wiki"], calibration="wiki")

@@ -12,6 +12,7 @@ from torch import nn
 from ..compaction import is_compacted
 from ..distributed import is_sharded
 from ..families import adapter_for, base_model_type
+from ..mixtures import parse_mixture
 from ..tokens import check_windows
 
 __all__ = ["check_pair", "check_training_windows", "check_training_text", "check_sharded_teacher",
@@ -109,12 +110,16 @@ def check_training_windows(windows: torch.Tensor, name: str, config, *,
 
 
 def check_training_text(name: str, eval_texts, calibration: Optional[str] = None) -> None:
-    """ValueError when the training text ``name`` is one of the evaluation texts ``eval_texts`` (other than the
-    calibration text ``calibration``, whose held-out part the pipeline already evaluates). A named text trains on
+    """ValueError when the training text ``name`` (or a text of the mixture ``name``) is one of the evaluation texts
+    ``eval_texts`` (other than the calibration text ``calibration``, whose held-out part the pipeline already
+    evaluates). A named text trains on
     its calibration split only, but a second evaluation text must stay unseen by the training altogether: its
     calibration part is the same source and domain, so a gain there would be domain adaptation, not recovery."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"recover_text must be a text name or file:PATH, got {name!r}")
-    if name != calibration and name in set(eval_texts or ()):
-        raise ValueError(f"recover_text {name!r} is also an evaluation text: train on the calibration text (or "
-                         "another file:) and evaluate on text the training never saw")
+    evaluated = set(eval_texts or ())
+    for entry, _ in parse_mixture(name):  # each text of a mixture, its training-split suffix dropped
+        if entry != calibration and entry in evaluated:
+            within = f" (in the mixture {name!r})" if entry != name else ""
+            raise ValueError(f"recover_text {entry!r}{within} is also an evaluation text: train on the calibration "
+                             "text (or another file:) and evaluate on text the training never saw")
