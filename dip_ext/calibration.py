@@ -5,7 +5,8 @@ Per decoder layer and prunable structure it accumulates
   sum of squares in fp64) at the normalized attention input, the attention output projection's input, the
   normalized MLP input and the MLP down projection's input;
 - first-order Fisher scores: with a mask fixed at 1 on every prunable dimension, ``g = ∂L/∂m`` per calibration
-  window, score ``Σ g²`` (the diagonal empirical Fisher: the expected loss increase of dropping that dimension
+  window, score ``Σ g²`` per dimension, and per KV group where the family declares groups (the group's mask on its
+  query heads' columns at the attention output projection's input) (the diagonal empirical Fisher: the expected loss increase of dropping that dimension
   is ≈ ½·score). The tied score of the dimension-dependent baseline (one mask shared by every hidden-width set
   of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
 
@@ -38,7 +39,7 @@ from .training import CheckpointFormat, digest
 STAT_POINTS = {"attn_in": "attn_in", "attn_proj_in": "attn_out", "mlp_in": "mlp_in", "mlp_mid": "mlp_mid"}
 HIDDEN = tuple(s for s in STRUCTURES if STRUCTURE_SPACE[s] == "hidden")
 #: a calibration result on disk (also the pass's checkpoint): the training kit's checkpoint format
-FORMAT = CheckpointFormat("dip_ext.calibration", 2, "calibration file",
+FORMAT = CheckpointFormat("dip_ext.calibration", 3, "calibration file",
                           remedy="delete it (the calibration pass runs again) or run without resume")
 #: readable names of the fingerprint's entries, for a refused resume
 _LABELS = {"dims": "the model's dims (another model)",
@@ -52,7 +53,8 @@ class CalibrationResult:
 
     dims: ModelDims
     windows: int = 0
-    #: scores[i][s]: float64 [width of s] — Σ_windows (∂L/∂m)² per dimension
+    #: scores[i][s]: float64 [width of s] — Σ_windows (∂L/∂m)² per dimension (per group for ``kv_groups``, scored
+    #: where the family declares KV groups)
     scores: list[dict[str, torch.Tensor]] = field(default_factory=list)
     #: float64 [d] — Σ_windows (Σ_{layers, hidden sets} ∂L/∂m)²: the dimension-dependent (tied) score
     tied_hidden: Optional[torch.Tensor] = None
@@ -71,14 +73,14 @@ class CalibrationResult:
     @classmethod
     def empty(cls, dims: ModelDims) -> "CalibrationResult":
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        return cls(dims, 0, [{s: z(dims.size(s)) for s in STRUCTURES} for _ in range(dims.num_layers)],
+        return cls(dims, 0, [{s: z(dims.size(s)) for s in scored(dims)} for _ in range(dims.num_layers)],
                    z(dims.hidden), {}, [])
 
     # ---- persistence (safetensors + JSON, no pickle) -------------------------------------------------------
     def fingerprint(self) -> dict:
         """What a resume must match: the model's dims and weights digest, the digest of the windows done and the
         settings that shaped the pass."""
-        return {"dims": [self.dims.num_layers, self.dims.hidden, self.dims.ffn], "weights": self.model_sha,
+        return {"dims": self.dims.as_list(), "weights": self.model_sha,
                 "blocks": self.blocks_sha, "settings": self.settings}
 
     def save(self, path) -> None:
@@ -103,7 +105,7 @@ class CalibrationResult:
         fp = meta["fingerprint"]
         dims = ModelDims(*fp["dims"])
         res = cls(dims, int(meta["windows"]),
-                  [{s: tensors[f"scores.{i}.{s}"] for s in STRUCTURES} for i in range(dims.num_layers)],
+                  [{s: tensors[f"scores.{i}.{s}"] for s in scored(dims)} for i in range(dims.num_layers)],
                   tensors["tied_hidden"], {}, list(meta["losses"]), fp["blocks"], fp["weights"], fp["settings"])
         for point in STAT_POINTS:
             if f"stats.{point}.0.sum" in tensors:
@@ -111,6 +113,11 @@ class CalibrationResult:
                     {k: tensors[f"stats.{point}.{i}.{k}"] for k in ("count", "sum", "sumsq")})
                     for i in range(dims.num_layers)]
         return res
+
+
+def scored(dims: ModelDims) -> tuple[str, ...]:
+    """The structures the pass scores: the five sets, and ``kv_groups`` where the family declares KV groups."""
+    return dims.structures(heads=dims.kv_groups > 0)
 
 
 def blocks_sha(blocks: torch.Tensor) -> str:
@@ -169,7 +176,7 @@ def _start(checkpoint, blocks: torch.Tensor, dims: ModelDims, model_sha: str,
         result.model_sha, result.settings = model_sha, settings
         return result
     start, n = result.windows, blocks.shape[0]
-    now = {"dims": [dims.num_layers, dims.hidden, dims.ffn], "weights": model_sha,
+    now = {"dims": dims.as_list(), "weights": model_sha,
            "blocks": blocks_sha(blocks[:start]), "settings": settings}
     keys = {"dims", "weights"} | ({"blocks"} if start <= n else set())
     keys |= {"settings"} if settings is not None and result.settings is not None else set()
@@ -224,7 +231,7 @@ def _pass(model: nn.Module, blocks: torch.Tensor, result: CalibrationResult, acc
     """The windows from ``result.windows`` on, in rounds of ``world_size`` (see :func:`run_calibration`), each
     accumulated into ``acc``; every ``checkpoint_every`` windows the ranks sync and rank 0 saves."""
     dims, device, world, rank = result.dims, model_device(model), placement.world_size, placement.rank
-    ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in STRUCTURES}
+    ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in scored(dims)}
             for _ in range(dims.num_layers)]
     flat = [m for layer in ones for m in layer.values()]
     n, start = blocks.shape[0], result.windows
@@ -264,11 +271,12 @@ def _accumulate(model: nn.Module, ids: torch.Tensor, flat: list[torch.Tensor], a
         raise ValueError(f"non-finite loss on calibration window {window}: the model or its input is broken")
     grads = torch.autograd.grad(loss, flat)
     tied = torch.zeros(acc.dims.hidden, dtype=torch.float64)
+    keys = scored(acc.dims)
     for k, g in enumerate(grads):
-        i, s = divmod(k, len(STRUCTURES))
+        i, s = divmod(k, len(keys))
         g64 = g.detach().double().cpu()
-        acc.scores[i][STRUCTURES[s]] += g64 * g64
-        if STRUCTURES[s] in HIDDEN:
+        acc.scores[i][keys[s]] += g64 * g64
+        if keys[s] in HIDDEN:
             tied += g64
     acc.tied_hidden += tied * tied
     return float(loss.detach())
@@ -321,7 +329,7 @@ def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: lis
     counts = torch.tensor([st.count for st in stats], dtype=torch.int64)
     dist.all_reduce_sum_(tensors + [counts])
     for mine, theirs in zip(result.scores, acc.scores):
-        for s in STRUCTURES:
+        for s in mine:
             mine[s] += theirs[s]
             theirs[s].zero_()
     result.tied_hidden += acc.tied_hidden

@@ -34,6 +34,12 @@ class PruneConfig(Options):
     ratio_of: Literal["decoder_linear", "total"] = option(
         "decoder_linear", "what --ratio is a fraction of: the decoder linear layers, or all parameters (embeddings, "
         "norms and the LM head are kept, so the decoder linears pay for it)")
+    prune_heads: bool = option(False, "let whole KV groups (a KV head with the query heads that share it) compete "
+                               "for the parameter budget with the other dimensions, so attention and the KV cache "
+                               "shrink too (oneshot only)")
+    kv_ratio: Optional[float] = option(None, "also remove at least this fraction of the KV-cache bytes per token, "
+                                       "in (0, 1), by dropping the KV groups of lowest score (turns --prune-heads "
+                                       "on)", above=0.0, below=1.0)
     calibration: str = option("wiki", "calibration text: wiki, ptb, wikitext2 (online) or file:PATH; or a mixture "
                               "of them with weights, e.g. wiki:0.5,ptb:0.3,file:notes.txt:0.2 (every part of the "
                               "calibration windows drawn from each text in proportion; evaluation splits such as "

@@ -2,7 +2,8 @@
 
 This defines what "exact" means for compaction, and it is the path mask learning trains through: masks
 multiply the normalized block inputs (``attn_in``, ``mlp_in``), the MLP intermediate activation (``mlp_mid``)
-and each block's output including its bias (``attn_out``, ``mlp_out``).
+and each block's output including its bias (``attn_out``, ``mlp_out``); a ``kv_groups`` mask multiplies the input
+of the attention output projection, each group's entry covering its query heads' columns there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from .compaction import require_dense
 from .errors import MaskError
 from .families import adapter_for
-from .masks import STRUCTURES, DispMasks
+from .masks import ALL_STRUCTURES, DispMasks
 
 MaskTensors = Sequence[dict[str, Optional[torch.Tensor]]]
 
@@ -25,7 +26,8 @@ class MaskedModel:
     """Hooks on a dense model that multiply per-layer masks in; returned by :func:`apply_masks`.
 
     ``masks[i][s]`` is a float tensor of the structure's full width (0/1, or soft values in [0, 1] that may
-    require grad), or None to leave that structure unmasked. Use as a context manager or call :meth:`remove`.
+    require grad), or None (or absent) to leave that structure unmasked; ``s`` is one of
+    :data:`~dip_ext.masks.ALL_STRUCTURES` (``kv_groups``: one entry per KV group). Use as a context manager or call :meth:`remove`.
     Raises ValueError for a compacted model, UnsupportedModelError for an unsupported one, MaskError for masks
     that do not fit.
     """
@@ -35,7 +37,7 @@ class MaskedModel:
         self.model = model
         self.adapter = adapter_for(model)
         self.dims = self.adapter.dims(model.config)
-        self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(STRUCTURES)
+        self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(ALL_STRUCTURES)
                                                                  for _ in range(self.dims.num_layers)]
         self._hooks = []
         for i, layer in enumerate(self.adapter.decoder_layers(model)):
@@ -55,16 +57,23 @@ class MaskedModel:
         if len(masks) != self.dims.num_layers:
             raise MaskError(f"masks have {len(masks)} layers but the model has {self.dims.num_layers}")
         for i, layer in enumerate(masks):
-            for s in STRUCTURES:
+            unknown = [k for k in layer if k not in ALL_STRUCTURES]
+            if unknown:
+                raise MaskError(f"layer {i}: unknown structure {unknown[0]!r} (known: {list(ALL_STRUCTURES)})")
+            for s in ALL_STRUCTURES:
                 m = layer.get(s)
                 if m is not None and (m.dim() != 1 or m.numel() != self.dims.size(s)):
                     raise MaskError(f"layer {i} {s}: mask must have shape [{self.dims.size(s)}], "
                                     f"got {tuple(m.shape)}")
-        self._masks = [{s: layer.get(s) for s in STRUCTURES} for layer in masks]
+        self._masks = [{s: layer.get(s) for s in ALL_STRUCTURES} for layer in masks]
 
     def _mask_for(self, i: int, s: str, like: torch.Tensor) -> Optional[torch.Tensor]:
         m = self._masks[i][s]
-        return None if m is None else m.to(device=like.device, dtype=like.dtype)
+        if m is None:
+            return None
+        if m.numel() != like.shape[-1]:  # a KV group's entry covers its query heads' columns
+            m = m.repeat_interleave(like.shape[-1] // m.numel())
+        return m.to(device=like.device, dtype=like.dtype)
 
     def _mask_input(self, i, s, module, args):
         m = self._mask_for(i, s, args[0])

@@ -99,3 +99,8 @@ def offloaded_modules(model: nn.Module) -> list[str]:
     if names:
         return names
     return sorted({name.rpartition(".")[0] or name for name, p in model.named_parameters() if p.device.type == "meta"})
+
+
+def weight_itemsize(model: nn.Module) -> int:
+    """Bytes per value of the model's floating-point weights (what its KV cache holds by default; 2 without any)."""
+    return next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)

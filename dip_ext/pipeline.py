@@ -37,7 +37,7 @@ from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
 from .mixtures import is_mixture, parse_mixture
-from .model_state import model_digest
+from .model_state import model_digest, weight_itemsize
 from .outputs import WORK_MARKER, prepare_work_dir
 from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
@@ -133,7 +133,11 @@ class Pruner:
         self.seq_len = data.fit_seq_len(self.config.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="seq_len")
         self.eval_seq_len = data.fit_seq_len(self.eval_config.eval_seq_len, model.config, default=DEFAULT_SEQ_LEN,
                                              what="eval_seq_len")
-        self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of)
+        self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of,
+                                       heads=self.config.prune_heads, kv_ratio=self.config.kv_ratio)
+        if self.budget.heads and not getattr(self.method, "prunes_heads", False):
+            raise ValueError(f"--method {self.method.name} does not prune KV groups: drop --prune-heads / --kv-ratio, "
+                             "or use --method oneshot")
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
         needs_tokenizer = list(texts) + ([self.config.calibration] if given is None else [])
@@ -384,7 +388,7 @@ class Pruner:
                      "val": 0 if windows.val is None else int(windows.val.shape[0]),
                      **({"sources": windows.sources} if windows.sources else {})},
             params_before=compaction.params_before, params_after=compaction.params_after,
-            budget=self.budget.describe(masks.widths()), masks=masks,
+            budget=self.budget.describe(masks.widths(), itemsize=weight_itemsize(self.model)), masks=masks,
             perplexity_before=self.evaluations.get("before", Evaluation("before")).perplexity,
             perplexity_after=after_eval.perplexity,
             perplexity_recovered=self.evaluations.get("recovered", Evaluation("recovered")).perplexity,

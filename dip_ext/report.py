@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from .eval import PrefillComparison
 from .files import atomic_write_bytes, atomic_write_text, read_json
-from .masks import STRUCTURES, DispMasks
+from .masks import DispMasks
 from .model_card import model_card
 from .outputs import without_local_paths
 from .params import ParamReport
@@ -106,6 +106,10 @@ class PruneReport:
         """The dense model's width of each set."""
         return self.params_before.full_widths
 
+    def _full_widths(self) -> dict:
+        """Full width of every set the masks hold (the compacted model's report knows the KV groups)."""
+        return {**self.full_widths, **(self.params_after.full_widths if self.params_after is not None else {})}
+
     @property
     def tokens_per_second_before(self) -> Optional[float]:
         """The dense model's prefill speed (from the interleaved comparison)."""
@@ -187,6 +191,10 @@ class PruneReport:
                  f"| total parameters | {b.total:,} | {a.total:,} | {100 * (1 - a.total / b.total):.2f} % |",
                  f"| decoder-linear parameters | {b.decoder_linear:,} | {a.decoder_linear:,} | "
                  f"{100 * (1 - a.decoder_linear / b.decoder_linear):.2f} % |"]
+        kv_dense, kv_kept = (self.budget.get(f"kv_cache_bytes_per_token_{k}") for k in ("dense", "kept"))
+        if kv_dense:
+            lines.append(f"| KV-cache bytes per token{f' ({self.dtype})' if self.dtype else ''} | {kv_dense:,} | "
+                         f"{kv_kept:,} | {100 * (1 - kv_kept / kv_dense):.2f} % |")
         for name in self.perplexity_before:
             before, after = self.perplexity_before[name], self.perplexity_after.get(name, float("nan"))
             lines.append(f"| perplexity {name} | {before:.3f} | {after:.3f} | ×{after / before:.3f} |")
@@ -206,10 +214,12 @@ class PruneReport:
             lines += self.recovery.markdown_lines()
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
-        lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(STRUCTURES) + " |",
-                  "|---:|" + "---:|" * len(STRUCTURES)]
-        lines += [f"| {i} | " + " | ".join(str(w[s]) for s in STRUCTURES) + " |" for i, w in enumerate(self.widths)]
-        lines.append("| full | " + " | ".join(str(self.full_widths[s]) for s in STRUCTURES) + " |")
+        keys = self.masks.structures
+        full = self._full_widths()
+        lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(keys) + " |",
+                  "|---:|" + "---:|" * len(keys)]
+        lines += [f"| {i} | " + " | ".join(str(w[s]) for s in keys) + " |" for i, w in enumerate(self.widths)]
+        lines.append("| full | " + " | ".join(str(full[s]) for s in keys) + " |")
         return "\n".join(lines) + "\n"
 
     def _selection_lines(self) -> list[str]:
@@ -229,15 +239,16 @@ class PruneReport:
         fig = Figure(figsize=(9, 4.5))  # no pyplot: the caller's matplotlib backend and state stay untouched
         ax = fig.subplots()
         layers = range(len(self.widths))
-        for s in STRUCTURES:
-            ax.plot(layers, [w[s] / self.full_widths[s] for w in self.widths], marker="o", ms=3, label=s)
+        full = self._full_widths()
+        for s in self.masks.structures:
+            ax.plot(layers, [w[s] / full[s] for w in self.widths], marker="o", ms=3, label=s)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("kept fraction of the full width")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{self.model}: {self.method}, {100 * self.ratio:.0f} % of "
                      f"{self.ratio_of.replace('_', '-')} parameters removed")
         ax.grid(alpha=0.3)
-        ax.legend(ncol=5, fontsize=8, loc="lower center")
+        ax.legend(ncol=len(self.masks.structures), fontsize=8, loc="lower center")
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=120)

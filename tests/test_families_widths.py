@@ -86,7 +86,8 @@ def shapes_of_modules(adapter, layer) -> LayerShapes:
     ins = [m for m, _ in points["mlp_in"]]
     out = points["mlp_out"][0][0]
     assert v.out_features == k.out_features and o.in_features == q.out_features
-    return LayerShapes(q_out=q.out_features, kv_out=k.out_features, qkv_bias=q.bias is not None,
+    kv_heads = k.out_features // layer.self_attn.head_dim
+    return LayerShapes(q_out=q.out_features, kv_out=k.out_features, kv_heads=kv_heads, qkv_bias=q.bias is not None,
                        o_bias=o.bias is not None, mlp_in_linears=len(ins), mlp_in_bias=ins[0].bias is not None,
                        mlp_out_bias=out.bias is not None)
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..masks import DispMasks, ModelDims
+from ..masks import KV_GROUPS, DispMasks, ModelDims
 from .layers import CompactedLayer, keeps_attention, keeps_mlp
 
 #: Where the masked reference multiplies a mask: on a module's input or on its output.
@@ -26,28 +26,46 @@ class LayerShapes:
 
     ``q_out``: output width of the query projection (heads × head_dim, which need not equal the hidden size) and
     input width of the attention output projection; ``kv_out``: output width of the key and of the value
-    projection (``kv_heads × head_dim``); ``qkv_bias`` / ``o_bias``: whether q, k, v / the attention output
+    projection (``kv_heads × head_dim``); ``kv_heads``: the KV heads, one KV group each (the query heads divide
+    evenly among them); ``qkv_bias`` / ``o_bias``: whether q, k, v / the attention output
     projection have biases; ``mlp_in_linears``: linears reading the MLP input (2 for gate + up, 1 for fc1);
     ``mlp_in_bias`` / ``mlp_out_bias``: biases of those / of the MLP's output projection.
     """
 
     q_out: int
     kv_out: int
+    kv_heads: int
     qkv_bias: bool
     o_bias: bool
     mlp_in_linears: int
     mlp_in_bias: bool
     mlp_out_bias: bool
 
+    @property
+    def group_q(self) -> int:
+        """Query-projection rows (= o_proj input columns) of one KV group: its query heads × head_dim."""
+        return self.q_out // self.kv_heads
+
+    @property
+    def group_kv(self) -> int:
+        """Key (and value) projection rows of one KV group: head_dim."""
+        return self.kv_out // self.kv_heads
+
+    def kv_cache_bytes(self, kept_groups: int, itemsize: int) -> int:
+        """KV-cache bytes per token of one layer keeping ``kept_groups`` groups, at ``itemsize`` bytes per value
+        (a key and a value of head_dim each per group)."""
+        return 2 * kept_groups * self.group_kv * itemsize
+
 
 def block_points(attn_inputs: tuple[nn.Module, ...], attn_output: nn.Module, mlp_inputs: tuple[nn.Module, ...],
                  mlp_output: nn.Module) -> dict[str, list[MaskPoint]]:
     """The mask points of a layer with these linears: ``attn_in`` on the inputs of q/k/v, ``attn_out`` on the
     attention output projection's output, ``mlp_in`` on the MLP input linears' inputs, ``mlp_mid`` on the MLP
-    output linear's input and ``mlp_out`` on its output."""
+    output linear's input and ``mlp_out`` on its output; ``kv_groups`` on the attention output projection's input
+    (a group's mask covers its query heads' columns there, so a dropped group's heads contribute nothing)."""
     return {"attn_in": [(m, "input") for m in attn_inputs], "attn_out": [(attn_output, "output")],
             "mlp_in": [(m, "input") for m in mlp_inputs], "mlp_mid": [(mlp_output, "input")],
-            "mlp_out": [(mlp_output, "output")]}
+            "mlp_out": [(mlp_output, "output")], KV_GROUPS: [(attn_output, "input")]}
 
 
 class FamilyAdapter:
@@ -83,8 +101,9 @@ class FamilyAdapter:
         """Raises UnsupportedModelError for variants of the family this adapter cannot compact."""
 
     def dims(self, config) -> ModelDims:
-        """Layer count, residual width and MLP width of a model of ``config``."""
-        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+        """Layer count, residual width, MLP width and KV groups of a model of ``config``."""
+        return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                         self.shapes(config).kv_heads)
 
     def shapes(self, config) -> LayerShapes:
         """The linears' widths and biases of one dense decoder layer of ``config`` (as the family's modules read
@@ -142,19 +161,22 @@ class FamilyAdapter:
     def linear_params(self, config, widths: dict) -> dict:
         """Parameters (weights + biases) stored by one layer's attention and MLP linears at these kept widths.
 
-        ``widths`` maps each structure to its kept width (ints, or tensors for a differentiable count). Attention:
-        ``|attn_in|·(q_out + 2·kv_out) + q_out·|attn_out|`` plus biases, stored only when ``attn_out`` is
-        non-empty; MLP: ``n·|mlp_in|·|mlp_mid| + |mlp_mid|·|mlp_out|`` plus biases (n = 1 or 2 input linears),
+        ``widths`` maps each structure to its kept width (ints, or tensors for a differentiable count);
+        ``kv_groups`` may be absent (every group kept). Attention, with ``g`` groups kept of ``G``:
+        ``|attn_in|·(q_out + 2·kv_out)·g/G + q_out·|attn_out|·g/G`` plus biases, stored only when ``attn_out`` is
+        non-empty and ``g > 0``; MLP: ``n·|mlp_in|·|mlp_mid| + |mlp_mid|·|mlp_out|`` plus biases (n = 1 or 2 input linears),
         stored when ``mlp_out`` is non-empty and it has a channel or an output bias (the DISP paper's count, Gao
         et al., NeurIPS 2024, with biases).
         """
         s = self.shapes(config)
         a_in, a_out = widths["attn_in"], widths["attn_out"]
         m_in, mid, m_out = widths["mlp_in"], widths["mlp_mid"], widths["mlp_out"]
-        qkv_out = s.q_out + 2 * s.kv_out
+        groups = widths.get(KV_GROUPS, s.kv_heads)
+        qkv_out = groups * (s.group_q + 2 * s.group_kv)
+        q_out = groups * s.group_q
         attn = mlp = 0
-        if keeps_attention(a_out):
-            attn = a_in * qkv_out + s.q_out * a_out + qkv_out * s.qkv_bias + a_out * s.o_bias
+        if keeps_attention(a_out) and groups > 0:
+            attn = a_in * qkv_out + q_out * a_out + qkv_out * s.qkv_bias + a_out * s.o_bias
         if keeps_mlp(mid, m_out, s.mlp_out_bias):
             n = s.mlp_in_linears
             mlp = n * m_in * mid + mid * m_out + n * mid * s.mlp_in_bias + m_out * s.mlp_out_bias

@@ -92,7 +92,8 @@ class Gemma3Adapter(FamilyAdapter):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         bias = bool(getattr(config, "attention_bias", False))
         return LayerShapes(q_out=config.num_attention_heads * head_dim, kv_out=config.num_key_value_heads * head_dim,
-                           qkv_bias=bias, o_bias=bias, mlp_in_linears=2, mlp_in_bias=False, mlp_out_bias=False)
+                           kv_heads=config.num_key_value_heads, qkv_bias=bias, o_bias=bias, mlp_in_linears=2,
+                           mlp_in_bias=False, mlp_out_bias=False)
 
 
 class DipExtGemma3Config(DipExtConfig, Gemma3TextConfig):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..masks import KV_GROUPS
 from ..modules import IndexSet, IndexSetsFollowDevice, compact_linear
 
 #: The entry of transformers' attention interface that a removed attention dispatches to (:func:`removed_attention`).
@@ -33,12 +34,31 @@ def keeps_mlp(mlp_mid_width, mlp_out_width, out_bias: bool) -> bool:
 
 def compact_attention(attn: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> nn.Module:
     """Slices the attention module ``attn`` in place and returns it: its ``inputs`` linears (q, k, v) keep the
-    columns ``attn_in`` and all their rows and biases (heads stay whole), its ``output`` linear the rows
-    ``attn_out`` (with their biases)."""
+    columns ``attn_in``, its ``output`` linear the rows ``attn_out`` (with their biases). Heads stay whole; with a
+    ``kv_groups`` set, q keeps the rows of the kept groups' query heads and k / v those of their KV heads (biases
+    follow), the output linear the matching columns, and a ``num_heads`` attribute (read by OPT's forward) is set
+    to the query heads kept. Groups are counted from the module: KV heads = k rows / ``attn.head_dim``."""
+    rows = dict.fromkeys(inputs)
+    out_cols = None
+    groups = idx.get(KV_GROUPS)
+    if groups is not None:
+        q, k = (getattr(attn, name) for name in inputs[:2])
+        head_dim = attn.head_dim
+        per_q = q.out_features // (k.out_features // head_dim)
+        rows = {inputs[0]: _group_rows(groups, per_q), inputs[1]: _group_rows(groups, head_dim),
+                inputs[2]: _group_rows(groups, head_dim)}
+        out_cols = rows[inputs[0]]
+        if hasattr(attn, "num_heads"):
+            attn.num_heads = groups.numel() * per_q // head_dim
     for name in inputs:
-        setattr(attn, name, compact_linear(getattr(attn, name), cols=idx["attn_in"]))
-    setattr(attn, output, compact_linear(getattr(attn, output), rows=idx["attn_out"]))
+        setattr(attn, name, compact_linear(getattr(attn, name), rows=rows[name], cols=idx["attn_in"]))
+    setattr(attn, output, compact_linear(getattr(attn, output), rows=idx["attn_out"], cols=out_cols))
     return attn
+
+
+def _group_rows(groups: torch.Tensor, per_group: int) -> torch.Tensor:
+    """The rows ``g·per_group … (g+1)·per_group - 1`` of every kept group ``g`` (sorted int64)."""
+    return (groups.unsqueeze(1) * per_group + torch.arange(per_group, device=groups.device)).reshape(-1)
 
 
 def compact_mlp(owner: nn.Module, idx: dict[str, torch.Tensor], inputs: tuple[str, ...], output: str) -> None:

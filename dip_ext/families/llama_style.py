@@ -81,5 +81,5 @@ class LlamaStyleAdapter(FamilyAdapter):
     def gated_shapes(config, head_dim: int, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> LayerShapes:
         """:class:`LayerShapes` of a LLaMA-style layer with this head width and these biases."""
         return LayerShapes(q_out=config.num_attention_heads * head_dim, kv_out=config.num_key_value_heads * head_dim,
-                           qkv_bias=qkv_bias, o_bias=o_bias, mlp_in_linears=2, mlp_in_bias=mlp_bias,
-                           mlp_out_bias=mlp_bias)
+                           kv_heads=config.num_key_value_heads, qkv_bias=qkv_bias, o_bias=o_bias, mlp_in_linears=2,
+                           mlp_in_bias=mlp_bias, mlp_out_bias=mlp_bias)

@@ -98,7 +98,7 @@ class OPTAdapter(FamilyAdapter):
                 "OPT with layer_norm_elementwise_affine=False is not supported (no released OPT checkpoint uses it)")
 
     def dims(self, config) -> ModelDims:
-        return ModelDims(config.num_hidden_layers, config.hidden_size, config.ffn_dim)
+        return ModelDims(config.num_hidden_layers, config.hidden_size, config.ffn_dim, config.num_attention_heads)
 
     def base_layers(self, base_model: nn.Module) -> nn.ModuleList:
         return base_model.decoder.layers
@@ -110,7 +110,8 @@ class OPTAdapter(FamilyAdapter):
     def shapes(self, config) -> LayerShapes:
         # OPTAttention: q, k, v and out_proj are all embed_dim × embed_dim; every linear has enable_bias
         bias = bool(config.enable_bias)
-        return LayerShapes(q_out=config.hidden_size, kv_out=config.hidden_size, qkv_bias=bias, o_bias=bias,
+        return LayerShapes(q_out=config.hidden_size, kv_out=config.hidden_size, kv_heads=config.num_attention_heads,
+                           qkv_bias=bias, o_bias=bias,
                            mlp_in_linears=1, mlp_in_bias=bias, mlp_out_bias=bias)
 
 

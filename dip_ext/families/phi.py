@@ -101,8 +101,8 @@ class PhiAdapter(FamilyAdapter):
         # PhiAttention reads head_dim when the config has one; every linear of a Phi layer has a bias
         head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return LayerShapes(q_out=config.num_attention_heads * head_dim, kv_out=kv_heads * head_dim, qkv_bias=True,
-                           o_bias=True, mlp_in_linears=1, mlp_in_bias=True, mlp_out_bias=True)
+        return LayerShapes(q_out=config.num_attention_heads * head_dim, kv_out=kv_heads * head_dim, kv_heads=kv_heads,
+                           qkv_bias=True, o_bias=True, mlp_in_linears=1, mlp_in_bias=True, mlp_out_bias=True)
 
 
 class DipExtPhiConfig(DipExtConfig, PhiConfig):

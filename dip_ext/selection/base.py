@@ -112,5 +112,7 @@ class SelectionMethod(Protocol):
     def select(self, inputs: SelectionInputs, options: Any) -> SelectionResult:
         ...
 
+    # Optional: ``prunes_heads = True`` for a method that meets budgets with ``Budget.heads`` (masks with KV
+    # groups); the pipeline refuses --prune-heads / --kv-ratio for the others.
     # Optional: ``report_lines(training: TrainingSummary, val_windows: int) -> list[str]``, the method's own
     # Markdown lines on a trained run in the report (without it: :meth:`TrainingSummary.markdown_lines`).

@@ -36,8 +36,8 @@ from torch import nn
 
 from ..compaction import require_dense
 from ..families import adapter_for
-from ..masks import STRUCTURES
-from ..params import param_report
+from ..masks import ALL_STRUCTURES, STRUCTURES
+from ..params import kv_cache_bytes, param_report
 from .slots import per_layer, slot_sizes
 
 __all__ = ["RATIO_OF", "Budget", "check_ratio", "widths_of", "round_down", "raise_widths", "fit_multiple",
@@ -63,7 +63,10 @@ def check_ratio(ratio: float) -> float:
 
 @dataclass
 class Budget:
-    """The kept decoder-linear parameter target for one model and one ratio (counts are parameters)."""
+    """The kept decoder-linear parameter target for one model and one ratio (counts are parameters), and what may
+    pay for it: with ``heads`` whole KV groups compete with the other dimensions; ``kv_ratio`` (which implies
+    ``heads``) also asks that at least that fraction of the KV-cache bytes per token be removed, met by keeping at
+    most ``kv_groups_kept`` groups over all layers (every group caches the same bytes)."""
 
     config: object
     ratio: float
@@ -71,9 +74,16 @@ class Budget:
     dense_linear: int
     dense_total: int
     target_linear: int  # decoder-linear parameters to keep
+    heads: bool = False
+    kv_ratio: Optional[float] = None
+    kv_groups_kept: Optional[int] = None  # the most KV groups kept over all layers (None: no KV target)
 
     @classmethod
-    def for_model(cls, model: nn.Module, ratio: float, ratio_of: str = "decoder_linear") -> "Budget":
+    def for_model(cls, model: nn.Module, ratio: float, ratio_of: str = "decoder_linear", *, heads: bool = False,
+                  kv_ratio: Optional[float] = None) -> "Budget":
+        """The budget of removing ``ratio`` of the ``ratio_of`` parameters of the dense ``model``; ``heads`` lets KV
+        groups compete, ``kv_ratio`` (a fraction in (0, 1)) adds the KV-cache target and turns ``heads`` on.
+        ValueError for a ratio out of range, a compacted model, or heads asked of a family without KV groups."""
         ratio = check_ratio(ratio)
         if ratio_of not in RATIO_OF:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
@@ -83,8 +93,28 @@ class Budget:
         if removed >= rep.dense_decoder_linear:
             raise ValueError(f"removing {100 * ratio:.1f} % of all parameters needs more than every decoder-linear "
                              f"parameter ({rep.dense_decoder_linear:,} of {rep.dense_total:,})")
+        kept_groups = None
+        if kv_ratio is not None:
+            try:
+                kv_ratio = check_ratio(kv_ratio)
+            except ValueError:
+                raise ValueError(f"kv_ratio must be in (0, 1) (the fraction of KV-cache bytes removed), got "
+                                 f"{kv_ratio!r}") from None
+            heads = True
+        if heads:
+            dims = adapter_for(model).dims(model.config)
+            if not dims.kv_groups:
+                raise ValueError(f"{type(model).__name__}: its family declares no KV groups, so heads cannot be "
+                                 "pruned (drop --prune-heads / --kv-ratio)")
+            if kv_ratio is not None:
+                kept_groups = math.floor((1 - kv_ratio) * dims.num_layers * dims.kv_groups + 1e-9)
         return cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
-                   int(round(rep.dense_decoder_linear - removed)))
+                   int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """The structures masks meeting this budget hold (``kv_groups`` with ``heads``)."""
+        return ALL_STRUCTURES if self.heads else STRUCTURES
 
     def kept_linear(self, widths: Sequence[dict]):
         """Decoder-linear parameters stored at these per-layer widths (ints or tensors)."""
@@ -102,22 +132,31 @@ class Budget:
     def target_ratio(self) -> float:
         return self.target_linear / self.dense_linear
 
-    def describe(self, widths: Sequence[dict]) -> dict:
+    def describe(self, widths: Sequence[dict], itemsize: int = 2) -> dict:
+        """What these per-layer widths keep and remove: decoder-linear parameters (counts and fractions) and the
+        KV-cache bytes per token (dense and kept, at ``itemsize`` bytes per value)."""
         kept = int(self.kept_linear(widths))
         removed = self.dense_linear - kept
         return {"kept_decoder_linear": kept, "removed_decoder_linear": removed,
                 "removed_fraction_decoder_linear": removed / self.dense_linear,
-                "removed_fraction_total": removed / self.dense_total}
+                "removed_fraction_total": removed / self.dense_total,
+                "kv_cache_bytes_per_token_dense": kv_cache_bytes(self.config, itemsize=itemsize),
+                "kv_cache_bytes_per_token_kept": kv_cache_bytes(self.config, list(widths), itemsize)}
 
 
 def widths_of(masks) -> list[dict]:
     """Per-layer widths of a DispMasks or of per-layer dicts of (soft) mask tensors (sum of the mask)."""
     if hasattr(masks, "widths"):
         return masks.widths()
-    return [{s: layer[s].sum() for s in STRUCTURES} for layer in masks]
+    return [{s: layer[s].sum() for s in ALL_STRUCTURES if s in layer} for layer in masks]
 
 
-def _check_multiple(multiple_of) -> int:
+def _check_multiple(multiple_of) -> Union[int, torch.Tensor]:
+    """An int >= 1, or a 1-D int64 tensor of per-group steps >= 1 (e.g. KV groups rounded singly)."""
+    if isinstance(multiple_of, torch.Tensor) and multiple_of.dtype == torch.int64 and multiple_of.dim() == 1:
+        if bool((multiple_of < 1).any()):
+            raise ValueError("per-group multiple_of entries must be >= 1")
+        return multiple_of
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
     return multiple_of
@@ -178,15 +217,19 @@ def raise_widths(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]
 
 
 def fit_multiple(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]], counts: torch.Tensor,
-                 sizes: torch.Tensor, multiple_of: int, priority: Priority) -> torch.Tensor:
+                 sizes: torch.Tensor, multiple_of: Union[int, torch.Tensor], priority: Priority,
+                 limit: Optional[torch.Tensor] = None) -> torch.Tensor:
     """THE rounding policy (see the module docstring): ``counts`` (a method's widths, meeting ``budget``) rounded
     down to allowed widths, then whole chunks of ``multiple_of`` added back in ``priority`` order while any fits.
 
     ``counts`` / ``sizes``: ``[n_groups]`` int64 widths and full sizes of the groups (a group may drive several
-    slots, as the dependent baseline's shared hidden set does); ``widths``: counts -> per-layer widths. Returns
-    the rounded ``[n_groups]`` int64 counts.
+    slots, as the dependent baseline's shared hidden set does); ``widths``: counts -> per-layer widths;
+    ``multiple_of``: one step for every group, or ``[n_groups]`` int64 steps (KV groups are rounded singly);
+    ``limit``: the most each group may be raised to (default ``sizes``; a KV-cache target caps the KV groups at
+    what the method kept). Returns the rounded ``[n_groups]`` int64 counts.
     """
-    return raise_widths(budget, widths, round_down(counts, sizes, multiple_of), sizes, multiple_of, priority)
+    limit = sizes if limit is None else limit
+    return raise_widths(budget, widths, round_down(counts, sizes, multiple_of), limit, multiple_of, priority)
 
 
 def fit_layer_widths(budget: Budget, widths: Sequence[dict], multiple_of: int,

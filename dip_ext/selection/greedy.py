@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import DispMasks, ModelDims
+from typing import Optional, Sequence
+
+from ..masks import KV_GROUPS, STRUCTURES, DispMasks, ModelDims
 from .budget import Budget, fit_multiple
 from .slots import per_layer, slots
 
@@ -21,11 +23,15 @@ __all__ = ["GroupSpace", "greedy_select"]
 
 
 class GroupSpace:
-    """Slots (layer, set) and groups of slots; ``incidence[g, k]`` = 1 if group g drives slot k (float64)."""
+    """Slots (layer, set) and groups of slots; ``incidence[g, k]`` = 1 if group g drives slot k (float64).
 
-    def __init__(self, dims: ModelDims, groups: list[list[tuple[int, str]]]):
+    ``structures``: the sets of a layer (:data:`~dip_ext.masks.STRUCTURES`, or
+    :data:`~dip_ext.masks.ALL_STRUCTURES` where KV groups are pruned)."""
+
+    def __init__(self, dims: ModelDims, groups: list[list[tuple[int, str]]], structures: Sequence[str] = STRUCTURES):
         self.dims = dims
-        self.slots = slots(dims)
+        self.structures = tuple(structures)
+        self.slots = slots(dims, self.structures)
         pos = {slot: k for k, slot in enumerate(self.slots)}
         self.incidence = torch.zeros(len(groups), len(self.slots), dtype=torch.float64)
         for g, members in enumerate(groups):
@@ -39,7 +45,7 @@ class GroupSpace:
 
     def widths(self, slot_widths: torch.Tensor) -> list[dict]:
         """Per-layer dicts of slot widths (tensor entries keep autograd)."""
-        return per_layer(slot_widths, self.dims.num_layers)
+        return per_layer(slot_widths, self.dims.num_layers, self.structures)
 
     def group_widths(self, counts: torch.Tensor) -> list[dict]:
         """Per-layer slot widths (float64 0-d tensors) when group g keeps ``counts[g]`` units."""
@@ -54,7 +60,8 @@ def _slot_costs(space: GroupSpace, budget: Budget, slot_widths: torch.Tensor) ->
 
 
 def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, unit_index: torch.Tensor,
-                  unit_score: torch.Tensor, multiple_of: int = 1) -> DispMasks:
+                  unit_score: torch.Tensor, multiple_of: int = 1,
+                  dropped: Optional[torch.Tensor] = None) -> DispMasks:
     """Drops units until ``budget`` is met; returns the kept index sets.
 
     ``unit_group[u]`` (int64) is the group of unit u, ``unit_index[u]`` the dimension it is within its slots,
@@ -62,7 +69,10 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     are dropped until the budget is met; then :func:`~dip_ext.selection.budget.fit_multiple` rounds the group
     widths down to multiples of ``multiple_of`` and gives back whole chunks (single units when it is 1: the
     last dropped chunk may have overshot) by best score per parameter while the budget allows. Every group
-    keeps its best-scoring units. ValueError for mismatched unit tensors or ``multiple_of`` < 1.
+    keeps its best-scoring units. ``dropped`` (bool, one per unit): units dropped before the greedy starts
+    (a KV-cache target's groups); the groups of ``kv_groups`` slots are then never raised again, and they are
+    always rounded singly (``multiple_of`` does not apply to them). ValueError for mismatched unit tensors or
+    ``multiple_of`` < 1.
     """
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
@@ -74,12 +84,14 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     n_groups = space.incidence.shape[0]
     group_size = torch.bincount(unit_group, minlength=n_groups).double()
     alive = torch.ones(unit_score.numel(), dtype=torch.bool)
+    if dropped is not None:
+        alive &= ~dropped
     target = budget.target_linear
 
     def slot_widths(counts: torch.Tensor) -> torch.Tensor:
         return counts @ space.incidence
 
-    counts = group_size.clone()
+    counts = torch.bincount(unit_group[alive], minlength=n_groups).double()
     costs, kept = _slot_costs(space, budget, slot_widths(counts))
     while kept > target:
         group_cost = (space.incidence @ costs).clamp_min(1e-9)
@@ -111,8 +123,11 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
         return out
 
     # the one rounding policy; with multiple_of 1 it gives back the single units the last chunk overshot by
-    counts = fit_multiple(budget, space.group_widths, torch.bincount(unit_group[alive], minlength=n_groups), sizes,
-                          multiple_of, gain)
+    counts = torch.bincount(unit_group[alive], minlength=n_groups)
+    heads = torch.tensor([any(s == KV_GROUPS for _, s in members) for members in space.groups])
+    steps = torch.where(heads, 1, multiple_of).to(torch.int64)
+    limit = torch.where(heads, counts, sizes) if dropped is not None else sizes
+    counts = fit_multiple(budget, space.group_widths, counts, sizes, steps, gain, limit=limit)
     return _to_masks(space, unit_index, ranked, counts)
 
 

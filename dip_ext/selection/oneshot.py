@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ..calibration import HIDDEN, CalibrationResult
-from ..masks import STRUCTURES, DispMasks
+from ..masks import KV_GROUPS, DispMasks
 from .base import SelectionInputs, SelectionResult
 from .budget import Budget
 from .greedy import GroupSpace, greedy_select
+from .slots import slots
 
 
 def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
     """DISP one-shot: every (layer, set) chooses its own dimensions by Fisher score per parameter saved
-    (:func:`~dip_ext.selection.greedy.greedy_select`; widths rounded by the one budget fitter)."""
+    (:func:`~dip_ext.selection.greedy.greedy_select`; widths rounded by the one budget fitter).
+
+    With ``budget.heads`` every layer's KV groups compete too (a group's score: the Fisher score of its mask on
+    its query heads' outputs); with a KV-cache target (``budget.kv_groups_kept``) the groups of lowest score over
+    all layers are dropped first until at most that many are kept (every group caches the same bytes per token),
+    then the parameter budget is met as without it. ValueError when the calibration has no group scores."""
     dims = calib.dims
-    groups = [[(i, s)] for i in range(dims.num_layers) for s in STRUCTURES]
+    structures = budget.structures
+    if budget.heads and any(KV_GROUPS not in layer for layer in calib.scores):
+        raise ValueError("pruning KV groups needs their calibration scores, and this calibration has none (a "
+                         "family without KV groups, or a calibration file of an older dip_ext: run it again)")
+    groups = [[(i, s)] for i in range(dims.num_layers) for s in structures]
     unit_group, unit_index, unit_score = [], [], []
     for g, [(i, s)] in enumerate(groups):
         score = calib.scores[i][s]
         unit_group.append(torch.full((score.numel(),), g, dtype=torch.long))
         unit_index.append(torch.arange(score.numel()))
         unit_score.append(score)
-    return greedy_select(GroupSpace(dims, groups), budget, torch.cat(unit_group), torch.cat(unit_index),
-                         torch.cat(unit_score).double(), multiple_of)
+    unit_group, unit_index, unit_score = torch.cat(unit_group), torch.cat(unit_index), torch.cat(unit_score).double()
+    dropped = None
+    if budget.kv_groups_kept is not None:
+        heads = torch.tensor([s == KV_GROUPS for _, s in slots(dims, structures)])[unit_group]
+        order = torch.argsort(torch.where(heads, unit_score, math.inf), stable=True)
+        dropped = torch.zeros(unit_score.numel(), dtype=torch.bool)
+        dropped[order[:int(heads.sum()) - budget.kv_groups_kept]] = True
+    return greedy_select(GroupSpace(dims, groups, structures), budget, unit_group, unit_index, unit_score,
+                         multiple_of, dropped=dropped)
 
 
 def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
@@ -33,6 +51,9 @@ def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int =
     regular structured pruning does to the residual stream), with a per-layer choice of MLP channels. Scores:
     ``calib.tied_hidden`` for the shared subset, ``calib.scores[i]["mlp_mid"]`` per layer."""
     dims = calib.dims
+    if budget.heads:
+        raise ValueError("the dimension-dependent baseline (--method dependent) does not prune KV groups: drop "
+                         "--prune-heads / --kv-ratio, or use --method oneshot")
     groups = [[(i, s) for i in range(dims.num_layers) for s in HIDDEN]]
     groups += [[(i, "mlp_mid")] for i in range(dims.num_layers)]
     unit_group = [torch.zeros(dims.hidden, dtype=torch.long)]
@@ -52,6 +73,7 @@ class _FromScores:
     name = ""
     options_class = None
     pick = staticmethod(oneshot_masks)
+    prunes_heads = False
 
     def uses_validation(self, options) -> bool:
         return False
@@ -71,6 +93,7 @@ class OneShot(_FromScores):
 
     name = "oneshot"
     pick = staticmethod(oneshot_masks)
+    prunes_heads = True
 
 
 class Dependent(_FromScores):

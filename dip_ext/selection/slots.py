@@ -5,6 +5,8 @@ attn_in, ...``). Its width is the size of the space the structure indexes (:meth
 width for the four hidden sets, the MLP width for ``mlp_mid``). Per-slot vectors (mask logits, 0/1 masks,
 scores) are concatenated in this order into one flat vector; per-slot scalars (widths) form a vector of
 ``num_layers * 5`` entries. The hypernetwork, its export and the greedy selection all use this one layout.
+Where KV groups are pruned, every function takes ``structures=ALL_STRUCTURES``: six slots per layer, ``kv_groups``
+last (its width: the layer's KV groups).
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ def _check_dims(dims) -> None:
         raise ValueError(f"dims must be a dip_ext.masks.ModelDims, got {type(dims).__name__}")
 
 
-def slots(dims: ModelDims) -> list[tuple[int, str]]:
+def slots(dims: ModelDims, structures: Sequence[str] = STRUCTURES) -> list[tuple[int, str]]:
     """``[(layer, structure), ...]`` of every slot, in the layout's order."""
     _check_dims(dims)
-    return [(i, s) for i in range(dims.num_layers) for s in STRUCTURES]
+    return [(i, s) for i in range(dims.num_layers) for s in structures]
 
 
-def slot_sizes(dims: ModelDims) -> torch.Tensor:
-    """``[num_layers * 5]`` int64: the full width of every slot."""
+def slot_sizes(dims: ModelDims, structures: Sequence[str] = STRUCTURES) -> torch.Tensor:
+    """``[num_layers * len(structures)]`` int64: the full width of every slot."""
     _check_dims(dims)
-    return torch.tensor([dims.size(s) for s in STRUCTURES] * dims.num_layers, dtype=torch.int64)
+    return torch.tensor([dims.size(s) for s in structures] * dims.num_layers, dtype=torch.int64)
 
 
 def flatten(layers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -66,15 +68,16 @@ def unflatten(flat: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tenso
     return [dict(zip(STRUCTURES, parts[i * n:(i + 1) * n])) for i in range(dims.num_layers)]
 
 
-def per_layer(values: torch.Tensor | Sequence, num_layers: int) -> list[dict]:
-    """Per-layer ``{structure: value}`` dicts of a per-slot vector of ``num_layers * 5`` entries.
+def per_layer(values: torch.Tensor | Sequence, num_layers: int,
+              structures: Sequence[str] = STRUCTURES) -> list[dict]:
+    """Per-layer ``{structure: value}`` dicts of a per-slot vector of ``num_layers * len(structures)`` entries.
 
     A tensor keeps its entries as 0-d tensors (autograd flows); a list or tuple keeps its items (e.g. ints).
     """
-    n = len(STRUCTURES)
+    n = len(structures)
     if len(values) != num_layers * n:
         raise ValueError(f"values must have num_layers * {n} = {num_layers * n} entries, got {len(values)}")
-    return [{s: values[i * n + j] for j, s in enumerate(STRUCTURES)} for i in range(num_layers)]
+    return [{s: values[i * n + j] for j, s in enumerate(structures)} for i in range(num_layers)]
 
 
 def slot_widths(flat_masks: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
