@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--multiple-of", type=int, default=None, help="width alignment (default cuda 64, cpu 8)")
     p.add_argument("--spread", type=float, default=0.25, help="log-normal sigma of per-layer width jitter")
+    p.add_argument("--kv-ratio", type=float, default=None, help="also run kv-groups@RATIO: the same parameter "
+                   "budget with at least this fraction of the KV-cache bytes removed by dropping whole KV groups")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; optional measurements are skipped past it (default cuda 170, cpu none)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: time eager decode steps instead of graphs")
@@ -119,6 +121,8 @@ def parse_args(argv=None):
         p.error(f"--ratios must be a comma list of numbers, got {a.ratios!r}")
     if not a.ratios or any(not 0 < r < 1 for r in a.ratios):
         p.error("--ratios must be numbers in (0, 1)")
+    if a.kv_ratio is not None and not 0 < a.kv_ratio < 1:
+        p.error("--kv-ratio must be in (0, 1)")
 
     def ints(s, name):
         try:
@@ -229,7 +233,8 @@ def main(argv=None) -> int:
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size")}
         bench.log(f"model: {name}, {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters")
-        variants, bench.data["masks"] = build_variants(dense, a.ratios, a.multiple_of, a.spread, a.seed, bench.log)
+        variants, bench.data["masks"] = build_variants(dense, a.ratios, a.multiple_of, a.spread, a.seed, bench.log,
+                                                       kv_ratio=a.kv_ratio)
     except Exception as e:  # noqa: BLE001
         bench.error("building models", e)
         print(e2e_report.table(bench.data))

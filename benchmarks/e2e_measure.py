@@ -20,6 +20,7 @@ import dip_ext
 from dip_ext.files import atomic_write_text
 from dip_ext.families import adapter_for
 from dip_ext.benchmarking import random_budget_widths, random_llama, random_masks, same_widths
+from dip_ext.params import kv_cache_bytes
 from dip_ext.decoding import DecodeSession, HostSyncDetector, capture_step, forward_kwargs
 
 import e2e_report
@@ -84,11 +85,13 @@ class Runner:
                     self.session.step()
 
 
-def build_variants(dense, ratios, multiple_of, spread, seed, log) -> tuple[list[Variant], dict]:
-    """``[dense, compacted@r, same-widths@r for r in ratios]`` (random masks at each ratio) and the masks' summary."""
+def build_variants(dense, ratios, multiple_of, spread, seed, log, kv_ratio=None) -> tuple[list[Variant], dict]:
+    """``[dense, compacted@r, same-widths@r for r in ratios]`` (random masks at each ratio) and the masks' summary;
+    with ``kv_ratio`` also ``kv-groups@r``: the same parameter budget met with at least ``kv_ratio`` of the KV-cache
+    bytes removed by dropping whole KV groups."""
     variants, masks_info = [Variant("dense", 0.0, dense)], {}
-    for r in ratios:
-        widths = random_budget_widths(dense, r, multiple_of, spread, seed)
+    for r, kv in [(r, None) for r in ratios] + ([(r, kv_ratio) for r in ratios] if kv_ratio else []):
+        widths = random_budget_widths(dense, r, multiple_of, spread, seed, kv_ratio=kv)
         masks = random_masks(widths, adapter_for(dense).dims(dense.config), seed)
         t0 = time.perf_counter()
         model = dip_ext.compact(copy.deepcopy(dense), masks).eval()
@@ -96,14 +99,21 @@ def build_variants(dense, ratios, multiple_of, spread, seed, log) -> tuple[list[
         # any CUDA-graph capture (the warm-up steps would also make them)
         model.to(next(dense.parameters()).device)
         rep = dip_ext.param_report(model)
-        masks_info[f"{r:g}"] = {
+        itemsize = next(dense.parameters()).element_size()
+        kv_bytes = kv_cache_bytes(model.config, masks.widths(), itemsize)
+        masks_info[f"{r:g}" if kv is None else f"kv-groups@{r:g}"] = {
+            "kv_ratio": kv, "kv_cache_bytes_per_token": kv_bytes,
+            "dense_kv_cache_bytes_per_token": kv_cache_bytes(model.config, None, itemsize),
             "ratio_requested": r, "removed_decoder_linear": rep.removed_decoder_linear,
             "removed_total": rep.removed_total, "decoder_linear": rep.decoder_linear,
             "dense_decoder_linear": rep.dense_decoder_linear, "multiple_of": multiple_of, "spread": spread,
             "widths": widths, "method": "random subsets; per-layer widths jittered log-normally, fitted to the budget"}
-        log(f"compacted {100 * r:.0f} %: removed {100 * rep.removed_decoder_linear:.2f} % of decoder-linear "
-            f"parameters ({100 * rep.removed_total:.2f} % of all) in {time.perf_counter() - t0:.1f} s")
-        variants += [Variant("compacted", r, model), Variant("same-widths", r, model)]
+        log(f"compacted {100 * r:.0f} %{'' if kv is None else f' with KV groups ({100 * kv:g} % of the KV cache)'}: "
+            f"removed {100 * rep.removed_decoder_linear:.2f} % of decoder-linear parameters "
+            f"({100 * rep.removed_total:.2f} % of all), KV cache {kv_bytes:,} bytes per token, in "
+            f"{time.perf_counter() - t0:.1f} s")
+        variants += ([Variant("compacted", r, model), Variant("same-widths", r, model)] if kv is None
+                     else [Variant("kv-groups", r, model)])
     return variants, masks_info
 
 

@@ -11,11 +11,15 @@ as ``prune_and_compact`` does); each (method, ratio) keeps its checkpoints in
 ``--steps`` extends the hypernetwork runs. ``--refit`` adds a row per method with ``--refit auto`` on
 the same masks. ``--recover distill`` (or ``reconstruct``, ``auto``; the pipeline's recovery options, e.g.
 ``--recover-steps``) adds a row per cell: the same compacted model after the Pruner's recovery stage, with the
-tokens and seconds it used.
+tokens and seconds it used. ``--kv-variants off heads 0.3 0.5`` adds KV-group pruning to the one-shot cells: ``heads``
+lets whole KV groups compete for the parameter budget (``--prune-heads``), a number is a KV-cache target
+(``--kv-ratio``: at least that fraction of the KV-cache bytes per token removed); every row records the KV-cache bytes
+per token it keeps.
 
     python benchmarks/quality.py                                   # the RESULTS.md table
     python benchmarks/quality.py --ratios 0.2 --steps 50 --eval-windows 4    # quick look
     python benchmarks/quality.py --ratios 0.1 0.2 --methods oneshot --recover distill --recover-steps 40
+    python benchmarks/quality.py --ratios 0.3 0.5 --methods oneshot --kv-variants off heads 0.3 0.5
     python benchmarks/quality.py --table results/quality-*.json      # one table from several runs' files
 
 Every option of the pipeline (``--calibration-windows``, ``--seq-len``, ``--val-windows``, the hypernetwork's
@@ -55,6 +59,8 @@ def parse_args(argv=None):
                    help="ratios that also get a hypernetwork run (default: all --ratios)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="also score every method's masks after --refit auto (rows 'METHOD+refit')")
+    g.add_argument("--kv-variants", nargs="+", default=["off"],
+                   help="one-shot cells with KV groups: off, heads (--prune-heads) or a --kv-ratio value")
     g.add_argument("--eval-windows", type=int, default=32, help="perplexity windows per text")
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--work", default="benchmarks/results/quality-work")
@@ -65,17 +71,28 @@ def parse_args(argv=None):
             from_namespace(RecoveryConfig, args))
 
 
+def kv_options(variant: str) -> dict:
+    """PruneConfig fields of a ``--kv-variants`` entry: off, heads, or a KV-cache target."""
+    if variant == "off":
+        return {}
+    if variant == "heads":
+        return {"prune_heads": True}
+    return {"kv_ratio": float(variant)}
+
+
 def make_pruner(dense, tokenizer, base: PruneConfig, hyper: HypernetworkConfig, recovery: RecoveryConfig, args,
-                calibrations: dict, *, ratio: float, method: str, refit: str) -> Pruner:
+                calibrations: dict, *, ratio: float, method: str, refit: str, kv: str = "off") -> Pruner:
     """A Pruner of one grid cell, reusing the calibration pass of an earlier cell with the same windows."""
-    config = dataclasses.replace(base, ratio=ratio, method=method)
+    config = dataclasses.replace(base, ratio=ratio, method=method, **kv_options(kv))
 
     def pruner(calibration=None) -> Pruner:
         return Pruner(copy.deepcopy(dense), tokenizer, config,
                       method_options=hyper if method == "hypernetwork" else None, refit=RefitConfig(refit=refit),
                       recovery=recovery,
                       evaluation=EvalConfig(eval_text=TEXTS, eval_windows=args.eval_windows, speed=False),
-                      work_dir=Path(args.work) / f"{method}-{ratio}-refit-{refit}", resume=True, progress=False,
+                      work_dir=Path(args.work) / (f"{method}-{ratio}-refit-{refit}"
+                                                  + ("" if kv == "off" else f"-kv-{kv}")),
+                      resume=True, progress=False,
                       calibration=calibration)
 
     first = pruner()
@@ -91,9 +108,15 @@ def run_one(pruner: Pruner) -> list[dict]:
     same model after :meth:`Pruner.recover`)."""
     selection, compaction, after = pruner.select(), pruner.compact(), pruner.evaluate()
     params, config = compaction.params_after, pruner.config
-    row = {"ratio": config.ratio, "method": config.method + ("+refit" if pruner.refit() is not None else ""),
+    kv = ("+heads" if config.prune_heads and config.kv_ratio is None else
+          f"+kv{config.kv_ratio:g}" if config.kv_ratio is not None else "")
+    described = pruner.budget.describe(selection.masks.widths(), itemsize=2)
+    row = {"ratio": config.ratio, "method": config.method + kv + ("+refit" if pruner.refit() is not None else ""),
            "select_s": selection.seconds, "removed_decoder_linear": params.removed_decoder_linear,
-           "removed_total": params.removed_total, "ppl": after.perplexity, "seconds": dict(pruner.seconds)}
+           "removed_total": params.removed_total, "ppl": after.perplexity, "seconds": dict(pruner.seconds),
+           "kv_cache_bytes_per_token_bf16": described["kv_cache_bytes_per_token_kept"],
+           "dense_kv_cache_bytes_per_token_bf16": described["kv_cache_bytes_per_token_dense"],
+           "kv_groups_kept": [w.get("kv_groups") for w in selection.masks.widths()]}
     if selection.training is not None:
         t = selection.training
         row.update(hyper_steps=t.steps, best_step=t.best_step, val_history=t.val_history,
@@ -104,7 +127,8 @@ def run_one(pruner: Pruner) -> list[dict]:
     recovery = pruner.recover()
     if recovery is not None:
         recovered = pruner.evaluate()  # "recovered", or the pruned weights again when recovery kept them
-        rows.append({**{k: row[k] for k in ("ratio", "select_s", "removed_decoder_linear", "removed_total")},
+        rows.append({**{k: row[k] for k in ("ratio", "select_s", "removed_decoder_linear", "removed_total",
+                                            "kv_cache_bytes_per_token_bf16", "dense_kv_cache_bytes_per_token_bf16")},
                      "method": f"{row['method']}+recover", "ppl": recovered.perplexity,
                      "seconds": dict(pruner.seconds), "recovery": recovery.to_dict()})
     return rows
@@ -131,13 +155,17 @@ def main(argv=None) -> None:
         for method in args.methods:
             if method == "hypernetwork" and ratio not in hyper_ratios:
                 continue
-            for refit in (("off", "auto") if args.refit else ("off",)):
+            cells = [(refit, "off") for refit in (("off", "auto") if args.refit else ("off",))]
+            cells += [("off", kv) for kv in args.kv_variants if kv != "off" and method == "oneshot"]
+            if "off" not in args.kv_variants and method == "oneshot":
+                cells = [c for c in cells if c[1] != "off"]
+            for refit, kv in cells:
                 pruner = make_pruner(dense, tokenizer, base, hyper, recovery, args, calibrations, ratio=ratio,
-                                     method=method, refit=refit)
+                                     method=method, refit=refit, kv=kv)
                 rows = run_one(pruner)
                 if "calibration pass" in pruner.seconds:  # this cell ran the pass the later ones reuse
                     results.setdefault("calibration_s", []).append(pruner.seconds["calibration pass"])
-                if method == "oneshot" and refit == "off":
+                if method == "oneshot" and refit == "off" and kv == "off":
                     rows[0]["oneshot_wall_after_load_s"] = (pruner.seconds.get("calibration pass", 0.0)
                                                             + rows[0]["select_s"])
                 for row in rows:
@@ -161,9 +189,13 @@ def table(all_results: list) -> str:
     texts = [t for t in TEXTS if t in dense]
     runs = sorted((r for res in all_results for r in res["runs"]),
                   key=lambda r: (r["ratio"], ORDER[r["method"].split("+")[0]], r["method"]))
-    lines = ["| ratio | method | " + " | ".join(f"{t} ppl (×dense)" for t in texts) + " |",
-             "|---:|---|" + "---:|" * len(texts),
-             "| 0 | dense | " + " | ".join(f"{dense[t]:.2f}" for t in texts) + " |"]
+    kv = any("kv_cache_bytes_per_token_bf16" in r for r in runs)
+    dense_kv = next((r["dense_kv_cache_bytes_per_token_bf16"] for r in runs
+                     if "dense_kv_cache_bytes_per_token_bf16" in r), None)
+    lines = ["| ratio | method | " + " | ".join(f"{t} ppl (×dense)" for t in texts)
+             + (" | KV B/token (bf16)" if kv else "") + " |", "|---:|---|" + "---:|" * (len(texts) + kv),
+             "| 0 | dense | " + " | ".join(f"{dense[t]:.2f}" for t in texts)
+             + (f" | {dense_kv:,}" if kv else "") + " |"]
     for r in runs:
         name = r["method"]
         if name.startswith("hypernetwork"):
@@ -177,8 +209,12 @@ def table(all_results: list) -> str:
             kept = "+".join(rec["chosen"]) or "nothing beat the pruned weights"
             name += (f" ({rec['mode']}: kept {kept}, {rec['tokens']} tokens, "
                      f"{sum(rec['seconds'].values()):.0f} s)")
+        kv_cell = ""
+        if kv:
+            kept, full = r.get("kv_cache_bytes_per_token_bf16"), r.get("dense_kv_cache_bytes_per_token_bf16")
+            kv_cell = f" | {kept:,} (−{100 * (1 - kept / full):.0f} %)" if kept is not None else " | –"
         lines.append(f"| {100 * r['ratio']:.0f} % | {name} | "
-                     + " | ".join(_cell(r["ppl"], t, dense[t]) for t in texts) + " |")
+                     + " | ".join(_cell(r["ppl"], t, dense[t]) for t in texts) + kv_cell + " |")
     return "\n".join(lines)
 
 

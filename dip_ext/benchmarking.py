@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .families import adapter_for
 from .families.llama_style import LlamaStyleLayer
-from .masks import STRUCTURES, DispMasks
+from .masks import KV_GROUPS, STRUCTURES, DispMasks
 from .selection.budget import Budget, fit_layer_widths
 
 __all__ = ["random_llama", "random_budget_widths", "random_masks", "same_widths"]
@@ -47,7 +47,7 @@ def random_llama(shape: dict, dtype: torch.dtype, device, seed: int) -> LlamaFor
 
 
 def random_budget_widths(model, ratio: float, multiple_of: int, spread: float, seed: int,
-                         ratio_of: str = "decoder_linear") -> list[dict[str, int]]:
+                         ratio_of: str = "decoder_linear", kv_ratio: Optional[float] = None) -> list[dict[str, int]]:
     """Per-layer kept widths of the dense ``model`` that remove ``ratio`` of its parameters (``ratio_of``, as in
     :class:`~dip_ext.selection.budget.Budget`), jittered per layer and structure.
 
@@ -56,19 +56,30 @@ def random_budget_widths(model, ratio: float, multiple_of: int, spread: float, s
     and the common scale ``c`` the largest (bisected) at which the budget is met. Those widths are then rounded
     by :func:`~dip_ext.selection.budget.fit_layer_widths` (down to multiples of ``multiple_of`` or ``n``, whole
     chunks added back, larger ``j`` first, while any fits), so the result never exceeds the budget and no single
-    further chunk would fit. Every width is at least ``min(multiple_of, n)``. ValueError for a ratio outside
-    (0, 1), a compacted model, or a budget the minimal widths already exceed.
+    further chunk would fit. Every width is at least ``min(multiple_of, n)``. With ``kv_ratio`` the widths also
+    hold ``kv_groups``: the most groups a KV-cache target of ``kv_ratio`` allows (:class:`Budget`), spread evenly
+    over the layers (the layers that get one more chosen at random), fixed before the other widths are fitted.
+    ValueError for a ratio outside (0, 1), a compacted model, or a budget the minimal widths already exceed.
     """
-    budget = Budget.for_model(model, ratio, ratio_of)
+    budget = Budget.for_model(model, ratio, ratio_of, kv_ratio=kv_ratio)
     dims = adapter_for(model).dims(model.config)
     sizes = {s: dims.size(s) for s in STRUCTURES}
+    groups = None
+    if kv_ratio is not None:
+        kept, layers = budget.kv_groups_kept, dims.num_layers
+        extra = set(torch.randperm(layers, generator=torch.Generator().manual_seed(seed + 2))[:kept % layers].tolist())
+        groups = [kept // layers + int(i in extra) for i in range(layers)]
     lowest = {s: min(multiple_of, n) for s, n in sizes.items()}
     gen = torch.Generator().manual_seed(seed)
     jitter = torch.exp(spread * torch.randn(dims.num_layers, len(STRUCTURES), generator=gen, dtype=torch.float64))
 
     def widths_at(scale: float) -> list[dict[str, int]]:
-        return [{s: max(lowest[s], min(sizes[s], int(scale * float(jitter[i, j]) * sizes[s])))
-                 for j, s in enumerate(STRUCTURES)} for i in range(dims.num_layers)]
+        out = [{s: max(lowest[s], min(sizes[s], int(scale * float(jitter[i, j]) * sizes[s])))
+                for j, s in enumerate(STRUCTURES)} for i in range(dims.num_layers)]
+        if groups is not None:
+            for w, g in zip(out, groups):
+                w[KV_GROUPS] = g
+        return out
 
     def meets(scale: float) -> bool:
         return budget.kept_linear(widths_at(scale)) <= budget.target_linear

@@ -6,9 +6,9 @@ Per decoder layer and prunable structure it accumulates
   normalized MLP input and the MLP down projection's input;
 - first-order Fisher scores: with a mask fixed at 1 on every prunable dimension, ``g = ∂L/∂m`` per calibration
   window, score ``Σ g²`` per dimension, and per KV group where the family declares groups (the group's mask on its
-  query heads' columns at the attention output projection's input) (the diagonal empirical Fisher: the expected loss increase of dropping that dimension
-  is ≈ ½·score). The tied score of the dimension-dependent baseline (one mask shared by every hidden-width set
-  of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
+  query heads' columns at the attention output projection's input) (the diagonal empirical Fisher: the expected
+  loss increase of dropping that dimension is ≈ ½·score). The tied score of the dimension-dependent baseline (one
+  mask shared by every hidden-width set of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
 
 The pass checkpoints every few windows and resumes (nothing is lost on interruption); its result is saved with
 safetensors and reusable.
@@ -53,8 +53,8 @@ class CalibrationResult:
 
     dims: ModelDims
     windows: int = 0
-    #: scores[i][s]: float64 [width of s] — Σ_windows (∂L/∂m)² per dimension (per group for ``kv_groups``, scored
-    #: where the family declares KV groups)
+    #: scores[i][s]: float64 [width of s] — Σ_windows (∂L/∂m)² per dimension (per group for ``kv_groups``,
+    #: scored where the family declares KV groups)
     scores: list[dict[str, torch.Tensor]] = field(default_factory=list)
     #: float64 [d] — Σ_windows (Σ_{layers, hidden sets} ∂L/∂m)²: the dimension-dependent (tied) score
     tied_hidden: Optional[torch.Tensor] = None

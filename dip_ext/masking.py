@@ -27,7 +27,8 @@ class MaskedModel:
 
     ``masks[i][s]`` is a float tensor of the structure's full width (0/1, or soft values in [0, 1] that may
     require grad), or None (or absent) to leave that structure unmasked; ``s`` is one of
-    :data:`~dip_ext.masks.ALL_STRUCTURES` (``kv_groups``: one entry per KV group). Use as a context manager or call :meth:`remove`.
+    :data:`~dip_ext.masks.ALL_STRUCTURES` (``kv_groups``: one entry per KV group). Use as a context manager or
+    call :meth:`remove`.
     Raises ValueError for a compacted model, UnsupportedModelError for an unsupported one, MaskError for masks
     that do not fit.
     """

@@ -195,20 +195,41 @@ def test_budget_widths_hit_the_ratio():
         random_budget_widths(model, 1.5, 8, 0.25, 0)
 
 
+def test_budget_widths_with_a_kv_target_keep_few_enough_groups():
+    from dip_ext.families import adapter_for
+    from dip_ext.selection import Budget
+
+    model = make_dense()
+    config = model.config
+    groups = config.num_key_value_heads * config.num_hidden_layers
+    for kv_ratio in (0.3, 0.5):
+        budget = Budget.for_model(model, 0.3, kv_ratio=kv_ratio)
+        widths = random_budget_widths(model, 0.3, multiple_of=8, spread=0.25, seed=0, kv_ratio=kv_ratio)
+        kept_groups = [w["kv_groups"] for w in widths]
+        assert sum(kept_groups) == budget.kv_groups_kept <= (1 - kv_ratio) * groups
+        assert max(kept_groups) - min(kept_groups) <= 1  # spread evenly over the layers
+        kept = sum(sum(adapter_for(config).linear_params(config, w).values()) for w in widths)
+        assert kept <= budget.target_linear and abs(kept / budget.dense_linear - 0.7) < 0.05
+
+
 def test_e2e_quick_run_writes_every_section(tmp_path):
     """benchmarks/e2e.py --quick on CPU: every code path of the GPU run except the capture itself."""
     out = tmp_path / "e2e.json"
     run = run_e2e("--device", "cpu", "--quick", "--threads", "1", "--prefill-lens", "16", "--batches", "2",
-                  "--repeats", "1", "--decode-repeats", "1", "--ratios", "0.5", "--out", str(out))
+                  "--repeats", "1", "--decode-repeats", "1", "--ratios", "0.5", "--kv-ratio", "0.5", "--out", str(out))
     rc = run.returncode
     data = json.loads(out.read_text())
     assert rc == 0 and data["errors"] == [], run.stderr[-3000:]
     assert data["selfcheck"]["ok"] and data["selfcheck"]["host_syncs_in_step"] == []
-    keys = {"dense", "compacted@0.5", "same-widths@0.5"}
+    keys = {"dense", "compacted@0.5", "same-widths@0.5", "kv-groups@0.5"}
     assert {r["key"] for r in data["prefill"]} == keys
     assert {r["key"] for r in data["decode"]} == keys
     assert all(r["tokens_per_s"] > 0 for r in data["prefill"] + data["decode"])
     assert abs(data["masks"]["0.5"]["removed_decoder_linear"] - 0.5) < 0.05
+    kv = data["masks"]["kv-groups@0.5"]  # the same parameter budget, at least half of the KV cache gone
+    assert abs(kv["removed_decoder_linear"] - 0.5) < 0.05
+    assert kv["kv_cache_bytes_per_token"] <= 0.5 * kv["dense_kv_cache_bytes_per_token"]
+    assert data["masks"]["0.5"]["kv_cache_bytes_per_token"] == kv["dense_kv_cache_bytes_per_token"]
     comp = next(r for r in data["prefill"] if r["key"] == "compacted@0.5")
     assert 1.5 < comp["linear_flop_ratio"] < 2.5
     assert all(r["cuda_graph"] is False for r in data["decode"])  # CPU: eager steps
@@ -217,7 +238,8 @@ def test_e2e_quick_run_writes_every_section(tmp_path):
     assert "same-widths@0.5" in printed and "targets" in printed
 
 
-@pytest.mark.parametrize("argv", [["--ratios", "0"], ["--ratios", "x"], ["--batches", "0"], ["--prefill-lens", "a"]])
+@pytest.mark.parametrize("argv", [["--ratios", "0"], ["--ratios", "x"], ["--batches", "0"], ["--prefill-lens", "a"],
+                                  ["--kv-ratio", "1.5"]])
 def test_e2e_bad_arguments_exit_with_a_message(argv):
     run = run_e2e("--device", "cpu", *argv)
     assert run.returncode == 2 and "--" in run.stderr

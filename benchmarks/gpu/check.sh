@@ -160,7 +160,7 @@ if [ ! -f "$REPO/benchmarks/e2e.py" ]; then
   skip_step e2e "benchmarks/e2e.py does not exist"
 elif [ "$build_ok" = 1 ]; then
   TAIL_LINES=40 run_step e2e 400 "$OUT/e2e.log" \
-    "$PYTHON" "$REPO/benchmarks/e2e.py" --device cuda --out "$OUT/e2e.json"
+    "$PYTHON" "$REPO/benchmarks/e2e.py" --device cuda --kv-ratio 0.5 --out "$OUT/e2e.json"
 else
   skip_step e2e "build failed"
 fi

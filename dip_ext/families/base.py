@@ -164,9 +164,9 @@ class FamilyAdapter:
         ``widths`` maps each structure to its kept width (ints, or tensors for a differentiable count);
         ``kv_groups`` may be absent (every group kept). Attention, with ``g`` groups kept of ``G``:
         ``|attn_in|·(q_out + 2·kv_out)·g/G + q_out·|attn_out|·g/G`` plus biases, stored only when ``attn_out`` is
-        non-empty and ``g > 0``; MLP: ``n·|mlp_in|·|mlp_mid| + |mlp_mid|·|mlp_out|`` plus biases (n = 1 or 2 input linears),
-        stored when ``mlp_out`` is non-empty and it has a channel or an output bias (the DISP paper's count, Gao
-        et al., NeurIPS 2024, with biases).
+        non-empty and ``g > 0``; MLP: ``n·|mlp_in|·|mlp_mid| + |mlp_mid|·|mlp_out|`` plus biases (n = 1 or 2 input
+        linears), stored when ``mlp_out`` is non-empty and it has a channel or an output bias (the DISP paper's
+        count, Gao et al., NeurIPS 2024, with biases).
         """
         s = self.shapes(config)
         a_in, a_out = widths["attn_in"], widths["attn_out"]

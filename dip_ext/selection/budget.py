@@ -36,7 +36,7 @@ from torch import nn
 
 from ..compaction import require_dense
 from ..families import adapter_for
-from ..masks import ALL_STRUCTURES, STRUCTURES
+from ..masks import ALL_STRUCTURES, KV_GROUPS, STRUCTURES
 from ..params import kv_cache_bytes, param_report
 from .slots import per_layer, slot_sizes
 
@@ -235,19 +235,25 @@ def fit_multiple(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]
 def fit_layer_widths(budget: Budget, widths: Sequence[dict], multiple_of: int,
                      priority: Optional[Sequence[dict]] = None) -> list[dict[str, int]]:
     """:func:`fit_multiple` on per-layer ``{structure: int}`` widths that meet ``budget`` (for callers without
-    scores, e.g. random masks of given widths; with ``multiple_of == 1`` single dims are added while any fits). ``priority``: per-layer ``{structure: float}`` preferences for the
-    raises (higher first; default: none, so raises go in slot order). Returns per-layer int widths."""
+    scores, e.g. random masks of given widths; with ``multiple_of == 1`` single dims are added while any fits).
+    ``priority``: per-layer ``{structure: float}`` preferences for the raises (higher first; default: none, so
+    raises go in slot order). Widths with ``kv_groups`` (when ``budget.heads``) keep their group counts as given.
+    Returns per-layer int widths."""
     dims = adapter_for(budget.config).dims(budget.config)
     if len(widths) != dims.num_layers:
         raise ValueError(f"widths must have {dims.num_layers} layers, got {len(widths)}")
+    structures = budget.structures
     try:
-        counts = torch.tensor([int(w[s]) for w in widths for s in STRUCTURES], dtype=torch.int64)
+        counts = torch.tensor([int(w[s]) for w in widths for s in structures], dtype=torch.int64)
         pri = (torch.zeros(counts.shape, dtype=torch.float64) if priority is None else
-               torch.tensor([float(p[s]) for p in priority for s in STRUCTURES], dtype=torch.float64))
+               torch.tensor([float(p.get(s, 0.0)) for p in priority for s in structures], dtype=torch.float64))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"widths / priority must be per-layer dicts over {STRUCTURES} of numbers ({e})") from None
+        raise ValueError(f"widths / priority must be per-layer dicts over {structures} of numbers ({e})") from None
     if pri.shape != counts.shape:
         raise ValueError(f"priority must have {dims.num_layers} layers, got {len(priority)}")
-    sizes = slot_sizes(dims)
-    fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), dims.num_layers), counts, sizes, multiple_of, pri)
-    return per_layer(fitted.tolist(), dims.num_layers)
+    sizes = slot_sizes(dims, structures)
+    groups = torch.tensor([s == KV_GROUPS for s in structures] * dims.num_layers)
+    steps = torch.where(groups, 1, multiple_of).to(torch.int64)
+    fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), dims.num_layers, structures), counts, sizes,
+                          steps, pri, limit=torch.where(groups, counts, sizes))
+    return per_layer(fitted.tolist(), dims.num_layers, structures)
