@@ -145,3 +145,29 @@ def test_a_method_renders_its_own_lines_and_a_report_reads_without_it(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'counted'"):
         PruneReport.load(tmp_path)
     assert "counted: trained 5 steps." in report.to_markdown()
+
+
+def test_a_run_that_prunes_kv_groups_reports_its_kv_cache(tmp_path):
+    """The report gives the KV-cache bytes per token before and after, and the kept groups per layer in the widths
+    table, the plot and report.json; a run that keeps every head reports an unchanged cache and no group column."""
+    model, report = run(config=PruneConfig(ratio=0.4, kv_ratio=0.5, seq_len=16, calibration_windows=12,
+                                           val_windows=0), recovery=RecoveryConfig(recover="off"), evaluation=NO_EVAL)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    groups = [w["kv_groups"] if w["attn_out"] else 0 for w in model.disp_masks.widths()]
+    dense, kept = report.budget["kv_cache_bytes_per_token_dense"], report.budget["kv_cache_bytes_per_token_kept"]
+    assert dense == config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * 4  # fp32 weights
+    assert kept == sum(groups) * 2 * head_dim * 4 and kept <= dense / 2
+    markdown = report.to_markdown()
+    assert f"| KV-cache bytes per token (float32) | {dense:,} | {kept:,} |" in markdown
+    assert "| layer | attn_in | attn_out | mlp_in | mlp_mid | mlp_out | kv_groups |" in markdown
+    assert f"| full | {config.hidden_size} |" in markdown and markdown.count(f" | {config.num_key_value_heads} |") >= 1
+    report.save(tmp_path)
+    assert (tmp_path / "widths.png").stat().st_size > 0
+    again = PruneReport.load(tmp_path)
+    assert again.masks == report.masks and again.masks.prunes_heads and again.budget == report.budget
+
+    _, plain = run(config=PruneConfig(ratio=0.4, seq_len=16, calibration_windows=12, val_windows=0),
+                   recovery=RecoveryConfig(recover="off"), evaluation=NO_EVAL)
+    assert plain.budget["kv_cache_bytes_per_token_kept"] == plain.budget["kv_cache_bytes_per_token_dense"] == dense
+    assert "kv_groups" not in plain.to_markdown() and not plain.masks.prunes_heads
