@@ -36,7 +36,7 @@ class PruneConfig(Options):
         "norms and the LM head are kept, so the decoder linears pay for it)")
     prune_heads: bool = option(False, "let whole KV groups (a KV head with the query heads that share it) compete "
                                "for the parameter budget with the other dimensions, so attention and the KV cache "
-                               "shrink too (oneshot only)")
+                               "shrink too (oneshot and hypernetwork)")
     kv_ratio: Optional[float] = option(None, "also remove at least this fraction of the KV-cache bytes per token, "
                                        "in (0, 1), by dropping the KV groups of lowest score (turns --prune-heads "
                                        "on)", above=0.0, below=1.0)

@@ -137,7 +137,7 @@ class Pruner:
                                        heads=self.config.prune_heads, kv_ratio=self.config.kv_ratio)
         if self.budget.heads and not getattr(self.method, "prunes_heads", False):
             raise ValueError(f"--method {self.method.name} does not prune KV groups: drop --prune-heads / --kv-ratio, "
-                             "or use --method oneshot")
+                             "or use --method oneshot or hypernetwork")
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
         needs_tokenizer = list(texts) + ([self.config.calibration] if given is None else [])

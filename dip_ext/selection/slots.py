@@ -37,14 +37,14 @@ def slot_sizes(dims: ModelDims, structures: Sequence[str] = STRUCTURES) -> torch
     return torch.tensor([dims.size(s) for s in structures] * dims.num_layers, dtype=torch.int64)
 
 
-def flatten(layers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+def flatten(layers: Sequence[dict[str, torch.Tensor]], structures: Sequence[str] = STRUCTURES) -> torch.Tensor:
     """The per-layer ``{structure: 1-D tensor}`` dicts concatenated in slot order (keeps autograd).
 
     Inverse: :func:`unflatten`. ValueError if a layer lacks a structure or an entry is not 1-D.
     """
     parts = []
     for i, layer in enumerate(layers):
-        for s in STRUCTURES:
+        for s in structures:
             if s not in layer:
                 raise ValueError(f"layers[{i}] has no {s!r} entry")
             t = layer[s]
@@ -57,15 +57,16 @@ def flatten(layers: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def unflatten(flat: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
+def unflatten(flat: torch.Tensor, dims: ModelDims,
+              structures: Sequence[str] = STRUCTURES) -> list[dict[str, torch.Tensor]]:
     """Per-layer ``{structure: view of flat}`` of a flat slot-order vector of ``sum(slot_sizes(dims))`` entries."""
-    sizes = slot_sizes(dims).tolist()
+    sizes = slot_sizes(dims, structures).tolist()
     if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.numel() != sum(sizes):
         got = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
         raise ValueError(f"flat must be a 1-D tensor of {sum(sizes)} entries for {dims}, got {got}")
     parts = torch.split(flat, sizes)
-    n = len(STRUCTURES)
-    return [dict(zip(STRUCTURES, parts[i * n:(i + 1) * n])) for i in range(dims.num_layers)]
+    n = len(structures)
+    return [dict(zip(structures, parts[i * n:(i + 1) * n])) for i in range(dims.num_layers)]
 
 
 def per_layer(values: torch.Tensor | Sequence, num_layers: int,
@@ -80,6 +81,7 @@ def per_layer(values: torch.Tensor | Sequence, num_layers: int,
     return [{s: values[i * n + j] for j, s in enumerate(structures)} for i in range(num_layers)]
 
 
-def slot_widths(flat_masks: torch.Tensor, dims: ModelDims) -> list[dict[str, torch.Tensor]]:
+def slot_widths(flat_masks: torch.Tensor, dims: ModelDims,
+                structures: Sequence[str] = STRUCTURES) -> list[dict[str, torch.Tensor]]:
     """Per-layer widths (0-d tensors, sums of the masks, autograd kept) of a flat slot-order (soft) mask vector."""
-    return [{s: m.sum() for s, m in layer.items()} for layer in unflatten(flat_masks, dims)]
+    return [{s: m.sum() for s, m in layer.items()} for layer in unflatten(flat_masks, dims, structures)]

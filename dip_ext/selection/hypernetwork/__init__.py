@@ -5,7 +5,9 @@ budget), :mod:`.losses` (one step's losses, gradient averaging across ranks), :m
 and which checkpoints a schedule may continue), :mod:`.validation` (early stopping's score), :mod:`.checkpoint`
 (format and fingerprint), :mod:`.trainer` (:class:`Trainer`), :mod:`.config` (:class:`HypernetworkConfig`) and
 :mod:`.method` (the registered :class:`Hypernetwork` method). The data order, optimizer state, best-state
-tracking and checkpoint file mechanics are the training kit's (:mod:`dip_ext.training`).
+tracking and checkpoint file mechanics are the training kit's (:mod:`dip_ext.training`). With a budget that prunes
+KV groups (``Budget.for_model(..., heads=True)`` or ``kv_ratio=``) the network has a ``kv_groups`` head per layer
+and the losses and the export count the groups (and meet the KV-cache target).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ The fingerprint records everything that decides the checkpoint's content: the mo
 vocabulary, dtype and a digest of its weights: :func:`dip_ext.model_state.model_digest`), the budget, the seed,
 ``multiple_of``, the global batch, the training and validation windows (:func:`dip_ext.training.digest` of their
 token ids), every hypernetwork option that shapes training (from the options object,
-:func:`dip_ext.options.as_dict`) and the learning-rate schedule.
+:func:`dip_ext.options.as_dict`) and the learning-rate schedule. A run that prunes KV groups (``budget.heads``)
+also records ``prune_heads``, ``kv_ratio`` and ``kv_groups_kept`` (its hypernetwork has a ``kv_groups`` head);
+a run without them records none of the three, as before, and a checkpoint lacking them was written without heads.
 A resume is refused with a ValueError naming each difference; the schedule is compared by the learning rates
 the checkpoint already used (:func:`dip_ext.selection.hypernetwork.schedule.first_lr_difference`). Checkpoints
 of format ``v1`` (no weight digest) are refused: nothing in them shows which model wrote them.
@@ -44,6 +46,8 @@ FORMAT = CheckpointFormat(
              "record the model's weights, so it cannot be checked against this model"})
 #: fingerprint keys of the learning-rate schedule: compared by the rates they give, not key by key
 _SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
+#: fingerprint keys of KV-group pruning, recorded only when it is on; these values where a fingerprint lacks them
+_HEADS_DEFAULTS = {"prune_heads": False, "kv_ratio": None, "kv_groups_kept": None}
 
 
 def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: dict, schedule: LrSchedule,
@@ -63,6 +67,8 @@ def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: 
             "kv_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
             "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": model_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
+            **({"prune_heads": True, "kv_ratio": budget.kv_ratio, "kv_groups_kept": budget.kv_groups_kept}
+               if budget.heads else {}),
             "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
             **options, **schedule.record(),
             "train_windows": tensor_fingerprint(train_windows), "val_windows": tensor_fingerprint(val_windows)}
@@ -78,10 +84,11 @@ def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: 
     """Raises ValueError unless the checkpoint ``meta`` (read from ``path``) was written by this run.
 
     ``fingerprint``: this run's (:func:`run_fingerprint`); ``option_defaults``: the options' defaults, which
-    a checkpoint written before an option existed ran with. Every differing key is named with both values.
+    a checkpoint written before an option existed ran with (KV-group keys default to pruning none). Every
+    differing key is named with both values.
     """
-    saved = {**option_defaults, **meta["fingerprint"]}
-    now = {**option_defaults, **fingerprint}
+    saved = {**_HEADS_DEFAULTS, **option_defaults, **meta["fingerprint"]}
+    now = {**_HEADS_DEFAULTS, **option_defaults, **fingerprint}
     FORMAT.check_fingerprint(path, saved, now, keys=(set(saved) | set(now)) - set(_SCHEDULE_KEYS))
     try:
         old = LrSchedule.from_record(saved)

@@ -7,17 +7,25 @@ training has converged). DESIGN.md §1: the official export adds Gumbel noise; t
 With ``multiple_of > 1`` the prefix's widths are rounded by :func:`dip_ext.selection.budget.fit_multiple`
 (the one rounding policy: down to multiples, then whole chunks added back while any fits), chunks preferred by
 the mean score of the dimensions they add.
+
+KV groups (``budget.heads``): the logits hold each layer's ``kv_groups`` too, and a group is one more unit of the
+ranking (its parameters: its query heads' and KV head's rows and o_proj columns). With a KV-cache target
+(``budget.kv_groups_kept``) the groups of lowest score over all layers are dropped first until at most that many
+are kept (as the one-shot selection does), and the parameter threshold is then placed among the remaining
+dimensions; the rounding to ``multiple_of`` never applies to KV groups (they are raised singly, and never past
+what the KV target left). A layer keeping no group keeps no attention, and an attention without output keeps no
+group.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ...masks import STRUCTURES, DispMasks
+from ...masks import KV_GROUPS, DispMasks
 from ..budget import Budget, fit_multiple
 from ..slots import flatten, per_layer
 
@@ -28,7 +36,9 @@ __all__ = ["ExportInfo", "export_masks"]
 class ExportInfo:
     """What :func:`export_masks` did: kept / target decoder-linear parameters and ratios, the score threshold
     between the last kept and the first dropped dimension of the ranking, how many dimensions that prefix holds
-    (of ``total_dims``; ``dims_above_zero`` score above 0) and the ``multiple_of`` the widths were rounded to."""
+    (of ``total_dims``; ``dims_above_zero`` score above 0) and the ``multiple_of`` the widths were rounded to.
+    With ``budget.heads``: ``kept_kv_groups`` (over all layers; None otherwise) and ``target_kv_groups`` (the KV
+    target's most groups kept; None without one)."""
 
     kept_decoder_linear: int
     target_decoder_linear: int
@@ -39,6 +49,8 @@ class ExportInfo:
     total_dims: int
     dims_above_zero: int
     multiple_of: int
+    kept_kv_groups: Optional[int] = None
+    target_kv_groups: Optional[int] = None
 
 
 def _check(logits, budget, offset, multiple_of) -> None:
@@ -57,32 +69,48 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
                  multiple_of: int = 1) -> tuple[DispMasks, ExportInfo]:
     """DispMasks from mask logits that meet ``budget`` (see the module docstring).
 
-    ``logits[i][s]``: a 1-D float tensor of structure ``s``'s full width (any device). The kept count is at
-    most ``budget.target_linear``; with ``multiple_of == 1`` adding the next-ranked dimension would exceed it,
-    with ``multiple_of > 1`` adding any set's next chunk would.
+    ``logits[i][s]``: a 1-D float tensor of structure ``s``'s full width (any device), for every structure of
+    ``budget.structures`` (``kv_groups`` too with ``budget.heads``). The kept count is at most
+    ``budget.target_linear``; with ``multiple_of == 1`` adding the next-ranked dimension would exceed it,
+    with ``multiple_of > 1`` adding any set's next chunk would. With a KV-cache target at most
+    ``budget.kv_groups_kept`` groups are kept.
     Within a set the highest-scoring dims are kept. A block whose output set is empty keeps no inputs either.
-    ValueError for NaN / inf logits (training diverged), a bad ``multiple_of``, ``offset`` or ``budget``.
+    ValueError for NaN / inf logits (training diverged), missing ``kv_groups`` logits, a bad ``multiple_of``,
+    ``offset`` or ``budget``.
     """
     _check(logits, budget, offset, multiple_of)
-    layers = [{s: layer[s].detach().float().cpu().reshape(-1) for s in STRUCTURES} for layer in logits]
+    structures = budget.structures
+    n_struct = len(structures)
+    if budget.heads and any(KV_GROUPS not in layer for layer in logits):
+        raise ValueError("the budget prunes KV groups but the logits have no kv_groups entry (a hypernetwork "
+                         "without heads=True?)")
+    layers = [{s: layer[s].detach().float().cpu().reshape(-1) for s in structures} for layer in logits]
     num_layers = len(layers)
-    sizes = torch.tensor([layer[s].numel() for layer in layers for s in STRUCTURES], dtype=torch.int64)
-    scores = flatten(layers) + offset
+    sizes = torch.tensor([layer[s].numel() for layer in layers for s in structures], dtype=torch.int64)
+    scores = flatten(layers, structures) + offset
     if not torch.isfinite(scores).all():
         raise ValueError("mask logits contain NaN or inf (training diverged?)")
     groups = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     order = torch.sort(scores, descending=True, stable=True).indices
+    is_kv = torch.tensor([s == KV_GROUPS for s in structures] * num_layers)  # per slot
+    kv_cap = budget.kv_groups_kept
+    if kv_cap is not None:
+        # The KV-cache target first: the lowest-scoring groups over all layers are dropped (never kept below).
+        kv_rank = order[is_kv[groups[order]]]
+        eligible = torch.ones(scores.numel(), dtype=torch.bool)
+        eligible[kv_rank[kv_cap:]] = False
+        order = order[eligible[order]]
 
     def widths_at(k: int) -> torch.Tensor:
         return torch.bincount(groups[order[:k]], minlength=sizes.numel())
 
     def as_layers(w: torch.Tensor) -> list[dict]:
-        return per_layer(w.tolist(), num_layers)
+        return per_layer(w.tolist(), num_layers, structures)
 
     def kept(k: int) -> int:
         return int(budget.kept_linear(as_layers(widths_at(k))))
 
-    lo, hi = 0, scores.numel()  # invariant: kept(lo) <= target (or lo == 0), kept(hi + 1) > target
+    lo, hi = 0, order.numel()  # invariant: kept(lo) <= target (or lo == 0), kept(hi + 1) > target
     if kept(hi) <= budget.target_linear:
         lo = hi
     while lo < hi:
@@ -100,23 +128,33 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
 
     widths = widths_at(k)
     if multiple_of > 1:  # at 1 the export stays one global threshold: no single dims added past the prefix
-        widths = fit_multiple(budget, as_layers, widths, sizes, multiple_of, mean_gain)
+        if budget.heads:  # KV groups are rounded singly and, under a KV target, never raised past the prefix
+            step = torch.where(is_kv, 1, multiple_of).to(torch.int64)
+            limit = torch.where(is_kv, widths, sizes) if kv_cap is not None else sizes
+            widths = fit_multiple(budget, as_layers, widths, sizes, step, mean_gain, limit=limit)
+        else:
+            widths = fit_multiple(budget, as_layers, widths, sizes, multiple_of, mean_gain)
     out = []
     for g, (r, w) in enumerate(zip(ranked, widths.tolist())):
-        if g % len(STRUCTURES) == 0:
+        if g % n_struct == 0:
             out.append({})
-        out[-1][STRUCTURES[g % len(STRUCTURES)]] = r.indices[:w].sort().values
+        out[-1][structures[g % n_struct]] = r.indices[:w].sort().values
     for layer in out:
         # A block whose output set is empty contributes nothing: its input sets are moot (and counted as 0).
+        if budget.heads and layer[KV_GROUPS].numel() == 0:
+            layer["attn_out"] = layer["attn_out"][:0]  # no head left: the attention is removed
         if layer["attn_out"].numel() == 0:
             layer["attn_in"] = layer["attn_in"][:0]
+            if budget.heads:
+                layer[KV_GROUPS] = layer[KV_GROUPS][:0]
         if layer["mlp_out"].numel() == 0:
             layer["mlp_in"], layer["mlp_mid"] = layer["mlp_in"][:0], layer["mlp_mid"][:0]
     masks = DispMasks(out)
     kept_linear = int(budget.kept_linear(masks.widths()))
     last = float(scores[order[k - 1]]) if k > 0 else float("inf")
-    nxt = float(scores[order[k]]) if k < scores.numel() else float("-inf")
+    nxt = float(scores[order[k]]) if k < order.numel() else float("-inf")
     threshold = (last + nxt) / 2 if math.isfinite(last + nxt) else (nxt if k == 0 else last)
+    kept_kv = sum(int(layer[KV_GROUPS].numel()) for layer in masks.layers) if budget.heads else None
     return masks, ExportInfo(kept_linear, budget.target_linear, kept_linear / budget.dense_linear,
                              budget.target_ratio, threshold, k, int(scores.numel()), int((scores > 0).sum()),
-                             multiple_of)
+                             multiple_of, kept_kv, kv_cap)

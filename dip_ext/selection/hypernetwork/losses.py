@@ -10,12 +10,19 @@ is the one of the DETERMINISTIC mask ``logit + offset > 0`` (what the export kee
 samples the exported mask drifts off the target, DESIGN.md §4), and its gradient is the one of the keep
 probability ``sigmoid(logit + offset)`` (what the noisy straight-through gradient is on average for a small
 temperature): the paper's push without its noise.
+
+KV groups (``budget.heads``, beyond the paper): the hypernetwork also emits each layer's ``kv_groups`` logits; the
+sampled group masks are applied by the masked model (each covering its query heads) and ``r`` counts them
+(:meth:`Budget.kept_linear` with ``kv_groups`` widths). With a KV-cache target (``budget.kv_groups_kept``) the
+budget term gains ``lam * |log k - log q|``: ``k`` the kept fraction of all layers' groups (the deterministic
+mask's value, the keep probability's gradient, as for ``r``) and ``q = kv_groups_kept / (L * G)``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,7 @@ from torch import nn
 
 from ... import distributed as dist
 from ...masking import MaskedModel
-from ...masks import STRUCTURES
+from ...masks import KV_GROUPS, STRUCTURES
 from ..budget import Budget
 from ..slots import slot_widths, unflatten
 from .network import HyperNetwork
@@ -34,13 +41,15 @@ __all__ = ["StepLosses", "step_losses", "dense_log_probs", "average_grads", "che
 @dataclass
 class StepLosses:
     """``lm_loss`` (0-d float32 tensor with grad: the LM loss, or the KL from the dense model with distillation),
-    ``budget_loss`` (0-d tensor with grad), ``kept_ratio`` (the deterministic mask's kept decoder-linear ratio)
-    and ``expected_ratio`` (the kept ratio expected under the noise)."""
+    ``budget_loss`` (0-d tensor with grad; with a KV-cache target it includes the KV term), ``kept_ratio`` (the
+    deterministic mask's kept decoder-linear ratio), ``expected_ratio`` (the kept ratio expected under the noise)
+    and ``kv_kept_ratio`` (the deterministic mask's kept fraction of KV groups; None without ``budget.heads``)."""
 
     lm_loss: torch.Tensor
     budget_loss: torch.Tensor
     kept_ratio: float
     expected_ratio: float
+    kv_kept_ratio: Optional[float] = None
 
 
 def step_losses(hnet: HyperNetwork, masked: MaskedModel, model: nn.Module, ids: torch.Tensor, budget: Budget,
@@ -55,13 +64,16 @@ def step_losses(hnet: HyperNetwork, masked: MaskedModel, model: nn.Module, ids: 
     """
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a 2-D int64 tensor, got {ids.dim()}-D {ids.dtype}")
-    dims = hnet.dims
+    dims, structures = hnet.dims, hnet.structures
+    if budget.heads != hnet.heads:
+        raise ValueError(f"the budget {'prunes' if budget.heads else 'does not prune'} KV groups but the "
+                         f"hypernetwork {'has' if hnet.heads else 'has no'} kv_groups head")
     teacher = dense_log_probs(masked, model, ids) if distill else None
     flat = hnet.flat_logits() + offset
     u = torch.rand(flat.numel(), generator=gen).clamp_(1e-6, 1 - 1e-6).to(flat.device)
     soft = torch.sigmoid((flat + torch.log(u) - torch.log1p(-u)) / temperature)  # logistic = Gumbel - Gumbel
     sample = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
-    masked.set_masks(unflatten(sample, dims))
+    masked.set_masks(unflatten(sample, dims, structures))
     if teacher is None:
         lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
     else:
@@ -70,13 +82,22 @@ def step_losses(hnet: HyperNetwork, masked: MaskedModel, model: nn.Module, ids: 
 
     keep_p = torch.sigmoid(flat)
     det = (flat > 0).to(flat.dtype) + keep_p - keep_p.detach()
-    r = budget.kept_ratio(slot_widths(det, dims))
+    widths = slot_widths(det, dims, structures)
+    r = budget.kept_ratio(widths)
     if not isinstance(r, torch.Tensor):  # every block emptied: the count is the int 0
         r = torch.tensor(float(r), device=flat.device)
     budget_loss = lam * (torch.log(r.clamp_min(1e-8)) - math.log(budget.target_ratio)).abs()
+    kv_kept = None
+    if budget.heads:
+        groups = torch.stack([w[KV_GROUPS] for w in widths])
+        k = groups.sum() / (dims.num_layers * dims.kv_groups)
+        kv_kept = float(groups.detach().round().sum()) / (dims.num_layers * dims.kv_groups)  # exact count
+        if budget.kv_groups_kept is not None:
+            q = max(budget.kv_groups_kept / (dims.num_layers * dims.kv_groups), 1e-8)  # 0 groups: as k's clamp
+            budget_loss = budget_loss + lam * (torch.log(k.clamp_min(1e-8)) - math.log(q)).abs()
     with torch.no_grad():
-        expected = float(budget.kept_ratio(slot_widths(keep_p, dims)))
-    return StepLosses(lm_loss, budget_loss, r.item(), expected)
+        expected = float(budget.kept_ratio(slot_widths(keep_p, dims, structures)))
+    return StepLosses(lm_loss, budget_loss, r.item(), expected, kv_kept)
 
 
 @torch.no_grad()

@@ -14,10 +14,12 @@ __all__ = ["Hypernetwork", "HypernetworkConfig"]
 
 class Hypernetwork:
     """The paper's learned masks, warm-started from :class:`~dip_ext.selection.OneShot` and early-stopped on the
-    held-out windows (:class:`Trainer`); ``steps == 0`` returns the warm start itself."""
+    held-out windows (:class:`Trainer`); ``steps == 0`` returns the warm start itself. With ``budget.heads``
+    (``--prune-heads`` / ``--kv-ratio``) it learns KV groups too, warm-started from the one-shot groups."""
 
     name = "hypernetwork"
     options_class = HypernetworkConfig
+    prunes_heads = True
 
     def uses_validation(self, options: HypernetworkConfig) -> bool:
         return options.steps > 0

@@ -58,8 +58,9 @@ _NOT_FINGERPRINTED = ("steps", "checkpoint_every", "batch_size", "lr", "lr_sched
 class StepLog:
     """One training step: ``step`` (1-based), ``lm_loss`` (the KL with ``distill``; the global batch's mean),
     ``budget_loss``, ``kept_ratio`` (of the deterministic mask), ``expected_ratio`` (under the noise),
-    ``seconds`` (wall time of the step, its validation and checkpoint included) and ``val_loss`` (at validation
-    steps, else None)."""
+    ``seconds`` (wall time of the step, its validation and checkpoint included), ``val_loss`` (at validation
+    steps, else None) and ``kv_kept_ratio`` (the deterministic mask's kept fraction of KV groups, with
+    ``budget.heads``; else None)."""
 
     step: int
     lm_loss: float
@@ -68,6 +69,7 @@ class StepLog:
     expected_ratio: float
     seconds: float
     val_loss: Optional[float] = None
+    kv_kept_ratio: Optional[float] = None
 
 
 def _adamw(hnet: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -99,6 +101,9 @@ def _checked_dims(model, train_windows, budget, config, *, init_masks, val_windo
         if not isinstance(init_masks, DispMasks):
             raise ValueError(f"init_masks must be DispMasks or None, got {type(init_masks).__name__}")
         init_masks.validate(dims)
+        if init_masks.prunes_heads and not budget.heads:
+            raise ValueError("init_masks prune KV groups but the budget does not (Budget.for_model(..., heads=True) "
+                             "lets the hypernetwork learn them)")
     for name, value, low in (("seed", seed, 0), ("multiple_of", multiple_of, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -120,10 +125,15 @@ class Trainer:
             (:func:`dip_ext.model_state.frozen`), restored afterwards; only the hypernetwork (float32, on the
             model's device) receives gradients.
         train_windows: ``[n, seq_len]`` int64 token ids (:func:`dip_ext.tokens.check_windows`).
-        budget: :meth:`Budget.for_model` of this model.
+        budget: :meth:`Budget.for_model` of this model. With ``budget.heads`` the hypernetwork also learns every
+            layer's KV groups (a ``kv_groups`` head; the sampled group masks applied, the budget term counting
+            them), with ``budget.kv_groups_kept`` a KV-cache term joins the budget term, and the export meets both
+            targets (:func:`~dip_ext.selection.hypernetwork.export_masks`).
         config: the options (steps, learning rate and schedule, lam, temperature, offset, margin, ...).
         init_masks: warm start (e.g. the one-shot selection): heads set so ``logit + offset`` is ``+margin`` on
-            kept and ``-margin`` on dropped dims before the first step (not on resume).
+            kept and ``-margin`` on dropped dims before the first step (not on resume). With ``budget.heads``
+            its ``kv_groups`` warm-start the KV-group head (masks without them: every group kept); masks with
+            ``kv_groups`` need a budget with ``heads``.
         val_windows: held-out windows for early stopping: the export is scored by its mean LM loss on them at
             step 0 and every ``config.val_every`` steps (and the last), and :meth:`run` returns the best export.
         checkpoint_dir: folder of :data:`CHECKPOINT_NAME`, written every ``config.checkpoint_every`` steps and at
@@ -171,7 +181,8 @@ class Trainer:
         if self.placement.world_size > 1:  # ranks given other data or settings would train other hypernetworks
             dist.check_same((self.fingerprint, self._init_digest, config.steps, checkpoint_dir is None),
                             "run settings")
-        self.hnet = HyperNetwork(self.dims, seed=seed).to(self.device)
+        self.structures = budget.structures
+        self.hnet = HyperNetwork(self.dims, seed=seed, heads=budget.heads).to(self.device)
         self.opt = _adamw(self.hnet, config.lr, config.weight_decay)
         self.gen = torch.Generator().manual_seed(seed + 2)  # the Gumbel noise; CPU so every device draws the same
         self.step_index = 0
@@ -289,7 +300,7 @@ class Trainer:
             self.opt.step()
             self.step_index = step + 1
         return StepLog(step + 1, lm_loss.item(), out.budget_loss.item(), out.kept_ratio, out.expected_ratio,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, kv_kept_ratio=out.kv_kept_ratio)
 
     def validate(self) -> Optional[float]:
         """Scores the current export on the validation windows and offers it as the best (at ``step_index``);
@@ -300,15 +311,17 @@ class Trainer:
             self._prepare()
             with torch.no_grad():
                 flat = self.hnet.flat_logits()
-            loss = validation_loss(unflatten(flat, self.dims), masked, self.model, self.val_windows, self.budget,
-                                   offset=self.config.offset, multiple_of=self.multiple_of, device=self.device)
+            loss = validation_loss(unflatten(flat, self.dims, self.structures), masked, self.model, self.val_windows,
+                                   self.budget, offset=self.config.offset, multiple_of=self.multiple_of,
+                                   device=self.device)
         self.best.offer(self.step_index, loss, lambda: {"scores": flat.detach().float().cpu()})
         return loss
 
     def export(self) -> tuple[DispMasks, ExportInfo]:
         """The masks of the best-scoring export (with validation) or of the current hypernetwork."""
         with torch.no_grad():
-            logits = self.hnet() if self.best.state is None else unflatten(self.best.state["scores"], self.dims)
+            logits = (self.hnet() if self.best.state is None
+                      else unflatten(self.best.state["scores"], self.dims, self.structures))
             return export_masks(logits, self.budget, offset=self.config.offset, multiple_of=self.multiple_of)
 
     def run(self) -> tuple[DispMasks, TrainingSummary]:
@@ -334,6 +347,8 @@ class Trainer:
                     self.log.append(entry)
                     post = dict(lm=f"{entry.lm_loss:.3f}", kept=f"{entry.kept_ratio:.3f}",
                                 target=f"{self.budget.target_ratio:.3f}")
+                    if entry.kv_kept_ratio is not None:
+                        post["kv"] = f"{entry.kv_kept_ratio:.3f}"
                     if self.best.step is not None:
                         post["val"] = f"{self.best.loss:.3f}@{self.best.step}"
                     bar.set_postfix(**post, refresh=False)
