@@ -13,7 +13,19 @@ What the engines need, and how the export meets it losslessly:
 - vLLM's implementation cannot start with a layer whose attention is ``no_op`` while its MLP is kept (nor end without
   any attention): the first layer that keeps a block (else the last layer) keeps its attention, as a zero attention
   (o_proj all zeros) when the compacted model removed it; the report's notes name the layer;
-- Qwen2's q/k/v biases come with a zero o_proj bias (Llama-shaped attention has all four or none).
+- Qwen2's q/k/v biases come with a zero o_proj bias (Llama-shaped attention has all four or none);
+- pruned KV groups: a DeciLM layer has its own KV heads (``num_attention_heads // n_heads_in_group``) but always
+  ``num_attention_heads`` query heads, and its KV heads must divide that count. A layer keeping ``g`` of the dense
+  model's ``G`` groups (``n_rep`` query heads each) is written with the smallest ``k >= g`` KV heads that divides
+  ``num_attention_heads`` (at most ``G``, which divides it, so every model exports): group ``j`` becomes KV head ``j``
+  with its ``n_rep`` query heads first among the ``num_attention_heads / k`` of its new group, the other query heads
+  zero (q rows zero, o_proj columns zero: they add nothing) and KV heads ``g … k-1`` zero (only zero query heads read
+  them). The logits are the compacted model's; the report's notes name each layer written with padding heads.
+
+What survives, against the compacted model: the per-layer MLP widths, the removed blocks and the per-layer KV heads
+(rounded up to a divisor of the query-head count: the KV cache shrinks with the kept groups, exactly where ``g``
+divides it); not the residual-subset savings (every block reads and writes the full width) and not the pruned query
+heads (each kept attention computes all ``num_attention_heads`` heads, the pruned ones on zeros).
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from torch import nn
 
 from .files import atomic_write_text
 from .outputs import OutputFolder
-from .zero_pad import ExportReport, PaddedModel, export_report, load_source, pad_model, zero_attention
+from .zero_pad import ExportReport, PaddedModel, export_report, load_source, pad_model, regroup_heads, zero_attention
 
 __all__ = ["export_decilm", "REMOTE_CODE_FILES", "TOKENIZER_FILES"]
 
@@ -52,17 +64,36 @@ def _attention_biases(padded: PaddedModel) -> tuple[bool, bool]:
     return bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False))
 
 
+def _kv_heads(kept: int, heads: int) -> int:
+    """The fewest KV heads, at least ``kept``, that divide ``heads`` (the query heads every DeciLM layer has)."""
+    return next(k for k in range(kept, heads + 1) if heads % k == 0)
+
+
+def _full_query_heads(padded: PaddedModel, i: int, notes: list[str]) -> tuple[Optional[dict], int]:
+    """Layer ``i``'s attention tensors with all ``num_attention_heads`` query heads (:func:`_kv_heads`,
+    :func:`~dip_ext.zero_pad.regroup_heads`), and its KV heads; a note where padding heads were added."""
+    layer, heads = padded.layers[i], padded.config.num_attention_heads
+    if layer.attention is None or layer.num_heads == heads:
+        return layer.attention, layer.num_kv_heads
+    kept, n_rep = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+    kv = _kv_heads(kept, heads)
+    notes.append(f"layer {i}: keeps {kept} of {padded.config.num_key_value_heads} KV groups; written as {kv} KV heads "
+                 f"({kv - kept} zero) of {heads // kv} query heads each, {heads - layer.num_heads} of the {heads} "
+                 "query heads zero (a DeciLM layer has every query head, and its KV heads divide their count)")
+    return regroup_heads(layer.attention, kept, n_rep, padded.head_dim, kv, heads // kv), kv
+
+
 def _layers(padded: PaddedModel, notes: list[str]) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
     """The tensors of every layer (names inside the layer) and its ``block_configs`` entry."""
     cfg = padded.config
     heads, d = cfg.num_attention_heads, cfg.hidden_size
     qkv_bias, mlp_bias = _attention_biases(padded)
-    kv_default = next((layer.num_kv_heads for layer in padded.layers if layer.attention is not None),
-                      cfg.num_key_value_heads)
+    written = [_full_query_heads(padded, i, notes) for i in range(len(padded.layers))]
+    kv_default = next((kv for attention, kv in written if attention is not None), cfg.num_key_value_heads)
     first = next((i for i, layer in enumerate(padded.layers) if layer.attention or layer.mlp), len(padded.layers) - 1)
     tensors, blocks = [], []
     for i, layer in enumerate(padded.layers):
-        attention, kv = layer.attention, layer.num_kv_heads
+        attention, kv = written[i]
         if attention is None and i == first:
             attention, kv = zero_attention(d, heads, kv_default, padded.head_dim, qkv_bias=qkv_bias, o_bias=qkv_bias,
                                            dtype=padded.embed.dtype), kv_default

@@ -1,7 +1,14 @@
 """Export to a GGUF file for llama.cpp: the compacted model zero-padded to full-width inputs and outputs, written
 directly with the ``gguf`` package as llama.cpp's ``deci`` architecture, which keeps per-layer MLP widths
-(``feed_forward_length``) and per-layer head counts (0: attention removed). llama.cpp's own converter would round the
-widths up to multiples of 256.
+(``feed_forward_length``) and per-layer query and KV head counts (``attention.head_count`` /
+``attention.head_count_kv``, 0: attention removed). llama.cpp's own converter would round the widths up to multiples of
+256.
+
+What survives, against the compacted model: the per-layer MLP widths, the removed blocks, and, where KV groups were
+pruned, each layer's query and KV heads exactly as the compacted model keeps them (``g`` groups: ``g`` KV heads and
+``g · n_rep`` query heads, which llama.cpp's grouped attention pairs as transformers does: query head ``h`` reads KV
+head ``h // n_rep``), so the attention's compute and llama.cpp's KV cache (sized per layer) shrink with the kept
+groups; not the residual-subset savings (every block reads and writes the full width).
 
 What llama.cpp's ``deci`` graph needs, and how the export meets it losslessly:
 
@@ -66,7 +73,7 @@ def _layers(padded: PaddedModel, notes: list[str]) -> tuple[list[dict[str, torch
     last = len(padded.layers) - 1
     layers, heads, kv_heads = [], [], []
     for i, layer in enumerate(padded.layers):
-        attention, n_head, n_kv = layer.attention, cfg.num_attention_heads, layer.num_kv_heads
+        attention, n_head, n_kv = layer.attention, layer.num_heads, layer.num_kv_heads
         if attention is None and i == 0:
             attention = zero_attention(d, 1, 1, padded.head_dim, qkv_bias=attn_bias, o_bias=o_bias, dtype=dtype)
             n_head = n_kv = 1

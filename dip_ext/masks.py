@@ -96,7 +96,7 @@ class DispMasks:
             missing = [s for s in keys if s not in layer]
             extra = [k for k in layer if k not in keys]
             if missing or extra:
-                also = "" if heads else f" (and {KV_GROUPS!r} in every layer or in none)"
+                also = f" (and {KV_GROUPS!r} in every layer or in none; layer 0 {'has' if heads else 'lacks'} it)"
                 raise MaskError(f"layer {i}: masks need exactly the keys {list(keys)}{also}; "
                                 f"missing {missing}, unknown {extra}")
             entry = {}

@@ -5,9 +5,17 @@ Each kept block's input linears (q/k/v, gate/up) get zero columns outside its in
 its output linear (o_proj, down) zero rows outside its output set (``attn_out`` / ``mlp_out``), biases included. The
 norm before a block runs over the full residual width in the compacted model too, so the padded layer computes the
 same function (lossless, to float rounding); what survives is the per-layer MLP width (``|mlp_mid|``), the per-layer
-KV heads and the removed blocks, not the residual-subset savings. Only LLaMA-shaped families pad into a LLaMA-shaped
+heads and the removed blocks, not the residual-subset savings. Only LLaMA-shaped families pad into a LLaMA-shaped
 engine model (RMSNorm, gated SiLU MLP, rotary attention, full attention in every layer); :func:`check_exportable`
 refuses the others in one line.
+
+Heads: a model compacted with KV groups (``kv_groups`` in its masks) keeps, per layer, whole groups: ``g`` KV heads and
+``g · n_rep`` query heads (``n_rep`` = the dense model's query heads per KV head), the query heads of kept group ``j``
+at ``j · n_rep …`` (transformers' ``repeat_kv`` order). :class:`PaddedLayer` carries both counts as the compacted
+layer has them. An engine that takes per-layer query and KV heads (llama.cpp's ``deci``) writes them as they are; one
+with a fixed number of query heads (vLLM's ``DeciLMForCausalLM``) re-lays them with :func:`regroup_heads`: zero query
+heads (q rows and o_proj columns zero, so they add nothing) fill each group up, zero KV heads (read only by zero query
+heads) fill the groups up to a count the engine can express.
 
 A dense model of such a family pads to itself (every index set full).
 """
@@ -26,12 +34,12 @@ from transformers import AutoModelForCausalLM
 
 from .errors import UnsupportedModelError
 from .families import adapter_for, base_model_type, is_compacted
-from .masks import DispMasks
+from .masks import KV_GROUPS, DispMasks
 from .modeling import from_pretrained
 from .params import param_report
 
 __all__ = ["EXPORTABLE_FAMILIES", "PaddedLayer", "PaddedModel", "ExportReport", "check_exportable", "export_report",
-           "load_source", "pad_model", "zero_attention", "zero_mlp"]
+           "load_source", "pad_model", "regroup_heads", "zero_attention", "zero_mlp"]
 
 #: families whose layers are LLaMA-shaped (their biases: Qwen2's q/k/v only; Llama's optional q/k/v/o and MLP)
 EXPORTABLE_FAMILIES = ("llama", "mistral", "qwen2")
@@ -92,12 +100,15 @@ def load_source(model_or_dir: Union[nn.Module, str, os.PathLike], what: str) -> 
 class PaddedLayer:
     """One decoder layer at full residual width. ``attention`` / ``mlp``: Hugging Face names inside the layer
     (``self_attn.q_proj.weight``, ``input_layernorm.weight``, ``mlp.gate_proj.weight``, ...) to tensors, or None for a
-    removed block; ``num_kv_heads``: the layer's key/value heads; ``ffn_width``: rows of gate/up (0 when removed)."""
+    removed block; ``num_heads`` / ``num_kv_heads``: the layer's query / key-value heads as the compacted layer keeps
+    them (fewer than the dense model's where KV groups were pruned; 0 when the attention is removed); ``ffn_width``:
+    rows of gate/up (0 when removed)."""
 
     attention: Optional[dict[str, torch.Tensor]]
     mlp: Optional[dict[str, torch.Tensor]]
     num_kv_heads: int
     ffn_width: int
+    num_heads: int = 0
 
 
 @dataclass
@@ -165,19 +176,33 @@ def zero_mlp(hidden: int, width: int, *, bias: bool, dtype: torch.dtype) -> dict
     return out
 
 
-def _pad_layer(layer: nn.Module, idx: dict[str, torch.Tensor], config, head_dim: int) -> PaddedLayer:
+def _heads_of(attn: nn.Module, i: int, idx: dict[str, torch.Tensor], head_dim: int, n_rep: int) -> tuple[int, int]:
+    """(query heads, KV heads) of a compacted (or dense) attention: whole KV groups, ``n_rep`` query heads each, as
+    many as its masks keep (all without ``kv_groups``). ValueError, one line, for any other shape (an attention
+    whose heads no engine could run as the compacted model does)."""
+    q_rows, kv_rows = attn.q_proj.out_features, attn.k_proj.out_features
+    kv = kv_rows // head_dim
+    expected = idx[KV_GROUPS].numel() if KV_GROUPS in idx else None
+    if kv_rows % head_dim or q_rows != kv * n_rep * head_dim or attn.v_proj.out_features != kv_rows or \
+            attn.o_proj.in_features != q_rows or (expected is not None and kv != expected):
+        raise ValueError(f"cannot export layer {i}: its attention keeps {q_rows} query rows and {kv_rows} key rows, "
+                         f"not whole KV groups of {n_rep} query heads and one KV head of {head_dim} "
+                         f"(its masks keep {'every group' if expected is None else f'{expected} groups'})")
+    return kv * n_rep, kv
+
+
+def _pad_layer(layer: nn.Module, i: int, idx: dict[str, torch.Tensor], config, head_dim: int,
+               n_rep: int) -> PaddedLayer:
     """A compacted (or dense) layer padded; a removed block (its module None in a compacted layer) stays None. A kept
-    MLP without channels (its output bias alone) gets one zero channel: engines need a width."""
-    d, heads = config.hidden_size, config.num_attention_heads
+    MLP without channels (its output bias alone) gets one zero channel: engines need a width. The attention keeps the
+    compacted layer's heads (:func:`_heads_of`)."""
+    d = config.hidden_size
     attention = mlp = None
-    num_kv = 0
+    num_heads = num_kv = 0
     attn = getattr(layer, "self_attn", None)
     if attn is not None:
-        num_kv = attn.k_proj.out_features // head_dim
-        if attn.q_proj.out_features != heads * head_dim:
-            raise UnsupportedModelError(f"layer {attn.layer_idx}: {attn.q_proj.out_features // head_dim} query heads "
-                                        f"where the model has {heads}; exports keep every query head")
-        q, kv = heads * head_dim, num_kv * head_dim
+        num_heads, num_kv = _heads_of(attn, i, idx, head_dim, n_rep)
+        q, kv = num_heads * head_dim, num_kv * head_dim
         a_in, a_out = idx["attn_in"], idx["attn_out"]
         attention = {"input_layernorm.weight": layer.input_layernorm.weight.detach().cpu().clone()}
         for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
@@ -193,7 +218,35 @@ def _pad_layer(layer: nn.Module, idx: dict[str, torch.Tensor], config, head_dim:
         for name in ("gate_proj", "up_proj"):
             mlp.update(_linear(getattr(block, name), f"mlp.{name}", kept, m_in, width, d))
         mlp.update(_linear(block.down_proj, "mlp.down_proj", m_out, kept, d, width))
-    return PaddedLayer(attention, mlp, num_kv, width)
+    return PaddedLayer(attention, mlp, num_kv, width, num_heads)
+
+
+def regroup_heads(attention: dict[str, torch.Tensor], num_kv_heads: int, n_rep: int, head_dim: int,
+                  new_kv_heads: int, new_n_rep: int) -> dict[str, torch.Tensor]:
+    """A padded attention's tensors (:class:`PaddedLayer`) re-laid for ``new_kv_heads`` KV heads of ``new_n_rep``
+    query heads each, losslessly: KV head ``j`` keeps its place, its ``n_rep`` query heads move to the first places
+    of its new group (``j · new_n_rep …``); the other query heads get zero q rows (and biases) and zero o_proj
+    columns, the KV heads from ``num_kv_heads`` on zero k / v rows. A zero o_proj column adds nothing, and only those
+    heads read the zero KV heads, so the attention's output is unchanged. Needs ``new_kv_heads >= num_kv_heads`` and
+    ``new_n_rep >= n_rep``; other tensors (norm weight, o_proj bias) are passed on."""
+    if new_kv_heads < num_kv_heads or new_n_rep < n_rep:
+        raise ValueError(f"cannot re-lay {num_kv_heads} KV heads of {n_rep} query heads as {new_kv_heads} of "
+                         f"{new_n_rep}: every head must keep a place")
+    heads = torch.arange(num_kv_heads * n_rep)
+    q_heads = heads // n_rep * new_n_rep + heads % n_rep  # the new place of every query head
+    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    kv_rows = torch.arange(num_kv_heads * head_dim)
+    q_out, kv_out = new_kv_heads * new_n_rep * head_dim, new_kv_heads * head_dim
+    out = dict(attention)
+    for name, t in attention.items():
+        module, _, kind = name.rpartition(".")
+        rows = {"self_attn.q_proj": (q_rows, q_out), "self_attn.k_proj": (kv_rows, kv_out),
+                "self_attn.v_proj": (kv_rows, kv_out)}.get(module)
+        if rows is not None:
+            out[name] = _padded(t, rows[0], None, (rows[1], *t.shape[1:]))
+        elif module == "self_attn.o_proj" and kind == "weight":
+            out[name] = _padded(t.T, q_rows, None, (q_out, t.shape[0])).T.contiguous()
+    return out
 
 
 def pad_model(model: nn.Module, what: str) -> PaddedModel:
@@ -205,8 +258,10 @@ def pad_model(model: nn.Module, what: str) -> PaddedModel:
     adapter = adapter_for(model)
     dims = adapter.dims(config)
     masks = DispMasks.from_config(config.disp_masks) if is_compacted(model) else DispMasks.full(dims)
-    head_dim = adapter.shapes(config).q_out // config.num_attention_heads
-    layers = [_pad_layer(layer, masks[i], config, head_dim)
+    shapes = adapter.shapes(config)
+    head_dim = shapes.q_out // config.num_attention_heads
+    n_rep = config.num_attention_heads // shapes.kv_heads
+    layers = [_pad_layer(layer, i, masks[i], config, head_dim, n_rep)
               for i, layer in enumerate(adapter.decoder_layers(model))]
     base = model.model
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -224,9 +279,10 @@ class ExportReport:
 
     ``params`` / ``decoder_linear`` / ``linear_flops``: ``{"export": n, "compacted": n, "dense": n}`` of stored
     parameters (tied weights once), decoder-linear parameters (q/k/v/o and MLP weights and biases) and linear FLOPs per
-    token (2 per weight of the decoder linears and the lm_head). The export counts what its file stores, zeros
-    included: padding, and any zero block an engine needs (``notes`` say where). ``ffn_widths`` / ``kv_heads``: per
-    layer (0: block removed).
+    token (2 per weight of the decoder linears and the lm_head); ``kv_cache``: key and value entries cached per token
+    of context (2 · KV heads · head_dim, summed over the layers that keep an attention). The export counts what its
+    file stores and its engine caches, zeros included: padding, and any zero block an engine needs (``notes`` say
+    where). ``ffn_widths`` / ``query_heads`` / ``kv_heads``: per layer, as written (0: block removed).
     """
 
     format: str
@@ -237,10 +293,12 @@ class ExportReport:
     ffn_widths: list[int]
     kv_heads: list[int]
     notes: list[str] = field(default_factory=list)
+    query_heads: list[int] = field(default_factory=list)
+    kv_cache: dict[str, int] = field(default_factory=dict)
 
     def kept(self, what: str, of: str = "dense") -> float:
-        """The fraction of ``of``'s (dense or compacted) ``what`` (params, decoder_linear, linear_flops) the export
-        keeps."""
+        """The fraction of ``of``'s (dense or compacted) ``what`` (params, decoder_linear, linear_flops, kv_cache) the
+        export keeps."""
         counts = getattr(self, what)
         return counts["export"] / counts[of] if counts[of] else 0.0
 
@@ -252,8 +310,10 @@ class ExportReport:
         rows = [f"exported {self.format} to {self.path}",
                 f"{'':28}{'export':>14}{'compacted':>14}{'dense':>14}  export/dense  export/compacted"]
         for key, label in (("params", "parameters"), ("decoder_linear", "decoder-linear parameters"),
-                           ("linear_flops", "linear FLOPs per token")):
+                           ("linear_flops", "linear FLOPs per token"), ("kv_cache", "KV-cache values per token")):
             c = getattr(self, key)
+            if not c:
+                continue
             rows.append(f"{label:28}{c['export']:>14,}{c['compacted']:>14,}{c['dense']:>14,}"
                         f"  {100 * self.kept(key):>11.1f} %  {100 * self.kept(key, 'compacted'):>15.1f} %")
         rows += [f"note: {n}" for n in self.notes]
@@ -271,6 +331,9 @@ def export_report(padded: PaddedModel, fmt: str, path: str, layers: list[dict[st
     stored += sum(t.numel() for layer in layers for t in layer.values())
     src = padded.source_params
     head = 2 * vocab * d
+    cfg = padded.config
+    rows = [int(layer["self_attn.k_proj.weight"].shape[0]) if "self_attn.k_proj.weight" in layer else 0
+            for layer in layers]
     return ExportReport(
         format=fmt, path=str(path),
         params={"export": stored, "compacted": src["total"], "dense": src["dense_total"]},
@@ -279,6 +342,10 @@ def export_report(padded: PaddedModel, fmt: str, path: str, layers: list[dict[st
                       "dense": 2 * src["dense_decoder_linear"] + head},
         ffn_widths=[int(layer["mlp.gate_proj.weight"].shape[0]) if "mlp.gate_proj.weight" in layer else 0
                     for layer in layers],
-        kv_heads=[int(layer["self_attn.k_proj.weight"].shape[0]) // padded.head_dim
-                  if "self_attn.k_proj.weight" in layer else 0 for layer in layers],
+        kv_heads=[r // padded.head_dim for r in rows],
+        query_heads=[int(layer["self_attn.q_proj.weight"].shape[0]) // padded.head_dim
+                     if "self_attn.q_proj.weight" in layer else 0 for layer in layers],
+        kv_cache={"export": 2 * sum(rows),
+                  "compacted": 2 * padded.head_dim * sum(layer.num_kv_heads for layer in padded.layers),
+                  "dense": 2 * padded.head_dim * cfg.num_key_value_heads * cfg.num_hidden_layers},
         notes=list(notes))

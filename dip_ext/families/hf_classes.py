@@ -68,6 +68,20 @@ class DipExtConfig:
         atomic_write_text(json_file_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_partial_groups_in_vllm(masks: DispMasks, groups: int) -> None:
+    """ValueError (one line) when a layer keeps some but not all KV groups: vLLM's Transformers backend builds every
+    layer's attention and KV-cache entry with the config's (dense) head counts."""
+    if not masks.prunes_heads:
+        return
+    partial = [i for i, layer in enumerate(masks.layers)
+               if 0 < layer["kv_groups"].numel() < groups and layer["attn_out"].numel()]
+    if partial:
+        raise ValueError(f"layers {partial} of this compacted model keep fewer KV groups than its {groups}: vLLM's "
+                         "Transformers backend gives every layer the config's heads and KV-cache size, so it cannot "
+                         "run them; serve its DeciLM export instead (dip-ext export --to decilm), whose per-layer KV "
+                         "heads vLLM's own DeciLMForCausalLM runs")
+
+
 class DipExtCompacted:
     """Mixin of both compacted model classes (the ``*ForCausalLM`` and its base model): builds the compacted
     structure from ``config.disp_masks`` (:meth:`disp_compact`) so ``from_pretrained`` loads compacted weights,
@@ -91,6 +105,8 @@ class DipExtCompacted:
         super().__init__(config, *args, **kwargs)
         with torch.device("cpu"):  # from_pretrained builds models under a meta-device context
             masks = DispMasks.from_config(config.disp_masks)
+        if getattr(config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend builds us
+            _refuse_partial_groups_in_vllm(masks, self.disp_adapter.dims(config).kv_groups)
         self.disp_compact(masks)
         place_index_sets(self)
 

@@ -39,7 +39,9 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
     dropped = None
     if budget.kv_groups_kept is not None:
         heads = torch.tensor([s == KV_GROUPS for _, s in slots(dims, structures)])[unit_group]
-        order = torch.argsort(torch.where(heads, unit_score, math.inf), stable=True)
+        # lowest score first; among equal scores the higher index, as the masks keep the lower one (best first)
+        keyed = torch.where(heads, unit_score, math.inf).flip(0)
+        order = unit_score.numel() - 1 - torch.argsort(keyed, stable=True)
         dropped = torch.zeros(unit_score.numel(), dtype=torch.bool)
         dropped[order[:int(heads.sum()) - budget.kv_groups_kept]] = True
     return greedy_select(GroupSpace(dims, groups, structures), budget, unit_group, unit_index, unit_score,

@@ -89,6 +89,28 @@ def save_compacted(family: str, folder: Path, seed: int = 0, tokenizer=None) -> 
     return folder
 
 
+#: the head-pruned tiny Llama of :func:`save_head_pruned`: 8 query heads of 32 over 4 KV heads (2 per group)
+HEADS_MODEL = dict(intermediate_size=FFN, num_attention_heads=8, num_key_value_heads=4, head_dim=32, **COMMON)
+#: KV groups each layer of it keeps: none in layer 0 (its attention is removed, as in :data:`REMOVED`), 3 of 4, 1, 2
+KEPT_GROUPS = ([], [1, 2, 3], [2], [0, 3])
+
+
+def save_head_pruned(folder: Path, seed: int = 0) -> Path:
+    """Like :func:`save_compacted`, a tiny Llama with KV groups pruned (:data:`HEADS_MODEL`, :data:`KEPT_GROUPS`;
+    the MLP of layer 2 removed): per-layer query and KV heads. Returns ``folder``."""
+    from dip_ext import DispMasks
+    from dip_ext.masks import KV_GROUPS, STRUCTURES
+
+    torch.manual_seed(seed)
+    dense = perturb_norms_and_biases(LlamaForCausalLM(LlamaConfig(**HEADS_MODEL)).eval())
+    sets = random_masks(adapter_for(dense).dims(dense.config), seed, 0.7, empty=REMOVED)
+    masks = DispMasks([{**{s: layer[s] for s in STRUCTURES}, KV_GROUPS: torch.tensor(g, dtype=torch.long)}
+                       for layer, g in zip(sets.layers, KEPT_GROUPS)])
+    dip_ext.compact(dense, masks).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def reference(folder, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The saved compacted model as dip_ext loads it (eval mode, ``dtype``)."""
     return dip_ext.from_pretrained(folder, dtype=dtype).eval()
