@@ -120,6 +120,24 @@ def hide_module(monkeypatch, name: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
+def assert_lora_merges_exactly(peft, compacted, ids: torch.Tensor):
+    """Wraps ``compacted`` in a peft LoRA of rank 4 (non-zero adapters, peft's default target modules), checks that
+    the adapters change its logits and that ``merge_and_unload`` reproduces them; returns ``(peft config, merged
+    model)``."""
+    with torch.no_grad():
+        base = compacted(ids).logits
+    model = peft.get_peft_model(compacted, peft.LoraConfig(r=4, init_lora_weights=False))
+    config = model.peft_config["default"]
+    model.eval()
+    with torch.no_grad():
+        lora = model(ids).logits
+        merged = model.merge_and_unload()
+        out = merged(ids).logits
+    assert (lora - base).abs().max() > 1e-3  # the adapters really change the model
+    assert_rel_close(out, lora)
+    return config, merged
+
+
 # ------------------------------------------------------------------------------------------------ decode
 
 def decode_with_cache(model, ids: torch.Tensor, nxt: torch.Tensor,

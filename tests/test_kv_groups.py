@@ -15,8 +15,8 @@ from typing import Optional
 
 import pytest
 import torch
-from helpers import (assert_rel_close, decode_with_cache, dims_of, make_word_tokenizer, perturb_norms_and_biases,
-                     random_masks, run_cli, tiny_llama, write_word_text)
+from helpers import (assert_lora_merges_exactly, assert_rel_close, decode_with_cache, dims_of, make_word_tokenizer,
+                     perturb_norms_and_biases, random_masks, run_cli, tiny_llama, write_word_text)
 from test_families_opt_phi import opt_config
 from test_families_widths import CASES, VOCAB
 from test_families_widths import make_model as make_width_model
@@ -611,14 +611,7 @@ def test_lora_merges_exactly(name):
         base = compacted(ids).logits
         with dip_ext.apply_masks(dense, masks):
             assert_rel_close(base, dense(ids).logits)
-    model = peft.get_peft_model(compacted, peft.LoraConfig(r=4, init_lora_weights=False))
-    model.eval()
-    with torch.no_grad():
-        lora = model(ids).logits
-        merged = model.merge_and_unload()
-        out = merged(ids).logits
-    assert (lora - base).abs().max() > 1e-3  # the adapters really change the model
-    assert_rel_close(out, lora)
+    assert_lora_merges_exactly(peft, compacted, ids)
 
 
 def test_decode_session_matches_generate_and_holds_the_kept_groups(compacted_models):

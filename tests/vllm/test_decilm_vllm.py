@@ -8,7 +8,7 @@ zero-padded folder with the tokens and log-probabilities of the compacted model 
 import json
 
 import pytest
-from vllm_helpers import PROMPTS, greedy, prompt_logprobs
+from vllm_helpers import PROMPTS, greedy, native, prompt_logprobs
 
 import dip_ext
 
@@ -25,10 +25,6 @@ def exported(request, compacted_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"decilm-{request.param}") / "decilm"
     dip_ext.export_decilm(folder, out)
     return folder, out
-
-
-def native(vllm_engines, folder):
-    return vllm_engines.get(folder, model_impl="vllm", trust_remote_code=True)
 
 
 def test_greedy_tokens_of_a_mixed_batch_equal_the_compacted_model(exported, vllm_engines, dip_ext_reference):

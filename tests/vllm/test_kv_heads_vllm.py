@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vllm_helpers import ENGINE_DEFAULTS, KEPT_GROUPS, PROMPTS, greedy, prompt_logprobs, save_head_pruned
+from vllm_helpers import ENGINE_DEFAULTS, KEPT_GROUPS, PROMPTS, greedy, native, prompt_logprobs, save_head_pruned
 
 import dip_ext
 
@@ -33,10 +33,6 @@ def head_pruned(tmp_path_factory):
     out = folder.parent / "decilm"
     dip_ext.export_decilm(folder, out)
     return folder, out
-
-
-def native(vllm_engines, folder):
-    return vllm_engines.get(folder, model_impl="vllm", trust_remote_code=True)
 
 
 def test_decilm_export_serves_the_compacted_tokens_and_logprobs(head_pruned, vllm_engines, dip_ext_reference):

@@ -250,3 +250,8 @@ def prompt_logprobs(llm, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]
     outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     return [torch.tensor([entry[t].logprob for entry, t in zip(o.prompt_logprobs[1:], p[1:])], dtype=torch.float64)
             for o, p in zip(outs, prompts)]
+
+
+def native(vllm_engines, folder):
+    """The engine of ``folder`` (a DeciLM export) with vLLM's own model implementation, no dip_ext in the path."""
+    return vllm_engines.get(folder, model_impl="vllm", trust_remote_code=True)
