@@ -528,6 +528,22 @@ def test_budget_refuses_bad_kv_ratio(selection):
             Budget.for_model(model, 0.3, kv_ratio=bad)
 
 
+def test_budget_refuses_a_kv_target_that_removes_more_than_the_ratio(selection):
+    """Dropping the groups a KV target asks for removes at least their parameters: a ratio below that cannot be met."""
+    model = selection[0]
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    group = config.hidden_size * (n_rep + 2) * head_dim + n_rep * head_dim * config.hidden_size  # q/k/v rows, o cols
+    dense = Budget.for_model(model, 0.3).dense_linear
+    assert Budget.for_model(model, 0.3, kv_ratio=0.5).kv_groups_kept == 4  # 4 of 8 groups dropped
+    floor = 4 * group / dense
+    with pytest.raises(ValueError, match=rf"kv_ratio 0.5 alone removes {100 * floor:.1f} % of the decoder-linear "
+                                         r"parameters, more than the 5.0 % that ratio 0.05 asks for"):
+        Budget.for_model(model, 0.05, kv_ratio=0.5)
+    Budget.for_model(model, floor + 0.01, kv_ratio=0.5)  # just above it: met
+
+
 def test_oneshot_refuses_a_calibration_without_group_scores(selection):
     model, _, calib = selection
     probe = copy.deepcopy(calib)
@@ -558,6 +574,7 @@ def prune_args(model, text, out, *extra):
     (("--kv-ratio", "0"), "kv_ratio must be"),
     (("--method", "dependent", "--prune-heads"), "does not prune KV groups"),
     (("--method", "dependent", "--kv-ratio", "0.5"), "does not prune KV groups"),
+    (("--ratio", "0.05", "--kv-ratio", "0.9"), "alone removes"),
 ])
 def test_cli_bad_kv_options_are_one_line_exit_2(capsys, tmp_path, cli_folder, monkeypatch, extra, match):
     monkeypatch.setenv("DIP_EXT_CACHE", str(tmp_path / "cache"))

@@ -108,8 +108,25 @@ class Budget:
                                  "pruned (drop --prune-heads / --kv-ratio)")
             if kv_ratio is not None:
                 kept_groups = math.floor((1 - kv_ratio) * dims.num_layers * dims.kv_groups + 1e-9)
-        return cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
-                   int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
+        budget = cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
+                     int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
+        if kept_groups is not None:
+            budget._check_kv_target(dims)
+        return budget
+
+    def _check_kv_target(self, dims) -> None:
+        """ValueError when the KV-cache target alone removes more parameters than the ratio asks: keeping every
+        other dimension and the allowed groups spread evenly over the layers (what keeps the most) stays under the
+        parameter target."""
+        layers, kept = dims.num_layers, self.kv_groups_kept
+        spread = [{**{s: dims.size(s) for s in STRUCTURES}, KV_GROUPS: kept // layers + int(i < kept % layers)}
+                  for i in range(layers)]
+        most = float(self.kept_linear(spread))
+        if most < self.target_linear:
+            floor = 1 - most / self.dense_linear
+            raise ValueError(f"kv_ratio {self.kv_ratio:g} alone removes {100 * floor:.1f} % of the decoder-linear "
+                             f"parameters, more than the {100 * (1 - self.target_ratio):.1f} % that ratio "
+                             f"{self.ratio:g} asks for: raise --ratio or lower --kv-ratio")
 
     @property
     def structures(self) -> tuple[str, ...]:
