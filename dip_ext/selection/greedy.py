@@ -82,7 +82,6 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     if unit_group.shape != (n,) or unit_index.shape != (n,) or unit_score.dim() != 1:
         raise ValueError("unit_group, unit_index and unit_score must be 1-D tensors of one length")
     n_groups = space.incidence.shape[0]
-    group_size = torch.bincount(unit_group, minlength=n_groups).double()
     alive = torch.ones(unit_score.numel(), dtype=torch.bool)
     if dropped is not None:
         alive &= ~dropped
