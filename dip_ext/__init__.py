@@ -25,6 +25,7 @@ from .compaction import compact, is_compacted, require_dense
 from .errors import LegacyOnnxExportError, MaskError, UnsupportedModelError
 from .masking import MaskedModel, apply_masks
 from .masks import STRUCTURES, DispMasks, ModelDims
+from .space import PrunableSpace, Structure
 from .modeling import from_pretrained, register_classes
 from .onnx_export import export_onnx
 from .export_decilm import export_decilm
@@ -55,8 +56,8 @@ __all__ = ["ops", "build_info", "__version__", "selftest", "SelftestResult",
            # selection methods
            "register_method", "get_method", "method_names", "SelectionInputs", "SelectionResult", "TrainingSummary",
            # masks, the masked reference, compaction, loading
-           "DispMasks", "ModelDims", "STRUCTURES", "apply_masks", "MaskedModel", "compact", "is_compacted",
-           "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError",
+           "DispMasks", "ModelDims", "PrunableSpace", "Structure", "STRUCTURES", "apply_masks", "MaskedModel",
+           "compact", "is_compacted", "require_dense", "from_pretrained", "param_report", "ParamReport", "MaskError", "UnsupportedModelError",
            # ONNX
            "export_onnx", "LegacyOnnxExportError",
            # zero-padded exports for engines that cannot run index sets (vLLM's DeciLM, llama.cpp)

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .families import adapter_for
 from .families.llama_style import LlamaStyleLayer
-from .masks import KV_GROUPS, STRUCTURES, DispMasks
-from .selection.budget import Budget, fit_layer_widths
+from .masks import KV_GROUPS, DispMasks, SpaceLike, as_space
+from .selection.budget import Budget, fit_layer_widths, unit_steps
 
 __all__ = ["random_llama", "random_budget_widths", "random_masks", "same_widths"]
 
@@ -49,36 +48,45 @@ def random_llama(shape: dict, dtype: torch.dtype, device, seed: int) -> LlamaFor
 def random_budget_widths(model, ratio: float, multiple_of: int, spread: float, seed: int,
                          ratio_of: str = "decoder_linear", kv_ratio: Optional[float] = None) -> list[dict[str, int]]:
     """Per-layer kept widths of the dense ``model`` that remove ``ratio`` of its parameters (``ratio_of``, as in
-    :class:`~dip_ext.selection.budget.Budget`), jittered per layer and structure.
+    :class:`~dip_ext.selection.budget.Budget`), jittered per layer and structure of the budget's prunable space
+    (``budget.space``: each layer's own structures).
 
     Set ``s`` of layer ``i`` (full size ``n``) gets ``floor(c * j[i, s] * n)``, clamped to
-    ``[min(multiple_of, n), n]``, with ``j = exp(spread * N(0, 1))`` (``torch.Generator`` seeded with ``seed``)
-    and the common scale ``c`` the largest (bisected) at which the budget is met. Those widths are then rounded
-    by :func:`~dip_ext.selection.budget.fit_layer_widths` (down to multiples of ``multiple_of`` or ``n``, whole
-    chunks added back, larger ``j`` first, while any fits), so the result never exceeds the budget and no single
-    further chunk would fit. Every width is at least ``min(multiple_of, n)``. With ``kv_ratio`` the widths also
+    ``[min(step, n), n]`` (``step``: ``multiple_of``, or 1 for a whole-unit structure such as experts), with
+    ``j = exp(spread * N(0, 1))`` (``torch.Generator`` seeded with ``seed``, one draw per slot in the space's slot
+    order) and the common scale ``c`` the largest (bisected) at which the budget is met. Those widths are then
+    rounded by :func:`~dip_ext.selection.budget.fit_layer_widths` (down to multiples of ``multiple_of`` or ``n``,
+    whole chunks added back, larger ``j`` first, while any fits), so the result never exceeds the budget and no
+    single further chunk would fit. Every width is at least ``min(step, n)``. With ``kv_ratio`` the widths also
     hold ``kv_groups``: the most groups a KV-cache target of ``kv_ratio`` allows (:class:`Budget`), spread evenly
-    over the layers (the layers that get one more chosen at random), fixed before the other widths are fitted.
+    over the layers that have KV groups (the layers that get one more chosen at random), fixed before the other
+    widths are fitted.
     ValueError for a ratio outside (0, 1), a compacted model, or a budget the minimal widths already exceed.
     """
     budget = Budget.for_model(model, ratio, ratio_of, kv_ratio=kv_ratio)
-    dims = adapter_for(model).dims(model.config)
-    sizes = {s: dims.size(s) for s in STRUCTURES}
-    groups = None
+    space = budget.space
+    # the jittered slots: every structure but the KV groups, whose counts the KV-cache target fixes
+    free = [(i, s) for i, s in space.slots() if s != KV_GROUPS]
+    steps = unit_steps(space, multiple_of)
+    sizes = {(i, s): space.size(i, s) for i, s in free}
+    lowest = {(i, s): min(int(step), space.size(i, s)) for (i, s), step in zip(space.slots(), steps.tolist())
+              if s != KV_GROUPS}
+    groups: dict[int, int] = {}
     if kv_ratio is not None:
-        kept, layers = budget.kv_groups_kept, dims.num_layers
-        extra = set(torch.randperm(layers, generator=torch.Generator().manual_seed(seed + 2))[:kept % layers].tolist())
-        groups = [kept // layers + int(i in extra) for i in range(layers)]
-    lowest = {s: min(multiple_of, n) for s, n in sizes.items()}
+        holders = [i for i in range(space.num_layers) if KV_GROUPS in space.names(i)]
+        kept, n = budget.kv_groups_kept, len(holders)
+        extra = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))[:kept % n].tolist())
+        groups = {i: kept // n + int(j in extra) for j, i in enumerate(holders)}
     gen = torch.Generator().manual_seed(seed)
-    jitter = torch.exp(spread * torch.randn(dims.num_layers, len(STRUCTURES), generator=gen, dtype=torch.float64))
+    jitter = torch.exp(spread * torch.randn(len(free), generator=gen, dtype=torch.float64))
+    factor = {slot: float(jitter[k]) for k, slot in enumerate(free)}
 
     def widths_at(scale: float) -> list[dict[str, int]]:
-        out = [{s: max(lowest[s], min(sizes[s], int(scale * float(jitter[i, j]) * sizes[s])))
-                for j, s in enumerate(STRUCTURES)} for i in range(dims.num_layers)]
-        if groups is not None:
-            for w, g in zip(out, groups):
-                w[KV_GROUPS] = g
+        out: list[dict[str, int]] = [{} for _ in range(space.num_layers)]
+        for i, s in space.slots():  # each layer's structures in the space's order
+            slot = (i, s)
+            out[i][s] = groups[i] if s == KV_GROUPS else \
+                max(lowest[slot], min(sizes[slot], int(scale * factor[slot] * sizes[slot])))
         return out
 
     def meets(scale: float) -> bool:
@@ -91,16 +99,20 @@ def random_budget_widths(model, ratio: float, multiple_of: int, spread: float, s
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    priority = [{s: float(jitter[i, j]) for j, s in enumerate(STRUCTURES)} for i in range(dims.num_layers)]
+    priority: list[dict[str, float]] = [{} for _ in range(space.num_layers)]
+    for (i, s), f in factor.items():
+        priority[i][s] = f
     return fit_layer_widths(budget, widths_at(lo), multiple_of, priority)
 
 
-def random_masks(widths: Sequence[dict[str, int]], dims, seed: int) -> DispMasks:
+def random_masks(widths: Sequence[dict[str, int]], space: SpaceLike, seed: int) -> DispMasks:
     """DispMasks whose set ``s`` of layer ``i`` is a uniformly random sorted subset of ``widths[i][s]`` of the
-    ``dims.size(s)`` dimensions (``torch.Generator`` seeded with ``seed + 1``, drawn layer by layer)."""
+    set's full size in ``space`` (the model's prunable space, or the ``ModelDims`` of a built-in layout)
+    (``torch.Generator`` seeded with ``seed + 1``, drawn layer by layer)."""
+    space = as_space(space)
     gen = torch.Generator().manual_seed(seed + 1)
-    return DispMasks([{s: torch.randperm(dims.size(s), generator=gen)[:k].sort().values for s, k in w.items()}
-                      for w in widths])
+    return DispMasks([{s: torch.randperm(space.size(i, s), generator=gen)[:k].sort().values for s, k in w.items()}
+                      for i, w in enumerate(widths)])
 
 
 def _same_widths_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """The calibration pass: run the frozen model over calibration blocks and accumulate what selection needs.
 
-Per decoder layer and prunable structure it accumulates
-- activation statistics of every prunable input (``dip_ext.ops.calibration_stats``: count, per-channel sum and
+Per decoder layer and each structure of the family's prunable space (:class:`~dip_ext.space.PrunableSpace`,
+its optional structures included; a layer may have other structures than the next) it accumulates
+- activation statistics of the prunable inputs (``dip_ext.ops.calibration_stats``: count, per-channel sum and
   sum of squares in fp64) at the normalized attention input, the attention output projection's input, the
-  normalized MLP input and the MLP down projection's input;
+  normalized MLP input and the MLP down projection's input (:data:`STAT_POINTS`), in the layers that have the
+  structure whose mask point each shares;
 - first-order Fisher scores: with a mask fixed at 1 on every prunable dimension, ``g = ∂L/∂m`` per calibration
-  window, score ``Σ g²`` per dimension, and per KV group where the family declares groups (the group's mask on its
+  window, score ``Σ g²`` per dimension (per unit of a whole-unit structure: per KV group, the group's mask on its
   query heads' columns at the attention output projection's input) (the diagonal empirical Fisher: the expected
   loss increase of dropping that dimension is ≈ ½·score). The tied score of the dimension-dependent baseline (one
-  mask shared by every hidden-width set of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
+  mask shared by every hidden-axis set of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
 
 The pass checkpoints every few windows and resumes (nothing is lost on interruption); its result is saved with
 safetensors and reusable.
@@ -16,6 +18,7 @@ safetensors and reusable.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,37 +32,45 @@ from . import distributed as dist
 from .compaction import require_dense
 from .families import adapter_for
 from .masking import MaskedModel
-from .masks import STRUCTURE_SPACE, STRUCTURES, ModelDims
+from .masks import STRUCTURE_SPACE, STRUCTURES
 from .model_state import frozen, model_device, model_digest
 from .ops import CalibrationStats, calibration_stats
+from .space import HIDDEN_AXIS, PrunableSpace
 from .tokens import check_windows
 from .training import CheckpointFormat, digest
 
-#: activation statistics points: name -> (structure whose mask point it shares, input side)
+#: activation statistics points: name -> the structure whose (first) mask point's module input it describes
 STAT_POINTS = {"attn_in": "attn_in", "attn_proj_in": "attn_out", "mlp_in": "mlp_in", "mlp_mid": "mlp_mid"}
-HIDDEN = tuple(s for s in STRUCTURES if STRUCTURE_SPACE[s] == "hidden")
-#: a calibration result on disk (also the pass's checkpoint): the training kit's checkpoint format
-FORMAT = CheckpointFormat("dip_ext.calibration", 3, "calibration file",
+#: the built-in layout's hidden-axis sets (the dimension-dependent baseline ties them across every layer)
+HIDDEN = tuple(s for s in STRUCTURES if STRUCTURE_SPACE[s] == HIDDEN_AXIS)
+#: a calibration result on disk (also the pass's checkpoint): the training kit's checkpoint format (version 4:
+#: the fingerprint records the model's prunable space and scores follow each layer's structures)
+FORMAT = CheckpointFormat("dip_ext.calibration", 4, "calibration file",
                           remedy="delete it (the calibration pass runs again) or run without resume")
 #: readable names of the fingerprint's entries, for a refused resume
-_LABELS = {"dims": "the model's dims (another model)",
+_LABELS = {"space": "the model's prunable space (another model)",
            "weights": "the model's weights digest (other weights: another model of the same shape, or another dtype)",
            "blocks": "the digest of the windows done (other token windows: another text, seq_len or window count)"}
 
 
 @dataclass
 class CalibrationResult:
-    """Fisher scores and activation statistics of one model on ``windows`` calibration windows."""
+    """Fisher scores and activation statistics of one model on ``windows`` calibration windows.
 
-    dims: ModelDims
+    ``space``: the family's full prunable space of the model (optional structures such as ``kv_groups`` included):
+    what was scored, layer by layer."""
+
+    space: PrunableSpace
     windows: int = 0
-    #: scores[i][s]: float64 [width of s] — Σ_windows (∂L/∂m)² per dimension (per group for ``kv_groups``,
-    #: scored where the family declares KV groups)
+    #: scores[i][s]: float64 [size of s in layer i] — Σ_windows (∂L/∂m)² per dimension (per group for
+    #: ``kv_groups``), for every structure of layer i (:func:`scored`)
     scores: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    #: float64 [d] — Σ_windows (Σ_{layers, hidden sets} ∂L/∂m)²: the dimension-dependent (tied) score
+    #: float64 [space.hidden] — Σ_windows (Σ_{layers, hidden-axis sets} ∂L/∂m)²: the dimension-dependent (tied)
+    #: score
     tied_hidden: Optional[torch.Tensor] = None
-    #: stats[point][i]: activation statistics (STAT_POINTS)
-    stats: dict[str, list[CalibrationStats]] = field(default_factory=dict)
+    #: stats[point][i]: activation statistics (STAT_POINTS), None in a layer without the point's structure; a
+    #: point no layer has is absent
+    stats: dict[str, list[Optional[CalibrationStats]]] = field(default_factory=dict)
     #: loss per window (mean token NLL), for the record
     losses: list[float] = field(default_factory=list)
     #: fingerprint of the ``windows`` token blocks seen (a resume must continue the same windows)
@@ -71,16 +82,17 @@ class CalibrationResult:
     settings: Optional[dict] = None
 
     @classmethod
-    def empty(cls, dims: ModelDims) -> "CalibrationResult":
+    def empty(cls, space: PrunableSpace) -> "CalibrationResult":
+        """No windows yet: zero scores of every layer's structures of ``space``, no statistics."""
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        return cls(dims, 0, [{s: z(dims.size(s)) for s in scored(dims)} for _ in range(dims.num_layers)],
-                   z(dims.hidden), {}, [])
+        return cls(space, 0, [{s: z(space.size(i, s)) for s in names} for i, names in enumerate(scored(space))],
+                   z(space.hidden), {}, [])
 
     # ---- persistence (safetensors + JSON, no pickle) -------------------------------------------------------
     def fingerprint(self) -> dict:
-        """What a resume must match: the model's dims and weights digest, the digest of the windows done and the
-        settings that shaped the pass."""
-        return {"dims": self.dims.as_list(), "weights": self.model_sha,
+        """What a resume must match: the model's prunable space and weights digest, the digest of the windows done
+        and the settings that shaped the pass."""
+        return {"space": self.space.as_dict(), "weights": self.model_sha,
                 "blocks": self.blocks_sha, "settings": self.settings}
 
     def save(self, path) -> None:
@@ -89,8 +101,9 @@ class CalibrationResult:
         tensors["tied_hidden"] = self.tied_hidden
         for point, per_layer in self.stats.items():
             for i, st in enumerate(per_layer):
-                for k, v in st.state_dict().items():
-                    tensors[f"stats.{point}.{i}.{k}"] = v.reshape(-1) if k == "count" else v
+                if st is not None:
+                    for k, v in st.state_dict().items():
+                        tensors[f"stats.{point}.{i}.{k}"] = v.reshape(-1) if k == "count" else v
         FORMAT.write(path, tensors, {"fingerprint": self.fingerprint(), "windows": self.windows,
                                      "losses": self.losses})
 
@@ -103,21 +116,23 @@ class CalibrationResult:
     def from_file_content(cls, tensors: dict, meta: dict) -> "CalibrationResult":
         """The result of a file's ``(tensors, meta)`` as :meth:`CheckpointFormat.read` returns them."""
         fp = meta["fingerprint"]
-        dims = ModelDims(*fp["dims"])
-        res = cls(dims, int(meta["windows"]),
-                  [{s: tensors[f"scores.{i}.{s}"] for s in scored(dims)} for i in range(dims.num_layers)],
+        space = PrunableSpace.from_dict(fp["space"])
+        res = cls(space, int(meta["windows"]),
+                  [{s: tensors[f"scores.{i}.{s}"] for s in names} for i, names in enumerate(scored(space))],
                   tensors["tied_hidden"], {}, list(meta["losses"]), fp["blocks"], fp["weights"], fp["settings"])
+        layers = range(space.num_layers)
         for point in STAT_POINTS:
-            if f"stats.{point}.0.sum" in tensors:
+            if any(f"stats.{point}.{i}.sum" in tensors for i in layers):
                 res.stats[point] = [CalibrationStats.from_state_dict(
                     {k: tensors[f"stats.{point}.{i}.{k}"] for k in ("count", "sum", "sumsq")})
-                    for i in range(dims.num_layers)]
+                    if f"stats.{point}.{i}.sum" in tensors else None for i in layers]
         return res
 
 
-def scored(dims: ModelDims) -> tuple[str, ...]:
-    """The structures the pass scores: the five sets, and ``kv_groups`` where the family declares KV groups."""
-    return dims.structures(heads=dims.kv_groups > 0)
+def scored(space: PrunableSpace) -> list[tuple[str, ...]]:
+    """Per layer, the structures the pass scores: every structure the layer declares, optional ones (KV groups)
+    included, in the space's order."""
+    return [space.names(i) for i in range(space.num_layers)]
 
 
 def blocks_sha(blocks: torch.Tensor) -> str:
@@ -136,8 +151,8 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     the checkpoint's windows are not the first windows of ``blocks``: another text or window count).
     ``settings``: JSON-safe ``{option name: value}`` of what shaped the pass (the pipeline passes the model, its
     dtype, the text, the window length and counts), stored in the checkpoint; a checkpoint of another run is
-    refused naming each entry that differs (each option, the model's dims, the weights and window digests). Raises
-    ValueError on non-finite activations or loss (names the layer / window).
+    refused naming each entry that differs (each option, the model's prunable space, the weights and window
+    digests). Raises ValueError on non-finite activations or loss (names the layer / window).
 
     Data-parallel (``torch.distributed`` initialised; every rank passes the same blocks): the windows are
     dealt out in rounds of ``world_size`` (rank ``r`` takes window ``k * world_size + r`` of round ``k``),
@@ -148,13 +163,13 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     """
     require_dense(model, "the calibration pass")
     check_windows(blocks, "calibration blocks", config=model.config)
-    dims = adapter_for(model).dims(model.config)
+    space = adapter_for(model).space(model.config)
     placement = placement or dist.Placement.of(model)
     settings = dict(settings) if settings is not None else None
-    result = _start(checkpoint, blocks, dims, model_digest(model), settings)  # the digest: the same on every rank
+    result = _start(checkpoint, blocks, space, model_digest(model), settings)  # the digest: the same on every rank
     # With peers, this rank's windows accumulate into `acc` and are folded into `result` at each sync; alone,
     # `acc` IS `result` (the one-process sums stay exactly what they always were).
-    acc = result if placement.world_size == 1 else CalibrationResult.empty(dims)
+    acc = result if placement.world_size == 1 else CalibrationResult.empty(space)
     pending_losses: list[tuple[int, float]] = []
     with _stat_hooks(model, result, acc, on=stats):
         _pass(model, blocks, result, acc, pending_losses, placement=placement, checkpoint=checkpoint,
@@ -165,43 +180,54 @@ def run_calibration(model: nn.Module, blocks: torch.Tensor, *, stats: bool = Tru
     return result
 
 
-def _start(checkpoint, blocks: torch.Tensor, dims: ModelDims, model_sha: str,
+def _start(checkpoint, blocks: torch.Tensor, space: PrunableSpace, model_sha: str,
            settings: Optional[dict]) -> CalibrationResult:
     """The checkpoint's partial result, checked to be this run's (its windows the first of ``blocks``), or an
     empty one. ValueError naming every fingerprint entry that differs (the settings only when both runs recorded
     some), or when the checkpoint holds more windows than ``blocks``."""
     result = _load_checkpoint(checkpoint)
     if result is None:
-        result = CalibrationResult.empty(dims)
+        result = CalibrationResult.empty(space)
         result.model_sha, result.settings = model_sha, settings
         return result
     start, n = result.windows, blocks.shape[0]
-    now = {"dims": dims.as_list(), "weights": model_sha,
+    now = {"space": _space_entry(space), "weights": model_sha,
            "blocks": blocks_sha(blocks[:start]), "settings": settings}
-    keys = {"dims", "weights"} | ({"blocks"} if start <= n else set())
+    saved = {**result.fingerprint(), "space": _space_entry(result.space)}
+    keys = {"space", "weights"} | ({"blocks"} if start <= n else set())
     keys |= {"settings"} if settings is not None and result.settings is not None else set()
-    FORMAT.check_fingerprint(checkpoint, result.fingerprint(), now, keys=keys, labels=_LABELS)
+    FORMAT.check_fingerprint(checkpoint, saved, now, keys=keys, labels=_LABELS)
     if start > n:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {n} were given")
     return result
 
 
+def _space_entry(space: PrunableSpace) -> str:
+    """A space as a refused resume names it: its summary, and a digest of every size (the whole space compared,
+    not printed)."""
+    return f"{space!r} #{digest(json.dumps(space.as_dict()))}"
+
+
 @contextmanager
 def _stat_hooks(model: nn.Module, result: CalibrationResult, acc: CalibrationResult, *, on: bool) -> Iterator[None]:
-    """Forward pre-hooks accumulating the activation statistics of every :data:`STAT_POINTS` input into ``acc``
-    (``result`` gets empty statistics first, unless resumed with some); removed on exit. Nothing when not ``on``."""
+    """Forward pre-hooks accumulating the activation statistics of every :data:`STAT_POINTS` input into ``acc``, in
+    the layers that have the point's structure (``result`` gets empty statistics first, unless resumed with some);
+    removed on exit. Nothing when not ``on``."""
     if not on:
         yield
         return
-    adapter, dims = adapter_for(model), result.dims
-    modules = [{p: adapter.mask_points(layer)[s][0][0] for p, s in STAT_POINTS.items()}
-               for layer in adapter.decoder_layers(model)]
+    adapter, space = adapter_for(model), result.space
+    modules = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        points = adapter.mask_points(layer)
+        modules.append({p: points[s][0][0] for p, s in STAT_POINTS.items() if s in space.names(i)})
 
-    def empty_stats() -> dict[str, list[CalibrationStats]]:
+    def empty_stats() -> dict[str, list[Optional[CalibrationStats]]]:
         # widths read from the module the statistics describe: o_proj's input is heads * head_dim wide,
         # which need not be the residual width
-        return {p: [CalibrationStats.empty(_input_width(m[p], dims.size(STAT_POINTS[p]))) for m in modules]
-                for p in STAT_POINTS}
+        return {p: [CalibrationStats.empty(_input_width(m[p], space.size(i, s))) if p in m else None
+                    for i, m in enumerate(modules)]
+                for p, s in STAT_POINTS.items() if any(p in m for m in modules)}
 
     if not result.stats:
         result.stats = empty_stats()
@@ -230,9 +256,9 @@ def _pass(model: nn.Module, blocks: torch.Tensor, result: CalibrationResult, acc
           progress: bool) -> None:
     """The windows from ``result.windows`` on, in rounds of ``world_size`` (see :func:`run_calibration`), each
     accumulated into ``acc``; every ``checkpoint_every`` windows the ranks sync and rank 0 saves."""
-    dims, device, world, rank = result.dims, model_device(model), placement.world_size, placement.rank
-    ones = [{s: torch.ones(dims.size(s), device=device, requires_grad=True) for s in scored(dims)}
-            for _ in range(dims.num_layers)]
+    space, device, world, rank = result.space, model_device(model), placement.world_size, placement.rank
+    ones = [{s: torch.ones(space.size(i, s), device=device, requires_grad=True) for s in names}
+            for i, names in enumerate(scored(space))]
     flat = [m for layer in ones for m in layer.values()]
     n, start = blocks.shape[0], result.windows
     with frozen(model), MaskedModel(model, ones):
@@ -270,13 +296,13 @@ def _accumulate(model: nn.Module, ids: torch.Tensor, flat: list[torch.Tensor], a
         _check_finite(acc)  # names the first layer whose activations went non-finite
         raise ValueError(f"non-finite loss on calibration window {window}: the model or its input is broken")
     grads = torch.autograd.grad(loss, flat)
-    tied = torch.zeros(acc.dims.hidden, dtype=torch.float64)
-    keys = scored(acc.dims)
-    for k, g in enumerate(grads):
-        i, s = divmod(k, len(keys))
+    space = acc.space
+    tied = torch.zeros(space.hidden, dtype=torch.float64)
+    # ``flat`` is every layer's masks in the order of scored(space): the space's slots
+    for (i, s), g in zip(space.slots(), grads, strict=True):
         g64 = g.detach().double().cpu()
-        acc.scores[i][keys[s]] += g64 * g64
-        if keys[s] in HIDDEN:
+        acc.scores[i][s] += g64 * g64
+        if s in space.axis_names(i, HIDDEN_AXIS):
             tied += g64
     acc.tied_hidden += tied * tied
     return float(loss.detach())
@@ -312,7 +338,8 @@ def _save_on_main(result: CalibrationResult, checkpoint) -> None:
 
 def _stats_to_cpu(result: CalibrationResult) -> None:
     """Moves the activation statistics (accumulated on the activations' device) to the CPU, once per sync."""
-    result.stats = {p: [st.to("cpu") for st in per_layer] for p, per_layer in result.stats.items()}
+    result.stats = {p: [None if st is None else st.to("cpu") for st in per_layer]
+                    for p, per_layer in result.stats.items()}
 
 
 def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: list, done: int) -> None:
@@ -322,7 +349,8 @@ def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: lis
     if acc is result:
         result.windows = done
         return
-    stats = [st for point in STAT_POINTS for st in acc.stats.get(point, [])]
+    # every rank has the same space, so the same layers hold statistics (None elsewhere) and the lists align
+    stats = [st for point in STAT_POINTS for st in acc.stats.get(point, []) if st is not None]
     tensors = [t for layer in acc.scores for t in layer.values()] + [acc.tied_hidden]
     for st in stats:
         tensors += [st.sum, st.sumsq] + ([st.gram] if st.gram is not None else [])
@@ -334,7 +362,7 @@ def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: lis
             theirs[s].zero_()
     result.tied_hidden += acc.tied_hidden
     acc.tied_hidden.zero_()
-    totals = [st for point in STAT_POINTS for st in result.stats.get(point, [])]
+    totals = [st for point in STAT_POINTS for st in result.stats.get(point, []) if st is not None]
     for total, st, c in zip(totals, stats, counts.tolist()):
         st.count = c
         total.merge(st)
@@ -351,10 +379,10 @@ def _sync(result: CalibrationResult, acc: CalibrationResult, pending_losses: lis
 
 def _check_finite(result: CalibrationResult) -> None:
     # layer by layer, points in forward order: a NaN spreads downstream, so the first hit is where it started
-    for i in range(result.dims.num_layers):
+    for i in range(result.space.num_layers):
         for p in (p for p in STAT_POINTS if p in result.stats):
             st = result.stats[p][i]
-            if not (torch.isfinite(st.sum).all() and torch.isfinite(st.sumsq).all()):
+            if st is not None and not (torch.isfinite(st.sum).all() and torch.isfinite(st.sumsq).all()):
                 raise ValueError(f"non-finite calibration activations at layer {i} ({p}): NaN/inf in the model's "
                                  "activations (check the weights / dtype; fp16 may overflow)")
     for i, layer in enumerate(result.scores):

@@ -60,7 +60,7 @@ def compact(model: nn.Module, masks: Union[DispMasks, Mapping]) -> nn.Module:
     family = family_for(model)
     if type(model) is not family.dense_model:
         raise UnsupportedModelError(f"compact() needs a {family.dense_model.__name__}, got {type(model).__name__}")
-    masks.validate(family.adapter.dims(model.config))
+    masks.validate(family.adapter.space(model.config))
     dense = param_report(model)
     family.adapter.compact_layers(model, masks)
     family.adopt(model, masks, dense_params={"total": dense.total, "decoder_linear": dense.decoder_linear})

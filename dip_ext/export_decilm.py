@@ -152,7 +152,8 @@ def export_decilm(model_or_dir: Union[nn.Module, str, os.PathLike], out_dir: Uni
     other). The folder is written beside ``out_dir`` and moved into place when complete.
 
     Raises UnsupportedModelError (one line naming the family) for a model that is not Llama-shaped (Qwen3, Gemma3,
-    OPT, Phi), a sliding-window or non-SiLU model; ValueError for an output folder that may not be written;
+    OPT, Phi), a sliding-window or non-SiLU model, or one whose family's prunable space is not the built-in layout
+    (:func:`~dip_ext.zero_pad.check_exportable`); ValueError for an output folder that may not be written;
     FileNotFoundError for a folder without config.json.
     """
     out = OutputFolder(out_dir, command="export", replace=overwrite,

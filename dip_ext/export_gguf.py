@@ -238,8 +238,10 @@ def export_gguf(model_or_dir: Union[nn.Module, str, os.PathLike], out_file: Unio
 
     ``tokenizer``: a Hugging Face fast tokenizer (default: the one saved in the model's folder); byte-level BPE only
     (:mod:`dip_ext.gguf_vocab`). Raises UnsupportedModelError (one line naming the family) for a model that is not
-    Llama-shaped; ValueError for an output that may not be written, a tokenizer or RoPE type GGUF cannot carry;
-    ImportError without the ``gguf`` package (or, for llama.cpp's quantization types, without llama-cpp-python).
+    Llama-shaped, or whose family's prunable space is not the built-in layout
+    (:func:`~dip_ext.zero_pad.check_exportable`); ValueError for an output that may not be written, a tokenizer or
+    RoPE type GGUF cannot carry; ImportError without the ``gguf`` package (or, for llama.cpp's quantization types,
+    without llama-cpp-python).
     """
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("export to GGUF needs the gguf package: pip install 'gguf>=0.10'")

@@ -3,7 +3,10 @@
 This defines what "exact" means for compaction, and it is the path mask learning trains through: masks
 multiply the normalized block inputs (``attn_in``, ``mlp_in``), the MLP intermediate activation (``mlp_mid``)
 and each block's output including its bias (``attn_out``, ``mlp_out``); a ``kv_groups`` mask multiplies the input
-of the attention output projection, each group's entry covering its query heads' columns there.
+of the attention output projection, each group's entry covering its query heads' columns there. Which structures a
+layer has, their widths and where each multiplies come from the family (its prunable space and mask points): a
+mask narrower than the activation at its point covers equal contiguous blocks of it (a KV group's query-head
+columns, an expert's outputs).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from .compaction import require_dense
 from .errors import MaskError
 from .families import adapter_for
-from .masks import ALL_STRUCTURES, DispMasks
+from .masks import DispMasks
 
 MaskTensors = Sequence[dict[str, Optional[torch.Tensor]]]
 
@@ -26,9 +29,9 @@ class MaskedModel:
     """Hooks on a dense model that multiply per-layer masks in; returned by :func:`apply_masks`.
 
     ``masks[i][s]`` is a float tensor of the structure's full width (0/1, or soft values in [0, 1] that may
-    require grad), or None (or absent) to leave that structure unmasked; ``s`` is one of
-    :data:`~dip_ext.masks.ALL_STRUCTURES` (``kv_groups``: one entry per KV group). Use as a context manager or
-    call :meth:`remove`.
+    require grad), or None (or absent) to leave that structure unmasked; ``s`` is one of layer ``i``'s structures
+    in the family's prunable space (``space.names(i)``, optional ones included; ``kv_groups``: one entry per KV
+    group). Use as a context manager or call :meth:`remove`.
     Raises ValueError for a compacted model, UnsupportedModelError for an unsupported one, MaskError for masks
     that do not fit.
     """
@@ -37,12 +40,15 @@ class MaskedModel:
         require_dense(model, "apply_masks() / MaskedModel")
         self.model = model
         self.adapter = adapter_for(model)
-        self.dims = self.adapter.dims(model.config)
-        self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(ALL_STRUCTURES)
-                                                                 for _ in range(self.dims.num_layers)]
+        #: the family's full prunable space of the model: what each layer's masks may hold, and their widths
+        self.space = self.adapter.space(model.config)
+        self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(self.space.names(i))
+                                                                 for i in range(self.space.num_layers)]
         self._hooks = []
         for i, layer in enumerate(self.adapter.decoder_layers(model)):
             for s, points in self.adapter.mask_points(layer).items():
+                if s not in self.space.names(i):
+                    continue  # a point of a structure the layer does not declare: never masked
                 for module, where in points:
                     if where == "input":
                         self._hooks.append(module.register_forward_pre_hook(partial(self._mask_input, i, s)))
@@ -53,27 +59,33 @@ class MaskedModel:
 
     def set_masks(self, masks: Union[DispMasks, MaskTensors]) -> None:
         """Replaces the masks (DispMasks, or per-layer dicts of float tensors / None)."""
+        space = self.space
         if isinstance(masks, DispMasks):
-            masks = masks.to_masks(self.dims)
-        if len(masks) != self.dims.num_layers:
-            raise MaskError(f"masks have {len(masks)} layers but the model has {self.dims.num_layers}")
+            masks = masks.to_masks(space)
+        if len(masks) != space.num_layers:
+            raise MaskError(f"masks have {len(masks)} layers but the model has {space.num_layers}")
         for i, layer in enumerate(masks):
-            unknown = [k for k in layer if k not in ALL_STRUCTURES]
+            names = space.names(i)
+            unknown = [k for k in layer if k not in names]
             if unknown:
-                raise MaskError(f"layer {i}: unknown structure {unknown[0]!r} (known: {list(ALL_STRUCTURES)})")
-            for s in ALL_STRUCTURES:
+                raise MaskError(f"layer {i}: unknown structure {unknown[0]!r} (layer {i} has: {list(names)})")
+            for s in names:
                 m = layer.get(s)
-                if m is not None and (m.dim() != 1 or m.numel() != self.dims.size(s)):
-                    raise MaskError(f"layer {i} {s}: mask must have shape [{self.dims.size(s)}], "
+                if m is not None and (m.dim() != 1 or m.numel() != space.size(i, s)):
+                    raise MaskError(f"layer {i} {s}: mask must have shape [{space.size(i, s)}], "
                                     f"got {tuple(m.shape)}")
-        self._masks = [{s: layer.get(s) for s in ALL_STRUCTURES} for layer in masks]
+        self._masks = [{s: layer.get(s) for s in space.names(i)} for i, layer in enumerate(masks)]
 
     def _mask_for(self, i: int, s: str, like: torch.Tensor) -> Optional[torch.Tensor]:
         m = self._masks[i][s]
         if m is None:
             return None
-        if m.numel() != like.shape[-1]:  # a KV group's entry covers its query heads' columns
-            m = m.repeat_interleave(like.shape[-1] // m.numel())
+        width = like.shape[-1]
+        if m.numel() != width:  # one entry per unit (a KV group's query-head columns): equal contiguous blocks
+            if width % m.numel():
+                raise MaskError(f"layer {i} {s}: a mask of {m.numel()} entries cannot cover the {width} channels "
+                                "at its mask point in equal blocks (the family's space and mask points disagree)")
+            m = m.repeat_interleave(width // m.numel())
         return m.to(device=like.device, dtype=like.dtype)
 
     def _mask_input(self, i, s, module, args):

@@ -118,10 +118,12 @@ class Pruner:
         self.method = get_method(self.config.method)
         self.method_options = resolve_method_options(self.config.method, method_options)
         require_dense(model, "pruning")
-        dims = adapter_for(model).dims(model.config)
-        if self.config.multiple_of > max(dims.hidden, dims.ffn):
+        sizes = [(st.axis, st.size) for layer in adapter_for(model).space(model.config).layers for st in layer
+                 if not st.whole_units]  # whole-unit sets (KV groups, experts) are never rounded to multiple_of
+        if self.config.multiple_of > max((n for _, n in sizes), default=0):
+            widths = ", ".join(f"{a} {max(n for b, n in sizes if b == a)}" for a in dict.fromkeys(a for a, _ in sizes))
             raise ValueError(f"multiple_of {self.config.multiple_of} is larger than every width of the model "
-                             f"(hidden {dims.hidden}, MLP {dims.ffn}): every set would be kept whole or removed")
+                             f"({widths}): every set would be kept whole or removed")
         self.placement = Placement.of(model)
         if self.placement.sharded and self.placement.is_main and full_model is None:
             raise ValueError("model is sharded (FSDP): rank 0 must pass its full dense copy as full_model (the "

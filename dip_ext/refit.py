@@ -25,8 +25,10 @@ Which weights and how much damping is not one answer for all masks, so :func:`ch
 (``RefitConfig(refit="auto")``, the default) scores :data:`CANDIDATES` and no refit by the LM loss on held-out
 calibration windows and keeps the best (benchmarks/RESULTS.md has what each choice did on the default model).
 
-The Gram matrices are float64 ``[in, in]`` per layer and structure (``8 * in²`` bytes each); layers are taken in
-groups that fit ``max_gram_bytes``, one pass over the calibration windows per group.
+The Gram matrices are float64 ``[in, in]`` per layer and structure (``8 * in²`` bytes each, ``in`` the structure's
+size in the family's prunable space); layers are taken in groups that fit ``max_gram_bytes``, one pass over the
+calibration windows per group. A layer whose space lacks one of the refitted structures (a layer without
+``mlp_mid``) is left as it is for that structure.
 """
 
 from __future__ import annotations
@@ -158,18 +160,19 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     """Token-weighted Gram matrices of the inputs that ``masks`` prune, in the masked ``model``.
 
     Returns ``{(layer, structure): G}`` with ``G`` float64 ``[width, width]`` on the CPU (full width of the
-    structure: d for ``attn_in``/``mlp_in``, ffn for ``mlp_mid``), ``G = Σ_t x_t x_tᵀ / ‖x_t‖²`` over every
-    token of ``blocks`` ``[n, seq_len]``, ``x_t`` the input of the structure's first weight before its mask is
-    multiplied in. ``layers``, ``structures``: only these (default all). Structures that keep every column are skipped
-    (nothing to refit). Data-parallel: the windows are dealt out over the ranks and the sums are reduced, so
-    every rank returns the same matrices; a sharded (FSDP) model runs the same number of forwards on every rank.
+    structure in the layer's prunable space: d for ``attn_in``/``mlp_in``, ffn for ``mlp_mid``),
+    ``G = Σ_t x_t x_tᵀ / ‖x_t‖²`` over every token of ``blocks`` ``[n, seq_len]``, ``x_t`` the input of the
+    structure's first weight before its mask is multiplied in. ``layers``, ``structures``: only these (default
+    all). Structures that keep every column, and those a layer does not have, are skipped (nothing to refit).
+    Data-parallel: the windows are dealt out over the ranks and the sums are reduced, so every rank returns the
+    same matrices; a sharded (FSDP) model runs the same number of forwards on every rank.
     """
     require_dense(model, "the refit's statistics")
     adapter = adapter_for(model)
-    dims = adapter.dims(model.config)
-    masks.validate(dims)
+    space = adapter.space(model.config)
+    masks.validate(space)
     layer_modules = adapter.decoder_layers(model)
-    wanted = range(dims.num_layers) if layers is None else layers
+    wanted = range(space.num_layers) if layers is None else layers
     device = model_device(model)
     stats: dict[tuple[int, str], CalibrationStats] = {}
     counting = [True]  # False during a sharded run's filler forwards
@@ -177,9 +180,9 @@ def collect_input_grams(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     for i in wanted:
         points = adapter.mask_points(layer_modules[i])
         for s in structures:
-            if masks[i][s].numel() == dims.size(s):
+            if s not in space.names(i) or masks[i][s].numel() == space.size(i, s):
                 continue
-            stats[(i, s)] = CalibrationStats.empty(dims.size(s), gram=True, device=device)
+            stats[(i, s)] = CalibrationStats.empty(space.size(i, s), gram=True, device=device)
 
             def hook(mod, args, key=(i, s)):
                 if not counting[0]:
@@ -262,9 +265,9 @@ def refit_pruned_inputs(model: nn.Module, masks: DispMasks, blocks: torch.Tensor
     placement = placement or dist.Placement.of(model)
     if target is None and not placement.sharded:  # sharded: ranks > 0 only take part in the forwards
         target = model
-    dims = adapter_for(model).dims(model.config)
-    masks.validate(dims)
-    widths = [{s: dims.size(s) for s in structures} for _ in range(dims.num_layers)]
+    space = adapter_for(model).space(model.config)
+    masks.validate(space)
+    widths = [{s: space.size(i, s) for s in structures if s in space.names(i)} for i in range(space.num_layers)]
     groups = _layer_groups(widths, max_gram_bytes)
     weights = 0
     for group in groups:
@@ -298,8 +301,8 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     (before, after) and every candidate's score.
     When the Gram matrices of every layer do not fit ``max_gram_bytes`` (float64, ``8 * in²`` bytes per layer
     and structure), it warns and refits as :func:`refit_pruned_inputs` with its defaults, layer group by
-    layer group, unscored. Data-parallel ranks compute the same statistics (reduced) and the same losses, so they choose alike; a
-    sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
+    layer group, unscored. Data-parallel ranks compute the same statistics (reduced) and the same losses, so they
+    choose alike; a sharded (FSDP) model is not supported (its ranks hold no whole weights to score): use
     :func:`refit_pruned_inputs`.
     """
     placement = placement or dist.Placement.of(model)
@@ -313,8 +316,9 @@ def choose_refit(model: nn.Module, masks: DispMasks, blocks: torch.Tensor, val_b
     check_windows(val_blocks, "choose_refit: val_blocks")
     used = sorted({s for structures, _ in candidates for s in structures}, key=INPUT_STRUCTURES.index)
     adapter = adapter_for(model)
-    dims = adapter.dims(model.config)
-    if dims.num_layers * sum(8 * dims.size(s) ** 2 for s in used) > max_gram_bytes:
+    space = adapter.space(model.config)
+    if sum(8 * space.size(i, s) ** 2 for i in range(space.num_layers) for s in used if s in space.names(i)) \
+            > max_gram_bytes:
         warnings.warn(f"refit: the input statistics of every layer do not fit max_gram_bytes={max_gram_bytes}; "
                       "refitting with the default settings, unscored", stacklevel=2)
         return refit_pruned_inputs(model, masks, blocks, batch_size=batch_size, max_gram_bytes=max_gram_bytes,

@@ -20,7 +20,7 @@ from .files import atomic_write_bytes, atomic_write_text, read_json
 from .masks import DispMasks
 from .model_card import model_card
 from .outputs import without_local_paths
-from .params import ParamReport
+from .params import ParamReport, full_row
 from .recovery import RecoveryResult
 from .refit import RefitResult
 from .run_configs import RunConfigs
@@ -102,13 +102,16 @@ class PruneReport:
         return self.masks.widths()
 
     @property
-    def full_widths(self) -> dict:
-        """The dense model's width of each set."""
+    def full_widths(self) -> list[dict]:
+        """The dense model's width of each set, per layer."""
         return self.params_before.full_widths
 
-    def _full_widths(self) -> dict:
-        """Full width of every set the masks hold (the compacted model's report knows the KV groups)."""
-        return {**self.full_widths, **(self.params_after.full_widths if self.params_after is not None else {})}
+    def _full_widths(self) -> list[dict]:
+        """Per layer, the full width of every set the masks hold (the compacted model's report knows the KV
+        groups)."""
+        if self.params_after is None:
+            return self.full_widths
+        return [{**before, **after} for before, after in zip(self.full_widths, self.params_after.full_widths)]
 
     @property
     def tokens_per_second_before(self) -> Optional[float]:
@@ -203,8 +206,8 @@ class PruneReport:
                 lines.append(f"| perplexity {name}, after recovery | {before:.3f} | {rec:.3f} | ×{rec / before:.3f} |")
         if self.speed:
             sp = self.speed
-            lines.append(f"| prefill tokens/s | {sp.dense_tokens_per_second:,.0f} | {sp.pruned_tokens_per_second:,.0f} | "
-                         f"×{sp.speedup:.2f} speed (median of {len(sp.ratios)} interleaved pairs, "
+            lines.append(f"| prefill tokens/s | {sp.dense_tokens_per_second:,.0f} | "
+                         f"{sp.pruned_tokens_per_second:,.0f} | ×{sp.speedup:.2f} speed (median of {len(sp.ratios)} interleaved pairs, "
                          f"×{sp.speedup_min:.2f}–×{sp.speedup_max:.2f}) |")
         if self.selection is not None:
             lines += self._selection_lines()
@@ -218,8 +221,10 @@ class PruneReport:
         full = self._full_widths()
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(keys) + " |",
                   "|---:|" + "---:|" * len(keys)]
-        lines += [f"| {i} | " + " | ".join(str(w[s]) for s in keys) + " |" for i, w in enumerate(self.widths)]
-        lines.append("| full | " + " | ".join(str(full[s]) for s in keys) + " |")
+        # "-": a layer without that set (the family's layers differ)
+        lines += [f"| {i} | " + " | ".join(str(w.get(s, "-")) for s in keys) + " |" for i, w in enumerate(self.widths)]
+        full_widths = full_row(full, keys)
+        lines.append("| full | " + " | ".join(str(full_widths.get(s, "-")) for s in keys) + " |")
         return "\n".join(lines) + "\n"
 
     def _selection_lines(self) -> list[str]:
@@ -233,15 +238,16 @@ class PruneReport:
         return render(self.selection, val) if render is not None else self.selection.markdown_lines(self.method, val)
 
     def plot(self, path) -> None:
-        """Kept width per layer and set, as a fraction of the full width (PNG)."""
+        """Kept width per layer and set, as a fraction of the layer's full width (PNG; a set is drawn over the
+        layers that have it)."""
         from matplotlib.figure import Figure  # plotting is the only use: not paid at import
 
         fig = Figure(figsize=(9, 4.5))  # no pyplot: the caller's matplotlib backend and state stay untouched
         ax = fig.subplots()
-        layers = range(len(self.widths))
         full = self._full_widths()
         for s in self.masks.structures:
-            ax.plot(layers, [w[s] / full[s] for w in self.widths], marker="o", ms=3, label=s)
+            layers = [i for i, w in enumerate(self.widths) if s in w]
+            ax.plot(layers, [self.widths[i][s] / full[i][s] for i in layers], marker="o", ms=3, label=s)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("kept fraction of the full width")
         ax.set_ylim(0, 1.05)

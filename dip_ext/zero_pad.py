@@ -6,8 +6,9 @@ its output linear (o_proj, down) zero rows outside its output set (``attn_out`` 
 norm before a block runs over the full residual width in the compacted model too, so the padded layer computes the
 same function (lossless, to float rounding); what survives is the per-layer MLP width (``|mlp_mid|``), the per-layer
 heads and the removed blocks, not the residual-subset savings. Only LLaMA-shaped families pad into a LLaMA-shaped
-engine model (RMSNorm, gated SiLU MLP, rotary attention, full attention in every layer); :func:`check_exportable`
-refuses the others in one line.
+engine model (RMSNorm, gated SiLU MLP, rotary attention, full attention in every layer), and only with the built-in
+prunable layout (the five DISP sets in every layer, optional KV groups: :func:`dip_ext.masks.uniform_dims`);
+:func:`check_exportable` refuses the others in one line.
 
 Heads: a model compacted with KV groups (``kv_groups`` in its masks) keeps, per layer, whole groups: ``g`` KV heads and
 ``g · n_rep`` query heads (``n_rep`` = the dense model's query heads per KV head), the query heads of kept group ``j``
@@ -34,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from .errors import UnsupportedModelError
 from .families import adapter_for, base_model_type, is_compacted
-from .masks import KV_GROUPS, DispMasks
+from .masks import KV_GROUPS, DispMasks, uniform_dims
 from .modeling import from_pretrained
 from .params import param_report
 
@@ -55,8 +56,18 @@ _NOT_LLAMA_SHAPED = {
 def check_exportable(config, what: str) -> None:
     """Raises UnsupportedModelError, one line naming the family and ``what`` (e.g. "a DeciLM folder"), unless a
     model of ``config`` pads into a LLaMA-shaped model: a Llama / Mistral / Qwen2 model with SiLU MLP and full
-    attention in every layer."""
+    attention in every layer, whose family's prunable space is the built-in layout (the padding knows only the
+    five DISP sets and KV groups, in every layer)."""
     family = base_model_type(config)
+    try:
+        space = adapter_for(config).space(config)
+    except UnsupportedModelError:
+        space = None  # a family dip_ext does not know: refused below, naming it
+    if space is not None and uniform_dims(space) is None:
+        raise UnsupportedModelError(f"cannot export a {family.removesuffix('_text')} model as {what}: the export "
+                                    "pads only the built-in prunable layout (attn_in, attn_out, mlp_in, mlp_mid, "
+                                    "mlp_out of the same widths, and optional kv_groups, in every layer), and this "
+                                    f"model's family declares {space}")
     if family not in EXPORTABLE_FAMILIES:
         reason = _NOT_LLAMA_SHAPED.get(family, "dip_ext does not know how to pad it into a LLaMA-shaped model")
         raise UnsupportedModelError(f"cannot export a {family.removesuffix('_text')} model as {what}: {reason}; "
@@ -256,8 +267,8 @@ def pad_model(model: nn.Module, what: str) -> PaddedModel:
     config = model.config
     check_exportable(config, what)
     adapter = adapter_for(model)
-    dims = adapter.dims(config)
-    masks = DispMasks.from_config(config.disp_masks) if is_compacted(model) else DispMasks.full(dims)
+    masks = DispMasks.from_config(config.disp_masks) if is_compacted(model) else \
+        DispMasks.full(adapter.space(config))
     shapes = adapter.shapes(config)
     head_dim = shapes.q_out // config.num_attention_heads
     n_rep = config.num_attention_heads // shapes.kv_heads

@@ -15,8 +15,10 @@ from dip_ext.families import adapter_for
 from dip_ext.masks import STRUCTURES, DispMasks
 from dip_ext.selection.budget import Budget
 from dip_ext.selection.hypernetwork import (CHECKPOINT_NAME, HyperNetwork, HypernetworkConfig, StepLog, Trainer,
-                                            export_masks)
+                                            export_masks, read_checkpoint)
 from dip_ext.selection.hypernetwork import schedule as hn
+from dip_ext.selection.slots import flatten
+from dip_ext.space import PrunableSpace, Structure
 from dip_ext.training import EpochOrder
 
 transformers = pytest.importorskip("transformers")
@@ -285,6 +287,61 @@ def test_warm_start_margin(model, dims, margin):
     assert export_masks(h(), budget)[0] == init
 
 
+def _mixed_space() -> PrunableSpace:
+    """Three layers that differ: layer 1 has no ``mlp_mid`` but 4 ``experts`` (whole units), layer 2 a narrower
+    ``mlp_mid`` than layer 0 and no ``kv_groups`` (optional, in layers 0 and 1)."""
+    hid = [Structure(s, 8, "hidden") for s in ("attn_in", "attn_out", "mlp_in", "mlp_out")]
+    kv = Structure("kv_groups", 2, "kv_groups", optional=True, whole_units=True)
+    return PrunableSpace(8, (
+        (*hid[:3], Structure("mlp_mid", 12, "ffn"), hid[3], kv),
+        (*hid[:3], Structure("experts", 4, "experts", whole_units=True), hid[3], kv),
+        (*hid[:3], Structure("mlp_mid", 6, "ffn"), hid[3])))
+
+
+@pytest.mark.parametrize("optional", [(), ("kv_groups",)])
+def test_heterogeneous_space_emits_each_layers_structures(optional):
+    space = _mixed_space().select(optional)
+    h = HyperNetwork(space, seed=1)
+    assert h.heads == bool(optional) and h.structures == space.all_names
+    out = h()
+    assert [list(layer) for layer in out] == [list(space.names(i)) for i in range(3)]
+    for i, layer in enumerate(out):
+        for s, t in layer.items():
+            assert t.shape == (space.size(i, s),) and t.dtype == torch.float32, (i, s)
+    assert torch.equal(h.flat_logits(), flatten(out, space))
+    assert h.features().shape == (3, len(space.all_names), 128)
+    assert h.w_hidden.shape == (3, 4, 8, 128) and h.w_ffn.shape == (3, 12, 128) and h.w_experts.shape == (3, 4, 128)
+    # the optional structure is drawn after everything else: the other heads start as without it
+    plain = HyperNetwork(space.required(), seed=1)
+    for name in ("w_hidden", "b_hidden", "w_ffn", "b_ffn", "w_experts", "b_experts"):
+        assert torch.equal(getattr(plain, name), getattr(h, name))
+    # warm start reaches +-margin on every slot; masks without kv_groups keep every group
+    g = torch.Generator().manual_seed(0)
+    masks = DispMasks([{s: (torch.rand(space.size(i, s), generator=g) < 0.5).nonzero().flatten()
+                        for s in space.names(i)} for i in range(3)])
+    feats = h.features().detach()
+    before = {k: v.detach().clone() for k, v in h.named_parameters()}
+    for init in (masks, DispMasks([{s: t for s, t in layer.items() if s != "kv_groups"} for layer in masks.layers])):
+        h.warm_start(init, offset=3.0, margin=2.0)
+        if init is masks:  # the minimum-norm change: each row's weights move by its bias change times the features
+            for i, s in space.slots():
+                hidden = space.structure(i, s).axis == "hidden"
+                key = "hidden" if hidden else {"mlp_mid": "ffn", "kv_groups": "kv"}.get(s, s)
+                row = (i, space.axis_names(i, "hidden").index(s)) if hidden else (i, slice(space.size(i, s)))
+                dw = (h.get_parameter(f"w_{key}") - before[f"w_{key}"])[row]
+                db = (h.get_parameter(f"b_{key}") - before[f"b_{key}"])[row]
+                f = feats[i, space.all_names.index(s)]  # features() columns follow h.structures
+                torch.testing.assert_close(dw, db[:, None] * f[None, :], atol=1e-6, rtol=1e-4)
+        for i, layer in enumerate(h()):
+            for s, t in layer.items():
+                kept = torch.zeros(space.size(i, s), dtype=torch.bool)
+                kept[init[i][s] if s in init[i] else slice(None)] = True
+                torch.testing.assert_close(t + 3.0, torch.where(kept, 2.0, -2.0), atol=1e-4, rtol=0)
+    if optional:
+        with pytest.raises(ValueError, match="KV groups"):
+            plain.warm_start(masks)
+
+
 def test_distill_loss_is_the_kl_from_the_dense_model(model, blocks, dims):
     from dip_ext.masking import apply_masks
     from dip_ext.selection.hypernetwork.losses import step_losses
@@ -430,6 +487,20 @@ def test_checkpoint_from_before_an_option_resumes_under_its_default(model, block
     _rewrite_meta(tmp_path / CHECKPOINT_NAME, drop)
     with pytest.raises(ValueError, match="different run.*distill: checkpoint False vs now True"):
         _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True, distill=True)
+    assert _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True) == whole
+
+
+def test_checkpoint_from_before_the_space_was_recorded_resumes(model, blocks, tmp_path):
+    """The fingerprint records the model's prunable space; a checkpoint written before it did (no ``space`` key)
+    was of the built-in layout its other entries pin down, and resumes."""
+    whole = _run(model, blocks, steps=3, lr=0.05)
+    _run(model, blocks, steps=2, lr=0.05, checkpoint_dir=tmp_path)
+    _, meta = read_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert meta["fingerprint"]["space"] == adapter_for(model).space(model.config).as_dict()
+
+    def drop(header, meta):
+        del meta["fingerprint"]["space"]
+    _rewrite_meta(tmp_path / CHECKPOINT_NAME, drop)
     assert _run(model, blocks, steps=3, lr=0.05, checkpoint_dir=tmp_path, resume=True) == whole
 
 

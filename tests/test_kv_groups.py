@@ -262,11 +262,13 @@ def test_mixing_layers_with_and_without_groups_is_refused(order):
     dims = ModelDims(2, 8, 8, 2)
     layers = [dict(layer) for layer in DispMasks.full(dims).layers]
     layers[0 if order == "first-with" else 1][KV_GROUPS] = torch.tensor([0])
+    masks = DispMasks(layers)  # the index sets are fine on their own: the model's space decides
     with pytest.raises(MaskError) as e:
-        DispMasks(layers)
+        masks.validate(dims)
     message = str(e.value)
-    assert "layer 1" in message and KV_GROUPS in message and "every layer or in none" in message, message
-    assert "\n" not in message
+    held = "[0]" if order == "first-with" else "[1]"
+    assert f"in layers {held}" in message and "[0, 1]" in message and KV_GROUPS in message, message
+    assert "in every declaring layer or in none" in message and "\n" not in message
 
 
 def test_group_out_of_range_is_named_on_compact():
@@ -283,7 +285,7 @@ def test_validate_refuses_groups_for_dims_without_groups():
     for call in (masks.validate, masks.to_config, masks.to_masks):
         with pytest.raises(MaskError, match="declares no KV groups"):
             call(ModelDims(2, 8, 8))
-    with pytest.raises(ValueError, match="declares no KV groups"):
+    with pytest.raises(ValueError, match=r"not optional structures of this model's family \(optional: none\)"):
         DispMasks.full(ModelDims(2, 8, 8), heads=True)
     # a config whose group bitmask does not match its declared group count
     config = masks.to_config(ModelDims(2, 8, 8, 2))
@@ -443,7 +445,8 @@ def test_oneshot_with_heads_meets_the_parameter_budget(selection, scores):
         calib = one_worthless_group_per_layer(calib)
     dims = dims_of(model)
     budget = Budget.for_model(model, 0.4, heads=True)
-    assert budget.heads and budget.kv_groups_kept is None and budget.structures == ALL_STRUCTURES
+    assert budget.heads and budget.kv_groups_kept is None and budget.space == dims.space()
+    assert all(budget.space.names(i) == ALL_STRUCTURES for i in range(dims.num_layers))
     masks = oneshot_masks(calib, budget, 1)
     assert masks.prunes_heads
     widths = masks.widths()

@@ -221,8 +221,9 @@ def test_masks_dict_roundtrip_and_forms():
     ({"nolayers": []}, "layers"),
 ])
 def test_bad_masks(bad, match):
+    """Bad index sets are refused when built, sets that do not fit the model's space when checked against it."""
     with pytest.raises(MaskError, match=match):
-        DispMasks.from_dict(bad)
+        DispMasks.from_dict(bad).validate(ModelDims(1, 8, 8))
 
 
 def test_masks_for_another_model():

@@ -92,13 +92,13 @@ def _groups(num_layers: int, dependent: bool):
     return [[(i, s)] for i in range(num_layers) for s in STRUCTURES]
 
 
-def _restore_costs(budget, widths, dims, dependent: bool, step: int = 1) -> list:
+def _restore_costs(budget, widths, dependent: bool, step: int = 1) -> list:
     """Decoder-linear parameters that restoring ``step`` more dimensions of each not-full group would add."""
     kept = budget.kept_linear(widths)
     costs = []
     for group in _groups(len(widths), dependent):
         i, s = group[0]
-        room = dims.size(s) - widths[i][s]
+        room = budget.space.size(i, s) - widths[i][s]
         if room == 0:
             continue
         w = [dict(x) for x in widths]
@@ -116,16 +116,15 @@ def test_selection_hits_budget(models, calibs, family, ratio_of, method):
     of restoring one dropped dimension of the costliest group (a set; for `dependent`, the shared hidden subset
     of every layer, or one layer's mlp_mid): greedy stops within one dimension of the target."""
     model, calib = models[family], calibs[family]
-    dims = calib.dims
     for ratio in (0.1, 0.3, 0.5, 0.7):
         budget = Budget.for_model(model, ratio, ratio_of)
         masks = SELECT[method](calib, budget)
-        masks.validate(dims)
+        masks.validate(budget.space)
         widths = masks.widths()
         kept = budget.kept_linear(widths)
         assert kept <= budget.target_linear, (ratio, kept, budget.target_linear)
         slack = budget.target_linear - kept
-        costs = _restore_costs(budget, widths, dims, method == "dependent")
+        costs = _restore_costs(budget, widths, method == "dependent")
         assert costs and slack < max(costs), (ratio, slack, costs)
         if method == "dependent":  # the shared subset is one set of indices: every hidden set has its width
             assert len({w[s] for w in widths for s in HIDDEN_SETS}) == 1
@@ -143,7 +142,7 @@ def test_selection_multiple_of(models, calibs, family, method):
         assert all(w[s] % 4 == 0 for w in widths for s in STRUCTURES), widths
         assert budget.kept_linear(widths) <= budget.target_linear
         slack = budget.target_linear - budget.kept_linear(widths)
-        costs = _restore_costs(budget, widths, calib.dims, method == "dependent", step=4)
+        costs = _restore_costs(budget, widths, method == "dependent", step=4)
         assert all(c > slack for c in costs), (slack, costs)
 
 
@@ -152,7 +151,7 @@ def test_dependent_uses_one_shared_subset(models, calibs, family):
     calib = calibs[family]
     masks = dependent_masks(calib, Budget.for_model(models[family], 0.7))
     shared = masks[0]["attn_in"]
-    assert 0 < shared.numel() < calib.dims.hidden
+    assert 0 < shared.numel() < calib.space.hidden
     for layer in masks.layers:
         for s in HIDDEN_SETS:
             assert torch.equal(layer[s], shared)
@@ -211,7 +210,7 @@ def test_budget_on_compacted_model_refused(models, calibs):
 # -------------------------------------------------------------------------------------- calibration
 
 def assert_same_calibration(a: CalibrationResult, b: CalibrationResult) -> None:
-    assert a.dims == b.dims and a.windows == b.windows and a.losses == b.losses and a.blocks_sha == b.blocks_sha
+    assert a.space == b.space and a.windows == b.windows and a.losses == b.losses and a.blocks_sha == b.blocks_sha
     for la, lb in zip(a.scores, b.scores, strict=True):
         for s in STRUCTURES:
             assert torch.equal(la[s], lb[s]), s
@@ -226,7 +225,7 @@ def assert_same_calibration(a: CalibrationResult, b: CalibrationResult) -> None:
 def test_calibration_scores_and_stats(models, calibs, family):
     model, res = models[family], calibs[family]
     dims = adapter_for(model).dims(model.config)
-    assert res.dims == dims and res.windows == BLOCKS.shape[0] and len(res.losses) == BLOCKS.shape[0]
+    assert res.space == adapter_for(model).space(model.config) and res.windows == BLOCKS.shape[0] and len(res.losses) == BLOCKS.shape[0]
     assert all(0 < loss < 20 for loss in res.losses)
     assert len(res.scores) == dims.num_layers
     for layer in res.scores:
@@ -322,7 +321,7 @@ def test_save_load_round_trip(calibs, tmp_path):
         assert not list(path.parent.glob("*.tmp"))
         assert_same_calibration(CalibrationResult.load(path), res)
         # selection from the reloaded result is the same
-        assert CalibrationResult.load(path).dims == res.dims
+        assert CalibrationResult.load(path).space == res.space
 
 
 def test_corrupt_or_foreign_checkpoint(models, calibs, tmp_path):

@@ -26,20 +26,20 @@ class RandomMasks:
         return False
 
     def select(self, inputs: SelectionInputs, options=None) -> SelectionResult:
-        dims = inputs.calibration.dims
+        space = inputs.budget.space
         gen = torch.Generator().manual_seed(inputs.seed)
-        sizes = slot_sizes(dims)
+        sizes = slot_sizes(space)
 
         def widths(counts):
-            return per_layer(counts.tolist(), dims.num_layers)
+            return per_layer(counts.tolist(), space)
 
         def random_priority(counts, add):
             return torch.rand(counts.shape, generator=gen, dtype=torch.float64)
 
         counts = fit_multiple(inputs.budget, widths, torch.zeros_like(sizes), sizes, inputs.multiple_of,
                               random_priority)
-        layers = [{} for _ in range(dims.num_layers)]
-        for (i, s), n, k in zip(slots(dims), sizes.tolist(), counts.tolist()):
+        layers = [{} for _ in range(space.num_layers)]
+        for (i, s), n, k in zip(slots(space), sizes.tolist(), counts.tolist()):
             layers[i][s] = torch.randperm(n, generator=gen)[:k].sort().values
         return SelectionResult(self.name, DispMasks(layers))
 
@@ -70,11 +70,11 @@ def test_a_method_in_one_class_runs_through_the_registry(setup, registered, mult
     result = get_method("random_test").select(inputs, None)
     assert result.method == "random_test"
     widths = result.masks.widths()
-    result.masks.validate(calib.dims)
+    result.masks.validate(budget.space)
     assert budget.kept_linear(widths) <= budget.target_linear
     for i, w in enumerate(widths):
         for s in STRUCTURES:
-            n = calib.dims.size(s)
+            n = budget.space.size(i, s)
             assert w[s] % multiple_of == 0 or w[s] == n
             if w[s] < n:  # the fitter filled the budget: no further chunk fits
                 more = [dict(x) for x in widths]

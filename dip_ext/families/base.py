@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..masks import KV_GROUPS, DispMasks, ModelDims
+from ..space import PrunableSpace
 from .layers import CompactedLayer, keeps_attention, keeps_mlp
 
 #: Where the masked reference multiplies a mask: on a module's input or on its output.
@@ -105,6 +106,13 @@ class FamilyAdapter:
         return ModelDims(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                          self.shapes(config).kv_heads)
 
+    def space(self, config) -> PrunableSpace:
+        """What can be pruned in a model of ``config``: per decoder layer, the structures and their sizes
+        (:class:`~dip_ext.space.PrunableSpace`). Default: :meth:`dims`' uniform space (the five DISP sets in every
+        layer, and optional KV groups). A family whose layers differ, or that prunes a structure of its own,
+        overrides this together with :meth:`dense_mask_points`, :meth:`linear_params` and its compacted layer."""
+        return self.dims(config).space()
+
     def shapes(self, config) -> LayerShapes:
         """The linears' widths and biases of one dense decoder layer of ``config`` (as the family's modules read
         the config: e.g. ``head_dim`` when the family's attention reads it)."""
@@ -153,13 +161,15 @@ class FamilyAdapter:
 
         Raises :class:`~dip_ext.errors.MaskError` when ``masks`` do not fit the model.
         """
-        masks.validate(self.dims(base_model.config))
+        masks.validate(self.space(base_model.config))
         layers = self.base_layers(base_model)
         for i in range(len(layers)):
             layers[i] = self.compact_layer(layers[i], masks[i])
 
-    def linear_params(self, config, widths: dict) -> dict:
-        """Parameters (weights + biases) stored by one layer's attention and MLP linears at these kept widths.
+    def linear_params(self, config, widths: dict, layer: int = 0) -> dict:
+        """Parameters (weights + biases) stored by decoder layer ``layer``'s attention and MLP linears at these kept
+        widths: what each kept element of the layer's structures costs (a family with a space of its own overrides
+        this; the built-in families' layers are alike, so ``layer`` is not read here).
 
         ``widths`` maps each structure to its kept width (ints, or tensors for a differentiable count);
         ``kv_groups`` may be absent (every group kept). Attention, with ``g`` groups kept of ``G``:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_text, honour_umask
-from ..masks import DispMasks
+from ..masks import KV_GROUPS, DispMasks
+from ..space import PrunableSpace
 from ..modules import place_index_sets
 from .base import FamilyAdapter
 
@@ -68,14 +69,19 @@ class DipExtConfig:
         atomic_write_text(json_file_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _refuse_partial_groups_in_vllm(masks: DispMasks, groups: int) -> None:
-    """ValueError (one line) when a layer keeps some but not all KV groups: vLLM's Transformers backend builds every
-    layer's attention and KV-cache entry with the config's (dense) head counts."""
+def _refuse_partial_groups_in_vllm(masks: DispMasks, space: PrunableSpace) -> None:
+    """ValueError (one line) when a layer keeps some but not all of its KV groups (their count: the layer's size of
+    ``kv_groups`` in the family's prunable ``space``): vLLM's Transformers backend builds every layer's attention
+    and KV-cache entry with the config's (dense) head counts."""
     if not masks.prunes_heads:
         return
+    # a layer whose masks have no attn_out (its space prunes no attention output) keeps its attention
     partial = [i for i, layer in enumerate(masks.layers)
-               if 0 < layer["kv_groups"].numel() < groups and layer["attn_out"].numel()]
+               if KV_GROUPS in layer and 0 < layer[KV_GROUPS].numel() < space.size(i, KV_GROUPS)
+               and ("attn_out" not in layer or layer["attn_out"].numel())]
     if partial:
+        counts = sorted({space.size(i, KV_GROUPS) for i in partial})
+        groups = counts[0] if len(counts) == 1 else counts
         raise ValueError(f"layers {partial} of this compacted model keep fewer KV groups than its {groups}: vLLM's "
                          "Transformers backend gives every layer the config's heads and KV-cache size, so it cannot "
                          "run them; serve its DeciLM export instead (dip-ext export --to decilm), whose per-layer KV "
@@ -103,10 +109,12 @@ class DipExtCompacted:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        space = self.disp_adapter.space(config)
         with torch.device("cpu"):  # from_pretrained builds models under a meta-device context
-            masks = DispMasks.from_config(config.disp_masks)
+            # the masks must fit the family's space of this config, not only the widths they were saved with
+            masks = DispMasks.from_config(config.disp_masks).validate(space)
         if getattr(config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend builds us
-            _refuse_partial_groups_in_vllm(masks, self.disp_adapter.dims(config).kv_groups)
+            _refuse_partial_groups_in_vllm(masks, space)
         self.disp_compact(masks)
         place_index_sets(self)
 
@@ -214,10 +222,11 @@ class Family:
     def adopt(self, model: nn.Module, masks: DispMasks, dense_params: dict) -> None:
         """Turns a freshly compacted dense model into the compacted class (in place).
 
-        The config records the index sets, the family and the dense original's parameter counts.
+        The config records the index sets (against the family's prunable space of the model:
+        :meth:`~dip_ext.masks.DispMasks.to_config`), the family and the dense original's parameter counts.
         """
         config = model.config
-        config.disp_masks = masks.to_config(self.adapter.dims(config))
+        config.disp_masks = masks.to_config(self.adapter.space(config))
         config.disp_base_model_type = self.base_model_type
         config.disp_dense_params = dict(dense_params)
         config.__class__ = self.config

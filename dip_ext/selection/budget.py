@@ -36,12 +36,13 @@ from torch import nn
 
 from ..compaction import require_dense
 from ..families import adapter_for
-from ..masks import ALL_STRUCTURES, KV_GROUPS, STRUCTURES
+from ..masks import KV_GROUPS
 from ..params import kv_cache_bytes, param_report
-from .slots import per_layer, slot_sizes
+from ..space import PrunableSpace
+from .slots import per_layer
 
 __all__ = ["RATIO_OF", "Budget", "check_ratio", "widths_of", "round_down", "raise_widths", "fit_multiple",
-           "fit_layer_widths"]
+           "fit_layer_widths", "unit_steps"]
 
 RATIO_OF = ("decoder_linear", "total")
 
@@ -102,25 +103,27 @@ class Budget:
                                  f"{kv_ratio!r}") from None
             heads = True
         if heads:
-            dims = adapter_for(model).dims(model.config)
-            if not dims.kv_groups:
+            space = adapter_for(model).space(model.config)
+            if not space.has(KV_GROUPS):
                 raise ValueError(f"{type(model).__name__}: its family declares no KV groups, so heads cannot be "
                                  "pruned (drop --prune-heads / --kv-ratio)")
             if kv_ratio is not None:
-                kept_groups = math.floor((1 - kv_ratio) * dims.num_layers * dims.kv_groups + 1e-9)
+                kept_groups = math.floor((1 - kv_ratio) * _total_groups(space) + 1e-9)
         budget = cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
                      int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
         if kept_groups is not None:
-            budget._check_kv_target(dims)
+            budget._check_kv_target()
         return budget
 
-    def _check_kv_target(self, dims) -> None:
+    def _check_kv_target(self) -> None:
         """ValueError when the KV-cache target alone removes more parameters than the ratio asks: keeping every
-        other dimension and the allowed groups spread evenly over the layers (what keeps the most) stays under the
-        parameter target."""
-        layers, kept = dims.num_layers, self.kv_groups_kept
-        spread = [{**{s: dims.size(s) for s in STRUCTURES}, KV_GROUPS: kept // layers + int(i < kept % layers)}
-                  for i in range(layers)]
+        other dimension and the allowed groups spread evenly over the layers with KV groups (what keeps the most)
+        stays under the parameter target."""
+        spread = self.space.full_widths()
+        holders = [w for w in spread if KV_GROUPS in w]
+        kept, n = self.kv_groups_kept, len(holders)
+        for j, w in enumerate(holders):
+            w[KV_GROUPS] = min(w[KV_GROUPS], kept // n + int(j < kept % n))
         most = float(self.kept_linear(spread))
         if most < self.target_linear:
             floor = 1 - most / self.dense_linear
@@ -129,16 +132,22 @@ class Budget:
                              f"{self.ratio:g} asks for: raise --ratio or lower --kv-ratio")
 
     @property
-    def structures(self) -> tuple[str, ...]:
-        """The structures masks meeting this budget hold (``kv_groups`` with ``heads``)."""
-        return ALL_STRUCTURES if self.heads else STRUCTURES
+    def space(self) -> PrunableSpace:
+        """The structures masks meeting this budget hold: the family's prunable space, with ``kv_groups`` only with
+        ``heads``."""
+        return adapter_for(self.config).space(self.config).select([KV_GROUPS] if self.heads else [])
+
+    @property
+    def total_groups(self) -> int:
+        """KV groups over all layers of the dense model (0 for a family without them)."""
+        return _total_groups(adapter_for(self.config).space(self.config))
 
     def kept_linear(self, widths: Sequence[dict]):
         """Decoder-linear parameters stored at these per-layer widths (ints or tensors)."""
         adapter = adapter_for(self.config)
         total = 0
-        for w in widths:
-            total = total + sum(adapter.linear_params(self.config, w).values())
+        for i, w in enumerate(widths):
+            total = total + sum(adapter.linear_params(self.config, w, layer=i).values())
         return total
 
     def kept_ratio(self, widths: Sequence[dict]):
@@ -161,11 +170,15 @@ class Budget:
                 "kv_cache_bytes_per_token_kept": kv_cache_bytes(self.config, list(widths), itemsize)}
 
 
+def _total_groups(space: PrunableSpace) -> int:
+    return sum(space.size(i, KV_GROUPS) for i in range(space.num_layers) if KV_GROUPS in space.names(i))
+
+
 def widths_of(masks) -> list[dict]:
     """Per-layer widths of a DispMasks or of per-layer dicts of (soft) mask tensors (sum of the mask)."""
     if hasattr(masks, "widths"):
         return masks.widths()
-    return [{s: layer[s].sum() for s in ALL_STRUCTURES if s in layer} for layer in masks]
+    return [{s: m.sum() for s, m in layer.items() if m is not None} for layer in masks]
 
 
 def _check_multiple(multiple_of) -> Union[int, torch.Tensor]:
@@ -254,23 +267,31 @@ def fit_layer_widths(budget: Budget, widths: Sequence[dict], multiple_of: int,
     """:func:`fit_multiple` on per-layer ``{structure: int}`` widths that meet ``budget`` (for callers without
     scores, e.g. random masks of given widths; with ``multiple_of == 1`` single dims are added while any fits).
     ``priority``: per-layer ``{structure: float}`` preferences for the raises (higher first; default: none, so
-    raises go in slot order). Widths with ``kv_groups`` (when ``budget.heads``) keep their group counts as given.
-    Returns per-layer int widths."""
-    dims = adapter_for(budget.config).dims(budget.config)
-    if len(widths) != dims.num_layers:
-        raise ValueError(f"widths must have {dims.num_layers} layers, got {len(widths)}")
-    structures = budget.structures
+    raises go in slot order). Whole-unit structures (KV groups, experts) are raised singly, and ``kv_groups`` (when
+    ``budget.heads``) keep their group counts as given. Returns per-layer int widths."""
+    space = budget.space
+    if len(widths) != space.num_layers:
+        raise ValueError(f"widths must have {space.num_layers} layers, got {len(widths)}")
+    layout = space.slots()
     try:
-        counts = torch.tensor([int(w[s]) for w in widths for s in structures], dtype=torch.int64)
+        counts = torch.tensor([int(widths[i][s]) for i, s in layout], dtype=torch.int64)
         pri = (torch.zeros(counts.shape, dtype=torch.float64) if priority is None else
-               torch.tensor([float(p.get(s, 0.0)) for p in priority for s in structures], dtype=torch.float64))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"widths / priority must be per-layer dicts over {structures} of numbers ({e})") from None
-    if pri.shape != counts.shape:
-        raise ValueError(f"priority must have {dims.num_layers} layers, got {len(priority)}")
-    sizes = slot_sizes(dims, structures)
-    groups = torch.tensor([s == KV_GROUPS for s in structures] * dims.num_layers)
-    steps = torch.where(groups, 1, multiple_of).to(torch.int64)
-    fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), dims.num_layers, structures), counts, sizes,
+               torch.tensor([float(priority[i].get(s, 0.0)) for i, s in layout], dtype=torch.float64))
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"widths / priority must be per-layer dicts over the space's structures of numbers "
+                         f"({e!r}; {space})") from None
+    if priority is not None and len(priority) != space.num_layers:
+        raise ValueError(f"priority must have {space.num_layers} layers, got {len(priority)}")
+    sizes = space.slot_sizes()
+    steps = unit_steps(space, multiple_of)
+    groups = torch.tensor([s == KV_GROUPS for _, s in layout])
+    fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), space), counts, sizes,
                           steps, pri, limit=torch.where(groups, counts, sizes))
-    return per_layer(fitted.tolist(), dims.num_layers, structures)
+    return per_layer(fitted.tolist(), space)
+
+
+def unit_steps(space: PrunableSpace, multiple_of: int) -> torch.Tensor:
+    """Per slot of ``space``, the rounding step: 1 for a whole-unit structure (a KV group, an expert), else
+    ``multiple_of`` (int64)."""
+    whole = torch.tensor([space.structure(i, s).whole_units for i, s in space.slots()])
+    return torch.where(whole, 1, multiple_of).to(torch.int64)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from typing import Optional, Sequence
+from typing import Optional
 
-from ..masks import KV_GROUPS, STRUCTURES, DispMasks, ModelDims
+from ..masks import KV_GROUPS, DispMasks, ModelDims, as_space
+from ..space import PrunableSpace
 from .budget import Budget, fit_multiple
-from .slots import per_layer, slots
+from .slots import per_layer
 
 __all__ = ["GroupSpace", "greedy_select"]
 
@@ -25,19 +26,20 @@ __all__ = ["GroupSpace", "greedy_select"]
 class GroupSpace:
     """Slots (layer, set) and groups of slots; ``incidence[g, k]`` = 1 if group g drives slot k (float64).
 
-    ``structures``: the sets of a layer (:data:`~dip_ext.masks.STRUCTURES`, or
-    :data:`~dip_ext.masks.ALL_STRUCTURES` where KV groups are pruned)."""
+    ``space``: the structures pruned (e.g. ``Budget.space``; a :class:`~dip_ext.masks.ModelDims` stands for the
+    built-in sets without KV groups). Every member of a group must be a slot of it; a group is whole-unit (rounded
+    singly) when its structures are."""
 
-    def __init__(self, dims: ModelDims, groups: list[list[tuple[int, str]]], structures: Sequence[str] = STRUCTURES):
-        self.dims = dims
-        self.structures = tuple(structures)
-        self.slots = slots(dims, self.structures)
+    def __init__(self, space: PrunableSpace | ModelDims, groups: list[list[tuple[int, str]]]):
+        space = space.space().required() if isinstance(space, ModelDims) else as_space(space)
+        self.space = space
+        self.slots = space.slots()
         pos = {slot: k for k, slot in enumerate(self.slots)}
         self.incidence = torch.zeros(len(groups), len(self.slots), dtype=torch.float64)
         for g, members in enumerate(groups):
             for slot in members:
                 if slot not in pos:
-                    raise ValueError(f"group {g} names {slot}, not a (layer, structure) slot of {dims}")
+                    raise ValueError(f"group {g} names {slot}, not a (layer, structure) slot of {space}")
                 self.incidence[g, pos[slot]] = 1
         if not torch.all(self.incidence.sum(0) == 1):
             raise ValueError("every (layer, set) slot must belong to exactly one group")
@@ -45,7 +47,7 @@ class GroupSpace:
 
     def widths(self, slot_widths: torch.Tensor) -> list[dict]:
         """Per-layer dicts of slot widths (tensor entries keep autograd)."""
-        return per_layer(slot_widths, self.dims.num_layers, self.structures)
+        return per_layer(slot_widths, self.space)
 
     def group_widths(self, counts: torch.Tensor) -> list[dict]:
         """Per-layer slot widths (float64 0-d tensors) when group g keeps ``counts[g]`` units."""
@@ -70,8 +72,9 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     widths down to multiples of ``multiple_of`` and gives back whole chunks (single units when it is 1: the
     last dropped chunk may have overshot) by best score per parameter while the budget allows. Every group
     keeps its best-scoring units. ``dropped`` (bool, one per unit): units dropped before the greedy starts
-    (a KV-cache target's groups); the groups of ``kv_groups`` slots are then never raised again, and they are
-    always rounded singly (``multiple_of`` does not apply to them). ValueError for mismatched unit tensors or
+    (a KV-cache target's groups); the groups of ``kv_groups`` slots are then never raised again. Groups of
+    whole-unit structures (KV groups, experts) are always rounded singly (``multiple_of`` does not apply to them).
+    ValueError for mismatched unit tensors or
     ``multiple_of`` < 1.
     """
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
@@ -124,14 +127,15 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     # the one rounding policy; with multiple_of 1 it gives back the single units the last chunk overshot by
     counts = torch.bincount(unit_group[alive], minlength=n_groups)
     heads = torch.tensor([any(s == KV_GROUPS for _, s in members) for members in space.groups])
-    steps = torch.where(heads, 1, multiple_of).to(torch.int64)
+    whole = torch.tensor([space.space.structure(*members[0]).whole_units for members in space.groups])
+    steps = torch.where(whole, 1, multiple_of).to(torch.int64)
     limit = torch.where(heads, counts, sizes) if dropped is not None else sizes
     counts = fit_multiple(budget, space.group_widths, counts, sizes, steps, gain, limit=limit)
     return _to_masks(space, unit_index, ranked, counts)
 
 
 def _to_masks(space: GroupSpace, unit_index, ranked, counts) -> DispMasks:
-    layers = [{} for _ in range(space.dims.num_layers)]
+    layers = [{} for _ in range(space.space.num_layers)]
     for g, members in enumerate(space.groups):
         kept = torch.sort(unit_index[ranked[g][:counts[g]]]).values
         for i, s in members:

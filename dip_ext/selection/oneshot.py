@@ -8,11 +8,10 @@ import time
 import torch
 
 from ..calibration import HIDDEN, CalibrationResult
-from ..masks import KV_GROUPS, DispMasks
+from ..masks import KV_GROUPS, DispMasks, uniform_dims
 from .base import SelectionInputs, SelectionResult
 from .budget import Budget
 from .greedy import GroupSpace, greedy_select
-from .slots import slots
 
 
 def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1) -> DispMasks:
@@ -23,12 +22,15 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
     its query heads' outputs); with a KV-cache target (``budget.kv_groups_kept``) the groups of lowest score over
     all layers are dropped first until at most that many are kept (every group caches the same bytes per token),
     then the parameter budget is met as without it. ValueError when the calibration has no group scores."""
-    dims = calib.dims
-    structures = budget.structures
-    if budget.heads and any(KV_GROUPS not in layer for layer in calib.scores):
+    space = budget.space
+    if budget.heads and not any(KV_GROUPS in layer for layer in calib.scores):
         raise ValueError("pruning KV groups needs their calibration scores, and this calibration has none (a "
                          "family without KV groups, or a calibration file of an older dip_ext: run it again)")
-    groups = [[(i, s)] for i in range(dims.num_layers) for s in structures]
+    missing = [(i, s) for i, s in space.slots() if i >= len(calib.scores) or s not in calib.scores[i]]
+    if missing:
+        raise ValueError(f"the calibration has no scores for {missing[0]} (of another model, or of an older "
+                         "dip_ext: run it again)")
+    groups = [[slot] for slot in space.slots()]
     unit_group, unit_index, unit_score = [], [], []
     for g, [(i, s)] in enumerate(groups):
         score = calib.scores[i][s]
@@ -38,13 +40,13 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
     unit_group, unit_index, unit_score = torch.cat(unit_group), torch.cat(unit_index), torch.cat(unit_score).double()
     dropped = None
     if budget.kv_groups_kept is not None:
-        heads = torch.tensor([s == KV_GROUPS for _, s in slots(dims, structures)])[unit_group]
+        heads = torch.tensor([s == KV_GROUPS for _, s in space.slots()])[unit_group]
         # lowest score first; among equal scores the higher index, as the masks keep the lower one (best first)
         keyed = torch.where(heads, unit_score, math.inf).flip(0)
         order = unit_score.numel() - 1 - torch.argsort(keyed, stable=True)
         dropped = torch.zeros(unit_score.numel(), dtype=torch.bool)
         dropped[order[:int(heads.sum()) - budget.kv_groups_kept]] = True
-    return greedy_select(GroupSpace(dims, groups, structures), budget, unit_group, unit_index, unit_score,
+    return greedy_select(GroupSpace(space, groups), budget, unit_group, unit_index, unit_score,
                          multiple_of, dropped=dropped)
 
 
@@ -52,10 +54,13 @@ def dependent_masks(calib: CalibrationResult, budget: Budget, multiple_of: int =
     """Dimension-dependent baseline: ONE embedding subset shared by every block's input and output (what
     regular structured pruning does to the residual stream), with a per-layer choice of MLP channels. Scores:
     ``calib.tied_hidden`` for the shared subset, ``calib.scores[i]["mlp_mid"]`` per layer."""
-    dims = calib.dims
     if budget.heads:
         raise ValueError("the dimension-dependent baseline (--method dependent) does not prune KV groups: drop "
                          "--prune-heads / --kv-ratio, or use --method oneshot")
+    dims = uniform_dims(budget.space)
+    if dims is None:
+        raise ValueError("the dimension-dependent baseline (--method dependent) needs the five DISP sets in every "
+                         "layer; this model's family declares a space of its own: use --method oneshot")
     groups = [[(i, s) for i in range(dims.num_layers) for s in HIDDEN]]
     groups += [[(i, "mlp_mid")] for i in range(dims.num_layers)]
     unit_group = [torch.zeros(dims.hidden, dtype=torch.long)]

@@ -5,16 +5,19 @@ One safetensors file (:data:`CHECKPOINT_NAME`) of :data:`FORMAT` (:class:`dip_ex
 Tensors: ``hnet.*`` (the hypernetwork's state dict), ``opt.<i>.<key>`` (AdamW state), ``rng.noise`` (the Gumbel
 noise generator), ``best.scores`` (the best export's flat logits, with validation). Header: ``format`` =
 ``FORMAT.tag`` and ``json``: step, batch position, the fingerprint, the warm start's digest, best step and
-validation history, world size, wall time. The layout and the fingerprint are those of earlier releases' v2
-files, so those resume.
+validation history, world size, wall time. The layout is that of earlier releases' v2 files, whose fingerprint
+lacks only ``space`` (see below), so those resume.
 
-The fingerprint records everything that decides the checkpoint's content: the model (family, dims, heads,
+The fingerprint records everything that decides the checkpoint's content: the model (family, dims, its prunable
+space (:meth:`dip_ext.space.PrunableSpace.as_dict`, the family's, optional structures included), heads,
 vocabulary, dtype and a digest of its weights: :func:`dip_ext.model_state.model_digest`), the budget, the seed,
 ``multiple_of``, the global batch, the training and validation windows (:func:`dip_ext.training.digest` of their
 token ids), every hypernetwork option that shapes training (from the options object,
 :func:`dip_ext.options.as_dict`) and the learning-rate schedule. A run that prunes KV groups (``budget.heads``)
 also records ``prune_heads``, ``kv_ratio`` and ``kv_groups_kept`` (its hypernetwork has a ``kv_groups`` head);
 a run without them records none of the three, as before, and a checkpoint lacking them was written without heads.
+A checkpoint lacking ``space`` was written before the fingerprint recorded it, when every family's space was the
+built-in one its other entries (family, dims, weights) already pin down: it is compared without it.
 A resume is refused with a ValueError naming each difference; the schedule is compared by the learning rates
 the checkpoint already used (:func:`dip_ext.selection.hypernetwork.schedule.first_lr_difference`). Checkpoints
 of format ``v1`` (no weight digest) are refused: nothing in them shows which model wrote them.
@@ -29,8 +32,9 @@ import torch
 from torch import nn
 
 from ...files import fingerprint_differences
-from ...masks import ModelDims
+from ...masks import uniform_dims
 from ...model_state import model_digest
+from ...space import PrunableSpace
 from ...training import CheckpointFormat, load_optimizer_state, optimizer_state, tensor_fingerprint
 from ..budget import Budget
 from .schedule import LrSchedule, first_lr_difference
@@ -50,11 +54,13 @@ _SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
 _HEADS_DEFAULTS = {"prune_heads": False, "kv_ratio": None, "kv_groups_kept": None}
 
 
-def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: dict, schedule: LrSchedule,
+def run_fingerprint(model: nn.Module, space: PrunableSpace, budget: Budget, options: dict, schedule: LrSchedule,
                     train_windows: torch.Tensor, val_windows: Optional[torch.Tensor], *, seed: int,
                     multiple_of: int, global_batch: int, weights: bool = True) -> dict:
-    """The flat JSON-safe dict a checkpoint of this run records (see the module docstring).
+    """The JSON-safe dict a checkpoint of this run records (see the module docstring).
 
+    ``space``: the model's prunable space (its family's, optional structures included; ``ffn`` is recorded where
+    it is the built-in layout, else None).
     ``options``: the hypernetwork options that shape training (the trainer passes its config's fields without
     the ones that do not: the step count, which the schedule covers, and the checkpoint interval).
     ``weights=False`` records None for the weight digest (a run that writes no checkpoint needs none; for an
@@ -62,10 +68,13 @@ def run_fingerprint(model: nn.Module, dims: ModelDims, budget: Budget, options: 
     """
     cfg = model.config
     dtype = next((str(p.dtype) for p in model.parameters()), None)
-    return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": dims.num_layers, "hidden": dims.hidden,
-            "ffn": dims.ffn, "heads": getattr(cfg, "num_attention_heads", None),
+    dims = uniform_dims(space)
+    return {"model_type": getattr(cfg, "model_type", "?"), "num_layers": space.num_layers, "hidden": space.hidden,
+            "ffn": None if dims is None else dims.ffn, "space": space.as_dict(),
+            "heads": getattr(cfg, "num_attention_heads", None),
             "kv_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
-            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype, "weights": model_digest(model) if weights else None,
+            "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype,
+            "weights": model_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
             **({"prune_heads": True, "kv_ratio": budget.kv_ratio, "kv_groups_kept": budget.kv_groups_kept}
                if budget.heads else {}),
@@ -89,6 +98,7 @@ def check_resumable(path: Path, meta: dict, fingerprint: dict, option_defaults: 
     """
     saved = {**_HEADS_DEFAULTS, **option_defaults, **meta["fingerprint"]}
     now = {**_HEADS_DEFAULTS, **option_defaults, **fingerprint}
+    saved.setdefault("space", now.get("space"))  # written before the space was recorded: see the module docstring
     FORMAT.check_fingerprint(path, saved, now, keys=(set(saved) | set(now)) - set(_SCHEDULE_KEYS))
     try:
         old = LrSchedule.from_record(saved)

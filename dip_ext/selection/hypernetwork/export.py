@@ -12,9 +12,10 @@ KV groups (``budget.heads``): the logits hold each layer's ``kv_groups`` too, an
 ranking (its parameters: its query heads' and KV head's rows and o_proj columns). With a KV-cache target
 (``budget.kv_groups_kept``) the groups of lowest score over all layers are dropped first until at most that many
 are kept (as the one-shot selection does), and the parameter threshold is then placed among the remaining
-dimensions; the rounding to ``multiple_of`` never applies to KV groups (they are raised singly, and never past
-what the KV target left). A layer keeping no group keeps no attention, and an attention without output keeps no
-group.
+dimensions; the rounding to ``multiple_of`` never applies to whole-unit structures (KV groups, experts: they are
+raised singly, and KV groups never past what the KV target left). A layer keeping no group keeps no attention,
+and an attention without output keeps no group. The slots, their widths and their steps are those of
+``budget.space`` (its layers may hold different structures).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 from ...masks import KV_GROUPS, DispMasks
-from ..budget import Budget, fit_multiple
-from ..slots import flatten, per_layer
+from ..budget import Budget, fit_multiple, unit_steps
+from ..slots import per_layer
 
 __all__ = ["ExportInfo", "export_masks"]
 
@@ -69,30 +70,38 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
                  multiple_of: int = 1) -> tuple[DispMasks, ExportInfo]:
     """DispMasks from mask logits that meet ``budget`` (see the module docstring).
 
-    ``logits[i][s]``: a 1-D float tensor of structure ``s``'s full width (any device), for every structure of
-    ``budget.structures`` (``kv_groups`` too with ``budget.heads``). The kept count is at most
-    ``budget.target_linear``; with ``multiple_of == 1`` adding the next-ranked dimension would exceed it,
-    with ``multiple_of > 1`` adding any set's next chunk would. With a KV-cache target at most
-    ``budget.kv_groups_kept`` groups are kept.
+    ``logits[i][s]``: a 1-D float tensor of the full width of layer ``i``'s structure ``s`` (any device), for every
+    slot of ``budget.space`` (``kv_groups`` too with ``budget.heads``; other entries are ignored). The kept count
+    is at most ``budget.target_linear``; with ``multiple_of == 1`` adding the next-ranked dimension would exceed
+    it, with ``multiple_of > 1`` adding any set's next chunk would (whole-unit structures, KV groups, are raised
+    singly). With a KV-cache target at most ``budget.kv_groups_kept`` groups are kept.
     Within a set the highest-scoring dims are kept. A block whose output set is empty keeps no inputs either.
-    ValueError for NaN / inf logits (training diverged), missing ``kv_groups`` logits, a bad ``multiple_of``,
-    ``offset`` or ``budget``.
+    ValueError for NaN / inf logits (training diverged), a missing entry (``kv_groups`` logits for a budget with
+    heads) or one of another width, the wrong number of layers, a bad ``multiple_of``, ``offset`` or ``budget``.
     """
     _check(logits, budget, offset, multiple_of)
-    structures = budget.structures
-    n_struct = len(structures)
-    if budget.heads and any(KV_GROUPS not in layer for layer in logits):
+    space = budget.space
+    if len(logits) != space.num_layers:
+        raise ValueError(f"logits have {len(logits)} layers but the budget's model has {space.num_layers}")
+    if budget.heads and not any(KV_GROUPS in layer for layer in logits):
         raise ValueError("the budget prunes KV groups but the logits have no kv_groups entry (a hypernetwork "
                          "without heads=True?)")
-    layers = [{s: layer[s].detach().float().cpu().reshape(-1) for s in structures} for layer in logits]
-    num_layers = len(layers)
-    sizes = torch.tensor([layer[s].numel() for layer in layers for s in structures], dtype=torch.int64)
-    scores = flatten(layers, structures) + offset
+    slots = space.slots()
+    sizes = space.slot_sizes()
+    parts = []
+    for (i, s), n in zip(slots, sizes.tolist()):
+        if s not in logits[i]:
+            raise ValueError(f"logits[{i}] has no {s!r} entry (the budget prunes {list(space.names(i))} there)")
+        part = logits[i][s].detach().float().cpu().reshape(-1)
+        if part.numel() != n:
+            raise ValueError(f"logits[{i}][{s!r}] has {part.numel()} entries, the structure's width is {n}")
+        parts.append(part)
+    scores = torch.cat(parts) + offset
     if not torch.isfinite(scores).all():
         raise ValueError("mask logits contain NaN or inf (training diverged?)")
     groups = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     order = torch.sort(scores, descending=True, stable=True).indices
-    is_kv = torch.tensor([s == KV_GROUPS for s in structures] * num_layers)  # per slot
+    is_kv = torch.tensor([s == KV_GROUPS for _, s in slots])  # per slot
     kv_cap = budget.kv_groups_kept
     if kv_cap is not None:
         # The KV-cache target first: the lowest-scoring groups over all layers are dropped (never kept below).
@@ -105,7 +114,7 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
         return torch.bincount(groups[order[:k]], minlength=sizes.numel())
 
     def as_layers(w: torch.Tensor) -> list[dict]:
-        return per_layer(w.tolist(), num_layers, structures)
+        return per_layer(w.tolist(), space)
 
     def kept(k: int) -> int:
         return int(budget.kept_linear(as_layers(widths_at(k))))
@@ -128,33 +137,38 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
 
     widths = widths_at(k)
     if multiple_of > 1:  # at 1 the export stays one global threshold: no single dims added past the prefix
-        if budget.heads:  # KV groups are rounded singly and, under a KV target, never raised past the prefix
-            step = torch.where(is_kv, 1, multiple_of).to(torch.int64)
-            limit = torch.where(is_kv, widths, sizes) if kv_cap is not None else sizes
-            widths = fit_multiple(budget, as_layers, widths, sizes, step, mean_gain, limit=limit)
-        else:
-            widths = fit_multiple(budget, as_layers, widths, sizes, multiple_of, mean_gain)
-    out = []
-    for g, (r, w) in enumerate(zip(ranked, widths.tolist())):
-        if g % n_struct == 0:
-            out.append({})
-        out[-1][structures[g % n_struct]] = r.indices[:w].sort().values
+        # Whole units (KV groups) are rounded singly and, under a KV target, never raised past the prefix.
+        limit = torch.where(is_kv, widths, sizes) if kv_cap is not None else sizes
+        widths = fit_multiple(budget, as_layers, widths, sizes, unit_steps(space, multiple_of), mean_gain,
+                              limit=limit)
+    out = [{} for _ in range(space.num_layers)]
+    for (i, s), r, w in zip(slots, ranked, widths.tolist()):
+        out[i][s] = r.indices[:w].sort().values
     for layer in out:
-        # A block whose output set is empty contributes nothing: its input sets are moot (and counted as 0).
-        if budget.heads and layer[KV_GROUPS].numel() == 0:
-            layer["attn_out"] = layer["attn_out"][:0]  # no head left: the attention is removed
-        if layer["attn_out"].numel() == 0:
-            layer["attn_in"] = layer["attn_in"][:0]
-            if budget.heads:
-                layer[KV_GROUPS] = layer[KV_GROUPS][:0]
-        if layer["mlp_out"].numel() == 0:
-            layer["mlp_in"], layer["mlp_mid"] = layer["mlp_in"][:0], layer["mlp_mid"][:0]
+        _drop_moot(layer)
     masks = DispMasks(out)
     kept_linear = int(budget.kept_linear(masks.widths()))
     last = float(scores[order[k - 1]]) if k > 0 else float("inf")
     nxt = float(scores[order[k]]) if k < order.numel() else float("-inf")
     threshold = (last + nxt) / 2 if math.isfinite(last + nxt) else (nxt if k == 0 else last)
-    kept_kv = sum(int(layer[KV_GROUPS].numel()) for layer in masks.layers) if budget.heads else None
+    kept_kv = sum(int(layer[KV_GROUPS].numel()) for layer in masks.layers if KV_GROUPS in layer) \
+        if budget.heads else None
     return masks, ExportInfo(kept_linear, budget.target_linear, kept_linear / budget.dense_linear,
                              budget.target_ratio, threshold, k, int(scores.numel()), int((scores > 0).sum()),
                              multiple_of, kept_kv, kv_cap)
+
+
+def _drop_moot(layer: dict[str, torch.Tensor]) -> None:
+    """Empties, in place, the sets of a block whose output set is empty: it contributes nothing, so its input
+    sets are moot (and counted as 0). Only the sets the layer holds are touched (a layer may lack a block)."""
+    def empty(*names):
+        for s in names:
+            if s in layer:
+                layer[s] = layer[s][:0]
+
+    if KV_GROUPS in layer and layer[KV_GROUPS].numel() == 0:
+        empty("attn_out")  # no head left: the attention is removed
+    if "attn_out" in layer and layer["attn_out"].numel() == 0:
+        empty("attn_in", KV_GROUPS)
+    if "mlp_out" in layer and layer["mlp_out"].numel() == 0:
+        empty("mlp_in", "mlp_mid")

@@ -11,11 +11,12 @@ samples the exported mask drifts off the target, DESIGN.md §4), and its gradien
 probability ``sigmoid(logit + offset)`` (what the noisy straight-through gradient is on average for a small
 temperature): the paper's push without its noise.
 
-KV groups (``budget.heads``, beyond the paper): the hypernetwork also emits each layer's ``kv_groups`` logits; the
-sampled group masks are applied by the masked model (each covering its query heads) and ``r`` counts them
+The masks cover the structures of ``budget.space`` (the hypernetwork's space). KV groups (``budget.heads``,
+beyond the paper): the hypernetwork also emits the ``kv_groups`` logits of each layer having them; the sampled
+group masks are applied by the masked model (each covering its query heads) and ``r`` counts them
 (:meth:`Budget.kept_linear` with ``kv_groups`` widths). With a KV-cache target (``budget.kv_groups_kept``) the
 budget term gains ``lam * |log k - log q|``: ``k`` the kept fraction of all layers' groups (the deterministic
-mask's value, the keep probability's gradient, as for ``r``) and ``q = kv_groups_kept / (L * G)``.
+mask's value, the keep probability's gradient, as for ``r``) and ``q = kv_groups_kept / budget.total_groups``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 
 from ... import distributed as dist
 from ...masking import MaskedModel
-from ...masks import KV_GROUPS, STRUCTURES
+from ...families import adapter_for
+from ...masks import KV_GROUPS
 from ..budget import Budget
 from ..slots import slot_widths, unflatten
 from .network import HyperNetwork
@@ -60,20 +62,23 @@ def step_losses(hnet: HyperNetwork, masked: MaskedModel, model: nn.Module, ids: 
     Draws one Gumbel (logistic) noise value per prunable dimension from ``gen`` (a CPU generator, so every
     device and rank draws the same), sets the straight-through sample on ``masked`` and runs ``model``.
     With ``distill`` the loss is the mean per-token KL(dense || masked) of the next-token distributions
-    (the teacher computed first with the masks off, under no_grad).
+    (the teacher computed first with the masks off, under no_grad). ValueError for ``ids`` that are not 2-D int64,
+    or a hypernetwork whose space is not ``budget.space``.
     """
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a 2-D int64 tensor, got {ids.dim()}-D {ids.dtype}")
-    dims, structures = hnet.dims, hnet.structures
+    space = budget.space
     if budget.heads != hnet.heads:
         raise ValueError(f"the budget {'prunes' if budget.heads else 'does not prune'} KV groups but the "
                          f"hypernetwork {'has' if hnet.heads else 'has no'} kv_groups head")
+    if hnet.space != space:
+        raise ValueError(f"the hypernetwork was built for {hnet.space}, the budget prunes {space}")
     teacher = dense_log_probs(masked, model, ids) if distill else None
     flat = hnet.flat_logits() + offset
     u = torch.rand(flat.numel(), generator=gen).clamp_(1e-6, 1 - 1e-6).to(flat.device)
     soft = torch.sigmoid((flat + torch.log(u) - torch.log1p(-u)) / temperature)  # logistic = Gumbel - Gumbel
     sample = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
-    masked.set_masks(unflatten(sample, dims, structures))
+    masked.set_masks(unflatten(sample, space))
     if teacher is None:
         lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
     else:
@@ -82,28 +87,31 @@ def step_losses(hnet: HyperNetwork, masked: MaskedModel, model: nn.Module, ids: 
 
     keep_p = torch.sigmoid(flat)
     det = (flat > 0).to(flat.dtype) + keep_p - keep_p.detach()
-    widths = slot_widths(det, dims, structures)
+    widths = slot_widths(det, space)
     r = budget.kept_ratio(widths)
     if not isinstance(r, torch.Tensor):  # every block emptied: the count is the int 0
         r = torch.tensor(float(r), device=flat.device)
     budget_loss = lam * (torch.log(r.clamp_min(1e-8)) - math.log(budget.target_ratio)).abs()
     kv_kept = None
     if budget.heads:
-        groups = torch.stack([w[KV_GROUPS] for w in widths])
-        k = groups.sum() / (dims.num_layers * dims.kv_groups)
-        kv_kept = float(groups.detach().round().sum()) / (dims.num_layers * dims.kv_groups)  # exact count
+        total = budget.total_groups
+        groups = torch.stack([w[KV_GROUPS] for w in widths if KV_GROUPS in w])
+        k = groups.sum() / total
+        kv_kept = float(groups.detach().round().sum()) / total  # exact count
         if budget.kv_groups_kept is not None:
-            q = max(budget.kv_groups_kept / (dims.num_layers * dims.kv_groups), 1e-8)  # 0 groups: as k's clamp
+            q = max(budget.kv_groups_kept / total, 1e-8)  # 0 groups: as k's clamp
             budget_loss = budget_loss + lam * (torch.log(k.clamp_min(1e-8)) - math.log(q)).abs()
     with torch.no_grad():
-        expected = float(budget.kept_ratio(slot_widths(keep_p, dims, structures)))
+        expected = float(budget.kept_ratio(slot_widths(keep_p, space)))
     return StepLosses(lm_loss, budget_loss, r.item(), expected, kv_kept)
 
 
 @torch.no_grad()
 def dense_log_probs(masked: MaskedModel, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq, vocab]`` float32 log-probabilities of the unmasked model (the distillation teacher)."""
-    masked.set_masks([dict.fromkeys(STRUCTURES) for _ in range(masked.dims.num_layers)])
+    """``[batch, seq, vocab]`` float32 log-probabilities of the unmasked model (the distillation teacher): every
+    structure of the model's family space unset on ``masked``, optional ones included."""
+    space = adapter_for(model).space(model.config)
+    masked.set_masks([dict.fromkeys(space.names(i)) for i in range(space.num_layers)])
     return F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
 
 

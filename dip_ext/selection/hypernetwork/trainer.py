@@ -6,10 +6,10 @@ every rank builds the Trainer with the same arguments. Step ``t`` draws one glob
 (every ``world_size``-th window from the ``r``-th); the hypernetwork gradients (and the LM loss, for the log) are
 averaged across ranks before the AdamW step. The Gumbel noise comes from the same seeded CPU generator on every
 rank, so all ranks sample the same masks and keep identical hypernetworks; the exported masks are checked to be
-equal on all ranks. Only rank 0 writes checkpoints (all ranks wait for it) and shows the progress bar; on resume rank 0 reads
-the checkpoint and sends it to the others. The fingerprint records the GLOBAL batch, so a checkpoint resumes
-under any world size with the same global batch. Wrap the caller in :func:`dip_ext.distributed.fail_fast` so
-that an error on one rank ends the job instead of leaving the others waiting in a collective.
+equal on all ranks. Only rank 0 writes checkpoints (all ranks wait for it) and shows the progress bar; on resume
+rank 0 reads the checkpoint and sends it to the others. The fingerprint records the GLOBAL batch, so a checkpoint
+resumes under any world size with the same global batch. Wrap the caller in :func:`dip_ext.distributed.fail_fast`
+so that an error on one rank ends the job instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from ...compaction import require_dense
 from ...distributed import Placement
 from ...families import adapter_for
 from ...masking import MaskedModel, apply_masks
-from ...masks import DispMasks, ModelDims
+from ...masks import DispMasks
 from ...model_state import frozen, model_device
 from ...options import as_dict
+from ...space import PrunableSpace
 from ...tokens import check_windows
 from ...training import BestState, EpochOrder, digest
 from ..base import TrainingSummary
@@ -79,31 +80,35 @@ def _adamw(hnet: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optim
         return torch.optim.AdamW(hnet.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _checked_dims(model, train_windows, budget, config, *, init_masks, val_windows, seed, multiple_of, placement,
-                  checkpoint_dir, callback) -> ModelDims:
-    """The model's dims, once every argument of :class:`Trainer` is checked (ValueError naming the bad one)."""
+def _checked_space(model, train_windows, budget, config, *, init_masks, val_windows, seed, multiple_of, placement,
+                   checkpoint_dir, callback) -> PrunableSpace:
+    """The model's prunable space (its family's, optional structures included), once every argument of
+    :class:`Trainer` is checked (ValueError naming the bad one)."""
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
     require_dense(model, "the hypernetwork")
     if not isinstance(config, HypernetworkConfig):
         raise ValueError(f"config must be a HypernetworkConfig, got {type(config).__name__}")
-    dims = adapter_for(model).dims(model.config)
+    space = adapter_for(model).space(model.config)
     check_windows(train_windows, "train_windows", config=model.config)
     if val_windows is not None:
         check_windows(val_windows, "val_windows", config=model.config)
     if not isinstance(budget, Budget):
         raise ValueError(f"budget must be a dip_ext.selection.Budget (Budget.for_model(model, ratio)), "
                          f"got {type(budget).__name__}")
-    bdims = adapter_for(budget.config).dims(budget.config)
-    if bdims != dims:
-        raise ValueError(f"budget was made for a model of {bdims}, this model is {dims}")
+    bspace = adapter_for(budget.config).space(budget.config)
+    if bspace != space:
+        raise ValueError(f"budget was made for a model of {bspace}, this model is {space}")
     if init_masks is not None:
         if not isinstance(init_masks, DispMasks):
             raise ValueError(f"init_masks must be DispMasks or None, got {type(init_masks).__name__}")
-        init_masks.validate(dims)
+        init_masks.validate(space)
         if init_masks.prunes_heads and not budget.heads:
             raise ValueError("init_masks prune KV groups but the budget does not (Budget.for_model(..., heads=True) "
                              "lets the hypernetwork learn them)")
+        extra = [s for s in init_masks.structures if not budget.space.has(s)]
+        if extra:
+            raise ValueError(f"init_masks hold {extra}, which the budget does not prune")
     for name, value, low in (("seed", seed, 0), ("multiple_of", multiple_of, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -113,7 +118,7 @@ def _checked_dims(model, train_windows, budget, config, *, init_masks, val_windo
         raise ValueError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory")
     if callback is not None and not callable(callback):
         raise ValueError("callback must be callable or None")
-    return dims
+    return space
 
 
 class Trainer:
@@ -145,7 +150,9 @@ class Trainer:
         progress: a tqdm bar (rank 0). callback: called with each :class:`StepLog` after that step and its
             checkpoint; may raise to stop the run.
 
-    ValueError for any bad argument, before anything runs. State: ``step_index`` (steps taken), ``best`` (a
+    ValueError for any bad argument, before anything runs (a budget of a model of another prunable space, init
+    masks that do not fit the model's space or hold structures the budget does not prune). ``space``: the budget's
+    space, the structures the hypernetwork learns (its slots). State: ``step_index`` (steps taken), ``best`` (a
     :class:`dip_ext.training.BestState` whose state is the best export's flat logits ``scores``), ``log`` (the
     :class:`StepLog` of every step this trainer ran).
     """
@@ -155,7 +162,7 @@ class Trainer:
                  checkpoint_dir: Union[str, os.PathLike, None] = None, resume: bool = False, seed: int = 0,
                  multiple_of: int = 1, placement: Optional[Placement] = None, progress: bool = True,
                  callback: Optional[Callable[[StepLog], None]] = None):
-        self.dims = _checked_dims(model, train_windows, budget, config, init_masks=init_masks,
+        family_space = _checked_space(model, train_windows, budget, config, init_masks=init_masks,
                                   val_windows=val_windows, seed=seed, multiple_of=multiple_of, placement=placement,
                                   checkpoint_dir=checkpoint_dir, callback=callback)
         self.model, self.budget, self.config = model, budget, config
@@ -174,15 +181,15 @@ class Trainer:
         if self.val_windows is None:
             options.pop("val_every")  # without validation windows it changes nothing
         self._option_defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in options}
-        self.fingerprint = run_fingerprint(model, self.dims, budget, options, self.schedule, self.train_windows,
+        self.fingerprint = run_fingerprint(model, family_space, budget, options, self.schedule, self.train_windows,
                                            self.val_windows, seed=seed, multiple_of=multiple_of,
                                            global_batch=self.global_batch, weights=self.path is not None)
         self._init_digest = None if init_masks is None else digest(json.dumps(init_masks.to_dict()))
         if self.placement.world_size > 1:  # ranks given other data or settings would train other hypernetworks
             dist.check_same((self.fingerprint, self._init_digest, config.steps, checkpoint_dir is None),
                             "run settings")
-        self.structures = budget.structures
-        self.hnet = HyperNetwork(self.dims, seed=seed, heads=budget.heads).to(self.device)
+        self.space = budget.space  # the structures pruned: the hypernetwork's slots
+        self.hnet = HyperNetwork(self.space, seed=seed).to(self.device)
         self.opt = _adamw(self.hnet, config.lr, config.weight_decay)
         self.gen = torch.Generator().manual_seed(seed + 2)  # the Gumbel noise; CPU so every device draws the same
         self.step_index = 0
@@ -311,7 +318,7 @@ class Trainer:
             self._prepare()
             with torch.no_grad():
                 flat = self.hnet.flat_logits()
-            loss = validation_loss(unflatten(flat, self.dims, self.structures), masked, self.model, self.val_windows,
+            loss = validation_loss(unflatten(flat, self.space), masked, self.model, self.val_windows,
                                    self.budget, offset=self.config.offset, multiple_of=self.multiple_of,
                                    device=self.device)
         self.best.offer(self.step_index, loss, lambda: {"scores": flat.detach().float().cpu()})
@@ -321,7 +328,7 @@ class Trainer:
         """The masks of the best-scoring export (with validation) or of the current hypernetwork."""
         with torch.no_grad():
             logits = (self.hnet() if self.best.state is None
-                      else unflatten(self.best.state["scores"], self.dims, self.structures))
+                      else unflatten(self.best.state["scores"], self.space))
             return export_masks(logits, self.budget, offset=self.config.offset, multiple_of=self.multiple_of)
 
     def run(self) -> tuple[DispMasks, TrainingSummary]:
