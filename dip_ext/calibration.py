@@ -8,7 +8,8 @@ its optional structures included; a layer may have other structures than the nex
   structure whose mask point each shares;
 - first-order Fisher scores: with a mask fixed at 1 on every prunable dimension, ``g = ∂L/∂m`` per calibration
   window, score ``Σ g²`` per dimension (per unit of a whole-unit structure: per KV group, the group's mask on its
-  query heads' columns at the attention output projection's input) (the diagonal empirical Fisher: the expected
+  query heads' columns at the attention output projection's input; for a structure scored by column, Gemma3's
+  groups, ``Σ g²`` over the unit's columns, each masked alone) (the diagonal empirical Fisher: the expected
   loss increase of dropping that dimension is ≈ ½·score). The tied score of the dimension-dependent baseline (one
   mask shared by every hidden-axis set of every layer) is accumulated alongside: ``Σ (Σ_sets g)²``.
 
@@ -257,7 +258,9 @@ def _pass(model: nn.Module, blocks: torch.Tensor, result: CalibrationResult, acc
     """The windows from ``result.windows`` on, in rounds of ``world_size`` (see :func:`run_calibration`), each
     accumulated into ``acc``; every ``checkpoint_every`` windows the ranks sync and rank 0 saves."""
     space, device, world, rank = result.space, model_device(model), placement.world_size, placement.rank
-    ones = [{s: torch.ones(space.size(i, s), device=device, requires_grad=True) for s in names}
+    adapter, layers = adapter_for(model), adapter_for(model).decoder_layers(model)
+    ones = [{s: torch.ones(adapter.score_mask_width(layers[i], space.structure(i, s)), device=device,
+                           requires_grad=True) for s in names}
             for i, names in enumerate(scored(space))]
     flat = [m for layer in ones for m in layer.values()]
     n, start = blocks.shape[0], result.windows
@@ -301,7 +304,9 @@ def _accumulate(model: nn.Module, ids: torch.Tensor, flat: list[torch.Tensor], a
     # ``flat`` is every layer's masks in the order of scored(space): the space's slots
     for (i, s), g in zip(space.slots(), grads, strict=True):
         g64 = g.detach().double().cpu()
-        acc.scores[i][s] += g64 * g64
+        units = acc.scores[i][s].numel()
+        # a structure scored by column (its mask one entry per column): a unit's score sums its columns'
+        acc.scores[i][s] += (g64 * g64).view(units, -1).sum(1) if g64.numel() != units else g64 * g64
         if s in space.axis_names(i, HIDDEN_AXIS):
             tied += g64
     acc.tied_hidden += tied * tied

@@ -70,10 +70,11 @@ class MaskedModel:
             if unknown:
                 raise MaskError(f"layer {i}: unknown structure {unknown[0]!r} (layer {i} has: {list(names)})")
             for s in names:
-                m = layer.get(s)
-                if m is not None and (m.dim() != 1 or m.numel() != space.size(i, s)):
-                    raise MaskError(f"layer {i} {s}: mask must have shape [{space.size(i, s)}], "
-                                    f"got {tuple(m.shape)}")
+                m, size = layer.get(s), space.size(i, s)
+                # a structure scored by column may also be masked column by column (the calibration's masks)
+                by_column = m is not None and space.structure(i, s).column_scores and m.numel() % size == 0
+                if m is not None and (m.dim() != 1 or (m.numel() != size and not by_column)):
+                    raise MaskError(f"layer {i} {s}: mask must have shape [{size}], got {tuple(m.shape)}")
         self._masks = [{s: layer.get(s) for s in space.names(i)} for i, layer in enumerate(masks)]
 
     def _mask_for(self, i: int, s: str, like: torch.Tensor) -> Optional[torch.Tensor]:

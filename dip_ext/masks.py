@@ -25,7 +25,7 @@ without heads would add nothing but its output bias).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence, Union
 
 import torch
@@ -98,7 +98,10 @@ def uniform_dims(space: PrunableSpace):
     if not all(s in first for s in STRUCTURES):
         return None
     dims = ModelDims(space.num_layers, space.hidden, first["mlp_mid"], first.get(KV_GROUPS, 0))
-    return dims if dims.space() == space else None
+    # how a family scores its units does not change the layout
+    unscored = PrunableSpace(space.hidden, tuple(tuple(replace(s, column_scores=False) for s in layer)
+                                                 for layer in space.layers))
+    return dims if dims.space() == unscored else None
 
 
 _FORMAT_UNIFORM = "dip_ext.bitmask-hex.v1"  # the built-in layout's widths: hidden, ffn (and kv_groups)

@@ -11,7 +11,10 @@ Every structure indexes an axis: ``"hidden"`` for the residual-stream subsets DI
 hypernetwork stacks their heads), or an axis of its own (``"ffn"``, ``"kv_groups"``, ``"experts"``). An *optional*
 structure is pruned only when a run asks for it (KV groups): masks hold it in every layer that declares it, or in
 none. A *whole-unit* structure is counted in units that are never rounded to ``multiple_of`` (a KV group, an
-expert).
+expert). A structure whose unit covers several columns of its mask point may be *scored by column*: when a norm
+after the mask point makes the block's output blind to a common scale of those columns (Gemma3's norm on the
+attention output), the gradient of one mask on a whole unit vanishes, so the unit is scored by the Fisher scores of
+its columns, summed.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ HIDDEN_AXIS = "hidden"
 @dataclass(frozen=True)
 class Structure:
     """One prunable set of a layer: its ``name`` (the masks' key), ``size`` (the full width: indices lie in
-    ``[0, size)``), the ``axis`` it indexes, and whether it is ``optional`` / counted in ``whole_units``."""
+    ``[0, size)``), the ``axis`` it indexes, whether it is ``optional`` / counted in ``whole_units``, and whether its
+    units are scored by the columns they cover at the mask point (``column_scores``; see the module docstring)."""
 
     name: str
     size: int
     axis: str
     optional: bool = False
     whole_units: bool = False
+    column_scores: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -47,8 +52,9 @@ class Structure:
             raise ValueError(f"structure {self.name!r}: axis must be a non-empty string, got {self.axis!r}")
 
     def as_list(self) -> list:
-        """``[name, size, axis, optional, whole_units]`` (JSON-safe; the inverse is ``Structure(*values)``)."""
-        return [self.name, self.size, self.axis, self.optional, self.whole_units]
+        """``[name, size, axis, optional, whole_units, column_scores]`` (JSON-safe; the inverse is
+        ``Structure(*values)``)."""
+        return [self.name, self.size, self.axis, self.optional, self.whole_units, self.column_scores]
 
 
 @dataclass(frozen=True)

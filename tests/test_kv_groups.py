@@ -403,6 +403,32 @@ def test_calibration_scores_opt_heads():
     assert_group_scores(model, blocks, run_calibration(model, blocks, progress=False))
 
 
+@pytest.mark.parametrize("name", ["gemma3-mqa-window-softcap", "gemma3-gqa-bias-untied"])
+def test_gemma3_groups_are_scored_by_column(name):
+    """Gemma3 normalises the attention output, so the block is blind to a common scale of a layer's heads: with one
+    KV group (MQA) the group's own mask gradient vanishes and the group would look free to drop. Its score is the
+    sum over its columns of Σ_windows (∂L/∂m_c)², a mask per column of the attention output projection's input."""
+    model = make_model(name)
+    blocks = token_ids((3, 10), seed=17)
+    calib = run_calibration(model, blocks, progress=False)
+    dims, q_out = dims_of(model), adapter_for(model).shapes(model.config).q_out
+    per_column = [{KV_GROUPS: torch.ones(q_out, requires_grad=True)} for _ in range(dims.num_layers)]
+    per_group = [{KV_GROUPS: torch.ones(dims.kv_groups, requires_grad=True)} for _ in range(dims.num_layers)]
+    expected = torch.zeros(dims.num_layers, dims.kv_groups, dtype=torch.float64)
+    joint = torch.zeros(dims.num_layers, dims.kv_groups, dtype=torch.float64)
+    for masks, out in ((per_column, expected), (per_group, joint)):
+        with dip_ext.apply_masks(model, masks):
+            for ids in blocks:
+                loss = model(input_ids=ids[None], labels=ids[None]).loss
+                grads = torch.stack(torch.autograd.grad(loss, [m[KV_GROUPS] for m in masks])).double()
+                out += (grads ** 2).view(dims.num_layers, dims.kv_groups, -1).sum(-1)
+    got = torch.stack([layer[KV_GROUPS] for layer in calib.scores])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-12)
+    assert (got > 0).all()
+    if dims.kv_groups == 1:  # what the column scores are for: a whole-layer group's own gradient is ~0
+        assert (joint < 1e-6 * got).all(), (joint, got)
+
+
 def marginal_costs_fit(budget: Budget, widths, dims: ModelDims, frozen=()) -> bool:
     """True when no single unit can be added back to any set that is not full (``frozen``: sets not to raise;
     nor the attention sets of a layer without groups, which cost nothing) without breaking the budget: the

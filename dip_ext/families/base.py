@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masks import KV_GROUPS, DispMasks, ModelDims
-from ..space import PrunableSpace
+from ..space import PrunableSpace, Structure
 from .layers import CompactedLayer, keeps_attention, keeps_mlp
 
 #: Where the masked reference multiplies a mask: on a module's input or on its output.
@@ -143,6 +143,22 @@ class FamilyAdapter:
             raise ValueError(f"mask points need a dense decoder layer; {type(layer).__name__} is already compacted: "
                              "use the dense original model")
         return self.dense_mask_points(layer)
+
+    def score_mask_width(self, layer: nn.Module, structure: Structure) -> int:
+        """The width of the mask the calibration scores ``structure`` of the dense ``layer`` with: one entry per
+        unit, or, for a structure scored by column (``structure.column_scores``), one per column of its (linear)
+        mask point, which its units divide evenly. ValueError otherwise."""
+        if not structure.column_scores:
+            return structure.size
+        module, where = self.mask_points(layer)[structure.name][0]
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{structure.name} is scored by column but its mask point is a "
+                             f"{type(module).__name__}, not a linear layer")
+        width = module.in_features if where == "input" else module.out_features
+        if width % structure.size:
+            raise ValueError(f"{structure.name}: {structure.size} units do not divide the {width} columns of its "
+                             "mask point")
+        return width
 
     def calibration_points(self, layer: nn.Module) -> dict[str, MaskPoint]:
         """Activations to collect statistics on, keyed by the structure they score (dense layer)."""

@@ -16,12 +16,16 @@ and global layers with their own rope, and logit soft-capping act outside DISP's
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3DecoderLayer
 
+from ..masks import KV_GROUPS
 from ..modules import RMSNormGather, RMSNormScatterAdd
+from ..space import PrunableSpace
 from .base import FamilyAdapter, LayerShapes, block_points
 from .hf_classes import DipExtConfig, DipExtForCausalLM, DipExtModel, Family
 from .layers import CompactedLayer, SkippedAttention, compact_attention, compact_mlp, keeps_attention, keeps_mlp
@@ -81,6 +85,15 @@ def _scatter(norm: nn.Module, idx: torch.Tensor) -> RMSNormScatterAdd:
 class Gemma3Adapter(FamilyAdapter):
     dense_model = Gemma3ForCausalLM
     layer_class = DipExtGemma3DecoderLayer
+
+    def space(self, config) -> PrunableSpace:
+        """The built-in layout, with KV groups scored by column: the norm on the attention output makes the block
+        blind to a common scale of a layer's heads, so one mask on a whole group (with one KV head, on every head
+        of the layer) has a vanishing gradient and would look free to drop."""
+        space = super().space(config)
+        return PrunableSpace(space.hidden, tuple(
+            tuple(replace(s, column_scores=True) if s.name == KV_GROUPS else s for s in layer)
+            for layer in space.layers))
 
     def dense_mask_points(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
