@@ -10,6 +10,7 @@ pruned. Tiny random configs, CPU.
 """
 
 import copy
+import warnings
 import json
 from typing import Optional
 
@@ -679,3 +680,12 @@ def test_decode_session_matches_generate_and_holds_the_kept_groups(compacted_mod
     assert torch.equal(torch.cat(tokens, 1), ref[:, 5:])
     placeholder = 2 * 2 * 16 * 1 * 1 * 4  # layer 1: a zero key and value of one head of width 1 per position
     assert session.cache_bytes() == 2 * 16 * kv_cache_bytes(compacted.config, masks.widths(), itemsize=4) + placeholder
+
+
+def test_heads_on_a_model_with_one_group_per_layer_warn():
+    """With multi-query attention a group is a layer's whole attention: asking for heads warns; GQA does not."""
+    with pytest.warns(UserWarning, match="one KV group per layer"):
+        Budget.for_model(tiny_llama(0, num_key_value_heads=1), 0.3, heads=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Budget.for_model(tiny_llama(0), 0.3, kv_ratio=0.3)

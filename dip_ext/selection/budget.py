@@ -27,6 +27,7 @@ policy at ``multiple_of == 1`` so that its result stays one global threshold on 
 from __future__ import annotations
 
 import math
+import warnings
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -84,7 +85,8 @@ class Budget:
                   kv_ratio: Optional[float] = None) -> "Budget":
         """The budget of removing ``ratio`` of the ``ratio_of`` parameters of the dense ``model``; ``heads`` lets KV
         groups compete, ``kv_ratio`` (a fraction in (0, 1)) adds the KV-cache target and turns ``heads`` on.
-        ValueError for a ratio out of range, a compacted model, or heads asked of a family without KV groups."""
+        ValueError for a ratio out of range, a compacted model, or heads asked of a family without KV groups;
+        UserWarning for heads on a model with one KV group per layer (a group is then a whole attention)."""
         ratio = check_ratio(ratio)
         if ratio_of not in RATIO_OF:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
@@ -109,6 +111,10 @@ class Budget:
                                  "pruned (drop --prune-heads / --kv-ratio)")
             if kv_ratio is not None:
                 kept_groups = math.floor((1 - kv_ratio) * _total_groups(space) + 1e-9)
+            if _total_groups(space) == sum(KV_GROUPS in space.names(i) for i in range(space.num_layers)):
+                warnings.warn(f"{type(model).__name__} has one KV group per layer (multi-query attention): every "
+                              "group dropped removes a whole layer's attention, which can cost far more quality than "
+                              "pruning the same parameters elsewhere", stacklevel=2)
         budget = cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
                      int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
         if kept_groups is not None:
