@@ -1,10 +1,11 @@
 """Serving speed in vLLM (its CPU build, in the vLLM venv): prefill and decode tokens/s of a dense Llama in vLLM's
-own model, the same dense model in vLLM's Transformers backend, and compacted copies of it at given ratios in the
-Transformers backend (dip_ext's layers), one engine at a time, in this process.
+own model, the same dense model in vLLM's Transformers backend, compacted copies of it at given ratios in the
+Transformers backend (dip_ext's layers) and, with ``--decilm``, their zero-padded DeciLM exports in vLLM's own
+``DeciLMForCausalLM``, one engine at a time, in this process.
 
-    .venv-vllm/bin/python benchmarks/serve.py [--ratios 0.3 0.5] [--out benchmarks/results/serve.json]
+    .venv-vllm/bin/python benchmarks/serve.py [--ratios 0.3 0.5] [--decilm] [--out benchmarks/results/serve.json]
 
-Random weights (speed does not depend on values) in SmolLM2-135M's shapes by default; each compacted model keeps
+Random weights (speed does not depend on values) in SmolLM2-135M's shapes by default (``--shapes``); each compacted model keeps
 the same fraction of every index set, the fraction that removes ``ratio`` of the decoder-linear parameters (the
 formula of the family adapter). Prefill: ``--batch`` prompts of ``--prompt-len`` tokens, one token generated;
 decode: ``--decode-tokens`` tokens after 16-token prompts, at each ``--decode-batches`` size, minus that batch's
@@ -20,8 +21,15 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, built one after another
 
-SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-              num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True),
+    # TinyLlama-1.1B's shapes: a model whose GEMMs outweigh the engine's fixed costs per token
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                     tie_word_embeddings=False),
+}
 
 
 def keep_fraction(adapter, config, ratio: float) -> float:
@@ -40,9 +48,9 @@ def keep_fraction(adapter, config, ratio: float) -> float:
     return hi
 
 
-def save_models(root: Path, ratios) -> tuple[dict, dict]:
-    """Saves the dense model and its compacted copies under ``root``: (name → folder, name → removed fraction of
-    the decoder-linear parameters)."""
+def save_models(root: Path, ratios, shapes: dict, decilm: bool) -> tuple[dict, dict]:
+    """Saves the dense model and its compacted copies under ``root`` (with ``decilm``, their DeciLM exports too):
+    (name → folder, name → removed fraction of the decoder-linear parameters)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +58,7 @@ def save_models(root: Path, ratios) -> tuple[dict, dict]:
     from dip_ext.families import adapter_for
 
     torch.manual_seed(0)
-    dense = LlamaForCausalLM(LlamaConfig(**SHAPES)).eval()
+    dense = LlamaForCausalLM(LlamaConfig(**shapes)).eval()
     dense.save_pretrained(root / "dense")
     folders, removed = {"dense": root / "dense"}, {}
     adapter, dims = adapter_for(dense), adapter_for(dense).dims(dense.config)
@@ -64,6 +72,10 @@ def save_models(root: Path, ratios) -> tuple[dict, dict]:
         model.save_pretrained(root / f"pruned-{ratio}")
         folders[f"pruned-{ratio}"] = root / f"pruned-{ratio}"
         removed[f"pruned-{ratio}"] = dip_ext.param_report(model).removed_decoder_linear
+        if decilm:
+            report = dip_ext.export_decilm(root / f"pruned-{ratio}", root / f"decilm-{ratio}")
+            folders[f"decilm-{ratio}"] = root / f"decilm-{ratio}"
+            removed[f"decilm-{ratio}"] = report.to_dict()
     return folders, removed
 
 
@@ -94,8 +106,9 @@ def measure(folder, impl: str, args) -> dict:
               max_model_len=args.prompt_len + 64, kv_cache_memory_bytes=1 << 30, distributed_executor_backend="uni",
               skip_tokenizer_init=True, seed=0)
     g = torch.Generator().manual_seed(0)
-    long = [torch.randint(0, SHAPES["vocab_size"], (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
-    short = [torch.randint(0, SHAPES["vocab_size"], (16,), generator=g).tolist() for _ in range(max(args.decode_batches))]
+    vocab = SHAPES[args.shapes]["vocab_size"]
+    long = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
+    short = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(max(args.decode_batches))]
     row = {"prefill_tok_s": args.batch * args.prompt_len / timed(llm, long, 1, args.repeats)}
     for b in args.decode_batches:
         total = timed(llm, short[:b], args.decode_tokens + 1, args.repeats)
@@ -116,13 +129,19 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="no torch.compile (vLLM's default compiles)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--decilm", action="store_true", help="also the DeciLM exports in vLLM's own model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args()
-    results = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "shapes": SHAPES, "rows": {}}
+    results = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "shapes": SHAPES[args.shapes],
+               "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        folders, results["removed_decoder_linear"] = save_models(Path(tmp), args.ratios)
+        folders, results["removed_decoder_linear"] = save_models(Path(tmp), args.ratios, SHAPES[args.shapes],
+                                                                 args.decilm)
         runs = [("vllm-native-dense", folders["dense"], "vllm"), ("transformers-dense", folders["dense"], "transformers")]
-        runs += [(f"transformers-{name}", folder, "transformers") for name, folder in folders.items() if name != "dense"]
+        runs += [(f"transformers-{name}", folder, "transformers") for name, folder in folders.items()
+                 if name.startswith("pruned")]
+        runs += [(f"vllm-native-{name}", folder, "vllm") for name, folder in folders.items() if name.startswith("decilm")]
         for name, folder, impl in runs:
             results["rows"][name] = row = measure(folder, impl, args)
             print(name, " ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
