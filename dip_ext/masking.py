@@ -32,8 +32,8 @@ class MaskedModel:
     require grad), or None (or absent) to leave that structure unmasked; ``s`` is one of layer ``i``'s structures
     in the family's prunable space (``space.names(i)``, optional ones included; ``kv_groups``: one entry per KV
     group). Use as a context manager or call :meth:`remove`.
-    Raises ValueError for a compacted model, UnsupportedModelError for an unsupported one, MaskError for masks
-    that do not fit.
+    Raises ValueError for a compacted model or a family whose space declares a structure without a mask point,
+    UnsupportedModelError for an unsupported model, MaskError for masks that do not fit.
     """
 
     def __init__(self, model: nn.Module, masks: Union[DispMasks, MaskTensors, None] = None):
@@ -45,7 +45,13 @@ class MaskedModel:
         self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(self.space.names(i))
                                                                  for i in range(self.space.num_layers)]
         self._hooks = []
-        for i, layer in enumerate(self.adapter.decoder_layers(model)):
+        layers = self.adapter.decoder_layers(model)
+        for i, layer in enumerate(layers):  # checked before any hook is placed
+            unplaced = [s for s in self.space.names(i) if not self.adapter.mask_points(layer).get(s)]
+            if unplaced:
+                raise ValueError(f"{type(self.adapter).__name__}: layer {i} declares {unplaced} in its prunable space "
+                                 "but its dense_mask_points gives no mask point for them")
+        for i, layer in enumerate(layers):
             for s, points in self.adapter.mask_points(layer).items():
                 if s not in self.space.names(i):
                     continue  # a point of a structure the layer does not declare: never masked

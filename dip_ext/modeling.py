@@ -107,5 +107,6 @@ def from_pretrained(path: Union[str, os.PathLike], **kwargs) -> nn.Module:
     base = cfg.get("disp_base_model_type")
     family = next((f for f in FAMILIES if f.base_model_type == base), None)
     if family is None:
-        raise UnsupportedModelError(f"{folder}: unknown compacted family {base!r}")
+        raise UnsupportedModelError(f"{folder}: unknown compacted family {base!r} (a family of your own: import its "
+                                    "module and call dip_ext.families.register_family(FAMILY) before loading)")
     return family.model.from_pretrained(folder, **kwargs)

@@ -205,3 +205,57 @@ def test_the_registry_refuses_duplicates():
         register_family(llama.FAMILY)
     with pytest.raises(ValueError, match="built-in|no registered"):
         unregister_family("llama")
+
+
+def test_a_family_that_miscounts_or_misses_a_mask_point_is_told(monkeypatch):
+    model = make_toy()
+    adapter = FAMILY.adapter
+    counts = adapter.linear_params
+
+    def without_experts(config, widths, layer=0):
+        out = counts(config, widths, layer)
+        return {**out, "mlp": 0} if EXPERTS in widths else out
+
+    monkeypatch.setattr(adapter, "linear_params", without_experts)
+    with pytest.raises(ValueError, match="every budget would be wrong"):
+        Budget.for_model(model, 0.3)
+    monkeypatch.setattr(adapter, "linear_params", lambda config, widths, layer=0: 0)
+    with pytest.raises(ValueError, match="returns a dict of parameter counts"):
+        Budget.for_model(model, 0.3)
+    monkeypatch.undo()
+    points = adapter.dense_mask_points
+
+    def no_expert_point(layer):
+        return {s: p for s, p in points(layer).items() if s != EXPERTS}
+
+    monkeypatch.setattr(adapter, "dense_mask_points", no_expert_point)
+    with pytest.raises(ValueError, match=r"layer 1 declares \['experts'\] .* no mask point"):
+        apply_masks(model, None)
+
+
+def test_family_classes_declared_in_the_wrong_order_are_refused():
+    from toy_moe_family import DipExtToyMoEModel, ToyMoEForCausalLM
+
+    from dip_ext.families.hf_classes import DipExtForCausalLM
+
+    class Reversed(ToyMoEForCausalLM, DipExtForCausalLM):
+        config_class = FAMILY.config
+        disp_adapter = FAMILY.adapter
+        disp_base_model = DipExtToyMoEModel
+
+    with pytest.raises(TypeError, match="the mixin first"):
+        type(FAMILY).of(Reversed)
+
+
+def test_loading_an_unregistered_family_says_how(tmp_path):
+    model = make_toy()
+    masks = DispMasks.full(adapter_for(model).space(model.config))
+    dip_ext.compact(model, masks).save_pretrained(tmp_path / "toy")
+    unregister_family(FAMILY.adapter.name)
+    try:
+        with pytest.raises(dip_ext.UnsupportedModelError, match="register_family"):
+            dip_ext.from_pretrained(tmp_path / "toy")
+    finally:
+        register_family(FAMILY)
+    remote = (tmp_path / "toy" / "modeling_dip_ext.py").read_text()
+    assert "from toy_moe_family import" in remote

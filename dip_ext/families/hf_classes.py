@@ -179,13 +179,20 @@ class DipExtForCausalLM(DipExtCompacted):
                 honour_umask(weights)
             # the import sits in a try block so that transformers' own check (which would advise "pip install
             # dip_ext", a name no registry serves) leaves the explanation to us
+            # a family registered from outside the package: its classes are imported from its own module
+            source = type(self).__module__
+            builtin = source.startswith("dip_ext.")
+            missing = MISSING_PACKAGE if builtin else (
+                f"this checkpoint's dip_ext family is declared in the module {source!r}, which is not importable "
+                "here (or dip_ext is not installed): put that module on the Python path and load the folder again")
             text = ('"""Written by dip_ext: lets AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) '
                     'load this\nDISP-compacted checkpoint. It needs the dip_ext package (its compiled kernels) '
                     'installed."""\n'
                     "try:\n"
-                    f"    from dip_ext.modeling import {config_name}, {base_name}, {model_name}  # noqa: F401\n"
+                    f"    from {'dip_ext.modeling' if builtin else source} import {config_name}, {base_name}, "
+                    f"{model_name}  # noqa: F401\n"
                     "except ImportError as error:\n"
-                    f"    raise ImportError({MISSING_PACKAGE!r}) from error\n")
+                    f"    raise ImportError({missing!r}) from error\n")
             atomic_write_text(Path(save_directory) / REMOTE_CODE_FILE, text)
 
 
@@ -204,7 +211,17 @@ class Family:
     @classmethod
     def of(cls, model: type) -> "Family":
         """The record of a ``DipExt<Family>ForCausalLM`` class (its adapter, config class, base-model class
-        ``disp_base_model`` and dense bases). Raises TypeError when the base-model class does not belong with it."""
+        ``disp_base_model`` and dense bases). Raises TypeError when a class lists its dip_ext mixin after its dense
+        class (the mixin must come first), lacks ``disp_base_model`` / ``disp_adapter``, or when the base-model class
+        does not belong with it."""
+        for cls_, mixin in ((model, DipExtForCausalLM), (getattr(model, "config_class", None), DipExtConfig),
+                            (getattr(model, "disp_base_model", None), DipExtModel)):
+            if not isinstance(cls_, type) or not issubclass(cls_, mixin) or cls_.__bases__[0] is not mixin:
+                raise TypeError(f"{getattr(cls_, '__name__', cls_)!s}: a compacted family class is declared as "
+                                f"class X({mixin.__name__}, <dense class>), the mixin first (and the CausalLM sets "
+                                "config_class and disp_base_model)")
+        if not isinstance(getattr(model, "disp_adapter", None), FamilyAdapter):
+            raise TypeError(f"{model.__name__}.disp_adapter must be the family's FamilyAdapter instance")
         dense_model = next(b for b in model.__bases__ if not issubclass(b, DipExtForCausalLM))
         config = model.config_class
         dense_config = next(b for b in config.__bases__ if not issubclass(b, DipExtConfig))

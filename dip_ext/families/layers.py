@@ -155,7 +155,10 @@ class CompactedLayer(IndexSetsFollowDevice):
         if hasattr(dense, "attention_type"):  # sliding / full attention, read by the model's forward
             self.attention_type = dense.attention_type
         self.attn_out_idx = IndexSet(idx["attn_out"])
-        self.mlp_out_idx = IndexSet(idx["mlp_out"])
+        # a family's layer without an MLP has no mlp_out set: nothing is added there (on the CPU, also when
+        # from_pretrained builds the model under a meta-device context)
+        self.mlp_out_idx = IndexSet(idx["mlp_out"] if "mlp_out" in idx else torch.empty(0, dtype=torch.long,
+                                                                                        device="cpu"))
         self.attn_placeholder = None
         if not keeps_attention(idx["attn_out"].numel()):
             self.attn_placeholder = skipped_attention_class(dense.self_attn)

@@ -38,7 +38,7 @@ from torch import nn
 from ..compaction import require_dense
 from ..families import adapter_for
 from ..masks import KV_GROUPS
-from ..params import kv_cache_bytes, param_report
+from ..params import dense_linear_params, kv_cache_bytes, param_report
 from ..space import PrunableSpace
 from .slots import per_layer
 
@@ -85,13 +85,15 @@ class Budget:
                   kv_ratio: Optional[float] = None) -> "Budget":
         """The budget of removing ``ratio`` of the ``ratio_of`` parameters of the dense ``model``; ``heads`` lets KV
         groups compete, ``kv_ratio`` (a fraction in (0, 1)) adds the KV-cache target and turns ``heads`` on.
-        ValueError for a ratio out of range, a compacted model, or heads asked of a family without KV groups;
+        ValueError for a ratio out of range, a compacted model, heads asked of a family without KV groups, or a
+        family whose ``linear_params`` does not count what the dense model stores;
         UserWarning for heads on a model with one KV group per layer (a group is then a whole attention)."""
         ratio = check_ratio(ratio)
         if ratio_of not in RATIO_OF:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {ratio_of!r}")
         require_dense(model, "a parameter budget")
         rep = param_report(model)
+        _check_counts_match(model, rep.dense_decoder_linear)
         removed = ratio * (rep.dense_decoder_linear if ratio_of == "decoder_linear" else rep.dense_total)
         if removed >= rep.dense_decoder_linear:
             raise ValueError(f"removing {100 * ratio:.1f} % of all parameters needs more than every decoder-linear "
@@ -174,6 +176,23 @@ class Budget:
                 "removed_fraction_total": removed / self.dense_total,
                 "kv_cache_bytes_per_token_dense": kv_cache_bytes(self.config, itemsize=itemsize),
                 "kv_cache_bytes_per_token_kept": kv_cache_bytes(self.config, list(widths), itemsize)}
+
+
+def _check_counts_match(model: nn.Module, stored: int) -> None:
+    """ValueError unless the family's ``linear_params`` at the dense widths counts what the model's decoder layers
+    store: a count that misses a structure would size every budget wrong."""
+    adapter = adapter_for(model)
+    name = type(adapter).__name__
+    try:
+        formula = dense_linear_params(model.config, adapter.space(model.config).required().full_widths())
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{name}.linear_params failed at the dense widths ({e!r}): it returns a dict of parameter "
+                         "counts per block ({'attn': n, 'mlp': n}) from one layer's widths, which hold that layer's "
+                         "structures") from None
+    if formula != stored:
+        raise ValueError(f"{name}.linear_params counts {formula:,} decoder-linear parameters at the dense widths, but "
+                         f"the model's decoder layers store {stored:,}: every budget would be wrong (does it count "
+                         "every structure of every layer?)")
 
 
 def _total_groups(space: PrunableSpace) -> int:
