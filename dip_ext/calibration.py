@@ -258,7 +258,8 @@ def _pass(model: nn.Module, blocks: torch.Tensor, result: CalibrationResult, acc
     """The windows from ``result.windows`` on, in rounds of ``world_size`` (see :func:`run_calibration`), each
     accumulated into ``acc``; every ``checkpoint_every`` windows the ranks sync and rank 0 saves."""
     space, device, world, rank = result.space, model_device(model), placement.world_size, placement.rank
-    adapter, layers = adapter_for(model), adapter_for(model).decoder_layers(model)
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers(model)
     ones = [{s: torch.ones(adapter.score_mask_width(layers[i], space.structure(i, s)), device=device,
                            requires_grad=True) for s in names}
             for i, names in enumerate(scored(space))]

@@ -45,14 +45,14 @@ class MaskedModel:
         self._masks: list[dict[str, Optional[torch.Tensor]]] = [dict.fromkeys(self.space.names(i))
                                                                  for i in range(self.space.num_layers)]
         self._hooks = []
-        layers = self.adapter.decoder_layers(model)
-        for i, layer in enumerate(layers):  # checked before any hook is placed
-            unplaced = [s for s in self.space.names(i) if not self.adapter.mask_points(layer).get(s)]
+        per_layer = [self.adapter.mask_points(layer) for layer in self.adapter.decoder_layers(model)]
+        for i, layer_points in enumerate(per_layer):  # checked before any hook is placed
+            unplaced = [s for s in self.space.names(i) if not layer_points.get(s)]
             if unplaced:
                 raise ValueError(f"{type(self.adapter).__name__}: layer {i} declares {unplaced} in its prunable space "
                                  "but its dense_mask_points gives no mask point for them")
-        for i, layer in enumerate(layers):
-            for s, points in self.adapter.mask_points(layer).items():
+        for i, layer_points in enumerate(per_layer):
+            for s, points in layer_points.items():
                 if s not in self.space.names(i):
                     continue  # a point of a structure the layer does not declare: never masked
                 for module, where in points:

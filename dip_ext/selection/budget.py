@@ -111,9 +111,10 @@ class Budget:
             if not space.has(KV_GROUPS):
                 raise ValueError(f"{type(model).__name__}: its family declares no KV groups, so heads cannot be "
                                  "pruned (drop --prune-heads / --kv-ratio)")
+            total = _total_groups(space)
             if kv_ratio is not None:
-                kept_groups = math.floor((1 - kv_ratio) * _total_groups(space) + 1e-9)
-            if _total_groups(space) == sum(KV_GROUPS in space.names(i) for i in range(space.num_layers)):
+                kept_groups = math.floor((1 - kv_ratio) * total + 1e-9)
+            if total == sum(KV_GROUPS in space.names(i) for i in range(space.num_layers)):
                 warnings.warn(f"{type(model).__name__} has one KV group per layer (multi-query attention): every "
                               "group dropped removes a whole layer's attention, which can cost far more quality than "
                               "pruning the same parameters elsewhere", stacklevel=2)
