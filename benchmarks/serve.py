@@ -1,7 +1,8 @@
 """Serving speed in vLLM (its CPU build, in the vLLM venv): prefill and decode tokens/s of a dense Llama in vLLM's
-own model, the same dense model in vLLM's Transformers backend, compacted copies of it at given ratios in the
-Transformers backend (dip_ext's layers) and, with ``--decilm``, their zero-padded DeciLM exports in vLLM's own
-``DeciLMForCausalLM``, one engine at a time, in this process.
+own model, the same dense model in vLLM's Transformers backend, compacted copies of it at given ratios in dip_ext's
+native vLLM model (:mod:`dip_ext.vllm_model`, the default route) and in the Transformers backend (dip_ext's layers),
+and, with ``--decilm``, their zero-padded DeciLM exports in vLLM's own ``DeciLMForCausalLM``, one engine at a time,
+in this process. ``--routes`` picks the compacted models' routes.
 
     .venv-vllm/bin/python benchmarks/serve.py [--ratios 0.3 0.5] [--decilm] [--out benchmarks/results/serve.json]
 
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="no torch.compile (vLLM's default compiles)")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--routes", nargs="+", choices=["native", "transformers"], default=["native", "transformers"],
+                        help="how the compacted models run: dip_ext's native vLLM model, vLLM's Transformers backend")
     parser.add_argument("--decilm", action="store_true", help="also the DeciLM exports in vLLM's own model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     args = parser.parse_args()
@@ -139,8 +142,10 @@ def main() -> None:
         folders, results["removed_decoder_linear"] = save_models(Path(tmp), args.ratios, SHAPES[args.shapes],
                                                                  args.decilm)
         runs = [("vllm-native-dense", folders["dense"], "vllm"), ("transformers-dense", folders["dense"], "transformers")]
-        runs += [(f"transformers-{name}", folder, "transformers") for name, folder in folders.items()
-                 if name.startswith("pruned")]
+        pruned = [(name, folder) for name, folder in folders.items() if name.startswith("pruned")]
+        runs += [(f"dip_ext-native-{name}", folder, "vllm") for name, folder in pruned if "native" in args.routes]
+        runs += [(f"transformers-{name}", folder, "transformers") for name, folder in pruned
+                 if "transformers" in args.routes]
         runs += [(f"vllm-native-{name}", folder, "vllm") for name, folder in folders.items() if name.startswith("decilm")]
         for name, folder, impl in runs:
             results["rows"][name] = row = measure(folder, impl, args)

@@ -84,8 +84,9 @@ def _refuse_partial_groups_in_vllm(masks: DispMasks, space: PrunableSpace) -> No
         groups = counts[0] if len(counts) == 1 else counts
         raise ValueError(f"layers {partial} of this compacted model keep fewer KV groups than its {groups}: vLLM's "
                          "Transformers backend gives every layer the config's heads and KV-cache size, so it cannot "
-                         "run them; serve its DeciLM export instead (dip-ext export --to decilm), whose per-layer KV "
-                         "heads vLLM's own DeciLMForCausalLM runs")
+                         "run them; serve it without --model-impl transformers (dip_ext's native vLLM model runs "
+                         "per-layer heads of Llama, Mistral, Qwen2 and Qwen3 folders) or serve its DeciLM export "
+                         "(dip-ext export --to decilm)")
 
 
 class DipExtCompacted:

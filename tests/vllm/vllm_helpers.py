@@ -111,6 +111,28 @@ def save_head_pruned(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_for_tensor_parallel(folder: Path, kept_groups, seed: int = 0) -> Path:
+    """A tiny Llama (:data:`HEADS_MODEL`) compacted with widths two tensor-parallel ranks split (even MLP channels)
+    and the KV groups ``kept_groups[i]`` in layer ``i`` (``[]`` in layer 0: its attention removed). Returns
+    ``folder``."""
+    from dip_ext import DispMasks
+    from dip_ext.masks import KV_GROUPS
+
+    torch.manual_seed(seed)
+    dense = perturb_norms_and_biases(LlamaForCausalLM(LlamaConfig(**HEADS_MODEL)).eval())
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(n: int, k: int) -> torch.Tensor:
+        return torch.randperm(n, generator=g)[:k].sort().values
+
+    layers = [{"attn_in": pick(HIDDEN, 90), "attn_out": pick(HIDDEN, 100 if groups else 0), "mlp_in": pick(HIDDEN, 110),
+               "mlp_mid": pick(FFN, 128 + 2 * i), "mlp_out": pick(HIDDEN, 120),
+               KV_GROUPS: torch.tensor(groups, dtype=torch.long)} for i, groups in enumerate(kept_groups)]
+    dip_ext.compact(dense, DispMasks(layers)).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def reference(folder, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The saved compacted model as dip_ext loads it (eval mode, ``dtype``)."""
     return dip_ext.from_pretrained(folder, dtype=dtype).eval()
