@@ -30,6 +30,7 @@ import math
 import warnings
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -140,10 +141,11 @@ class Budget:
                              f"parameters, more than the {100 * (1 - self.target_ratio):.1f} % that ratio "
                              f"{self.ratio:g} asks for: raise --ratio or lower --kv-ratio")
 
-    @property
+    @cached_property
     def space(self) -> PrunableSpace:
         """The structures masks meeting this budget hold: the family's prunable space, with ``kv_groups`` only with
-        ``heads``."""
+        ``heads``. Built on the first read and kept (the space is immutable; it reflects ``config`` and ``heads``
+        as they were then)."""
         return adapter_for(self.config).space(self.config).select([KV_GROUPS] if self.heads else [])
 
     @property

@@ -75,10 +75,11 @@ def per_layer(values: torch.Tensor | Sequence, space: SpaceArg) -> list[dict]:
 
     A tensor keeps its entries as 0-d tensors (autograd flows); a list or tuple keeps its items (e.g. ints).
     """
-    layout = _space(space).slots()
+    space = _space(space)
+    layout = space.slots()
     if len(values) != len(layout):
         raise ValueError(f"values must have one entry per slot ({len(layout)}), got {len(values)}")
-    out = [{} for _ in range(_space(space).num_layers)]
+    out = [{} for _ in range(space.num_layers)]
     for (i, s), v in zip(layout, values):
         out[i][s] = v
     return out
