@@ -22,8 +22,9 @@ What llama.cpp's ``deci`` graph needs, and how the export meets it losslessly:
   does; ``rope_parameters`` of type default, linear and llama3 are written (llama3 as the ``rope_freqs`` factors).
 
 ``quantize``: F32 / F16 / BF16, or a block type the ``gguf`` package quantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) for
-every matrix whose rows split into whole blocks (the others are written F16, and the notes say how many); norms and
-biases stay F32. Q4_K_M, Q5_K_M and Q6_K come from llama.cpp's own quantizer through llama-cpp-python (installed
+every matrix whose rows split into whole blocks (the others are written F16, and the notes say how many; with a
+block type every MLP width is first rounded up to a multiple of 32 with zero channels, losslessly, so that down_proj's
+rows split too); norms and biases stay F32. Q4_K_M, Q5_K_M and Q6_K come from llama.cpp's own quantizer through llama-cpp-python (installed
 separately), run on the F32 file; it picks other types for matrices whose rows do not split into its blocks.
 """
 
@@ -47,6 +48,9 @@ from .zero_pad import ExportReport, PaddedModel, export_report, load_source, pad
 
 __all__ = ["export_gguf", "QUANTIZE_TYPES", "LLAMA_CPP_TYPES", "MARKER_KEY"]
 
+#: the block of the gguf package's quantization types (Q8_0 … Q5_1), and of llama.cpp's fallbacks for rows that do
+#: not split into its 256-blocks: MLP widths are rounded up to it when quantizing
+QUANT_BLOCK = 32
 #: the values of ``quantize`` the gguf package writes (None: the model's own dtype, F32 / F16 / BF16)
 QUANTIZE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 #: the values of ``quantize`` llama.cpp's own quantizer writes (needs llama-cpp-python)
@@ -90,6 +94,27 @@ def _layers(padded: PaddedModel, notes: list[str]) -> tuple[list[dict[str, torch
         heads.append(n_head)
         kv_heads.append(n_kv)
     return layers, heads, kv_heads
+
+
+def _round_mlp_widths(layers: list[dict[str, torch.Tensor]], block: int, notes: list[str]) -> None:
+    """Appends zero channels (gate/up rows, down_proj columns) to every MLP whose width is not a multiple of
+    ``block``, in place: lossless (SiLU(0) · 0 = 0), and down_proj's rows then split into quantization blocks
+    instead of falling back to F16 (slower in llama.cpp, and larger)."""
+    rounded = 0
+    for layer in layers:
+        gate = layer.get("mlp.gate_proj.weight")
+        extra = -gate.shape[0] % block if gate is not None else 0
+        if not extra:
+            continue
+        for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias"):
+            if name in layer:
+                layer[name] = torch.cat([layer[name], layer[name].new_zeros((extra, *layer[name].shape[1:]))])
+        down = layer["mlp.down_proj.weight"]
+        layer["mlp.down_proj.weight"] = torch.cat([down, down.new_zeros(down.shape[0], extra)], 1)
+        rounded += 1
+    if rounded:
+        notes.append(f"{rounded} MLP widths rounded up to multiples of {block} with zero channels (lossless), so "
+                     "every down_proj quantizes")
 
 
 def _rope(writer, padded: PaddedModel, tensors: dict) -> None:
@@ -257,6 +282,8 @@ def export_gguf(model_or_dir: Union[nn.Module, str, os.PathLike], out_file: Unio
     qtype, file_type = _qtype("f32" if by_llama_cpp else quantize, padded.embed.dtype)
     notes: list[str] = []
     layers, heads, kv_heads = _layers(padded, notes)
+    if quantize is not None and quantize not in ("f32", "f16", "bf16"):  # block types: rows in whole blocks
+        _round_mlp_widths(layers, QUANT_BLOCK, notes)
     report = export_report(padded, "gguf", str(out), layers, notes)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = [tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.dip_ext-staging-") for _ in range(2)]
