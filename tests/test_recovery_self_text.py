@@ -92,7 +92,8 @@ def test_cache_key_covers_teacher_seed_and_sampling(teacher, word_tokenizer, tex
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
     for t, c in ((other, cfg()), (teacher, cfg(recover_seed=3)), (teacher, cfg(recover_self_temperature=0.7)),
-                 (teacher, cfg(recover_self_batch=2)), (teacher, cfg(recover_self_prompt_len=3))):
+                 (teacher, cfg(recover_self_batch=2)), (teacher, cfg(recover_self_prompt_len=3)),
+                 (teacher, cfg(recover_self_dtype="same"))):
         folder = self_text_windows(t, word_tokenizer, text, 2, c, work_dir=tmp_path, progress=False).folder
         assert folder != base
     folder = self_text_windows(teacher, word_tokenizer, text[1:], 2, cfg(), work_dir=tmp_path, progress=False).folder
@@ -211,3 +212,15 @@ def test_cli_prune_with_self_text_reuses_the_cache_on_the_next_run(word_tokenize
     assert again["cached"] is True and again["generated_tokens"] == 0
     code, _, err = run_cli(capsys, *args[:-4], "--recover-self-batch", 2, "--overwrite")  # recover-data text
     assert code == 2 and "recover_self_batch has no effect with recover_data='text'" in err
+
+
+def test_sampling_in_another_dtype_leaves_the_teacher_as_it_was(teacher, word_tokenizer, text):
+    """bf16 sampling runs on a copy: the teacher keeps its dtype and weights; the samples differ from fp32 sampling
+    only through rounding (same seed: the same windows shape, valid token ids)."""
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    bf16 = self_text_windows(teacher, word_tokenizer, text, 3, cfg(recover_self_dtype="bfloat16"), progress=False)
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    fp32 = self_text_windows(teacher, word_tokenizer, text, 3, cfg(recover_self_dtype="same"), progress=False)
+    assert bf16.windows.shape == fp32.windows.shape and bf16.windows.dtype == torch.int64
+    assert int(bf16.windows.max()) < teacher.config.vocab_size

@@ -22,7 +22,8 @@ RECOVER_MODES = ("off", "reconstruct", "distill", "auto")
 #: (:mod:`dip_ext.recovery.self_text`); mix: half each
 RECOVER_DATA = ("text", "self", "mix")
 #: the options only self-generated recovery data reads (refused with recover_data="text")
-SELF_TEXT_ONLY = ("recover_self_temperature", "recover_self_prompt_len", "recover_self_batch", "recover_self_chat")
+SELF_TEXT_ONLY = ("recover_self_temperature", "recover_self_prompt_len", "recover_self_batch", "recover_self_chat",
+                  "recover_self_dtype")
 #: the options only one of the two methods reads (a mode without it refuses them rather than ignore them)
 RECONSTRUCT_ONLY = ("recover_recon_windows", "recover_recon_epochs", "recover_recon_lr")
 DISTILL_ONLY = ("recover_steps", "recover_lr", "recover_batch", "recover_micro_batch", "recover_warmup",
@@ -94,6 +95,10 @@ class RecoveryConfig(Options):
     recover_self_chat: float = option(0.25, "--recover-data self/mix: fraction of the prompts wrapped in the "
                                       "tokenizer's chat template as a request to continue the text (none when the "
                                       "tokenizer has no template)", minimum=0.0, maximum=1.0)
+    recover_self_dtype: Literal["same", "float32", "bfloat16", "float16"] = option(
+        "bfloat16", "--recover-data self/mix: dtype the teacher samples in (a copy when it differs from the teacher's; "
+        "the distillation targets stay the teacher's own). bfloat16 samples ~1.5x faster on CPUs with bf16 "
+        "instructions and on GPUs; use same (or float32) on a CPU without them")
     recover_windows: Optional[int] = option(None, "cap on the training windows (evenly spaced; None: all)",
                                             minimum=1)
     recover_recon_windows: int = option(64, "reconstruction: windows whose activations are cached per layer",

@@ -11,7 +11,8 @@ training window of the text
 samples instead wrap the decoded prompt in the tokenizer's chat template (a user turn asking to continue the text;
 none when the tokenizer has no template). The teacher samples ``seq_len - prompt_len`` new tokens at temperature
 ``recover_self_temperature`` (plain ancestral sampling: no top-k, top-p or repetition penalty), batched with a KV
-cache (``transformers``' ``generate``; prompts left-padded), stopping a sample at the end-of-sequence token. Each
+cache (``transformers``' ``generate``; prompts left-padded), stopping a sample at the end-of-sequence token, in
+``recover_self_dtype`` (a copy of the teacher in that dtype, made only when a batch is generated). Each
 sample's prompt and continuation (end-of-sequence included) are concatenated sample after sample into one token
 stream, which is cut into ``seq_len`` windows like any text (:func:`dip_ext.data.make_blocks`).
 
@@ -25,6 +26,7 @@ read for another model, text, seed or setting.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from .. import distributed as dist
 from ..files import atomic_save_safetensors, read_safetensors
 from ..model_state import model_device, model_digest
 from ..training import digest
+from ..zoo import as_dtype
 from .config import RecoveryConfig
 
 __all__ = ["SelfText", "SelfTextPrompts", "self_text_windows", "recovery_data_windows", "windows_needed", "CHAT_INSTRUCTION"]
@@ -88,6 +91,7 @@ def _cache_key(teacher: nn.Module, tokenizer, text: torch.Tensor, config: Recove
     eos, pad = _special_ids(tokenizer)
     template = getattr(tokenizer, "chat_template", None) if chat else None
     return digest(f"{model_digest(teacher)}|{config.recover_seed}|{float(config.recover_self_temperature)!r}|"
+                  f"{config.recover_self_dtype}|"
                   f"{config.recover_self_prompt_len}|{config.recover_self_batch}|"
                   f"{float(config.recover_self_chat) if chat else 0.0!r}|{eos}|{pad}|{template}|"
                   f"{getattr(tokenizer, 'bos_token_id', None)}|{tuple(text.shape)}|", text)
@@ -147,6 +151,20 @@ def _generate_batch(teacher: nn.Module, prompts: list[list[int]], new_tokens: in
     return samples, sampled
 
 
+class _Sampler:
+    """The model that samples: the teacher itself, or (made on first use, once) a copy of it in ``dtype``."""
+
+    def __init__(self, teacher: nn.Module, dtype: str):
+        self.teacher, self.dtype, self.copy = teacher, dtype, None
+
+    def model(self) -> nn.Module:
+        if self.dtype == "same" or all(p.dtype == as_dtype(self.dtype) for p in self.teacher.parameters()):
+            return self.teacher
+        if self.copy is None:
+            self.copy = copy.deepcopy(self.teacher).to(as_dtype(self.dtype)).eval()
+        return self.copy
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     return int(digest(f"self-text|{seed}|{batch}")[:15], 16)
 
@@ -175,6 +193,7 @@ def self_text_windows(teacher: nn.Module, tokenizer, text: torch.Tensor, n_windo
     folder = None
     if work_dir is not None:
         folder = Path(work_dir) / f"self-text-{_cache_key(teacher, tokenizer, text, config, chat)}"
+    sampler = _Sampler(teacher, config.recover_self_dtype)
     bos = data.needs_bos(tokenizer, teacher.config)
     need = n_windows * (seq_len - int(bos))  # make_blocks puts the BOS before each window's text
     t0 = time.perf_counter()
@@ -185,7 +204,7 @@ def self_text_windows(teacher: nn.Module, tokenizer, text: torch.Tensor, n_windo
         generated = 0
     else:
         stream, samples, generated = _collect(folder, need, lambda batch: _generate_batch(
-            teacher, [prompts(j) for j in range(batch * config.recover_self_batch,
+            sampler.model(), [prompts(j) for j in range(batch * config.recover_self_batch,
                                                 (batch + 1) * config.recover_self_batch)],
             seq_len - prompts.prompt_len, config.recover_self_temperature, _batch_seed(config.recover_seed, batch),
             *eos_pad), progress=progress)
