@@ -60,6 +60,7 @@ def _index_buffer(module: nn.Module, name: str, idx: torch.Tensor) -> None:
 
 
 def _divisible(layer: int, what: str, size: int, tp: int) -> None:
+    """ValueError (naming the layer) unless ``tp`` tensor-parallel ranks split ``size`` evenly."""
     if size % tp:
         raise ValueError(f"layer {layer} keeps {size} {what}, which tensor parallelism over {tp} ranks cannot split "
                          f"evenly: serve this folder with a tensor-parallel size that divides it, or prune with "
@@ -131,8 +132,13 @@ class DipExtVllmAttention(nn.Module):
 class DipExtVllmMLP(nn.Module):
     """A compacted gated MLP: ``[tokens, len(mlp_in)]`` → ``[tokens, len(mlp_out)]`` (before the scatter-add)."""
 
-    def __init__(self, sets: dict[str, torch.Tensor], layer: int, shapes, *, vllm_config: VllmConfig, prefix: str):
+    def __init__(self, config, sets: dict[str, torch.Tensor], layer: int, shapes, *, vllm_config: VllmConfig,
+                 prefix: str):
         super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"dip_ext's native vLLM model runs SiLU-gated MLPs, not hidden_act "
+                             f"{config.hidden_act!r}: serve this folder with --trust-remote-code --model-impl "
+                             "transformers")
         mid = sets["mlp_mid"].numel()
         _divisible(layer, "MLP channels", mid, get_tensor_model_parallel_world_size())
         self.gate_up_proj = MergedColumnParallelLinear(sets["mlp_in"].numel(), [mid, mid], bias=shapes.mlp_in_bias,
@@ -177,7 +183,7 @@ class DipExtVllmDecoderLayer(nn.Module):
             self.post_attention_layernorm = nn.Parameter(torch.ones(d), requires_grad=False)
             _index_buffer(self, "mlp_in", sets["mlp_in"])
             _index_buffer(self, "mlp_out", sets["mlp_out"])
-            self.mlp = DipExtVllmMLP(sets, layer, shapes, vllm_config=vllm_config, prefix=f"{prefix}.mlp")
+            self.mlp = DipExtVllmMLP(config, sets, layer, shapes, vllm_config=vllm_config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states
