@@ -12,6 +12,7 @@ import torch
 import dip_ext
 from dip_ext.recovery import RecoveryConfig, recover
 from dip_ext.recovery.checks import check_sharded_teacher
+from dip_ext.recovery.config import bf16_native
 from dip_ext.recovery.self_text import (CHAT_INSTRUCTION, SelfTextPrompts, recovery_data_windows, self_text_windows,
                                         windows_needed)
 from helpers import dims_of, random_masks, run_cli, tiny_llama
@@ -93,7 +94,7 @@ def test_cache_key_covers_teacher_seed_and_sampling(teacher, word_tokenizer, tex
         other.lm_head.weight.mul_(1.5)
     for t, c in ((other, cfg()), (teacher, cfg(recover_seed=3)), (teacher, cfg(recover_self_temperature=0.7)),
                  (teacher, cfg(recover_self_batch=2)), (teacher, cfg(recover_self_prompt_len=3)),
-                 (teacher, cfg(recover_self_dtype="same"))):
+                 (teacher, cfg(recover_self_dtype="same" if bf16_native("cpu") else "bfloat16"))):
         folder = self_text_windows(t, word_tokenizer, text, 2, c, work_dir=tmp_path, progress=False).folder
         assert folder != base
     folder = self_text_windows(teacher, word_tokenizer, text[1:], 2, cfg(), work_dir=tmp_path, progress=False).folder

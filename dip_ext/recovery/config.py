@@ -7,12 +7,16 @@ with the pruning, refit or evaluation options they sit beside on ``dip-ext prune
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Literal, Optional
+
+import torch
 
 from ..mixtures import parse_mixture
 from ..options import Options, check_fields, option
 
-__all__ = ["RecoveryConfig", "RECOVER_MODES", "RECOVER_DATA", "RECONSTRUCT_ONLY", "DISTILL_ONLY", "SELF_TEXT_ONLY"]
+__all__ = ["RecoveryConfig", "bf16_native", "RECOVER_MODES", "RECOVER_DATA", "RECONSTRUCT_ONLY", "DISTILL_ONLY",
+           "SELF_TEXT_ONLY"]
 
 #: off: nothing; reconstruct: block-wise reconstruction only; distill: distillation only; auto: reconstruction,
 #: then distillation from whichever of (pruned, reconstructed) scores better on the held-out windows, keeping the
@@ -30,6 +34,22 @@ DISTILL_ONLY = ("recover_steps", "recover_lr", "recover_batch", "recover_micro_b
                 "recover_weight_decay", "recover_temperature", "recover_lm_weight", "recover_hidden_weight",
                 "recover_lora_rank", "recover_lora_alpha", "recover_teacher_topk", "recover_autocast",
                 "recover_grad_checkpointing", "recover_val_every")
+
+
+def bf16_native(device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA device that supports it, or a CPU whose flags list
+    AVX-512 or AMX bf16 instructions (Linux' /proc/cpuinfo; False where it cannot be read). Elsewhere bf16 matrix
+    products are emulated, slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -95,10 +115,10 @@ class RecoveryConfig(Options):
     recover_self_chat: float = option(0.25, "--recover-data self/mix: fraction of the prompts wrapped in the "
                                       "tokenizer's chat template as a request to continue the text (none when the "
                                       "tokenizer has no template)", minimum=0.0, maximum=1.0)
-    recover_self_dtype: Literal["same", "float32", "bfloat16", "float16"] = option(
-        "bfloat16", "--recover-data self/mix: dtype the teacher samples in (a copy when it differs from the teacher's; "
-        "the distillation targets stay the teacher's own). bfloat16 samples ~1.5x faster on CPUs with bf16 "
-        "instructions and on GPUs; use same (or float32) on a CPU without them")
+    recover_self_dtype: Literal["auto", "same", "float32", "bfloat16", "float16"] = option(
+        "auto", "--recover-data self/mix: dtype the teacher samples in (a copy when it differs from the teacher's; "
+        "the distillation targets stay the teacher's). auto: bfloat16 where the device computes in it natively, "
+        "else the teacher's own")
     recover_windows: Optional[int] = option(None, "cap on the training windows (evenly spaced; None: all)",
                                             minimum=1)
     recover_recon_windows: int = option(64, "reconstruction: windows whose activations are cached per layer",

@@ -42,7 +42,7 @@ from ..files import atomic_save_safetensors, read_safetensors
 from ..model_state import model_device, model_digest
 from ..training import digest
 from ..zoo import as_dtype
-from .config import RecoveryConfig
+from .config import RecoveryConfig, bf16_native
 
 __all__ = ["SelfText", "SelfTextPrompts", "self_text_windows", "recovery_data_windows", "windows_needed", "CHAT_INSTRUCTION"]
 
@@ -87,11 +87,12 @@ def _special_ids(tokenizer) -> tuple[int, int]:
     return int(eos), int(pad) if pad is not None else int(eos)
 
 
-def _cache_key(teacher: nn.Module, tokenizer, text: torch.Tensor, config: RecoveryConfig, chat: bool) -> str:
+def _cache_key(teacher: nn.Module, tokenizer, text: torch.Tensor, config: RecoveryConfig, chat: bool,
+               dtype: str) -> str:
     eos, pad = _special_ids(tokenizer)
     template = getattr(tokenizer, "chat_template", None) if chat else None
     return digest(f"{model_digest(teacher)}|{config.recover_seed}|{float(config.recover_self_temperature)!r}|"
-                  f"{config.recover_self_dtype}|"
+                  f"{dtype}|"
                   f"{config.recover_self_prompt_len}|{config.recover_self_batch}|"
                   f"{float(config.recover_self_chat) if chat else 0.0!r}|{eos}|{pad}|{template}|"
                   f"{getattr(tokenizer, 'bos_token_id', None)}|{tuple(text.shape)}|", text)
@@ -155,6 +156,8 @@ class _Sampler:
     """The model that samples: the teacher itself, or (made on first use, once) a copy of it in ``dtype``."""
 
     def __init__(self, teacher: nn.Module, dtype: str):
+        if dtype == "auto":  # resolved here, so the cache key names the dtype the samples were drawn in
+            dtype = "bfloat16" if bf16_native(model_device(teacher)) else "same"
         self.teacher, self.dtype, self.copy = teacher, dtype, None
 
     def model(self) -> nn.Module:
@@ -190,10 +193,10 @@ def self_text_windows(teacher: nn.Module, tokenizer, text: torch.Tensor, n_windo
     seq_len, eos_pad = int(text.shape[1]), _special_ids(tokenizer)
     chat = bool(getattr(tokenizer, "chat_template", None)) and config.recover_self_chat > 0
     prompts = SelfTextPrompts(tokenizer, text, config, chat)
+    sampler = _Sampler(teacher, config.recover_self_dtype)
     folder = None
     if work_dir is not None:
-        folder = Path(work_dir) / f"self-text-{_cache_key(teacher, tokenizer, text, config, chat)}"
-    sampler = _Sampler(teacher, config.recover_self_dtype)
+        folder = Path(work_dir) / f"self-text-{_cache_key(teacher, tokenizer, text, config, chat, sampler.dtype)}"
     bos = data.needs_bos(tokenizer, teacher.config)
     need = n_windows * (seq_len - int(bos))  # make_blocks puts the BOS before each window's text
     t0 = time.perf_counter()
