@@ -168,7 +168,8 @@ class DipExtVllmDecoderLayer(nn.Module):
             out = "attn_out" if name == "attn_in" else "mlp_out"
             if sets[out].numel() and not sets[name].numel():
                 raise ValueError(f"layer {layer} keeps {out} but reads no input ({name} is empty): dip_ext's native "
-                                 "vLLM model does not serve such a block; use --model-impl transformers")
+                                 "vLLM model does not serve such a block; use --trust-remote-code --model-impl "
+                                 "transformers")
         if keeps_attention(sets["attn_out"].numel()):
             self.input_layernorm = nn.Parameter(torch.ones(d), requires_grad=False)
             _index_buffer(self, "attn_in", sets["attn_in"])
@@ -179,7 +180,7 @@ class DipExtVllmDecoderLayer(nn.Module):
         if keeps_mlp(mid, out, shapes.mlp_out_bias):
             if not mid:
                 raise ValueError(f"layer {layer} keeps no MLP channel but adds its down_proj bias: dip_ext's native "
-                                 "vLLM model does not serve that; use --model-impl transformers")
+                                 "vLLM model does not serve that; use --trust-remote-code --model-impl transformers")
             self.post_attention_layernorm = nn.Parameter(torch.ones(d), requires_grad=False)
             _index_buffer(self, "mlp_in", sets["mlp_in"])
             _index_buffer(self, "mlp_out", sets["mlp_out"])
