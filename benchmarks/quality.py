@@ -74,7 +74,7 @@ def parse_args(argv=None):
 def kv_options(variant: str) -> dict:
     """PruneConfig fields of a ``--kv-variants`` entry: off, heads, or a KV-cache target."""
     if variant == "off":
-        return {}
+        return {"prune_heads": False}
     if variant == "heads":
         return {"prune_heads": True}
     return {"kv_ratio": float(variant)}

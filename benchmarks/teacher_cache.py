@@ -47,8 +47,8 @@ def main() -> None:
     teacher = copy.deepcopy(model)
     # the recovery setting makes the Pruner hold out validation windows, as benchmarks/recovery.py does, so the
     # two share a calibration checkpoint in --work
-    pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method="oneshot"), refit=RefitConfig(refit="off"),
-                    recovery=RecoveryConfig(recover="distill"), evaluation=EvalConfig(eval_windows=0, speed=False),
+    pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method="oneshot", prune_heads=False),
+                    refit=RefitConfig(refit="off"), recovery=RecoveryConfig(recover="distill", recover_data="text"), evaluation=EvalConfig(eval_windows=0, speed=False),
                     work_dir=args.work, resume=True, progress=False)
     train = pruner.windows().train
     student = pruner.compact().model

@@ -34,9 +34,12 @@ class PruneConfig(Options):
     ratio_of: Literal["decoder_linear", "total"] = option(
         "decoder_linear", "what --ratio is a fraction of: the decoder linear layers, or all parameters (embeddings, "
         "norms and the LM head are kept, so the decoder linears pay for it)")
-    prune_heads: bool = option(False, "let whole KV groups (a KV head with the query heads that share it) compete "
-                               "for the parameter budget with the other dimensions, so attention and the KV cache "
-                               "shrink too (oneshot and hypernetwork)")
+    prune_heads: Optional[bool] = option(
+        None, "let whole KV groups (a KV head with the query heads that share it) compete for the parameter budget "
+        "with the other dimensions, so attention and the KV cache shrink too (oneshot and hypernetwork). Default: "
+        "on for the LLaMA-style families (Llama, Mistral, Qwen2, Qwen3) when every layer holds several groups, off "
+        "otherwise (a method that cannot prune groups, multi-query attention, and the families whose vLLM route "
+        "needs whole attentions: Gemma3, OPT, Phi)")
     kv_ratio: Optional[float] = option(None, "also remove at least this fraction of the KV-cache bytes per token, "
                                        "in (0, 1), by dropping the KV groups of lowest score (turns --prune-heads "
                                        "on)", above=0.0, below=1.0)

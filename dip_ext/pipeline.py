@@ -19,7 +19,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,11 +32,11 @@ from .calibration import CalibrationResult, blocks_sha, run_calibration
 from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .recovery import RecoveryConfig, RecoveryResult, recover
-from .recovery.checks import check_sharded_teacher, check_training_text
+from .recovery.checks import check_sharded_teacher, recovery_texts
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
-from .mixtures import is_mixture, parse_mixture
+from .mixtures import is_mixture
 from .model_state import model_digest, weight_itemsize
 from .outputs import WORK_MARKER, prepare_work_dir
 from .params import ParamReport, param_report
@@ -44,6 +44,7 @@ from .refit import RefitResult, run_refit
 from .report import PruneReport
 from .run_configs import RunConfigs
 from .selection import Budget, SelectionInputs, SelectionResult, get_method
+from .selection.budget import heads_by_default
 from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
 from .windows import CalibrationWindows, calibration_windows, mixture_windows, recovery_windows, split_calibration
@@ -130,11 +131,16 @@ class Pruner:
                              "model that gets compacted and saved)")
         if not self.placement.sharded and full_model is not None:
             raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
+        self.recovery_config = self.recovery_config.resolved(next(model.parameters()).device, tokenizer=tokenizer
+                                                             is not None, sharded_teacher=self.placement.sharded)
         if self.placement.sharded:  # the sharded model will be the recovery's teacher
             check_sharded_teacher(self.recovery_config, self.placement.world_size)
         self.seq_len = data.fit_seq_len(self.config.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="seq_len")
         self.eval_seq_len = data.fit_seq_len(self.eval_config.eval_seq_len, model.config, default=DEFAULT_SEQ_LEN,
                                              what="eval_seq_len")
+        if self.config.prune_heads is None:  # the family's default, for a method that prunes groups
+            heads = getattr(self.method, "prunes_heads", False) and heads_by_default(model)
+            self.config = replace(self.config, prune_heads=bool(heads or self.config.kv_ratio is not None))
         self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of,
                                        heads=self.config.prune_heads, kv_ratio=self.config.kv_ratio)
         if self.budget.heads and not getattr(self.method, "prunes_heads", False):
@@ -142,15 +148,9 @@ class Pruner:
                              "or use --method oneshot or hypernetwork")
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
-        needs_tokenizer = list(texts) + ([self.config.calibration] if given is None else [])
-        recover_text = self.recovery_config.recover_text if self.recovery_config.recover != "off" else None
-        if recover_text is not None:  # refused now if it is an evaluation text, unknown or missing
-            check_training_text(recover_text, texts, None if given is not None else self.config.calibration)
-            for name, _ in parse_mixture(recover_text):  # each text of a mixture is read later
-                data.get_text(name, "calibration")
-            needs_tokenizer.append(recover_text)
-        if self.recovery_config.recover != "off" and self.recovery_config.recover_data != "text":
-            needs_tokenizer.append(f"--recover-data {self.recovery_config.recover_data} (the dense model's own text)")
+        calibration_text = self.config.calibration if given is None else None
+        needs_tokenizer = list(texts) + [calibration_text] * (given is None)
+        needs_tokenizer += recovery_texts(self.recovery_config, texts, calibration_text)
         if tokenizer is None and needs_tokenizer:
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
                              "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")

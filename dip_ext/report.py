@@ -103,15 +103,12 @@ class PruneReport:
 
     @property
     def full_widths(self) -> list[dict]:
-        """The dense model's width of each set, per layer."""
-        return self.params_before.full_widths
-
-    def _full_widths(self) -> list[dict]:
-        """Per layer, the full width of every set the masks hold (the compacted model's report knows the KV
-        groups)."""
+        """The dense model's width of every set the masks hold, per layer (KV groups where they were pruned: the
+        compacted model's report knows them, the dense model's does not)."""
+        before = self.params_before.full_widths
         if self.params_after is None:
-            return self.full_widths
-        return [{**before, **after} for before, after in zip(self.full_widths, self.params_after.full_widths)]
+            return before
+        return [{**b, **a} for b, a in zip(before, self.params_after.full_widths)]
 
     @property
     def tokens_per_second_before(self) -> Optional[float]:
@@ -218,7 +215,7 @@ class PruneReport:
         lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in self.seconds.items()]
         keys = self.masks.structures
-        full = self._full_widths()
+        full = self.full_widths
         lines += ["", "## Kept widths per layer", "", "| layer | " + " | ".join(keys) + " |",
                   "|---:|" + "---:|" * len(keys)]
         # "-": a layer without that set (the family's layers differ)
@@ -244,7 +241,7 @@ class PruneReport:
 
         fig = Figure(figsize=(9, 4.5))  # no pyplot: the caller's matplotlib backend and state stay untouched
         ax = fig.subplots()
-        full = self._full_widths()
+        full = self.full_widths
         for s in self.masks.structures:
             layers = [i for i, w in enumerate(self.widths) if s in w]
             ax.plot(layers, [self.widths[i][s] / full[i][s] for i in layers], marker="o", ms=3, label=s)

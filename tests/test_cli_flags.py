@@ -18,6 +18,7 @@ from helpers import run_cli, tiny_llama
 from dip_ext.cli import build_parser
 from dip_ext.options import flag_dest
 from dip_ext.recovery import RecoveryConfig
+from dip_ext.recovery.config import bf16_native
 from dip_ext.selection.hypernetwork import HypernetworkConfig
 
 #: flags whose effect is on memory, time, or what an interruption leaves, not on a finished run's result
@@ -41,7 +42,8 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-_TIMED = ("speed", "tokens_per_second_before", "tokens_per_second_after")  # measured or not, not their values
+_TIMED = ("speed", "tokens_per_second_before", "tokens_per_second_after",  # measured or not, not their values
+          "generation_seconds")
 
 
 def _without_timings(value):
@@ -69,11 +71,14 @@ def _alternative(action, word_text, tmp_path, base: tuple) -> list:
                "--work-dir": str(tmp_path / "elsewhere"), "--device": "meta", "--text": "ptb",
                "--split": "calibration", "--max-windows": 1, "--lr-schedule": "cosine", "--decay-steps": 1,
                "--recover-lora-alpha": 4.0, "--recover-teacher-topk": 8, "--recover-windows": 2,
-               "--eval-seq-len": 8, "--seq-len": 12}
+               "--eval-seq-len": 8, "--seq-len": 12,
+               "--recover-teacher-dtype": "bfloat16"}  # auto keeps the teacher's dtype under --recover auto
     if flag in special:
         value = special[flag]
         return [] if value is None else [flag, *value] if isinstance(value, list) else [flag, value]
     if type(action).__name__ == "BooleanOptionalAction":
+        if current is None:  # an automatic switch: the opposite of what it resolves to in this run
+            current = {"--prune-heads": True, "--recover-autocast": bf16_native("cpu")}[flag]  # 2 KV heads a layer
         return [flag] if not current else [f"--no-{flag[2:]}"]
     if action.choices:
         return [flag, next(c for c in action.choices if c != current)]

@@ -48,8 +48,9 @@ def other_value(field: dataclasses.Field, word_text: str) -> str:
 
 def flag_args(field: dataclasses.Field, word_text: str) -> list[str]:
     name = "--" + field.name.replace("_", "-")
-    if isinstance(field.default, bool):
-        return [name] if not field.default else ["--no-" + field.name.replace("_", "-")]
+    if bool in (typing.get_args(typing.get_type_hints(RecoveryConfig)[field.name]) or (type(field.default),)):
+        # a switch (an automatic one defaults to None): given as the flag that is not the default
+        return [name] if field.default is not True else ["--no-" + field.name.replace("_", "-")]
     return [name, other_value(field, word_text)]
 
 

@@ -11,6 +11,7 @@ from helpers import tiny_llama
 import dip_ext
 from dip_ext import EvalConfig, HypernetworkConfig, PruneConfig, RecoveryConfig, RefitConfig
 from dip_ext.options import option
+from dip_ext.recovery.config import bf16_native
 from dip_ext.selection import registry
 from dip_ext.selection.hypernetwork import Hypernetwork as HypernetworkMethod
 
@@ -32,7 +33,9 @@ def test_the_options_object_picks_the_method_and_overrides_reach_their_config():
                       refit=RefitConfig(refit="off"), lam=4.0)
     assert report.method == "hypernetwork" and report.ratio == 0.4
     assert report.configs.method_options == HypernetworkConfig(steps=2, lam=4.0)
-    assert report.configs.prune == PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16)
+    # the report records what ran: KV groups compete by default in a Llama with several KV heads per layer
+    assert report.configs.prune == PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16,
+                                               prune_heads=True)
     _, same = prune(ratio=0.4, val_windows=2, seq_len=16, method="hypernetwork", steps=2, refit="off", lam=4.0)
     assert same.masks == report.masks  # the short form is the same run
 
@@ -41,7 +44,10 @@ def test_recovery_is_reachable():
     _, report = prune(ratio=0.4, val_windows=2, seq_len=16, method="oneshot", refit="off",
                       recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1))
     assert report.recovery is not None and report.recovery.mode == "distill"
-    assert report.configs.recovery == RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1)
+    native = bf16_native("cpu")  # the automatic choices as made here: no tokenizer, so the recovery text alone
+    assert report.configs.recovery == RecoveryConfig(
+        recover="distill", recover_steps=1, recover_batch=1, recover_data="text", recover_autocast=native,
+        recover_teacher_dtype="bfloat16" if native else "same")
 
 
 @pytest.mark.parametrize("kw, error, match", [

@@ -70,10 +70,12 @@ def held_out_kl(student, teacher, val) -> float:
 
 
 def config(**kw) -> RecoveryConfig:
-    """Small distillation options with ``kw`` on top (in another mode, without the options it does not read)."""
+    """Small distillation options with ``kw`` on top (in another mode, without the options it does not read):
+    fp32 on the recovery text, whatever the machine (the automatic choices are tested on their own)."""
     mode = kw.pop("recover", "distill")
     return RecoveryConfig(**{**dict(recover="auto", recover_steps=6, recover_lr=3e-3, recover_batch=2,
-                                    recover_warmup=1, recover_val_every=2, recover_checkpoint_every=2), **kw}
+                                    recover_warmup=1, recover_val_every=2, recover_checkpoint_every=2,
+                                    recover_autocast=False, recover_data="text", recover_teacher_dtype="same"), **kw}
                           ).with_mode(mode)
 
 

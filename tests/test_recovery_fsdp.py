@@ -259,7 +259,8 @@ def test_prune_fsdp_with_distillation_and_recover_fsdp_under_torchrun(tmp_path, 
     prune = ["prune", "--model", str(folder), "--calibration", text, "--seq-len", "16", "--calibration-windows", "6",
              "--method", "oneshot", "--no-speed", "--quiet", "--eval-text", text, "--eval-windows", "2",
              "--recover", "distill", "--recover-steps", "2", "--recover-batch", "2", "--recover-val-every", "1",
-             "--recover-lr", "1e-2", "--eval-seq-len", "16", "--val-windows", "0", "--refit", "off"]
+             "--recover-lr", "1e-2", "--eval-seq-len", "16", "--val-windows", "0", "--refit", "off",
+             "--recover-data", "text", "--no-recover-autocast", "--recover-teacher-dtype", "same"]  # as sharded, fp32
     sharded = torchrun_cli(tmp_path, *prune, "--fsdp", "--out", str(tmp_path / "fsdp"))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert sharded.stdout.count("saved the compacted model") == 1  # rank 0 alone reports and saves

@@ -140,10 +140,14 @@ def test_mix_is_half_self_half_text(teacher, word_tokenizer, text):
     text_rows = {tuple(w.tolist()) for w in text}
     assert all(tuple(w.tolist()) in text_rows for w in windows[:4])
     assert not any(tuple(w.tolist()) in text_rows for w in windows[4:])
+    one, rec = recovery_data_windows(teacher, None, text, cfg(recover_data="mix", recover_steps=1, recover_batch=1),
+                                     progress=False)  # half of one window is none: nothing written, no tokenizer
+    assert one.shape == (1, SEQ) and tuple(one[0].tolist()) in text_rows
+    assert rec == {"data": "mix", "text_windows": 1, "self_windows": 0}
     assert windows_needed(cfg(recover="auto", recover_steps=4, recover_batch=2, recover_recon_windows=20)) == 20
     assert windows_needed(cfg(recover_windows=3)) == 3
-    same, rec = recovery_data_windows(teacher, word_tokenizer, text, RecoveryConfig(recover="distill"),
-                                      progress=False)
+    same, rec = recovery_data_windows(teacher, word_tokenizer, text,
+                                      RecoveryConfig(recover="distill", recover_data="text"), progress=False)
     assert same is text and rec == {"data": "text", "text_windows": 10, "self_windows": 0}
 
 
@@ -165,7 +169,9 @@ def test_refusals(teacher, word_tokenizer, text):
     with pytest.raises(ValueError, match="tokenizer"):
         self_text_windows(teacher, None, text, 2, cfg(), progress=False)
     with pytest.raises(ValueError, match="recover_self_temperature has no effect with recover_data='text'"):
-        RecoveryConfig(recover="distill", recover_self_temperature=0.5)
+        RecoveryConfig(recover="distill", recover_data="text", recover_self_temperature=0.5)
+    with pytest.raises(ValueError, match="recover_data 'auto' is resolved"):
+        recovery_data_windows(teacher, word_tokenizer, text, RecoveryConfig(recover="distill"), progress=False)
     with pytest.raises(ValueError, match="recover_data"):
         RecoveryConfig(recover="distill", recover_data="other")
     with pytest.raises(ValueError, match="--recover-data self"):
@@ -211,7 +217,7 @@ def test_cli_prune_with_self_text_reuses_the_cache_on_the_next_run(word_tokenize
     assert code == 0, err
     again = dip_ext.PruneReport.load(out).recovery.data
     assert again["cached"] is True and again["generated_tokens"] == 0
-    code, _, err = run_cli(capsys, *args[:-4], "--recover-self-batch", 2, "--overwrite")  # recover-data text
+    code, _, err = run_cli(capsys, *args[:-4], "--recover-data", "text", "--recover-self-batch", 2, "--overwrite")
     assert code == 2 and "recover_self_batch has no effect with recover_data='text'" in err
 
 
@@ -225,3 +231,16 @@ def test_sampling_in_another_dtype_leaves_the_teacher_as_it_was(teacher, word_to
     fp32 = self_text_windows(teacher, word_tokenizer, text, 3, cfg(recover_self_dtype="same"), progress=False)
     assert bf16.windows.shape == fp32.windows.shape and bf16.windows.dtype == torch.int64
     assert int(bf16.windows.max()) < teacher.config.vocab_size
+
+
+def test_auto_is_mix_where_the_teacher_can_write_and_text_elsewhere():
+    auto = RecoveryConfig(recover="distill", recover_self_temperature=0.7)
+    assert auto.recover_data == "auto"
+    assert auto.resolved("cpu", tokenizer=True).recover_data == "mix"
+    assert auto.resolved("cpu", tokenizer=True).recover_self_temperature == 0.7
+    for kw in (dict(tokenizer=False), dict(tokenizer=True, sharded_teacher=True)):
+        with pytest.warns(UserWarning, match="recover_self_temperature has no effect: recover_data 'auto' is text"):
+            text = auto.resolved("cpu", **kw)
+        assert text.recover_data == "text" and text.recover_self_temperature == 1.0
+    explicit = RecoveryConfig(recover="distill", recover_data="self")
+    assert explicit.resolved("cpu", tokenizer=False).recover_data == "self"  # refused later, naming the tokenizer

@@ -11,6 +11,7 @@ from helpers import tiny_llama
 import dip_ext
 from dip_ext import (EvalConfig, HypernetworkConfig, PruneConfig, PruneReport, RecoveryConfig, RefitConfig,
                      RunConfigs, TrainingSummary)
+from dip_ext.recovery.config import bf16_native
 from dip_ext.selection import registry
 
 WINDOWS = torch.randint(3, 60, (24, 16), generator=torch.Generator().manual_seed(0))
@@ -73,10 +74,13 @@ def test_report_json_reloads_into_the_same_typed_report(trained):
     assert isinstance(loaded.selection, TrainingSummary) and isinstance(loaded.refit, dip_ext.RefitResult)
     assert isinstance(loaded.params_after, dip_ext.ParamReport) and isinstance(loaded.masks, dip_ext.DispMasks)
     assert loaded.to_markdown() == report.to_markdown()
+    native = bf16_native("cpu")  # the report records the automatic choices as they were made
     assert loaded.configs == RunConfigs(
-        prune=PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16, calibration_windows=12),
+        prune=PruneConfig(method="hypernetwork", ratio=0.4, val_windows=2, seq_len=16, calibration_windows=12,
+                          prune_heads=True),  # a Llama with two KV heads per layer
         refit=RefitConfig(refit="on"), evaluation=NO_EVAL,
-        recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1),
+        recovery=RecoveryConfig(recover="distill", recover_steps=1, recover_batch=1, recover_data="text",
+                                recover_autocast=native, recover_teacher_dtype="bfloat16" if native else "same"),
         method_options=HypernetworkConfig(steps=2, val_every=1, lr=0.01))
     assert loaded.recovery.mode == "distill" and loaded.refit.mode == "on" and loaded.selection.steps == 2
 
@@ -167,7 +171,7 @@ def test_a_run_that_prunes_kv_groups_reports_its_kv_cache(tmp_path):
     again = PruneReport.load(tmp_path)
     assert again.masks == report.masks and again.masks.prunes_heads and again.budget == report.budget
 
-    _, plain = run(config=PruneConfig(ratio=0.4, seq_len=16, calibration_windows=12, val_windows=0),
+    _, plain = run(config=PruneConfig(ratio=0.4, seq_len=16, calibration_windows=12, val_windows=0, prune_heads=False),
                    recovery=RecoveryConfig(recover="off"), evaluation=NO_EVAL)
     assert plain.budget["kv_cache_bytes_per_token_kept"] == plain.budget["kv_cache_bytes_per_token_dense"] == dense
     assert "kv_groups" not in plain.to_markdown() and not plain.masks.prunes_heads

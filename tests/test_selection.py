@@ -410,7 +410,11 @@ def test_prune_and_compact(family, method, tmp_path):
 
     # the report agrees with what the model stores
     after = dip_ext.param_report(model)
-    budget = Budget.for_model(dense_model := make_model(family), 0.4)
+    # by default KV groups compete in the LLaMA-style families (two KV heads per layer here), for the methods that
+    # prune them
+    heads = family in ("llama", "qwen3") and method in ("oneshot", "hypernetwork")
+    assert report.configs.prune.prune_heads is heads
+    budget = Budget.for_model(dense_model := make_model(family), 0.4, heads=heads)
     assert (report.params_before.total, report.params_before.decoder_linear) == (before.total, before.decoder_linear)
     assert report.params_after == after
     pa = report.budget

@@ -82,6 +82,11 @@ class FamilyAdapter:
     dense_model: type
     #: The family's compacted decoder layer class.
     layer_class: type
+    #: Whether KV groups compete for the parameter budget when the caller leaves it to the defaults
+    #: (``PruneConfig.prune_heads=None``): only where every serving route of the family runs per-layer head counts
+    #: (the native vLLM model, the exports) and dropping a group does not remove a whole attention (see
+    #: :func:`dip_ext.selection.budget.heads_by_default`).
+    heads_by_default: bool = False
 
     @property
     def name(self) -> str:

@@ -65,6 +65,9 @@ class LlamaStyleAdapter(FamilyAdapter):
     """Adapter of a LLaMA-style family; a family sets ``dense_model``, ``layer_class`` (a :class:`LlamaStyleLayer`
     and its dense layer class) and :meth:`shapes`."""
 
+    # the native vLLM model and both exports serve per-layer head counts of these families
+    heads_by_default = True
+
     def check_supported(self, config) -> None:
         if getattr(config, "pretraining_tp", 1) not in (None, 1):
             raise UnsupportedModelError(f"{self.architectures[0]} with pretraining_tp > 1 is not supported; "

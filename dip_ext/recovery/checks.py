@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import data
 from ..compaction import is_compacted
 from ..distributed import is_sharded
 from ..families import adapter_for, base_model_type
@@ -16,7 +17,7 @@ from ..mixtures import parse_mixture
 from ..tokens import check_windows
 
 __all__ = ["check_pair", "check_training_windows", "check_training_text", "check_sharded_teacher",
-           "check_lockstep_batch", "check_reconstruction_teacher"]
+           "check_lockstep_batch", "check_reconstruction_teacher", "recovery_texts"]
 
 #: config fields that must agree between student and teacher (the student is the teacher, pruned)
 _SAME_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -64,10 +65,10 @@ def check_sharded_teacher(config, world_size: int) -> None:
         return
     if config.recover in ("reconstruct", "auto"):
         raise ValueError(_NO_SHARDED_RECONSTRUCTION)
-    if config.recover_data != "text":
+    if config.recover_data not in ("text", "auto"):  # auto resolves to text for a sharded teacher
         raise ValueError(f"--recover-data {config.recover_data} has the teacher generate text, which a sharded "
                          "(--fsdp) teacher does not do: use --recover-data text with --fsdp")
-    if config.recover_teacher_dtype != "same":
+    if config.recover_teacher_dtype not in ("same", "auto"):  # auto keeps a sharded teacher's dtype
         raise ValueError("--recover-teacher-dtype casts the teacher in place, which a sharded (--fsdp) teacher "
                          "does not support: load the models in that dtype with --dtype")
     check_lockstep_batch(config.recover_batch, config.recover_micro_batch, world_size)
@@ -123,3 +124,20 @@ def check_training_text(name: str, eval_texts, calibration: Optional[str] = None
             within = f" (in the mixture {name!r})" if entry != name else ""
             raise ValueError(f"recover_text {entry!r}{within} is also an evaluation text: train on the calibration "
                              "text (or another file:) and evaluate on text the training never saw")
+
+
+def recovery_texts(config, eval_texts, calibration: Optional[str]) -> list[str]:
+    """What the recovery ``config`` (a :class:`~dip_ext.recovery.RecoveryConfig`, its automatic choices made) reads
+    that needs the tokenizer, named for a message (empty with ``recover="off"``). ValueError, before any work, for a
+    ``recover_text`` that is an evaluation text (:func:`check_training_text`), unknown or missing."""
+    if config.recover == "off":
+        return []
+    needs = []
+    if config.recover_text is not None:
+        check_training_text(config.recover_text, eval_texts, calibration)
+        for name, _ in parse_mixture(config.recover_text):  # each text of a mixture is read later
+            data.get_text(name, "calibration")
+        needs.append(config.recover_text)
+    if config.recover_data != "text":
+        needs.append(f"--recover-data {config.recover_data} (the dense model's own text)")
+    return needs

@@ -88,6 +88,8 @@ def run_recover(args: argparse.Namespace) -> int:
         raise ValueError("--recover off does nothing; choose reconstruct, distill or auto")
     if not evaluation.speed:  # an option of the shared evaluation group that this command has no use for
         raise ValueError("--no-speed has no effect with dip-ext recover: it scores perplexity, never speed")
+    # the command always reads text, so the teacher's tokenizer is at hand
+    config = config.resolved(run.device, tokenizer=True, sharded_teacher=run.fsdp)
     if run.fsdp:
         if dist.world_size() < 2:
             raise ValueError("--fsdp shards the teacher across processes: launch with torchrun --nproc_per_node=N "

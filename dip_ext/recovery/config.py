@@ -6,6 +6,7 @@ with the pruning, refit or evaluation options they sit beside on ``dip-ext prune
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -23,8 +24,9 @@ __all__ = ["RecoveryConfig", "bf16_native", "RECOVER_MODES", "RECOVER_DATA", "RE
 #: best state seen on them
 RECOVER_MODES = ("off", "reconstruct", "distill", "auto")
 #: text: the recovery text's windows; self: text the dense model writes itself, prompted from that text
-#: (:mod:`dip_ext.recovery.self_text`); mix: half each
-RECOVER_DATA = ("text", "self", "mix")
+#: (:mod:`dip_ext.recovery.self_text`); mix: half each; auto: mix where the teacher can write (its tokenizer at
+#: hand, not sharded), else text (:meth:`RecoveryConfig.resolved`)
+RECOVER_DATA = ("auto", "text", "self", "mix")
 #: the options only self-generated recovery data reads (refused with recover_data="text")
 SELF_TEXT_ONLY = ("recover_self_temperature", "recover_self_prompt_len", "recover_self_batch", "recover_self_chat",
                   "recover_self_dtype")
@@ -86,14 +88,16 @@ class RecoveryConfig(Options):
     recover_lora_rank: int = option(0, "0: train every weight of the decoder layers; r > 0: LoRA adapters of rank r "
                                     "on every linear (peft), merged back before saving", minimum=0)
     recover_lora_alpha: Optional[float] = option(None, "LoRA alpha (default: 2 × rank)", above=0.0)
-    recover_teacher_dtype: Literal["same", "float32", "bfloat16", "float16"] = option(
-        "same", "dtype of the frozen dense teacher (lower: less memory; its logits are upcast to float32)")
+    recover_teacher_dtype: Literal["auto", "same", "float32", "bfloat16", "float16"] = option(
+        "auto", "dtype of the frozen dense teacher (lower: less memory; its logits are upcast to float32). auto: "
+        "bfloat16 for distillation on a device that computes in it natively (a whole teacher), else the teacher's own")
     recover_teacher_topk: int = option(
         0, "0: run the teacher beside the student at every step; k > 0: run it once per training window first, "
         "keep its top-k next-token logits on disk (reused by later runs on the same windows), train on the KL over "
         "those k tokens plus the rest, and move an accelerator teacher to the CPU while training", minimum=0)
-    recover_autocast: bool = option(False, "run the student's forward under bf16 autocast (where the device "
-                                    "supports it)")
+    recover_autocast: Optional[bool] = option(
+        None, "run the student's forward under bf16 autocast (its weights and optimizer stay in their dtype). "
+        "Default: on where the device computes in bf16 natively")
     recover_grad_checkpointing: bool = option(False, "recompute each layer's activations in the backward "
                                               "(less memory, ~30 % more time)")
     recover_val_every: int = option(35, "score the held-out windows every N steps; the best step's weights are "
@@ -102,10 +106,11 @@ class RecoveryConfig(Options):
     recover_text: Optional[str] = option(None, "training text: None uses the calibration text's training windows; "
                                          "file:PATH (its calibration part), another text name, or a mixture with "
                                          "weights as --calibration takes (wiki:0.5,file:notes.txt:0.5)")
-    recover_data: Literal["text", "self", "mix"] = option(
-        "text", "what recovery trains on. text: the recovery text's windows; self: text the dense model samples "
+    recover_data: Literal["auto", "text", "self", "mix"] = option(
+        "auto", "what recovery trains on. text: the recovery text's windows; self: text the dense model samples "
         "itself, prompted with the start of those windows (cached under the work folder, reused by later runs on "
-        "the same model, text and seed); mix: half of the windows each")
+        "the same model, text and seed); mix: half of the windows each; auto: mix where the teacher can write (its "
+        "tokenizer given, not sharded), else text")
     recover_self_temperature: float = option(1.0, "--recover-data self/mix: sampling temperature (plain sampling: "
                                              "no top-k or top-p)", above=0.0)
     recover_self_prompt_len: int = option(32, "--recover-data self/mix: tokens of text that prompt each sample",
@@ -143,6 +148,33 @@ class RecoveryConfig(Options):
                 raise ValueError(f"{f.name} has no effect with recover={self.recover!r} (--recover "
                                  f"{self.recover}): it is an option of "
                                  f"{'block-wise reconstruction' if f.name in RECONSTRUCT_ONLY else 'distillation'}")
+
+    def resolved(self, device, *, tokenizer: bool, sharded_teacher: bool = False) -> "RecoveryConfig":
+        """These options with their automatic choices made for a run on ``device`` (a torch device or its name),
+        ``tokenizer``: whether the teacher's tokenizer is at hand, ``sharded_teacher``: whether the teacher is
+        FSDP-sharded. ``recover_data="auto"``: ``mix`` where the teacher can write (tokenizer, not sharded), else
+        ``text`` (options of self-generated text that were given then warn and go back to their defaults);
+        ``recover_autocast=None`` (distillation only): whether ``device`` computes in bf16 natively
+        (:func:`bf16_native`); ``recover_teacher_dtype="auto"``: ``bfloat16`` for ``recover="distill"`` where the
+        device is bf16-native and the teacher is whole, else ``same``. Explicit values are kept; resolving twice
+        changes nothing."""
+        changes: dict = {}
+        native = None if self.recover == "off" else bf16_native(device)  # not read when nothing is trained
+        if self.recover_data == "auto":
+            writes = tokenizer and not sharded_teacher
+            changes["recover_data"] = "mix" if writes else "text"
+            if not writes:
+                given = [f for f in fields(self) if f.name in SELF_TEXT_ONLY and getattr(self, f.name) != f.default]
+                for f in given:
+                    warnings.warn(f"{f.name} has no effect: recover_data 'auto' is text here (the teacher "
+                                  f"{'is sharded' if sharded_teacher else 'has no tokenizer'})", stacklevel=2)
+                changes.update({f.name: f.default for f in given})
+        if self.recover_autocast is None and self.recover in ("distill", "auto"):
+            changes["recover_autocast"] = native
+        if self.recover_teacher_dtype == "auto":
+            bf16 = self.recover == "distill" and native and not sharded_teacher
+            changes["recover_teacher_dtype"] = "bfloat16" if bf16 else "same"
+        return replace(self, **changes)
 
     def with_mode(self, recover: str) -> "RecoveryConfig":
         """These options for the mode ``recover``, the options that mode does not read back at their defaults."""

@@ -103,8 +103,12 @@ def distill(student: nn.Module, teacher: nn.Module, train: torch.Tensor, val: Op
     fit one device): its forwards are collectives, so the step's batch must give every rank the same number of
     micro-batches of the same size (ValueError otherwise, before any work; see
     :func:`~dip_ext.recovery.checks.check_lockstep_batch`).
+    Automatic options are resolved first (:meth:`RecoveryConfig.resolved`; e.g. ``recover_autocast=None``: bf16
+    where the student's device computes in it natively).
     """
     placement = placement or Placement.of(student)
+    sharded = teacher is not None and dist.is_sharded(teacher)
+    config = config.resolved(next(student.parameters()).device, tokenizer=False, sharded_teacher=sharded)
     _check_setup(teacher, config, placement)
     loop = _Distillation(student, teacher, train, val, config, work_dir, placement)
     if resume and loop.path is not None:

@@ -270,11 +270,16 @@ def recovery_data_windows(teacher: nn.Module, tokenizer, text: torch.Tensor, con
     ``text_windows``, ``self_windows``, ``self_samples``, ``generated_tokens``, ``generation_seconds``,
     ``cached`` (every self-generated window came from the cache).
     """
+    if config.recover_data == "auto":
+        raise ValueError("recover_data 'auto' is resolved by the recovery first (RecoveryConfig.resolved)")
     record = {"data": config.recover_data, "text_windows": int(text.shape[0]), "self_windows": 0}
     if config.recover_data == "text":
         return text, record
     need = windows_needed(config)
     n_self = need if config.recover_data == "self" else need // 2
+    if n_self == 0:  # mix of a single window: it is a text window, nothing to write
+        record["text_windows"] = 1
+        return text[data.spread_indices(int(text.shape[0]), 1)], record
     written = self_text_windows(teacher, tokenizer, text, n_self, config, work_dir=work_dir, progress=progress)
     record.update(self_windows=int(written.windows.shape[0]), self_samples=written.samples,
                   generated_tokens=written.generated_tokens, generation_seconds=round(written.seconds, 3),

@@ -72,6 +72,8 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     (:mod:`.distill`; LoRA with ``recover_lora_rank`` > 0, merged back), ``auto`` (reconstruction kept only when it
     lowers the held-out loss, then distillation from there; the best held-out state is kept). The teacher runs
     frozen, without grad (cast in place to ``recover_teacher_dtype``: pass a copy you do not need in another dtype).
+    The options' automatic choices are made first (:meth:`RecoveryConfig.resolved`); ``result.options`` records
+    what ran.
     ``work_dir``: checkpoints (``reconstruct.safetensors``, ``distill.safetensors``); ``resume`` continues from them
     exactly. ``placement``: data-parallel ranks (each holds the whole student; rank 0 writes). ``forbidden_windows``:
     evaluation windows that must not occur among the training windows. ``callback``: each distillation step's log.
@@ -86,6 +88,8 @@ def recover(student: nn.Module, teacher: nn.Module, train_windows: torch.Tensor,
     """
     if not isinstance(config, RecoveryConfig):
         raise ValueError(f"config must be a RecoveryConfig, got {type(config).__name__}")
+    device = next(student.parameters()).device
+    config = config.resolved(device, tokenizer=tokenizer is not None, sharded_teacher=is_sharded(teacher))
     result = RecoveryResult(mode=config.recover, options=as_dict(config))
     if config.recover == "off":
         return result

@@ -43,7 +43,7 @@ from ..params import dense_linear_params, kv_cache_bytes, param_report
 from ..space import PrunableSpace
 from .slots import per_layer
 
-__all__ = ["RATIO_OF", "Budget", "check_ratio", "widths_of", "round_down", "raise_widths", "fit_multiple",
+__all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths", "fit_multiple",
            "fit_layer_widths", "unit_steps"]
 
 RATIO_OF = ("decoder_linear", "total")
@@ -115,7 +115,7 @@ class Budget:
             total = _total_groups(space)
             if kv_ratio is not None:
                 kept_groups = math.floor((1 - kv_ratio) * total + 1e-9)
-            if total == sum(KV_GROUPS in space.names(i) for i in range(space.num_layers)):
+            if _one_group_per_layer(space):
                 warnings.warn(f"{type(model).__name__} has one KV group per layer (multi-query attention): every "
                               "group dropped removes a whole layer's attention, which can cost far more quality than "
                               "pruning the same parameters elsewhere", stacklevel=2)
@@ -200,6 +200,24 @@ def _check_counts_match(model: nn.Module, stored: int) -> None:
 
 def _total_groups(space: PrunableSpace) -> int:
     return sum(space.size(i, KV_GROUPS) for i in range(space.num_layers) if KV_GROUPS in space.names(i))
+
+
+def _one_group_per_layer(space: PrunableSpace) -> bool:
+    return _total_groups(space) == sum(KV_GROUPS in space.names(i) for i in range(space.num_layers))
+
+
+def heads_by_default(model_or_config) -> bool:
+    """Whether whole KV groups compete for the parameter budget of a dense model (or of its config) when the caller
+    leaves it to the defaults (``PruneConfig.prune_heads=None``): where its family says so
+    (:attr:`~dip_ext.families.base.FamilyAdapter.heads_by_default`: every serving route of the family runs
+    per-layer head counts) and its layers hold more than one group each (with one, a dropped group is a layer's
+    whole attention: measured to cost more than it saves). UnsupportedModelError for a model of no supported
+    family."""
+    adapter = adapter_for(model_or_config)
+    if not adapter.heads_by_default:
+        return False
+    space = adapter.space(getattr(model_or_config, "config", model_or_config))
+    return space.has(KV_GROUPS) and not _one_group_per_layer(space)
 
 
 def widths_of(masks) -> list[dict]:
