@@ -4,7 +4,9 @@ A command's results (a compacted model, its reports) go into an :class:`OutputFo
 against every input and against the current folder, written into a staging folder beside the target, and moved
 into place only once everything is written, so a failed or interrupted run leaves the previous output as it was.
 Every folder dip_ext writes holds a marker (:data:`OUTPUT_MARKER`) listing the entries it wrote; ``overwrite``
-replaces only such a folder, and only while it holds nothing else.
+replaces only such a folder, and only while it holds nothing else. Files dip_ext writes into a folder of the
+user's (:func:`own_files`, e.g. ``PruneReport.save``) are recorded in that marker with their sha256, so it replaces
+them later only while they are still what it wrote.
 
 A run's checkpoints live in a work folder beside the output (:func:`default_work_dir`); :func:`prepare_work_dir`
 removes from it only the checkpoints dip_ext names, and only from a folder dip_ext marked as its own
@@ -13,10 +15,12 @@ removes from it only the checkpoints dip_ext names, and only from a folder dip_e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
@@ -24,7 +28,7 @@ from .files import atomic_write_text, honour_umask
 from .mixtures import mixture_files
 
 __all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "command_folders", "default_work_dir",
-           "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
+           "own_files", "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -90,6 +94,43 @@ def _written_entries(folder: Path) -> Optional[list[str]]:
     return [str(e) for e in meta["entries"]]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _own_files(folder: Path) -> dict[str, str]:
+    """``{name: sha256}`` of the files :func:`write_own_files` recorded in ``folder``'s marker (empty if none)."""
+    try:
+        meta = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
+        files = meta.get("sha256", {}) if meta.get("written_by") == "dip_ext" else {}
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+@contextmanager
+def own_files(folder: PathLike, names: Iterable[str], *, command: str):
+    """Writes the files ``names`` into ``folder`` (created if needed) inside the ``with`` block, and only if none
+    of them is a file dip_ext did not write: FileExistsError naming them, before the block runs, for each already
+    there unless the folder's :data:`OUTPUT_MARKER` records it with the content it still has (a file the user
+    replaced or edited since is theirs). After the block the marker records what was written and its sha256, so a
+    later call may replace them."""
+    folder = Path(folder)
+    names = list(names)
+    recorded = _own_files(folder) if folder.is_dir() else {}
+    foreign = [n for n in names if (folder / n).exists() and recorded.get(n) != _sha256(folder / n)]
+    if foreign:
+        raise FileExistsError(f"{folder} already holds {', '.join(foreign)}, which dip_ext did not write (or which "
+                              "changed since): it overwrites only its own files; save into another folder or move "
+                              "them")
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    recorded.update({n: _sha256(folder / n) for n in names if (folder / n).is_file()})
+    entries = sorted(set(_written_entries(folder) or []) | set(recorded))
+    atomic_write_text(folder / OUTPUT_MARKER, json.dumps(
+        {"written_by": "dip_ext", "command": command, "entries": entries, "sha256": recorded}, indent=1) + "\n")
+
+
 class OutputFolder:
     """The folder a command writes its results into, all at once.
 
@@ -149,9 +190,10 @@ class OutputFolder:
         for path in staged.rglob("*"):  # what other libraries wrote may be owner-only whatever the umask
             if not path.is_symlink():
                 honour_umask(path, directory=path.is_dir())
-        entries = sorted(p.name for p in staged.iterdir())
-        atomic_write_text(staged / OUTPUT_MARKER, json.dumps(
-            {"written_by": "dip_ext", "command": self.command, "entries": entries}, indent=1) + "\n")
+        entries = sorted(p.name for p in staged.iterdir() if p.name != OUTPUT_MARKER)
+        atomic_write_text(staged / OUTPUT_MARKER, json.dumps(  # keeps own_files' record of what it wrote
+            {"written_by": "dip_ext", "command": self.command, "entries": entries, "sha256": _own_files(staged)},
+            indent=1) + "\n")
         try:
             self.check_replaceable(True)  # the target may have changed while the run ran
         except ValueError as e:  # the run's result is not lost: it stays beside the target under its own name

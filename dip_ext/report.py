@@ -19,7 +19,7 @@ from .eval import PrefillComparison
 from .files import atomic_write_bytes, atomic_write_text, read_json
 from .masks import DispMasks
 from .model_card import model_card
-from .outputs import without_local_paths
+from .outputs import own_files, without_local_paths
 from .params import ParamReport, full_row
 from .recovery import RecoveryResult
 from .refit import RefitResult
@@ -259,13 +259,16 @@ class PruneReport:
 
     def save(self, folder, *, model_card: bool = False) -> None:
         """Writes ``report.json``, ``report.md``, ``widths.png`` and, after a recovery, ``recovery.png`` (its
-        held-out curve) into ``folder`` (each atomically); with ``model_card`` also :meth:`model_card` as
-        ``README.md`` (meant for a new folder: a README already there would be replaced)."""
-        folder = Path(folder)
-        if model_card:
-            atomic_write_text(folder / "README.md", self.model_card())
-        atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
-        atomic_write_text(folder / "report.md", self.to_markdown())
-        self.plot(folder / "widths.png")
-        if self.recovery is not None:
-            self.recovery.plot(folder / "recovery.png")
+        held-out curve) into ``folder`` (created if needed; each file atomically); with ``model_card`` also
+        :meth:`model_card` as ``README.md``. The folder's dip_ext marker records them
+        (:func:`dip_ext.outputs.own_files`): a later save replaces them, but FileExistsError is raised, before
+        anything is written, for any of them already there that dip_ext did not write or that changed since."""
+        names = ["report.json", "report.md", "widths.png"] + ["recovery.png"] * (self.recovery is not None)
+        with own_files(folder, names + ["README.md"] * model_card, command="PruneReport.save") as folder:
+            if model_card:
+                atomic_write_text(folder / "README.md", self.model_card())
+            atomic_write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1))
+            atomic_write_text(folder / "report.md", self.to_markdown())
+            self.plot(folder / "widths.png")
+            if self.recovery is not None:
+                self.recovery.plot(folder / "recovery.png")

@@ -59,12 +59,16 @@ def _index_buffer(module: nn.Module, name: str, idx: torch.Tensor) -> None:
     module.register_buffer(name, torch.tensor(idx.tolist(), dtype=torch.int64), persistent=False)
 
 
-def _divisible(layer: int, what: str, size: int, tp: int) -> None:
+#: how to prune a folder whose kept KV groups the ranks cannot split (--multiple-of does not round whole groups)
+_WHOLE_HEADS = "or prune it keeping every KV group (--no-prune-heads)"
+
+
+def _divisible(layer: int, what: str, size: int, tp: int, fix: str = "") -> None:
     """ValueError (naming the layer) unless ``tp`` tensor-parallel ranks split ``size`` evenly."""
     if size % tp:
         raise ValueError(f"layer {layer} keeps {size} {what}, which tensor parallelism over {tp} ranks cannot split "
-                         f"evenly: serve this folder with a tensor-parallel size that divides it, or prune with "
-                         f"--multiple-of set to a multiple of {tp}")
+                         f"evenly: serve this folder with a tensor-parallel size that divides it, "
+                         f"{fix or f'or prune with --multiple-of set to a multiple of {tp}'}")
 
 
 def layer_index_sets(config) -> list[dict[str, torch.Tensor]]:
@@ -90,11 +94,11 @@ class DipExtVllmAttention(nn.Module):
         per_group = config.num_attention_heads // config.num_key_value_heads
         groups = sets[KV_GROUPS].numel() if KV_GROUPS in sets else config.num_key_value_heads
         heads = groups * per_group
-        _divisible(layer, "query heads", heads, tp)
+        _divisible(layer, "query heads", heads, tp, _WHOLE_HEADS)
         if (groups % tp if groups >= tp else tp % groups):
             raise ValueError(f"layer {layer} keeps {groups} KV heads, which {tp} tensor-parallel ranks can neither "
                              "split nor replicate evenly: serve it with a tensor-parallel size dividing or divided by "
-                             f"{groups}")
+                             f"{groups}, {_WHOLE_HEADS}")
         self.head_dim = head_dim
         self.q_size = heads // tp * head_dim
         self.kv_size = max(1, groups // tp) * head_dim

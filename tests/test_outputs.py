@@ -121,6 +121,9 @@ def test_prune_then_overwrite_and_resume(capsys, tmp_path, tiny, word_text):
     assert dip_ext.PruneReport.load(out).ratio == 0.5
     code, _, err = run_cli(capsys, *prune_argv(dense, word_text, out, "--resume", "--ratio", "0.5"))
     assert code == 0, err
+    dip_ext.PruneReport.load(out).save(out)  # the command's report files are dip_ext's to replace
+    assert set(json.loads((out / OUTPUT_MARKER).read_text())["entries"]) == {p.name for p in out.iterdir()} - {
+        OUTPUT_MARKER}
 
 
 def test_failed_run_leaves_the_previous_output(capsys, tmp_path, tiny, word_text, monkeypatch):
@@ -216,6 +219,36 @@ def test_pruner_refuses_a_work_dir_of_unrelated_files(tmp_path, tiny):
     with pytest.raises(ValueError, match="current folder"):
         Pruner(model, tok, work_dir=".")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "x"
+
+
+def test_report_save_overwrites_only_the_files_it_wrote(tmp_path):
+    """``PruneReport.save`` into a folder of the user's: its own files are replaced on the next save; a file of
+    the same name it did not write is refused before anything is written, and stays as it was."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    blocks = torch.randint(3, 60, (12, 16), generator=torch.Generator().manual_seed(0))
+    _, report = dip_ext.prune_and_compact(model, None, ratio=0.3, calibration=blocks, recover="off",
+                                          eval_windows=0, measure_speed=False, progress=False)
+    mine = tmp_path / "pruned"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    report.save(mine)
+    first = (mine / "report.json").read_bytes()
+    report.save(mine, model_card=True)  # its own files again, and a card where there was none
+    assert (mine / "report.json").read_bytes() == first and (mine / "README.md").is_file()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("a report of my own")
+    with pytest.raises(FileExistsError, match="report.md, which dip_ext did not write"):
+        report.save(theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["report.md"]
+    assert (theirs / "report.md").read_text() == "a report of my own" and (mine / "notes.md").read_text() == "mine"
+    (mine / "README.md").unlink()
+    (mine / "README.md").write_text("my card")  # replaced by the user: no longer dip_ext's to overwrite
+    report.save(mine)
+    with pytest.raises(FileExistsError, match="README.md"):
+        report.save(mine, model_card=True)
+    assert (mine / "README.md").read_text() == "my card"
 
 
 # ---- permissions --------------------------------------------------------------------------------------------
