@@ -26,6 +26,7 @@ from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
 from .modules import rms_norm_scatter_add
+from .outputs import check_own_files, own_files
 
 
 def _added(residual: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
     The model is traced in eval mode without grad (its mode is restored), on its device and in its dtype, each
     dip_ext op as the torch computation its docstring states (:data:`TORCH_EQUIVALENTS`; index sets are not
     re-checked); torch.onnx's dynamo exporter writes ``path`` and the weights in ``<path>.data`` beside it.
-    ``opset``: the ONNX opset (None: torch.onnx's default). Checked against onnxruntime in fp32; fp16 runs
+    Neither file may be one dip_ext did not write (FileExistsError before any work:
+    :func:`dip_ext.outputs.own_files`). ``opset``: the ONNX opset (None: torch.onnx's default). Checked against onnxruntime in fp32; fp16 runs
     there too, bf16 exports but onnxruntime's CPU provider lacks bf16 kernels. Returns ``Path(path)``.
 
     Raises ImportError when ``onnxscript`` (which the exporter needs) is not installed, TypeError for a model
@@ -146,6 +148,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ImportError("dip_ext.export_onnx needs the onnx and onnxscript packages: "
                           "pip install onnx onnxscript")
     path = Path(path)
+    files = [path.name, path.name + ".data"]
+    check_own_files(path.parent, files)  # before the trace: refused at once
     ids = _example_ids(model, example_input_ids)
     args = (ids, torch.ones_like(ids)) if attention_mask else (ids,)
     shapes = None
@@ -171,7 +175,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
         # the exporter names an exported program's dims after its symbols (s43 ...): name them as documented
         batch, sequence = onnx_program.model.graph.inputs[0].shape[:2]
         onnx_program.rename_axes({batch: "batch", sequence: "sequence"})
-    onnx_program.save(path, external_data=True)
+    with own_files(path.parent, files, command="export_onnx"):
+        onnx_program.save(path, external_data=True)
     return path
 
 

@@ -28,7 +28,7 @@ from .files import atomic_write_text, honour_umask
 from .mixtures import mixture_files
 
 __all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "command_folders", "default_work_dir",
-           "own_files", "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
+           "check_own_files", "own_files", "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,6 +108,19 @@ def _own_files(folder: Path) -> dict[str, str]:
         return {}
 
 
+def check_own_files(folder: PathLike, names: Iterable[str]) -> dict[str, str]:
+    """FileExistsError naming the files among ``names`` already in ``folder`` that dip_ext may not replace (see
+    :func:`own_files`); else the marker's record ``{name: sha256}`` of the files it wrote there."""
+    folder = Path(folder)
+    recorded = _own_files(folder) if folder.is_dir() else {}
+    foreign = [n for n in names if (folder / n).exists() and recorded.get(n) != _sha256(folder / n)]
+    if foreign:
+        raise FileExistsError(f"{folder} already holds {', '.join(foreign)}, which dip_ext did not write (or which "
+                              "changed since): it overwrites only its own files; save into another folder or move "
+                              "them")
+    return recorded
+
+
 @contextmanager
 def own_files(folder: PathLike, names: Iterable[str], *, command: str):
     """Writes the files ``names`` into ``folder`` (created if needed) inside the ``with`` block, and only if none
@@ -115,14 +128,8 @@ def own_files(folder: PathLike, names: Iterable[str], *, command: str):
     there unless the folder's :data:`OUTPUT_MARKER` records it with the content it still has (a file the user
     replaced or edited since is theirs). After the block the marker records what was written and its sha256, so a
     later call may replace them."""
-    folder = Path(folder)
-    names = list(names)
-    recorded = _own_files(folder) if folder.is_dir() else {}
-    foreign = [n for n in names if (folder / n).exists() and recorded.get(n) != _sha256(folder / n)]
-    if foreign:
-        raise FileExistsError(f"{folder} already holds {', '.join(foreign)}, which dip_ext did not write (or which "
-                              "changed since): it overwrites only its own files; save into another folder or move "
-                              "them")
+    folder, names = Path(folder), list(names)
+    recorded = check_own_files(folder, names)
     folder.mkdir(parents=True, exist_ok=True)
     yield folder
     recorded.update({n: _sha256(folder / n) for n in names if (folder / n).is_file()})

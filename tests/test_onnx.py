@@ -88,6 +88,12 @@ def test_dense_model_ids_only(tmp_path):
     for batch, seq in [(1, 6), (4, 3)]:
         ids = token_ids(batch, seq, seed=2)
         torch.testing.assert_close(run_onnx(path, ids), torch_logits(model, ids), **TOL)
+    assert dip_ext.export_onnx(model, path) == path  # its own files: replaced
+    (tmp_path / "theirs.onnx.data").write_text("not dip_ext's")
+    with pytest.raises(FileExistsError, match="theirs.onnx.data, which dip_ext did not write"):
+        dip_ext.export_onnx(model, tmp_path / "theirs.onnx")
+    assert not (tmp_path / "theirs.onnx").exists()
+    assert (tmp_path / "theirs.onnx.data").read_text() == "not dip_ext's"
 
 
 def test_compacted_model_ids_only_fixed_shapes(tmp_path):
