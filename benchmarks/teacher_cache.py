@@ -48,7 +48,8 @@ def main() -> None:
     # the recovery setting makes the Pruner hold out validation windows, as benchmarks/recovery.py does, so the
     # two share a calibration checkpoint in --work
     pruner = Pruner(model, tok, PruneConfig(ratio=args.ratio, method="oneshot", prune_heads=False),
-                    refit=RefitConfig(refit="off"), recovery=RecoveryConfig(recover="distill", recover_data="text"), evaluation=EvalConfig(eval_windows=0, speed=False),
+                    refit=RefitConfig(refit="off"), recovery=RecoveryConfig(recover="distill", recover_data="text"),
+                    evaluation=EvalConfig(eval_windows=0, speed=False),
                     work_dir=args.work, resume=True, progress=False)
     train = pruner.windows().train
     student = pruner.compact().model

@@ -136,8 +136,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
     dip_ext op as the torch computation its docstring states (:data:`TORCH_EQUIVALENTS`; index sets are not
     re-checked); torch.onnx's dynamo exporter writes ``path`` and the weights in ``<path>.data`` beside it.
     Neither file may be one dip_ext did not write (FileExistsError before any work:
-    :func:`dip_ext.outputs.own_files`). ``opset``: the ONNX opset (None: torch.onnx's default). Checked against onnxruntime in fp32; fp16 runs
-    there too, bf16 exports but onnxruntime's CPU provider lacks bf16 kernels. Returns ``Path(path)``.
+    :func:`dip_ext.outputs.own_files`). ``opset``: the ONNX opset (None: torch.onnx's default). Checked against
+    onnxruntime in fp32; fp16 runs there too, bf16 exports but onnxruntime's CPU provider lacks bf16 kernels.
+    Returns ``Path(path)``.
 
     Raises ImportError when ``onnxscript`` (which the exporter needs) is not installed, TypeError for a model
     that is not a Hugging Face causal LM, ValueError for bad ``example_input_ids``, RuntimeError if a dip_ext

@@ -28,7 +28,8 @@ from .files import atomic_write_text, honour_umask
 from .mixtures import mixture_files
 
 __all__ = ["OUTPUT_MARKER", "WORK_MARKER", "OutputFolder", "check_not_input", "command_folders", "default_work_dir",
-           "check_own_files", "own_files", "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs", "without_local_paths"]
+           "check_own_files", "own_files", "prepare_work_dir", "text_input_path", "text_input_paths", "text_inputs",
+           "without_local_paths"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -99,7 +100,7 @@ def _sha256(path: Path) -> str:
 
 
 def _own_files(folder: Path) -> dict[str, str]:
-    """``{name: sha256}`` of the files :func:`write_own_files` recorded in ``folder``'s marker (empty if none)."""
+    """``{name: sha256}`` of the files :func:`own_files` recorded in ``folder``'s marker (empty if none)."""
     try:
         meta = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
         files = meta.get("sha256", {}) if meta.get("written_by") == "dip_ext" else {}

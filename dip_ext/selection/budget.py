@@ -43,8 +43,8 @@ from ..params import dense_linear_params, kv_cache_bytes, param_report
 from ..space import PrunableSpace
 from .slots import per_layer
 
-__all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths", "fit_multiple",
-           "fit_layer_widths", "unit_steps"]
+__all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths",
+           "fit_multiple", "fit_layer_widths", "unit_steps"]
 
 RATIO_OF = ("decoder_linear", "total")
 
