@@ -84,15 +84,21 @@ def check_not_input(folder: PathLike, what: str, inputs: Mapping[str, Optional[P
     return target
 
 
-def _written_entries(folder: Path) -> Optional[list[str]]:
-    """The entries the marker of ``folder`` lists, or None when it has no readable marker of ours."""
+def _marker(folder: Path) -> Optional[dict]:
+    """The marker of ``folder`` (:data:`OUTPUT_MARKER`) as written by dip_ext, or None when it has none of ours."""
     try:
         meta = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("written_by") != "dip_ext" or not isinstance(meta.get("entries"), list):
         return None
-    return [str(e) for e in meta["entries"]]
+    return meta
+
+
+def _written_entries(folder: Path) -> Optional[list[str]]:
+    """The entries the marker of ``folder`` lists, or None when it has no readable marker of ours."""
+    meta = _marker(folder)
+    return None if meta is None else [str(e) for e in meta["entries"]]
 
 
 def _sha256(path: Path) -> str:
@@ -101,12 +107,8 @@ def _sha256(path: Path) -> str:
 
 def _own_files(folder: Path) -> dict[str, str]:
     """``{name: sha256}`` of the files :func:`own_files` recorded in ``folder``'s marker (empty if none)."""
-    try:
-        meta = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
-        files = meta.get("sha256", {}) if meta.get("written_by") == "dip_ext" else {}
-        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    files = (_marker(folder) or {}).get("sha256")
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
 def check_own_files(folder: PathLike, names: Iterable[str]) -> dict[str, str]:

@@ -6,6 +6,7 @@ with the pruning, refit or evaluation options they sit beside on ``dip-ext prune
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,8 +46,12 @@ def bf16_native(device) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16() -> bool:
+    """Whether this machine's CPU flags list AVX-512 or AMX bf16 (read once: every automatic choice asks)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
