@@ -57,10 +57,16 @@ class PruneConfig(Options):
                               "--refit on)", minimum=0)
     multiple_of: int = option(1, "round every kept width to a multiple of this (e.g. 8 or 64 for fast GEMMs); "
                               "see dip_ext.selection.budget for the rounding rule", minimum=1)
+    heads_multiple_of: int = option(1, "with KV groups pruned: each layer keeps a multiple of this many KV groups "
+                                    "or all of them (e.g. the tensor-parallel size the model will be served with, "
+                                    "which must split every layer's heads)", minimum=1)
     seed: int = option(0, "random seed of every stage")
 
     def __post_init__(self):
         check_fields(self)
+        if self.heads_multiple_of > 1 and self.prune_heads is False and self.kv_ratio is None:
+            raise ValueError(f"heads_multiple_of {self.heads_multiple_of} rounds pruned KV groups, but prune_heads "
+                             "is off (KV groups are kept whole): drop --heads-multiple-of or prune heads")
         parse_mixture(self.calibration)  # a malformed mixture or an evaluation split: refused before any work
 
 

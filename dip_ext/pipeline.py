@@ -142,7 +142,8 @@ class Pruner:
             heads = getattr(self.method, "prunes_heads", False) and heads_by_default(model)
             self.config = replace(self.config, prune_heads=bool(heads or self.config.kv_ratio is not None))
         self.budget = Budget.for_model(model, self.config.ratio, self.config.ratio_of,
-                                       heads=self.config.prune_heads, kv_ratio=self.config.kv_ratio)
+                                       heads=self.config.prune_heads, kv_ratio=self.config.kv_ratio,
+                                       heads_multiple_of=self.config.heads_multiple_of)
         if self.budget.heads and not getattr(self.method, "prunes_heads", False):
             raise ValueError(f"--method {self.method.name} does not prune KV groups: drop --prune-heads / --kv-ratio, "
                              "or use --method oneshot or hypernetwork")

@@ -59,8 +59,9 @@ def _index_buffer(module: nn.Module, name: str, idx: torch.Tensor) -> None:
     module.register_buffer(name, torch.tensor(idx.tolist(), dtype=torch.int64), persistent=False)
 
 
-#: how to prune a folder whose kept KV groups the ranks cannot split (--multiple-of does not round whole groups)
-_WHOLE_HEADS = "or prune it keeping every KV group (--no-prune-heads)"
+def _heads_fix(tp: int) -> str:
+    """How to prune a folder whose kept KV groups ``tp`` ranks cannot split (--multiple-of does not round groups)."""
+    return f"or prune it with --heads-multiple-of {tp} (or keeping every KV group: --no-prune-heads)"
 
 
 def _divisible(layer: int, what: str, size: int, tp: int, fix: str = "") -> None:
@@ -94,11 +95,11 @@ class DipExtVllmAttention(nn.Module):
         per_group = config.num_attention_heads // config.num_key_value_heads
         groups = sets[KV_GROUPS].numel() if KV_GROUPS in sets else config.num_key_value_heads
         heads = groups * per_group
-        _divisible(layer, "query heads", heads, tp, _WHOLE_HEADS)
+        _divisible(layer, "query heads", heads, tp, _heads_fix(tp))
         if (groups % tp if groups >= tp else tp % groups):
             raise ValueError(f"layer {layer} keeps {groups} KV heads, which {tp} tensor-parallel ranks can neither "
                              "split nor replicate evenly: serve it with a tensor-parallel size dividing or divided by "
-                             f"{groups}, {_WHOLE_HEADS}")
+                             f"{groups}, {_heads_fix(tp)}")
         self.head_dim = head_dim
         self.q_size = heads // tp * head_dim
         self.kv_size = max(1, groups // tp) * head_dim

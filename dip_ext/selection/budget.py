@@ -22,6 +22,10 @@ the granularity allows, which is what a user asking for R % removed wants. Withi
 are always the set's best-ranked ones. With ``multiple_of == 1`` step 1 changes nothing and step 2 gives back
 single dimensions while any fits (the greedy selection's own last step); the hypernetwork export skips the
 policy at ``multiple_of == 1`` so that its result stays one global threshold on the mask scores.
+
+Whole-unit sets (KV groups, experts) are not rounded to ``multiple_of``: their step is one unit, or for KV groups
+``Budget.heads_multiple_of`` (the same policy with that step: a layer keeps a multiple of it or all of its groups,
+so tensor parallelism over that many ranks can split every layer's heads).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from ..space import PrunableSpace
 from .slots import per_layer
 
 __all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths",
-           "fit_multiple", "fit_layer_widths", "unit_steps"]
+           "fit_multiple", "fit_layer_widths", "unit_steps", "unit_step"]
 
 RATIO_OF = ("decoder_linear", "total")
 
@@ -69,7 +73,8 @@ class Budget:
     """The kept decoder-linear parameter target for one model and one ratio (counts are parameters), and what may
     pay for it: with ``heads`` whole KV groups compete with the other dimensions; ``kv_ratio`` (which implies
     ``heads``) also asks that at least that fraction of the KV-cache bytes per token be removed, met by keeping at
-    most ``kv_groups_kept`` groups over all layers (every group caches the same bytes)."""
+    most ``kv_groups_kept`` groups over all layers (every group caches the same bytes). ``heads_multiple_of``: with
+    ``heads``, each layer keeps a multiple of that many KV groups or all of them (the rounding step of the groups)."""
 
     config: object
     ratio: float
@@ -80,14 +85,16 @@ class Budget:
     heads: bool = False
     kv_ratio: Optional[float] = None
     kv_groups_kept: Optional[int] = None  # the most KV groups kept over all layers (None: no KV target)
+    heads_multiple_of: int = 1
 
     @classmethod
     def for_model(cls, model: nn.Module, ratio: float, ratio_of: str = "decoder_linear", *, heads: bool = False,
-                  kv_ratio: Optional[float] = None) -> "Budget":
+                  kv_ratio: Optional[float] = None, heads_multiple_of: int = 1) -> "Budget":
         """The budget of removing ``ratio`` of the ``ratio_of`` parameters of the dense ``model``; ``heads`` lets KV
-        groups compete, ``kv_ratio`` (a fraction in (0, 1)) adds the KV-cache target and turns ``heads`` on.
-        ValueError for a ratio out of range, a compacted model, heads asked of a family without KV groups, or a
-        family whose ``linear_params`` does not count what the dense model stores;
+        groups compete, ``kv_ratio`` (a fraction in (0, 1)) adds the KV-cache target and turns ``heads`` on;
+        ``heads_multiple_of`` (an int >= 1) is the step kept KV groups are rounded to per layer.
+        ValueError for a ratio out of range, a compacted model, heads asked of a family without KV groups, a
+        ``heads_multiple_of`` below 1, or a family whose ``linear_params`` does not count what the dense model stores;
         UserWarning for heads on a model with one KV group per layer (a group is then a whole attention)."""
         ratio = check_ratio(ratio)
         if ratio_of not in RATIO_OF:
@@ -100,6 +107,8 @@ class Budget:
             raise ValueError(f"removing {100 * ratio:.1f} % of all parameters needs more than every decoder-linear "
                              f"parameter ({rep.dense_decoder_linear:,} of {rep.dense_total:,})")
         kept_groups = None
+        if isinstance(heads_multiple_of, bool) or not isinstance(heads_multiple_of, int) or heads_multiple_of < 1:
+            raise ValueError(f"heads_multiple_of must be an integer >= 1, got {heads_multiple_of!r}")
         if kv_ratio is not None:
             try:
                 kv_ratio = check_ratio(kv_ratio)
@@ -120,7 +129,8 @@ class Budget:
                               "group dropped removes a whole layer's attention, which can cost far more quality than "
                               "pruning the same parameters elsewhere", stacklevel=2)
         budget = cls(model.config, ratio, ratio_of, rep.dense_decoder_linear, rep.dense_total,
-                     int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups)
+                     int(round(rep.dense_decoder_linear - removed)), bool(heads), kv_ratio, kept_groups,
+                     heads_multiple_of)
         if kept_groups is not None:
             budget._check_kv_target()
         return budget
@@ -304,7 +314,8 @@ def fit_multiple(budget: Budget, widths: Callable[[torch.Tensor], Sequence[dict]
     ``limit``: the most each group may be raised to (default ``sizes``; a KV-cache target caps the KV groups at
     what the method kept). Returns the rounded ``[n_groups]`` int64 counts.
     """
-    limit = sizes if limit is None else limit
+    # a limit below the full size is rounded down too, so that every raise lands on an allowed width
+    limit = sizes if limit is None else round_down(limit, sizes, multiple_of)
     return raise_widths(budget, widths, round_down(counts, sizes, multiple_of), limit, multiple_of, priority)
 
 
@@ -329,15 +340,22 @@ def fit_layer_widths(budget: Budget, widths: Sequence[dict], multiple_of: int,
     if priority is not None and len(priority) != space.num_layers:
         raise ValueError(f"priority must have {space.num_layers} layers, got {len(priority)}")
     sizes = space.slot_sizes()
-    steps = unit_steps(space, multiple_of)
+    steps = unit_steps(space, multiple_of, budget.heads_multiple_of)
     groups = torch.tensor([s == KV_GROUPS for _, s in layout])
     fitted = fit_multiple(budget, lambda c: per_layer(c.tolist(), space), counts, sizes,
                           steps, pri, limit=torch.where(groups, counts, sizes))
     return per_layer(fitted.tolist(), space)
 
 
-def unit_steps(space: PrunableSpace, multiple_of: int) -> torch.Tensor:
-    """Per slot of ``space``, the rounding step: 1 for a whole-unit structure (a KV group, an expert), else
-    ``multiple_of`` (int64)."""
-    whole = torch.tensor([space.structure(i, s).whole_units for i, s in space.slots()])
-    return torch.where(whole, 1, multiple_of).to(torch.int64)
+def unit_steps(space: PrunableSpace, multiple_of: int, heads_multiple_of: int = 1) -> torch.Tensor:
+    """Per slot of ``space``, the rounding step (int64): ``heads_multiple_of`` for KV groups, 1 for another
+    whole-unit structure (an expert), else ``multiple_of``."""
+    return torch.tensor([unit_step(space.structure(i, s), multiple_of, heads_multiple_of)
+                         for i, s in space.slots()], dtype=torch.int64)
+
+
+def unit_step(structure, multiple_of: int, heads_multiple_of: int = 1) -> int:
+    """The rounding step of one structure of a space (see :func:`unit_steps`)."""
+    if structure.name == KV_GROUPS:
+        return heads_multiple_of
+    return 1 if structure.whole_units else multiple_of

@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..masks import KV_GROUPS, DispMasks, ModelDims, as_space
 from ..space import PrunableSpace
-from .budget import Budget, fit_multiple
+from .budget import Budget, fit_multiple, unit_step
 from .slots import per_layer
 
 __all__ = ["GroupSpace", "greedy_select"]
@@ -73,7 +73,8 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     last dropped chunk may have overshot) by best score per parameter while the budget allows. Every group
     keeps its best-scoring units. ``dropped`` (bool, one per unit): units dropped before the greedy starts
     (a KV-cache target's groups); the groups of ``kv_groups`` slots are then never raised again. Groups of
-    whole-unit structures (KV groups, experts) are always rounded singly (``multiple_of`` does not apply to them).
+    whole-unit structures (KV groups, experts) are rounded singly, KV groups to ``budget.heads_multiple_of``
+    (``multiple_of`` does not apply to them).
     ValueError for mismatched unit tensors or
     ``multiple_of`` < 1.
     """
@@ -127,8 +128,8 @@ def greedy_select(space: GroupSpace, budget: Budget, unit_group: torch.Tensor, u
     # the one rounding policy; with multiple_of 1 it gives back the single units the last chunk overshot by
     counts = torch.bincount(unit_group[alive], minlength=n_groups)
     heads = torch.tensor([any(s == KV_GROUPS for _, s in members) for members in space.groups])
-    whole = torch.tensor([space.space.structure(*members[0]).whole_units for members in space.groups])
-    steps = torch.where(whole, 1, multiple_of).to(torch.int64)
+    steps = torch.tensor([unit_step(space.space.structure(*members[0]), multiple_of, budget.heads_multiple_of)
+                          for members in space.groups], dtype=torch.int64)
     limit = torch.where(heads, counts, sizes) if dropped is not None else sizes
     counts = fit_multiple(budget, space.group_widths, counts, sizes, steps, gain, limit=limit)
     return _to_masks(space, unit_index, ranked, counts)
