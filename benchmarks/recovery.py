@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=RecoveryConfig().recover_lr)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lm-weight", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="--recover-temperature (of the KL)")
+    ap.add_argument("--warmup", type=int, default=RecoveryConfig().recover_warmup, help="--recover-warmup")
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--teacher-topk", type=int, default=0, help="--recover-teacher-topk (0: the live teacher)")
@@ -90,7 +92,8 @@ def main() -> None:
     model, tok = zoo.resolve_model(args.model)
     teacher = copy.deepcopy(model)  # the dense teacher, kept before the in-place compaction
     values = dict(recover_steps=args.steps, recover_lr=args.lr, recover_batch=args.batch,
-                  recover_lm_weight=args.lm_weight, recover_hidden_weight=args.hidden_weight,
+                  recover_lm_weight=args.lm_weight, recover_temperature=args.temperature,
+                  recover_warmup=args.warmup, recover_hidden_weight=args.hidden_weight,
                   recover_lora_rank=args.lora_rank, recover_recon_windows=args.recon_windows,
                   recover_teacher_topk=args.teacher_topk, recover_micro_batch=args.micro_batch,
                   recover_autocast=args.autocast, recover_teacher_dtype=args.teacher_dtype,
