@@ -145,3 +145,41 @@ def test_other_families_fall_back_to_the_transformers_backend(tmp_path, vllm_eng
     assert name != "DipExtVllmForCausalLM"
     assert greedy(native(vllm_engines, folder, trust_remote_code=True), PROMPTS, MAX_TOKENS) == \
         dip_ext_reference.greedy(folder, PROMPTS, MAX_TOKENS)
+
+
+def _save_block(folder, empty: str, **config):
+    """The tiny Llama of vllm_helpers with every set kept but ``empty`` in layer 1 (so that block writes but reads
+    nothing, or keeps no channel but its output bias)."""
+    from helpers import make_word_tokenizer, perturb_norms_and_biases
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm_helpers import COMMON, FFN
+
+    import dip_ext
+    from dip_ext import DispMasks
+
+    torch.manual_seed(0)
+    dense = perturb_norms_and_biases(LlamaForCausalLM(LlamaConfig(intermediate_size=FFN, num_attention_heads=4,
+                                                                  num_key_value_heads=2, **COMMON, **config)).eval(),
+                                     bias_std=0.1)
+    full = {"attn_in": COMMON["hidden_size"], "attn_out": COMMON["hidden_size"], "mlp_in": COMMON["hidden_size"],
+            "mlp_mid": FFN, "mlp_out": COMMON["hidden_size"]}
+    layers = [{s: torch.arange(0 if (i == 1 and s == empty) else n) for s, n in full.items()}
+              for i in range(COMMON["num_hidden_layers"])]
+    dip_ext.compact(dense, DispMasks(layers)).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("empty,config,message", [
+    ("attn_in", {}, "layer 1 keeps attn_out but reads no input (attn_in is empty)"),
+    ("mlp_in", {}, "layer 1 keeps mlp_out but reads no input (mlp_in is empty)"),
+    ("mlp_mid", {"mlp_bias": True}, "layer 1 keeps no MLP channel but adds its down_proj bias"),
+])
+def test_blocks_the_native_model_cannot_run_are_refused_naming_the_layer(tmp_path, vllm_engines, empty, config,
+                                                                          message):
+    """dip_ext serves these folders (from_pretrained); the native vLLM model refuses them in one message that names
+    the layer and the Transformers backend that runs them."""
+    folder = _save_block(tmp_path / empty, empty, **config)
+    with pytest.raises(Exception, match=r"--model-impl transformers") as err:
+        native(vllm_engines, folder)
+    assert message in str(err.value), str(err.value)[-2000:]
