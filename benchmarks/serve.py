@@ -49,6 +49,18 @@ def keep_fraction(adapter, config, ratio: float) -> float:
     return hi
 
 
+def uniform_masks(dims, k: float, seed: int = 1):
+    """Random index sets keeping the fraction ``k`` of every set of every layer (speed does not depend on which)."""
+    import torch
+
+    import dip_ext
+
+    g = torch.Generator().manual_seed(seed)
+    sets = {s: (dims.size(s), round(k * dims.size(s))) for s in dip_ext.STRUCTURES}
+    return dip_ext.DispMasks([{s: torch.randperm(n, generator=g)[:kept].sort().values for s, (n, kept) in sets.items()}
+                              for _ in range(dims.num_layers)])
+
+
 def save_models(root: Path, ratios, shapes: dict, decilm: bool) -> tuple[dict, dict]:
     """Saves the dense model and its compacted copies under ``root`` (with ``decilm``, their DeciLM exports too):
     (name → folder, name → removed fraction of the decoder-linear parameters)."""
@@ -64,11 +76,7 @@ def save_models(root: Path, ratios, shapes: dict, decilm: bool) -> tuple[dict, d
     folders, removed = {"dense": root / "dense"}, {}
     adapter, dims = adapter_for(dense), adapter_for(dense).dims(dense.config)
     for ratio in ratios:
-        k = keep_fraction(adapter, dense.config, ratio)
-        g = torch.Generator().manual_seed(1)
-        sets = {s: (dims.size(s), round(k * dims.size(s))) for s in dip_ext.STRUCTURES}
-        masks = dip_ext.DispMasks([{s: torch.randperm(n, generator=g)[:kept].sort().values
-                                    for s, (n, kept) in sets.items()} for _ in range(dims.num_layers)])
+        masks = uniform_masks(dims, keep_fraction(adapter, dense.config, ratio))
         model = dip_ext.compact(LlamaForCausalLM.from_pretrained(root / "dense").eval(), masks)
         model.save_pretrained(root / f"pruned-{ratio}")
         folders[f"pruned-{ratio}"] = root / f"pruned-{ratio}"

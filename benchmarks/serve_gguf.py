@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import SHAPES, keep_fraction  # noqa: E402 - the serving benchmark's shapes and widths
+from serve import SHAPES, keep_fraction, uniform_masks  # noqa: E402 - the serving benchmark's shapes and masks
 
 
 def save_models(root: Path, ratios, shapes: dict, quantize: str) -> tuple[dict, dict]:
@@ -41,10 +41,7 @@ def save_models(root: Path, ratios, shapes: dict, quantize: str) -> tuple[dict, 
     files["dense"] = root / "dense.gguf"
     adapter, dims = adapter_for(dense), adapter_for(dense).dims(dense.config)
     for ratio in ratios:
-        k = keep_fraction(adapter, dense.config, ratio)
-        g = torch.Generator().manual_seed(1)
-        masks = dip_ext.DispMasks([{s: torch.randperm(dims.size(s), generator=g)[:round(k * dims.size(s))].sort().values
-                                    for s in dip_ext.STRUCTURES} for _ in range(dims.num_layers)])
+        masks = uniform_masks(dims, keep_fraction(adapter, dense.config, ratio))
         torch.manual_seed(0)
         model = dip_ext.compact(LlamaForCausalLM(LlamaConfig(**shapes)).eval(), masks)
         name = f"export-{ratio}"
