@@ -38,7 +38,7 @@ from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
 from .mixtures import is_mixture
 from .model_state import model_digest, weight_itemsize
-from .outputs import WORK_MARKER, prepare_work_dir
+from .outputs import prepare_work_dir
 from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
 from .report import PruneReport
@@ -183,10 +183,10 @@ class Pruner:
 
     def _prepare_work_dir(self) -> None:
         work, main = self.work_dir, self.placement.is_main
+        checkpoints = (_CALIBRATION_CHECKPOINT, self.method.name, _RECOVERY_FOLDER)  # caches (self-text...) are not
         if main:  # without resume no stage may find an older run's checkpoints
-            prepare_work_dir(work, resume=self.resume, checkpoints=(_CALIBRATION_CHECKPOINT, self.method.name,
-                                                                    _RECOVERY_FOLDER))
-        self.resumed = dist.broadcast_object(self.resume and any(p.name != WORK_MARKER for p in work.iterdir())
+            prepare_work_dir(work, resume=self.resume, checkpoints=checkpoints)
+        self.resumed = dist.broadcast_object(self.resume and any((work / c).exists() for c in checkpoints)
                                              if main else None)
         dist.barrier()
 

@@ -5,6 +5,7 @@ sharded teacher, and recorded in the recovery result. Tiny random Llama over the
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -217,6 +218,16 @@ def test_cli_prune_with_self_text_reuses_the_cache_on_the_next_run(word_tokenize
     assert code == 0, err
     again = dip_ext.PruneReport.load(out).recovery.data
     assert again["cached"] is True and again["generated_tokens"] == 0
+    # a resume that finds only the cache (no checkpoint of any stage) resumes nothing, and says so
+    for entry in (tmp_path / "out-work").iterdir():
+        if entry.is_dir() and not entry.name.startswith("self-text-"):
+            shutil.rmtree(entry)
+        elif entry.is_file() and not entry.name.startswith("."):
+            entry.unlink()
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert dip_ext.PruneReport.load(out).resumed is False
+    assert dip_ext.PruneReport.load(out).recovery.data["cached"] is True
     code, _, err = run_cli(capsys, *args[:-4], "--recover-data", "text", "--recover-self-batch", 2, "--overwrite")
     assert code == 2 and "recover_self_batch has no effect with recover_data='text'" in err
 
