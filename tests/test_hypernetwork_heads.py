@@ -301,12 +301,17 @@ def test_interrupted_run_with_heads_resumes_exactly(model, blocks, calib, val_bl
     with pytest.raises(ValueError, match="different run.*kv_ratio: checkpoint 0.5 vs now None"):
         _trainer(model, blocks, Budget.for_model(model, 0.4, heads=True), init, checkpoint_dir=tmp_path,
                  resume=True, **kw).run()
+    # the groups' rounding step shapes the exports the early stopping compares
+    assert meta["fingerprint"]["heads_multiple_of"] == 1
+    with pytest.raises(ValueError, match="different run.*heads_multiple_of: checkpoint 1 vs now 2"):
+        _trainer(model, blocks, Budget.for_model(model, 0.4, kv_ratio=0.5, heads_multiple_of=2), init,
+                 checkpoint_dir=tmp_path, resume=True, **kw).run()
 
 
 def test_a_run_without_heads_records_no_head_keys_and_refuses_heads(model, blocks, tmp_path):
     _trainer(model, blocks, Budget.for_model(model, 0.4), steps=1, lr=0.05, checkpoint_dir=tmp_path).run()
     tensors, meta = read_checkpoint(tmp_path / CHECKPOINT_NAME)
-    assert not {"prune_heads", "kv_ratio", "kv_groups_kept"} & set(meta["fingerprint"])  # as before KV groups
+    assert not {"prune_heads", "kv_ratio", "kv_groups_kept", "heads_multiple_of"} & set(meta["fingerprint"])
     assert not [k for k in tensors if "kv" in k]
     with pytest.raises(ValueError, match="different run.*prune_heads: checkpoint False vs now True"):
         _trainer(model, blocks, Budget.for_model(model, 0.4, heads=True), steps=2, lr=0.05, checkpoint_dir=tmp_path,

@@ -51,7 +51,7 @@ FORMAT = CheckpointFormat(
 #: fingerprint keys of the learning-rate schedule: compared by the rates they give, not key by key
 _SCHEDULE_KEYS = ("lr", "lr_schedule", "schedule_steps", "decay_steps")
 #: fingerprint keys of KV-group pruning, recorded only when it is on; these values where a fingerprint lacks them
-_HEADS_DEFAULTS = {"prune_heads": False, "kv_ratio": None, "kv_groups_kept": None}
+_HEADS_DEFAULTS = {"prune_heads": False, "kv_ratio": None, "kv_groups_kept": None, "heads_multiple_of": 1}
 
 
 def run_fingerprint(model: nn.Module, space: PrunableSpace, budget: Budget, options: dict, schedule: LrSchedule,
@@ -76,8 +76,8 @@ def run_fingerprint(model: nn.Module, space: PrunableSpace, budget: Budget, opti
             "vocab": getattr(cfg, "vocab_size", None), "dtype": dtype,
             "weights": model_digest(model) if weights else None,
             "ratio": budget.ratio, "ratio_of": budget.ratio_of, "target_linear": budget.target_linear,
-            **({"prune_heads": True, "kv_ratio": budget.kv_ratio, "kv_groups_kept": budget.kv_groups_kept}
-               if budget.heads else {}),
+            **({"prune_heads": True, "kv_ratio": budget.kv_ratio, "kv_groups_kept": budget.kv_groups_kept,
+                "heads_multiple_of": budget.heads_multiple_of} if budget.heads else {}),
             "seed": int(seed), "multiple_of": int(multiple_of), "batch_size": int(global_batch),
             **options, **schedule.record(),
             "train_windows": tensor_fingerprint(train_windows), "val_windows": tensor_fingerprint(val_windows)}
