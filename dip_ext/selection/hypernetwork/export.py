@@ -13,8 +13,8 @@ ranking (its parameters: its query heads' and KV head's rows and o_proj columns)
 (``budget.kv_groups_kept``) the groups of lowest score over all layers are dropped first until at most that many
 are kept (as the one-shot selection does), and the parameter threshold is then placed among the remaining
 dimensions; the rounding to ``multiple_of`` never applies to whole-unit structures (KV groups, experts: they are
-raised singly, KV groups in steps of ``budget.heads_multiple_of`` and never past what the KV target left). A layer keeping no group keeps no attention,
-and an attention without output keeps no group. The slots, their widths and their steps are those of
+raised singly, KV groups in steps of ``budget.heads_multiple_of`` and never past what the KV target left). A layer
+keeping no group keeps no attention, and an attention without output keeps no group. The slots, their widths and their steps are those of
 ``budget.space`` (its layers may hold different structures).
 """
 
@@ -74,7 +74,8 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
     slot of ``budget.space`` (``kv_groups`` too with ``budget.heads``; other entries are ignored). The kept count
     is at most ``budget.target_linear``; with ``multiple_of == 1`` adding the next-ranked dimension would exceed
     it, with ``multiple_of > 1`` adding any set's next chunk would (whole-unit structures, KV groups, are raised
-    singly, or ``budget.heads_multiple_of`` at a time). With a KV-cache target at most ``budget.kv_groups_kept`` groups are kept.
+    singly, or ``budget.heads_multiple_of`` at a time). With a KV-cache target at most ``budget.kv_groups_kept``
+    groups are kept.
     Within a set the highest-scoring dims are kept. A block whose output set is empty keeps no inputs either.
     ValueError for NaN / inf logits (training diverged), a missing entry (``kv_groups`` logits for a budget with
     heads) or one of another width, the wrong number of layers, a bad ``multiple_of``, ``offset`` or ``budget``.
@@ -137,9 +138,8 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
 
     widths = widths_at(k)
     if multiple_of > 1 or (budget.heads and budget.heads_multiple_of > 1):
-        # (at 1 the export stays one global threshold: no single dims added past the prefix)
-        # Whole units (KV groups) are rounded singly (or to heads_multiple_of) and, under a KV target, never
-        # raised past the prefix.
+        # (with both steps 1 the export stays one global threshold: no single dims added past the prefix)
+        # KV groups step by heads_multiple_of and, under a KV target, are never raised past the prefix.
         limit = torch.where(is_kv, widths, sizes) if kv_cap is not None else sizes
         widths = fit_multiple(budget, as_layers, widths, sizes,
                               unit_steps(space, multiple_of, budget.heads_multiple_of), mean_gain, limit=limit)
