@@ -14,8 +14,8 @@ ranking (its parameters: its query heads' and KV head's rows and o_proj columns)
 are kept (as the one-shot selection does), and the parameter threshold is then placed among the remaining
 dimensions; the rounding to ``multiple_of`` never applies to whole-unit structures (KV groups, experts: they are
 raised singly, KV groups in steps of ``budget.heads_multiple_of`` and never past what the KV target left). A layer
-keeping no group keeps no attention, and an attention without output keeps no group. The slots, their widths and their steps are those of
-``budget.space`` (its layers may hold different structures).
+keeping no group keeps no attention, and an attention without output keeps no group. The slots, their widths and
+their steps are those of ``budget.space`` (its layers may hold different structures).
 """
 
 from __future__ import annotations
