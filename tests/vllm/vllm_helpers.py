@@ -133,6 +133,31 @@ def save_for_tensor_parallel(folder: Path, kept_groups, seed: int = 0) -> Path:
     return folder
 
 
+#: per layer, KV groups of :data:`HEADS_MODEL` whose heads barely reach the output (o_proj columns scaled by 1e-3):
+#: one-shot drops them first, so without ``heads_multiple_of`` layers would keep 3, 1, 3 and 4 groups
+WEAK_GROUPS = ((0,), (1, 2, 3), (2,), ())
+
+
+def prune_for_tensor_parallel(folder: Path, ranks: int, seed: int = 0) -> Path:
+    """A tiny Llama (:data:`HEADS_MODEL`, :data:`WEAK_GROUPS`) pruned by ``dip_ext.prune_and_compact`` (one-shot,
+    40 %, KV groups competing) with ``multiple_of`` and ``heads_multiple_of`` both ``ranks`` on random calibration
+    ids, saved to ``folder``. Returns ``folder``."""
+    torch.manual_seed(seed)
+    dense = perturb_norms_and_biases(LlamaForCausalLM(LlamaConfig(**HEADS_MODEL)).eval())
+    cols = HEADS_MODEL["num_attention_heads"] // HEADS_MODEL["num_key_value_heads"] * HEADS_MODEL["head_dim"]
+    with torch.no_grad():
+        for layer, groups in zip(dense.model.layers, WEAK_GROUPS):
+            for g in groups:
+                layer.self_attn.o_proj.weight[:, g * cols:(g + 1) * cols] *= 1e-3
+    ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(seed))
+    model, _ = dip_ext.prune_and_compact(dense, make_word_tokenizer(), method="oneshot", ratio=0.4, prune_heads=True,
+                                        multiple_of=ranks, heads_multiple_of=ranks, calibration=ids, val_windows=0,
+                                        seq_len=32, refit="off", recover="off", eval_text=(), progress=False)
+    model.save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def reference(folder, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The saved compacted model as dip_ext loads it (eval mode, ``dtype``)."""
     return dip_ext.from_pretrained(folder, dtype=dtype).eval()
