@@ -9,7 +9,7 @@ from helpers import perturb_norms_and_biases, run_cli, tiny_llama
 from dip_ext import PruneConfig, Pruner, RefitConfig
 from dip_ext.config import EvalConfig
 from dip_ext.masks import KV_GROUPS
-from dip_ext.selection.budget import Budget, fit_layer_widths
+from dip_ext.selection.budget import Budget, fit_layer_widths, kv_target_drops
 from dip_ext.selection.hypernetwork.export import export_masks
 
 GROUPS = 4  # KV heads per layer of the model below (8 query heads)
@@ -69,6 +69,26 @@ def test_oneshot_keeps_a_multiple_of_groups_per_layer_and_meets_the_budget(ratio
             assert torch.equal(m[KV_GROUPS], pm[KV_GROUPS])
 
 
+def test_oneshot_under_a_kv_target_keeps_as_many_groups_as_the_target_allows():
+    """The target's drops land on the step: rounding them down afterwards removed 2 groups more than asked."""
+    pruner, masks = oneshot(make_model(), ratio=0.6, kv_ratio=0.45, heads_multiple_of=2)
+    assert pruner.budget.kv_groups_kept == 8 and sum(group_counts(masks)) == 8, group_counts(masks)
+
+
+def test_kv_target_drops_step_down_cheapest_first_then_give_back_what_fits():
+    # slot 0: 3 KV groups, slot 1: a non-KV set (never dropped here), slot 2: 4 KV groups; step 2, at most 5 kept
+    scores = torch.tensor([10.0, 0.1, 9.0, 0.0, 0.0, 5.0, 2.0, 4.0, 3.0])
+    slot = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    kv_slots = torch.tensor([True, False, True])
+    # slot 0 steps 3 -> 2 (mean 0.1), slot 2 steps 4 -> 2 (mean 2.5, not slot 0's 2 -> 0 at 9.5): 4 kept; slot 0's
+    # third group (+1) fits under 5 again and is given back
+    dropped = kv_target_drops(scores, slot, kv_slots, cap=5, step=2)
+    assert dropped.tolist() == [False, False, False, False, False, False, True, False, True]
+    # step 1: the lowest-scored groups over all layers, ties to the higher index
+    dropped = kv_target_drops(torch.tensor([1.0, 1.0, 0.0, 2.0, 1.0]), torch.tensor([0, 0, 1, 2, 2]), kv_slots, cap=2)
+    assert dropped.tolist() == [False, True, False, False, True]
+
+
 def test_a_step_wider_than_a_layer_keeps_it_whole_or_removes_its_attention():
     _, masks = oneshot(make_model(), ratio=0.4, heads_multiple_of=8)
     assert set(group_counts(masks)) <= {0, GROUPS}, group_counts(masks)
@@ -103,6 +123,16 @@ def test_hypernetwork_export_rounds_groups_to_the_step(multiple_of, kv_ratio):
             assert all(w[s] % multiple_of == 0 or w[s] == budget.space.structure(i, s).size
                        for i, w in enumerate(masks.widths()) for s in w if s != KV_GROUPS)
     assert found_odd  # without the step some export kept an odd count: the rounding was exercised
+
+
+@pytest.mark.parametrize("kv_ratio", [0.5, 0.6])
+def test_hypernetwork_export_under_a_kv_target_keeps_as_many_groups_as_the_target_allows(kv_ratio):
+    model = make_model()
+    for seed in range(3):
+        budget = Budget.for_model(model, 0.4, heads=True, kv_ratio=kv_ratio, heads_multiple_of=2)
+        assert budget.kv_groups_kept % 2 == 0
+        masks, _ = export_masks(_random_logits(model, seed), budget)
+        assert sum(group_counts(masks)) == budget.kv_groups_kept, (seed, group_counts(masks))
 
 
 def test_width_fitter_rounds_groups_down_to_the_step():

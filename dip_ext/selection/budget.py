@@ -48,7 +48,7 @@ from ..space import PrunableSpace
 from .slots import per_layer
 
 __all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths",
-           "fit_multiple", "fit_layer_widths", "unit_steps", "unit_step"]
+           "fit_multiple", "fit_layer_widths", "unit_steps", "unit_step", "kv_target_drops"]
 
 RATIO_OF = ("decoder_linear", "total")
 
@@ -359,3 +359,42 @@ def unit_step(structure, multiple_of: int, heads_multiple_of: int = 1) -> int:
     if structure.name == KV_GROUPS:
         return heads_multiple_of
     return 1 if structure.whole_units else multiple_of
+
+
+def kv_target_drops(scores: torch.Tensor, slot: torch.Tensor, kv_slots: torch.Tensor, cap: int,
+                    step: int = 1) -> torch.Tensor:
+    """The units a KV-cache target drops before the parameter budget is met: bool ``[n_units]``.
+
+    ``scores``: ``[n_units]`` float, higher kept first; ``slot``: ``[n_units]`` int64, each unit's slot;
+    ``kv_slots``: ``[n_slots]`` bool, the slots of KV groups (other units are never dropped here). At most ``cap``
+    KV groups stay, a slot's lowest-scored first (among equal scores the higher index): with ``step`` 1 the lowest
+    over all layers; with ``step`` > 1 each slot keeps a multiple of ``step`` or all, stepping down lowest mean score
+    first until at most ``cap`` stay, then giving back steps that fit under ``cap``, best mean score first (so the
+    rounding after the target removes no more of the KV cache than it needs)."""
+    # every KV unit, lowest score first; among equal scores the higher index (the masks keep the lower one)
+    keyed = torch.where(kv_slots[slot], scores.double(), math.inf).flip(0)
+    order = (scores.numel() - 1 - torch.argsort(keyed, stable=True))[:int(kv_slots[slot].sum())]
+    dropped = torch.zeros(scores.numel(), dtype=torch.bool)
+    if step == 1:
+        dropped[order[:max(order.numel() - cap, 0)]] = True
+        return dropped
+    best_first = {k: order[slot[order] == k].flip(0) for k in torch.nonzero(kv_slots).flatten().tolist()}
+    counts = {k: units.numel() for k, units in best_first.items()}
+
+    def mean(k: int, lo: int, hi: int) -> float:
+        return float(scores[best_first[k][lo:hi]].double().mean())
+
+    while sum(counts.values()) > cap:
+        lower = {k: (c - 1) // step * step for k, c in counts.items()}
+        k = min((k for k in counts if counts[k] > 0), key=lambda k: (mean(k, lower[k], counts[k]), k))
+        counts[k] = lower[k]
+    while True:
+        raises = {k: min(c + step, best_first[k].numel()) for k, c in counts.items()}
+        fits = [k for k in counts if 0 < raises[k] - counts[k] <= cap - sum(counts.values())]
+        if not fits:
+            break
+        k = max(fits, key=lambda k: (mean(k, counts[k], raises[k]), -k))
+        counts[k] = raises[k]
+    for k, units in best_first.items():
+        dropped[units[counts[k]:]] = True
+    return dropped

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from ..calibration import HIDDEN, CalibrationResult
 from ..masks import KV_GROUPS, DispMasks, uniform_dims
 from .base import SelectionInputs, SelectionResult
-from .budget import Budget
+from .budget import Budget, kv_target_drops
 from .greedy import GroupSpace, greedy_select
 
 
@@ -19,9 +18,10 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
     (:func:`~dip_ext.selection.greedy.greedy_select`; widths rounded by the one budget fitter).
 
     With ``budget.heads`` every layer's KV groups compete too (a group's score: the Fisher score of its mask on
-    its query heads' outputs); with a KV-cache target (``budget.kv_groups_kept``) the groups of lowest score over
-    all layers are dropped first until at most that many are kept (every group caches the same bytes per token),
-    then the parameter budget is met as without it. ValueError when the calibration has no group scores."""
+    its query heads' outputs); with a KV-cache target (``budget.kv_groups_kept``) the groups of lowest score are
+    dropped first until at most that many are kept (every group caches the same bytes per token), on the step of
+    ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.budget.kv_target_drops`), then the parameter budget is
+    met as without it. ValueError when the calibration has no group scores."""
     space = budget.space
     if budget.heads and not any(KV_GROUPS in layer for layer in calib.scores):
         raise ValueError("pruning KV groups needs their calibration scores, and this calibration has none (a "
@@ -39,13 +39,9 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
         unit_score.append(score)
     unit_group, unit_index, unit_score = torch.cat(unit_group), torch.cat(unit_index), torch.cat(unit_score).double()
     dropped = None
-    if budget.kv_groups_kept is not None:
-        heads = torch.tensor([s == KV_GROUPS for _, s in space.slots()])[unit_group]
-        # lowest score first; among equal scores the higher index, as the masks keep the lower one (best first)
-        keyed = torch.where(heads, unit_score, math.inf).flip(0)
-        order = unit_score.numel() - 1 - torch.argsort(keyed, stable=True)
-        dropped = torch.zeros(unit_score.numel(), dtype=torch.bool)
-        dropped[order[:int(heads.sum()) - budget.kv_groups_kept]] = True
+    if budget.kv_groups_kept is not None:  # one group per slot here: a unit's group is its slot
+        kv_slots = torch.tensor([s == KV_GROUPS for _, s in space.slots()])
+        dropped = kv_target_drops(unit_score, unit_group, kv_slots, budget.kv_groups_kept, budget.heads_multiple_of)
     return greedy_select(GroupSpace(space, groups), budget, unit_group, unit_index, unit_score,
                          multiple_of, dropped=dropped)
 

@@ -10,12 +10,13 @@ the mean score of the dimensions they add.
 
 KV groups (``budget.heads``): the logits hold each layer's ``kv_groups`` too, and a group is one more unit of the
 ranking (its parameters: its query heads' and KV head's rows and o_proj columns). With a KV-cache target
-(``budget.kv_groups_kept``) the groups of lowest score over all layers are dropped first until at most that many
-are kept (as the one-shot selection does), and the parameter threshold is then placed among the remaining
-dimensions; the rounding to ``multiple_of`` never applies to whole-unit structures (KV groups, experts: they are
-raised singly, KV groups in steps of ``budget.heads_multiple_of`` and never past what the KV target left). A layer
-keeping no group keeps no attention, and an attention without output keeps no group. The slots, their widths and
-their steps are those of ``budget.space`` (its layers may hold different structures).
+(``budget.kv_groups_kept``) the groups of lowest score are dropped first until at most that many are kept, on the
+step of ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.budget.kv_target_drops`, as one-shot does), and the
+parameter threshold is then placed among the remaining dimensions; the rounding to ``multiple_of`` never applies to
+whole-unit structures (KV groups, experts: they are raised singly, KV groups in steps of
+``budget.heads_multiple_of`` and never past what the KV target left). A layer keeping no group keeps no attention,
+and an attention without output keeps no group. The slots, their widths and their steps are those of
+``budget.space`` (its layers may hold different structures).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from ...masks import KV_GROUPS, DispMasks
-from ..budget import Budget, fit_multiple, unit_steps
+from ..budget import Budget, fit_multiple, kv_target_drops, unit_steps
 from ..slots import per_layer
 
 __all__ = ["ExportInfo", "export_masks"]
@@ -105,10 +106,8 @@ def export_masks(logits: Sequence[dict[str, torch.Tensor]], budget: Budget, *, o
     is_kv = torch.tensor([s == KV_GROUPS for _, s in slots])  # per slot
     kv_cap = budget.kv_groups_kept
     if kv_cap is not None:
-        # The KV-cache target first: the lowest-scoring groups over all layers are dropped (never kept below).
-        kv_rank = order[is_kv[groups[order]]]
-        eligible = torch.ones(scores.numel(), dtype=torch.bool)
-        eligible[kv_rank[kv_cap:]] = False
+        # The KV-cache target first: the lowest-scoring groups are dropped (never kept below), on the step.
+        eligible = ~kv_target_drops(scores, groups, is_kv, kv_cap, budget.heads_multiple_of)
         order = order[eligible[order]]
 
     def widths_at(k: int) -> torch.Tensor:
