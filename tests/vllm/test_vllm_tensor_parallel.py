@@ -38,7 +38,7 @@ if __name__ == "__main__":
     print("RESULT " + json.dumps({{"tokens": tokens, "logprobs": logprobs}}), flush=True)
     # vLLM's client leaves its engine-core shutdown to an exit hook that does not wait for its own daemon threads;
     # one still unwinding out of zmq while the interpreter finalizes aborts the process ("terminate called without
-    # an active exception", about 1 exit in 3 here). Shut down and join them first.
+    # an active exception"). Shut down and join them first.
     llm.llm_engine.engine_core.shutdown()
     for thread in threading.enumerate():
         if thread is not threading.main_thread():
