@@ -372,9 +372,9 @@ def kv_target_drops(scores: torch.Tensor, slot: torch.Tensor, kv_slots: torch.Te
     first until at most ``cap`` stay, then giving back steps that fit under ``cap``, best mean score first (so the
     rounding after the target removes no more of the KV cache than it needs)."""
     # every KV unit, lowest score first; among equal scores the higher index (the masks keep the lower one)
-    keyed = torch.where(kv_slots[slot], scores.double(), math.inf).flip(0)
-    order = (scores.numel() - 1 - torch.argsort(keyed, stable=True))[:int(kv_slots[slot].sum())]
-    dropped = torch.zeros(scores.numel(), dtype=torch.bool)
+    is_kv = kv_slots[slot]
+    order = (scores.numel() - 1 - torch.argsort(torch.where(is_kv, scores.double(), math.inf).flip(0), stable=True))
+    order, dropped = order[:int(is_kv.sum())], torch.zeros(scores.numel(), dtype=torch.bool)
     if step == 1:
         dropped[order[:max(order.numel() - cap, 0)]] = True
         return dropped
@@ -389,8 +389,8 @@ def kv_target_drops(scores: torch.Tensor, slot: torch.Tensor, kv_slots: torch.Te
         k = min((k for k in counts if counts[k] > 0), key=lambda k: (mean(k, lower[k], counts[k]), k))
         counts[k] = lower[k]
     while True:
-        raises = {k: min(c + step, best_first[k].numel()) for k, c in counts.items()}
-        fits = [k for k in counts if 0 < raises[k] - counts[k] <= cap - sum(counts.values())]
+        room, raises = cap - sum(counts.values()), {k: min(c + step, best_first[k].numel()) for k, c in counts.items()}
+        fits = [k for k in counts if 0 < raises[k] - counts[k] <= room]
         if not fits:
             break
         k = max(fits, key=lambda k: (mean(k, counts[k], raises[k]), -k))
