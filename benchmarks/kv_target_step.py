@@ -21,7 +21,7 @@ import dip_ext
 from dip_ext import EvalConfig, PruneConfig, Pruner, RefitConfig, zoo
 from dip_ext.eval import perplexity
 from dip_ext.masks import KV_GROUPS
-from dip_ext.selection.budget import kv_target_drops
+from dip_ext.selection.kv_target import kv_target_drops
 from dip_ext.selection.greedy import GroupSpace, greedy_select
 
 TEXTS = ("wiki", "ptb")

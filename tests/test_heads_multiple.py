@@ -9,7 +9,8 @@ from helpers import perturb_norms_and_biases, run_cli, tiny_llama
 from dip_ext import PruneConfig, Pruner, RefitConfig
 from dip_ext.config import EvalConfig
 from dip_ext.masks import KV_GROUPS
-from dip_ext.selection.budget import Budget, fit_layer_widths, kv_target_drops
+from dip_ext.selection.budget import Budget, fit_layer_widths
+from dip_ext.selection.kv_target import kv_target_drops, most_groups_kept
 from dip_ext.selection.hypernetwork.export import export_masks
 
 GROUPS = 4  # KV heads per layer of the model below (8 query heads)
@@ -164,3 +165,29 @@ def test_cli_refuses_a_step_with_heads_kept_whole_in_one_line(capsys, tmp_path):
                              "2", "--out", str(tmp_path / "o"))
     assert code == 2 and "heads_multiple_of 2 rounds pruned KV groups" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_most_groups_kept_spreads_the_cap_on_the_step():
+    assert most_groups_kept([3, 3, 3], cap=7) == [3, 2, 2]
+    assert most_groups_kept([4, 4, 4], cap=7, step=2) == [2, 2, 2]  # a fourth step of 2 would pass the cap
+    assert most_groups_kept([3, 3, 3], cap=7, step=2) == [3, 2, 2]  # 2 -> 3 is a layer's last (whole) step
+    assert most_groups_kept([1, 4], cap=9, step=2) == [1, 4]
+    assert most_groups_kept([4, 4], cap=0, step=2) == [0, 0]
+
+
+def test_a_kv_target_the_step_cannot_meet_within_the_ratio_is_refused():
+    # 16 groups, kv_ratio 0.3 keeps at most 11: by one (3, 3, 3, 2), by whole layers of 4 only 8 (4, 4, 0, 0). A
+    # ratio between what those keep is feasible at step 1 and refused at step 4, before any work
+    model = make_model(weak=False)
+    budget = Budget.for_model(model, 0.5, kv_ratio=0.3)
+    widths = budget.space.full_widths()
+
+    def kept(groups):
+        for w, n in zip(widths, groups):
+            w[KV_GROUPS] = n
+        return float(budget.kept_ratio(widths))
+
+    ratio = 1 - (kept([3, 3, 3, 2]) + kept([4, 4, 0, 0])) / 2
+    assert Budget.for_model(model, ratio, kv_ratio=0.3).kv_groups_kept == 11
+    with pytest.raises(ValueError, match="alone removes"):
+        Budget.for_model(model, ratio, kv_ratio=0.3, heads_multiple_of=4)

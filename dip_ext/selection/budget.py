@@ -45,10 +45,11 @@ from ..families import adapter_for
 from ..masks import KV_GROUPS
 from ..params import dense_linear_params, kv_cache_bytes, param_report
 from ..space import PrunableSpace
+from .kv_target import most_groups_kept
 from .slots import per_layer
 
 __all__ = ["RATIO_OF", "Budget", "check_ratio", "heads_by_default", "widths_of", "round_down", "raise_widths",
-           "fit_multiple", "fit_layer_widths", "unit_steps", "unit_step", "kv_target_drops"]
+           "fit_multiple", "fit_layer_widths", "unit_steps", "unit_step"]
 
 RATIO_OF = ("decoder_linear", "total")
 
@@ -137,13 +138,13 @@ class Budget:
 
     def _check_kv_target(self) -> None:
         """ValueError when the KV-cache target alone removes more parameters than the ratio asks: keeping every
-        other dimension and the allowed groups spread evenly over the layers with KV groups (what keeps the most)
-        stays under the parameter target."""
+        other dimension and the allowed groups spread evenly over the layers with KV groups, a layer's count a
+        multiple of ``heads_multiple_of`` or all of them (what keeps the most), stays under the parameter target."""
         spread = self.space.full_widths()
         holders = [w for w in spread if KV_GROUPS in w]
-        kept, n = self.kv_groups_kept, len(holders)
-        for j, w in enumerate(holders):
-            w[KV_GROUPS] = min(w[KV_GROUPS], kept // n + int(j < kept % n))
+        for w, n in zip(holders, most_groups_kept([w[KV_GROUPS] for w in holders], self.kv_groups_kept,
+                                                  self.heads_multiple_of)):
+            w[KV_GROUPS] = n
         most = float(self.kept_linear(spread))
         if most < self.target_linear:
             floor = 1 - most / self.dense_linear
@@ -359,42 +360,3 @@ def unit_step(structure, multiple_of: int, heads_multiple_of: int = 1) -> int:
     if structure.name == KV_GROUPS:
         return heads_multiple_of
     return 1 if structure.whole_units else multiple_of
-
-
-def kv_target_drops(scores: torch.Tensor, slot: torch.Tensor, kv_slots: torch.Tensor, cap: int,
-                    step: int = 1) -> torch.Tensor:
-    """The units a KV-cache target drops before the parameter budget is met: bool ``[n_units]``.
-
-    ``scores``: ``[n_units]`` float, higher kept first; ``slot``: ``[n_units]`` int64, each unit's slot;
-    ``kv_slots``: ``[n_slots]`` bool, the slots of KV groups (other units are never dropped here). At most ``cap``
-    KV groups stay, a slot's lowest-scored first (among equal scores the higher index): with ``step`` 1 the lowest
-    over all layers; with ``step`` > 1 each slot keeps a multiple of ``step`` or all, stepping down lowest mean score
-    first until at most ``cap`` stay, then giving back steps that fit under ``cap``, best mean score first (so the
-    rounding after the target removes no more of the KV cache than it needs)."""
-    # every KV unit, lowest score first; among equal scores the higher index (the masks keep the lower one)
-    is_kv = kv_slots[slot]
-    order = (scores.numel() - 1 - torch.argsort(torch.where(is_kv, scores.double(), math.inf).flip(0), stable=True))
-    order, dropped = order[:int(is_kv.sum())], torch.zeros(scores.numel(), dtype=torch.bool)
-    if step == 1:
-        dropped[order[:max(order.numel() - cap, 0)]] = True
-        return dropped
-    best_first = {k: order[slot[order] == k].flip(0) for k in torch.nonzero(kv_slots).flatten().tolist()}
-    counts = {k: units.numel() for k, units in best_first.items()}
-
-    def mean(k: int, lo: int, hi: int) -> float:
-        return float(scores[best_first[k][lo:hi]].double().mean())
-
-    while sum(counts.values()) > cap:
-        lower = {k: (c - 1) // step * step for k, c in counts.items()}
-        k = min((k for k in counts if counts[k] > 0), key=lambda k: (mean(k, lower[k], counts[k]), k))
-        counts[k] = lower[k]
-    while True:
-        room, raises = cap - sum(counts.values()), {k: min(c + step, best_first[k].numel()) for k, c in counts.items()}
-        fits = [k for k in counts if 0 < raises[k] - counts[k] <= room]
-        if not fits:
-            break
-        k = max(fits, key=lambda k: (mean(k, counts[k], raises[k]), -k))
-        counts[k] = raises[k]
-    for k, units in best_first.items():
-        dropped[units[counts[k]:]] = True
-    return dropped

@@ -9,7 +9,8 @@ import torch
 from ..calibration import HIDDEN, CalibrationResult
 from ..masks import KV_GROUPS, DispMasks, uniform_dims
 from .base import SelectionInputs, SelectionResult
-from .budget import Budget, kv_target_drops
+from .budget import Budget
+from .kv_target import kv_target_drops
 from .greedy import GroupSpace, greedy_select
 
 
@@ -20,7 +21,7 @@ def oneshot_masks(calib: CalibrationResult, budget: Budget, multiple_of: int = 1
     With ``budget.heads`` every layer's KV groups compete too (a group's score: the Fisher score of its mask on
     its query heads' outputs); with a KV-cache target (``budget.kv_groups_kept``) the groups of lowest score are
     dropped first until at most that many are kept (every group caches the same bytes per token), on the step of
-    ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.budget.kv_target_drops`), then the parameter budget is
+    ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.kv_target.kv_target_drops`), then the parameter budget is
     met as without it. ValueError when the calibration has no group scores."""
     space = budget.space
     if budget.heads and not any(KV_GROUPS in layer for layer in calib.scores):

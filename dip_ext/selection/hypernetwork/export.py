@@ -11,7 +11,7 @@ the mean score of the dimensions they add.
 KV groups (``budget.heads``): the logits hold each layer's ``kv_groups`` too, and a group is one more unit of the
 ranking (its parameters: its query heads' and KV head's rows and o_proj columns). With a KV-cache target
 (``budget.kv_groups_kept``) the groups of lowest score are dropped first until at most that many are kept, on the
-step of ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.budget.kv_target_drops`, as one-shot does), and the
+step of ``budget.heads_multiple_of`` (:func:`~dip_ext.selection.kv_target.kv_target_drops`, as one-shot does), and the
 parameter threshold is then placed among the remaining dimensions; the rounding to ``multiple_of`` never applies to
 whole-unit structures (KV groups, experts: they are raised singly, KV groups in steps of
 ``budget.heads_multiple_of`` and never past what the KV target left). A layer keeping no group keeps no attention,
@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import torch
 
 from ...masks import KV_GROUPS, DispMasks
-from ..budget import Budget, fit_multiple, kv_target_drops, unit_steps
+from ..budget import Budget, fit_multiple, unit_steps
+from ..kv_target import kv_target_drops
 from ..slots import per_layer
 
 __all__ = ["ExportInfo", "export_masks"]
