@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--recon-lr", type=float, default=1e-4)
     ap.add_argument("--val-every", type=int, default=25)
     ap.add_argument("--prune-heads", action="store_true", help="--prune-heads (KV groups compete; default off here)")
+    ap.add_argument("--kv-ratio", type=float, default=None, help="--kv-ratio (a KV-cache target; turns heads on)")
+    ap.add_argument("--calibration-self", type=float, default=0.0,
+                    help="--calibration-self (the part of the calibration pass the dense model writes)")
     ap.add_argument("--data", default="text", choices=["text", "self", "mix"], help="--recover-data")
     ap.add_argument("--self-batch", type=int, default=RecoveryConfig().recover_self_batch,
                     help="--recover-self-batch")
@@ -106,7 +109,9 @@ def main() -> None:
     cfg = RecoveryConfig(recover=args.mode, **{k: v for k, v in values.items() if k not in unused})
     # the Pruner's own stages up to compaction; recovery runs below, scored along the way
     hyper = HypernetworkConfig(steps=args.hyper_steps, lr_schedule=args.hyper_schedule)
-    prune = PruneConfig(ratio=args.ratio, method=args.method, prune_heads=args.prune_heads)
+    prune = PruneConfig(ratio=args.ratio, method=args.method,
+                        prune_heads=True if args.prune_heads else (None if args.kv_ratio else False),
+                        kv_ratio=args.kv_ratio, calibration_self=args.calibration_self)
     pruner = Pruner(model, tok, prune, refit=RefitConfig(refit=args.refit),
                     method_options=hyper if args.method == "hypernetwork" else None,
                     recovery=cfg, evaluation=EvalConfig(eval_windows=0, speed=False), work_dir=args.work,

@@ -49,6 +49,12 @@ class PruneConfig(Options):
                               "ptb-test are refused)")
     calibration_windows: int = option(64, "calibration-pass windows (Fisher scores, statistics), evenly spaced "
                                       "over the calibration text", minimum=1)
+    calibration_self: float = option(0.0, "fraction of the calibration-pass windows the dense model writes itself "
+                                     "instead (prompted from the calibration text and sampled as by --recover-data "
+                                     "self, with the --recover-self-* options; cached in the work folder, where that "
+                                     "recovery reuses them), so the scores also see text beyond the calibration "
+                                     "text's domain (self-calibration, Williams et al. 2025); needs the tokenizer",
+                                     minimum=0.0, below=1.0)
     seq_len: Optional[int] = option(None, "tokens per calibration window (default: 256, or the model's position "
                                     "limit when that is shorter)", minimum=2)
     val_windows: int = option(16, "calibration windows held out from training and from the refit: the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -47,9 +47,10 @@ def frozen(model: nn.Module, *, grad: bool = False) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def model_digest(model: nn.Module, samples: int = 256) -> str:
+def model_digest(model: nn.Module, samples: int = 256, dtype: Optional[torch.dtype] = None) -> str:
     """A cheap digest of ``model``'s weights: sha256 over every parameter's name, shape, dtype and ``samples``
-    evenly spaced values of its flattened tensor (all values when it has fewer); 16 hex characters.
+    evenly spaced values of its flattened tensor (all values when it has fewer); 16 hex characters. ``dtype``:
+    the digest of the model cast to it (floating-point parameters; ``model`` itself is left as it is).
 
     The same on every data-parallel rank (each holds the same weights) and for an FSDP-sharded model (each
     sharded parameter is gathered whole first: a collective every rank runs, in the same order), so a run and
@@ -68,7 +69,9 @@ def model_digest(model: nn.Module, samples: int = 256) -> str:
         k = min(n, samples)
         idx = torch.arange(k, dtype=torch.int64, device=flat.device) * n // max(k, 1)
         values = flat[idx].cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if dtype is not None and values.is_floating_point():
+            values = values.to(dtype)
+        h.update(f"{name}|{tuple(t.shape)}|{values.dtype}|".encode())
         h.update(values.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -33,10 +33,10 @@ from .compaction import compact, require_dense
 from .config import DEFAULT_SEQ_LEN, EvalConfig, PruneConfig, RefitConfig
 from .recovery import RecoveryConfig, RecoveryResult, recover
 from .recovery.checks import check_sharded_teacher, recovery_texts
+from .recovery.self_text import self_text_windows
 from .distributed import Placement
 from .eval import PrefillComparison, compare_prefill, perplexity
 from .families import adapter_for
-from .mixtures import is_mixture
 from .model_state import model_digest, weight_itemsize
 from .outputs import prepare_work_dir
 from .params import ParamReport, param_report
@@ -47,7 +47,7 @@ from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection.budget import heads_by_default
 from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
-from .windows import CalibrationWindows, calibration_windows, mixture_windows, recovery_windows, split_calibration
+from .windows import CalibrationWindows, recovery_windows, run_windows, with_written
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
 
@@ -150,7 +150,8 @@ class Pruner:
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
         calibration_text = self.config.calibration if given is None else None
-        needs_tokenizer = list(texts) + [calibration_text] * (given is None)
+        needs_tokenizer = list(texts) + [calibration_text] * (given is None) + ["calibration_self"] * (
+            self.config.calibration_self > 0)
         needs_tokenizer += recovery_texts(self.recovery_config, texts, calibration_text)
         if tokenizer is None and needs_tokenizer:
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
@@ -195,7 +196,8 @@ class Pruner:
         val = self.windows().val
         return {"model": self.model_name, "dtype": self.dtype, "calibration": self.calibration_label,
                 "seq_len": self.seq_len, "calibration_windows": self.config.calibration_windows,
-                "val_windows": 0 if val is None else val.shape[0]}
+                "val_windows": 0 if val is None else val.shape[0],
+                **({"calibration_self": self.config.calibration_self} if self.config.calibration_self else {})}
 
     @contextmanager
     def _timed(self, stage: str):
@@ -212,19 +214,17 @@ class Pruner:
         asks for them)."""
         if self._windows is None:
             with self._timed("calibration data"):
-                cfg = self.config
-                given = self.calibration_tokens is not None
+                cfg, given = self.config, self.calibration_tokens is not None
                 wants_val = (self.method.uses_validation(self.method_options) or self.refit_config.refit == "auto"
                              or self.recovery_config.recover != "off")
                 val = cfg.val_windows if wants_val else 0
-                if not given and is_mixture(cfg.calibration):  # each part drawn from every text in proportion
-                    self._windows = mixture_windows(self.tokenizer, cfg.calibration, self.seq_len,
-                                                    cfg.calibration_windows, val, config=self.model.config)
-                    return self._windows
-                blocks = calibration_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
-                                             self.seq_len, config=self.model.config)
-                n_pass = None if given and cfg.calibration_windows >= blocks.shape[0] else cfg.calibration_windows
-                self._windows = split_calibration(blocks, n_pass, val)
+                self._windows = run_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
+                                            self.seq_len, cfg.calibration_windows, val, config=self.model.config)
+                n = int(self._windows.calibration.shape[0])  # the dense model writes a part of them (not all),
+                if written := min(int(cfg.calibration_self * n + 0.5), n - 1):  # prompted as recovery's own text
+                    text = self_text_windows(self.model, self.tokenizer, self._windows.train, written,
+                                             self.recovery_config, work_dir=self.work_dir, progress=self.progress)
+                    self._windows = with_written(self._windows, text.windows, self.calibration_label)
         return self._windows
 
     def calibrate(self) -> CalibrationResult:

@@ -13,7 +13,7 @@ from .mixtures import is_mixture, parse_mixture
 from .tokens import check_windows
 
 __all__ = ["CalibrationWindows", "calibration_windows", "split_calibration", "mixture_windows", "allocate",
-           "recovery_windows"]
+           "recovery_windows", "run_windows", "with_written"]
 
 
 @dataclass
@@ -126,6 +126,38 @@ def mixture_windows(tokenizer, spec: str, seq_len: int, calibration_windows: Opt
     vals_kept = [p.val for p in parts if p.val is not None]
     return CalibrationWindows(torch.cat([p.calibration for p in parts]), torch.cat([p.train for p in parts]),
                               torch.cat(vals_kept) if vals_kept else None, sources)
+
+
+def run_windows(tokenizer, calibration: Union[str, torch.Tensor], seq_len: int, n_pass: int, val_windows: int, *,
+                config=None) -> CalibrationWindows:
+    """The windows of one pruning run: of the text or mixture named ``calibration``, or of given token windows /
+    a token stream (then every window calibrates when ``n_pass`` asks for as many or more); ``n_pass`` windows for
+    the calibration pass and ``val_windows`` held out (:func:`split_calibration`, :func:`mixture_windows`)."""
+    if isinstance(calibration, str) and is_mixture(calibration):  # each part drawn from every text in proportion
+        return mixture_windows(tokenizer, calibration, seq_len, n_pass, val_windows, config=config)
+    blocks = calibration_windows(tokenizer, calibration, seq_len, config=config)
+    given = isinstance(calibration, torch.Tensor)
+    return split_calibration(blocks, None if given and n_pass >= blocks.shape[0] else n_pass, val_windows)
+
+
+def with_written(windows: CalibrationWindows, written: torch.Tensor, label: str) -> CalibrationWindows:
+    """``windows`` whose calibration pass ends with the ``written`` windows ``[k, seq_len]`` (text the dense model
+    wrote itself) in place of ``k`` of its own, the others kept evenly spaced over them; the training and held-out
+    windows stay the text's. ``sources`` gains ``"self"`` (``label``: the text's name when it had no sources).
+    ValueError when ``k`` is not below the calibration pass's windows or the window lengths differ."""
+    cal, k = windows.calibration, int(written.shape[0])
+    if not 0 < k < cal.shape[0] or written.shape[1:] != cal.shape[1:]:
+        raise ValueError(f"written windows {tuple(written.shape)} cannot replace part of a calibration pass of "
+                         f"{tuple(cal.shape)}")
+    kept = data.spread_indices(int(cal.shape[0]), int(cal.shape[0]) - k)
+    val = 0 if windows.val is None else int(windows.val.shape[0])
+    sources, start = {}, 0
+    for name, c in (windows.sources or {label: {"calibration": int(cal.shape[0]), "train": int(windows.train.shape[0]),
+                                                "val": val}}).items():
+        sources[name] = {**c, "calibration": int(((kept >= start) & (kept < start + c["calibration"])).sum())}
+        start += c["calibration"]
+    sources["self"] = {"calibration": k, "train": 0, "val": 0}
+    return CalibrationWindows(torch.cat([cal[kept], written]), windows.train, windows.val, sources)
 
 
 def recovery_windows(tokenizer, train: torch.Tensor, calibration, text: Optional[str], cap: Optional[int],

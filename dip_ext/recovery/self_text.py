@@ -19,9 +19,10 @@ stream, which is cut into ``seq_len`` windows like any text (:func:`dip_ext.data
 Deterministic: batch ``b`` is sampled under its own seed (``recover_seed``, ``b``) whatever came before it, so an
 interrupted run continues exactly and a run that needs more windows than the cache holds adds batches. Cache layout:
 ``<work_dir>/self-text-<key>/b<index>.safetensors`` (``tokens`` int64: the batch's samples concatenated;
-``lengths`` int64 ``[samples]``), each written atomically. ``<key>`` digests the teacher's weights, the text's
-windows, the tokenizer's special tokens and chat template and every option that shapes a sample, so a cache is never
-read for another model, text, seed or setting.
+``lengths`` int64 ``[samples]``), each written atomically. ``<key>`` digests the weights sampled from (the teacher's
+in the sampling dtype: a teacher cast to it beforehand finds the same cache), the text's windows, the tokenizer's
+special tokens and chat template and every option that shapes a sample, so a cache is never read for another model,
+text, seed or setting.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _cache_key(teacher: nn.Module, tokenizer, text: torch.Tensor, config: Recove
                dtype: str) -> str:
     eos, pad = _special_ids(tokenizer)
     template = getattr(tokenizer, "chat_template", None) if chat else None
-    return digest(f"{model_digest(teacher)}|{config.recover_seed}|{float(config.recover_self_temperature)!r}|"
+    weights = model_digest(teacher, dtype=None if dtype == "same" else as_dtype(dtype))  # the weights sampled from
+    return digest(f"{weights}|{config.recover_seed}|{float(config.recover_self_temperature)!r}|"
                   f"{dtype}|"
                   f"{config.recover_self_prompt_len}|{config.recover_self_batch}|"
                   f"{float(config.recover_self_chat) if chat else 0.0!r}|{eos}|{pad}|{template}|"
@@ -183,10 +185,11 @@ def self_text_windows(teacher: nn.Module, tokenizer, text: torch.Tensor, n_windo
     FSDP-sharded teacher, or for ``text`` windows shorter than 2 tokens.
     """
     if tokenizer is None:
-        raise ValueError("recover_data 'self' and 'mix' need the teacher's tokenizer (the samples are prompted "
-                         "and ended by its tokens): pass tokenizer=..., or use recover_data='text'")
+        raise ValueError("self-written text (recover_data 'self' / 'mix', calibration_self) needs the dense model's "
+                         "tokenizer (the samples are prompted and ended by its tokens): pass tokenizer=...")
     if dist.is_sharded(teacher):
-        raise ValueError("recover_data 'self' and 'mix' need a whole (unsharded) teacher to generate with")
+        raise ValueError("self-written text (recover_data 'self' / 'mix', calibration_self) needs a whole (unsharded) "
+                         "dense model to generate with")
     if text.dim() != 2 or text.shape[1] < 2 or text.shape[0] < 1:
         raise ValueError(f"self-generated text is prompted from training windows [n, seq_len >= 2], got "
                          f"{tuple(text.shape)}")
