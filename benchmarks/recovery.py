@@ -149,6 +149,7 @@ def main() -> None:
         student = pruner.compact().model
         out["prune_seconds"] = dict(pruner.seconds)
         selection = pruner.select()
+        out["budget"] = pruner.budget.describe(selection.masks.widths())  # kept parameters, KV-cache bytes (bf16)
         if selection.training is not None:
             out["hypernetwork"] = {"steps": selection.training.steps, "best_step": selection.training.best_step,
                                    "val_history": selection.training.val_history}
