@@ -51,7 +51,8 @@ class PruneConfig(Options):
                                       "over the calibration text", minimum=1)
     calibration_self: float = option(0.0, "fraction of the calibration-pass windows the dense model writes itself "
                                      "instead (prompted from the calibration text and sampled as by --recover-data "
-                                     "self, with the --recover-self-* options; cached in the work folder, where that "
+                                     "self, with the --recover-self-* options where the recovery writes text too, "
+                                     "else their defaults; cached in the work folder, where that "
                                      "recovery reuses them), so the scores also see text beyond the calibration "
                                      "text's domain (self-calibration, Williams et al. 2025); needs the tokenizer",
                                      minimum=0.0, below=1.0)

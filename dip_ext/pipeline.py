@@ -47,7 +47,7 @@ from .selection import Budget, SelectionInputs, SelectionResult, get_method
 from .selection.budget import heads_by_default
 from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
-from .windows import CalibrationWindows, recovery_windows, run_windows, with_written
+from .windows import CalibrationWindows, recovery_windows, run_windows, self_written_count, with_written
 
 __all__ = ["Pruner", "Evaluation", "CompactionResult"]
 
@@ -150,12 +150,13 @@ class Pruner:
         texts = self.eval_config.eval_text if self.eval_config.eval_windows != 0 else []
         given = None if calibration_tokens is None else data.calibration_tokens(calibration_tokens, tokenizer)
         calibration_text = self.config.calibration if given is None else None
-        needs_tokenizer = list(texts) + [calibration_text] * (given is None) + ["calibration_self"] * (
-            self.config.calibration_self > 0)
+        needs_tokenizer = list(texts) + [calibration_text] * (given is None)
         needs_tokenizer += recovery_texts(self.recovery_config, texts, calibration_text)
-        if tokenizer is None and needs_tokenizer:
+        if tokenizer is None and (needs_tokenizer or self.config.calibration_self > 0):
             raise ValueError(f"the texts {', '.join(needs_tokenizer)} need a tokenizer: pass tokenizer=... (or "
-                             "calibration_tokens and evaluation=EvalConfig(eval_windows=0))")
+                             "calibration_tokens and evaluation=EvalConfig(eval_windows=0))" if needs_tokenizer else
+                             "calibration_self needs the tokenizer (the dense model's samples start and end with its "
+                             "tokens): pass tokenizer=..., or calibration_self=0")
         self.model, self.tokenizer, self.full_model = model, tokenizer, full_model
         self.calibration_tokens = None if given is None else given.tokens
         self.calibration_label = self.config.calibration if given is None else given.label
@@ -220,8 +221,7 @@ class Pruner:
                 val = cfg.val_windows if wants_val else 0
                 self._windows = run_windows(self.tokenizer, self.calibration_tokens if given else cfg.calibration,
                                             self.seq_len, cfg.calibration_windows, val, config=self.model.config)
-                n = int(self._windows.calibration.shape[0])  # the dense model writes a part of them (not all),
-                if written := min(int(cfg.calibration_self * n + 0.5), n - 1):  # prompted as recovery's own text
+                if written := self_written_count(cfg.calibration_self, int(self._windows.calibration.shape[0])):
                     text = self_text_windows(self.model, self.tokenizer, self._windows.train, written,
                                              self.recovery_config, work_dir=self.work_dir, progress=self.progress)
                     self._windows = with_written(self._windows, text.windows, self.calibration_label)

@@ -13,7 +13,7 @@ from .mixtures import is_mixture, parse_mixture
 from .tokens import check_windows
 
 __all__ = ["CalibrationWindows", "calibration_windows", "split_calibration", "mixture_windows", "allocate",
-           "recovery_windows", "run_windows", "with_written"]
+           "recovery_windows", "run_windows", "self_written_count", "with_written"]
 
 
 @dataclass
@@ -138,6 +138,17 @@ def run_windows(tokenizer, calibration: Union[str, torch.Tensor], seq_len: int, 
     blocks = calibration_windows(tokenizer, calibration, seq_len, config=config)
     given = isinstance(calibration, torch.Tensor)
     return split_calibration(blocks, None if given and n_pass >= blocks.shape[0] else n_pass, val_windows)
+
+
+def self_written_count(fraction: float, n: int) -> int:
+    """How many of ``n`` calibration-pass windows the dense model writes for ``calibration_self=fraction``: the
+    nearest count, at most ``n - 1`` (one window at least stays the text's). UserWarning when a fraction > 0 comes
+    to none (too few windows for it)."""
+    written = min(int(fraction * n + 0.5), n - 1)
+    if fraction > 0 and written == 0:
+        warnings.warn(f"calibration_self {fraction:g} of {n} calibration-pass window(s) is no window: the pass reads "
+                      "the text only (raise --calibration-windows or --calibration-self)", stacklevel=3)
+    return written
 
 
 def with_written(windows: CalibrationWindows, written: torch.Tensor, label: str) -> CalibrationWindows:

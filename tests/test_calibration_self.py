@@ -15,7 +15,7 @@ from dip_ext.config import EvalConfig
 from dip_ext.model_state import model_digest
 from dip_ext.recovery import RecoveryConfig
 from dip_ext.recovery.self_text import self_text_windows
-from dip_ext.windows import CalibrationWindows, with_written
+from dip_ext.windows import CalibrationWindows, self_written_count, with_written
 from helpers import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,8 @@ SELF_RECOVERY = RecoveryConfig(recover="distill", recover_data="self", recover_s
 
 
 def test_written_windows_replace_the_end_of_the_pass_and_are_counted_per_source():
-    cal, train, val = torch.arange(32).view(8, 4), torch.zeros(10, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
+    cal, train = torch.arange(32).view(8, 4), torch.zeros(10, 4, dtype=torch.long)
+    val = torch.ones(2, 4, dtype=torch.long)
     written = torch.full((3, 4), -1)
     out = with_written(CalibrationWindows(cal, train, val), written, "wiki")
     # 5 of the 8 text windows kept, evenly spaced (linspace(0, 7, 5) rounded), then the 3 written ones
@@ -95,7 +96,7 @@ def test_refusals(word_tokenizer):
         with pytest.raises(ValueError, match="calibration_self"):
             PruneConfig(calibration_self=bad)
     windows = torch.randint(3, len(word_tokenizer), (8, SEQ), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="calibration_self need a tokenizer"):
+    with pytest.raises(ValueError, match=r"calibration_self needs the tokenizer .*, or calibration_self=0"):
         Pruner(model, None, PruneConfig(calibration_self=0.5, seq_len=SEQ), calibration_tokens=windows,
                evaluation=NO_EVAL, recovery=RecoveryConfig(recover="off"))
 
@@ -109,3 +110,13 @@ def test_a_digest_in_another_dtype_is_the_digest_of_the_cast_model(word_tokenize
     assert model_digest(cast, dtype=torch.bfloat16) == model_digest(cast)
     assert model_digest(model) != model_digest(cast)
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_fraction_that_comes_to_no_window_is_warned_about(word_tokenizer, word_text):
+    run = pruner(dense(word_tokenizer), word_tokenizer, word_text, 0.1)  # 0.1 of 4 windows: none
+    with pytest.warns(UserWarning, match="calibration_self 0.1 of 4 calibration-pass window"):
+        windows = run.windows()
+    assert windows.sources is None and windows.calibration.shape[0] == 4
+    assert self_written_count(0.99, 64) == 63 and self_written_count(0.5, 64) == 32
+    with pytest.warns(UserWarning, match="is no window"):
+        assert self_written_count(0.5, 1) == 0  # one window at least stays the text's
