@@ -179,6 +179,13 @@ class PruneReport:
             raise ValueError("this report has no compacted model's parameter counts (compaction ran on another rank)")
         return self.params_after
 
+    def _calibration_line(self) -> str:
+        """What the calibration pass read: its window count and text, and how many windows the dense model wrote."""
+        windows = self.windows or {}
+        written = ((windows.get("sources") or {}).get("self") or {}).get("calibration", 0)
+        return (f"calibration pass: {windows.get('calibration', 0)} windows of {self.calibration}"
+                + (f", {written} of them written by the dense model itself (--calibration-self)" if written else ""))
+
     def to_markdown(self) -> str:
         """``report.md``: the run in a table, each stage's own lines, wall times and kept widths."""
         b, a = self.params_before, self._after()
@@ -187,6 +194,7 @@ class PruneReport:
                  f"{'decoder-linear' if self.ratio_of == 'decoder_linear' else 'all'} parameters"
                  + (f" (weights in {self.dtype})" if self.dtype else "")
                  + ("; resumed from the checkpoints of an earlier run" if self.resumed else ""), "",
+                 self._calibration_line(), "",
                  "| | before | after | removed |", "|---|---:|---:|---:|",
                  f"| total parameters | {b.total:,} | {a.total:,} | {100 * (1 - a.total / b.total):.2f} % |",
                  f"| decoder-linear parameters | {b.decoder_linear:,} | {a.decoder_linear:,} | "

@@ -75,6 +75,8 @@ def test_the_dense_model_writes_its_part_once_and_recovery_reads_it_back(word_to
     _, report = run.run()
     assert report.windows["sources"]["self"] == {"calibration": 2, "train": 0, "val": 0}
     assert report.windows["sources"][word_text]["calibration"] == 2
+    assert f"calibration pass: 4 windows of {word_text}, 2 of them written by the dense model itself" in (
+        report.to_markdown())
     # recovery's self-written windows are the same samples: read from the cache, none generated again
     assert report.recovery.data["self_windows"] == 2 and report.recovery.data["cached"] is True
     assert report.recovery.data["generated_tokens"] == 0
