@@ -133,8 +133,10 @@ class Pruner:
             raise ValueError("full_model is only for a sharded (FSDP) model; compact the model itself")
         self.recovery_config = self.recovery_config.resolved(next(model.parameters()).device, tokenizer=tokenizer
                                                              is not None, sharded_teacher=self.placement.sharded)
-        if self.placement.sharded:  # the sharded model will be the recovery's teacher
+        if self.placement.sharded:  # the sharded model will be the recovery's teacher, and cannot write text
             check_sharded_teacher(self.recovery_config, self.placement.world_size)
+            if self.config.calibration_self > 0:
+                raise ValueError("calibration_self needs a whole dense model to write text: run it without FSDP")
         self.seq_len = data.fit_seq_len(self.config.seq_len, model.config, default=DEFAULT_SEQ_LEN, what="seq_len")
         self.eval_seq_len = data.fit_seq_len(self.eval_config.eval_seq_len, model.config, default=DEFAULT_SEQ_LEN,
                                              what="eval_seq_len")
@@ -295,12 +297,11 @@ class Pruner:
             before = param_report(dense if dense is not None else self.model)
             self._keep_dense_copy()
             with self._timed("compaction"):
-                model = dense
-                if model is not None:
-                    compact(model, masks)
+                if dense is not None:
+                    compact(dense, masks)
                     if self.placement.sharded:
-                        model.to(next(self.model.parameters()).device)
-            self._compaction = CompactionResult(model, before, param_report(model) if model is not None else None)
+                        dense.to(next(self.model.parameters()).device)
+            self._compaction = CompactionResult(dense, before, param_report(dense) if dense is not None else None)
         return self._compaction
 
     def recover(self) -> Optional[RecoveryResult]:
@@ -379,7 +380,6 @@ class Pruner:
     def report(self) -> PruneReport:
         """The report of the stages run so far (compaction must have run)."""
         compaction, selection, windows = self.compact(), self.select(), self.windows()
-        masks = selection.masks
         after_eval = self.evaluations.get("after", Evaluation("after"))
         configs = RunConfigs(prune=self.config, refit=self.refit_config, evaluation=self.eval_config,
                              recovery=self.recovery_config, method_options=self.method_options)
@@ -390,8 +390,8 @@ class Pruner:
                      "train": int(windows.train.shape[0]) if selection.training is not None else 0,
                      "val": 0 if windows.val is None else int(windows.val.shape[0]),
                      **({"sources": windows.sources} if windows.sources else {})},
-            params_before=compaction.params_before, params_after=compaction.params_after,
-            budget=self.budget.describe(masks.widths(), itemsize=weight_itemsize(self.model)), masks=masks,
+            params_before=compaction.params_before, params_after=compaction.params_after, masks=selection.masks,
+            budget=self.budget.describe(selection.masks.widths(), itemsize=weight_itemsize(self.model)),
             perplexity_before=self.evaluations.get("before", Evaluation("before")).perplexity,
             perplexity_after=after_eval.perplexity,
             perplexity_recovered=self.evaluations.get("recovered", Evaluation("recovered")).perplexity,

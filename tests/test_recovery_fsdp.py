@@ -66,6 +66,10 @@ def refusals(student, sharded, dense, rank: int) -> dict:
         "pruner auto": lambda: Pruner(sharded, None, PruneConfig(method="oneshot"), recovery=options(recover="auto"),
                                       calibration_tokens=train, evaluation=EvalConfig(eval_windows=0),
                                       full_model=dense if rank == 0 else None, progress=False),
+        "pruner calibration_self": lambda: Pruner(sharded, None, PruneConfig(method="oneshot", calibration_self=0.5),
+                                                  recovery=options(), calibration_tokens=train,
+                                                  evaluation=EvalConfig(eval_windows=0),
+                                                  full_model=dense if rank == 0 else None, progress=False),
         "replicate nothing": lambda: replicate_from_main(None, "cpu"),
     }
     out = {}
@@ -221,6 +225,8 @@ def test_a_sharded_teacher_refuses_what_it_cannot_run_before_any_work(fsdp_run):
         assert "use --recover distill with --fsdp" in got[name], name
     assert "--dtype" in got["teacher dtype"] and "sharded (FSDP) student" in got["sharded student"]
     assert "rank 0 must pass the model" in got["replicate nothing"]
+    refused = got["pruner calibration_self"]
+    assert refused == "calibration_self needs a whole dense model to write text: run it without FSDP"
     assert checks[0]["student untouched"] and checks[1]["student untouched"]
 
 
