@@ -26,7 +26,7 @@ test-fast: setup
 
 # The main job: `dip-ext prune` with its defaults (the measured recipe; README "On a fresh machine"): prune the
 # embedded default model (SmolLM2-135M) by 30 % of its decoder-linear parameters with one-shot masks, KV groups
-# competing, recover it toward the dense model (140 distillation steps of 2 windows, half of them text the dense
+# competing, recover it toward the dense model (280 distillation steps of 2 windows, half of them text the dense
 # model writes itself; bf16 where the CPU computes in it natively), and write ./dip-out.
 prune: setup
 	$(VENV)/bin/dip-ext prune

@@ -76,7 +76,7 @@ class RecoveryConfig(Options):
         "distill", "after compaction, train the pruned model back toward the dense one. reconstruct: fit each decoder "
         "layer in turn to the dense layer's output (cheap, no full backward); distill: train on the dense model's "
         "next-token distribution; auto: reconstruct, then distill, keeping the best state on the held-out windows")
-    recover_steps: int = option(140, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
+    recover_steps: int = option(280, "distillation optimizer steps (each --recover-batch windows)", minimum=0)
     recover_lr: float = option(3e-4, "peak learning rate of the distillation (AdamW; linear warm-up, cosine decay "
                                "to 10 % of it)", above=0.0)
     recover_batch: int = option(2, "windows per distillation step (the global batch, summed over ranks)",
