@@ -88,6 +88,14 @@ def test_cached_reused_extended_and_exact_after_an_interruption(teacher, word_to
     assert torch.equal(more.windows[:6], first.windows) and more.samples > first.samples
 
 
+def test_the_progress_bar_says_when_it_reads_the_cache(teacher, word_tokenizer, text, tmp_path, capsys):
+    self_text_windows(teacher, word_tokenizer, text, 6, cfg(), work_dir=tmp_path, progress=True)
+    written = capsys.readouterr().err
+    assert "self-generated text" in written and "read from the cache" not in written
+    self_text_windows(teacher, word_tokenizer, text, 6, cfg(), work_dir=tmp_path, progress=True)
+    assert "self-generated text (read from the cache)" in capsys.readouterr().err
+
+
 def test_cache_key_covers_teacher_seed_and_sampling(teacher, word_tokenizer, text, tmp_path):
     base = self_text_windows(teacher, word_tokenizer, text, 2, cfg(), work_dir=tmp_path, progress=False).folder
     other = copy.deepcopy(teacher)

@@ -230,6 +230,7 @@ def _collect(folder: Optional[Path], need: int, generate, *, progress: bool = Fa
     with tqdm(total=need, desc="self-generated text", unit="tok", disable=not progress) as bar:
         while len(stream) < need:
             rows = _read_batch(folder, batch) if folder is not None else None
+            bar.set_description("self-generated text" + (" (read from the cache)" if rows is not None else ""))
             if rows is None:
                 if generate is None:
                     raise RuntimeError(f"rank 0 did not write {_batch_path(folder, batch)}")
