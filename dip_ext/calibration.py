@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .compaction import require_dense
+from .files import fingerprint_differences
 from .families import adapter_for
 from .masking import MaskedModel
 from .masks import STRUCTURE_SPACE, STRUCTURES
@@ -195,8 +196,9 @@ def _start(checkpoint, blocks: torch.Tensor, space: PrunableSpace, model_sha: st
     now = {"space": _space_entry(space), "weights": model_sha,
            "blocks": blocks_sha(blocks[:start]), "settings": settings}
     saved = {**result.fingerprint(), "space": _space_entry(result.space)}
-    keys = {"space", "weights"} | ({"blocks"} if start <= n else set())
-    keys |= {"settings"} if settings is not None and result.settings is not None else set()
+    keys = {"space", "weights"} | ({"settings"} if settings is not None and result.settings is not None else set())
+    if start <= n and not fingerprint_differences(saved, now, keys & {"settings"}, {}):
+        keys.add("blocks")  # where the settings differ they explain other windows: named, not the digest's guess
     FORMAT.check_fingerprint(checkpoint, saved, now, keys=keys, labels=_LABELS)
     if start > n:
         raise ValueError(f"{checkpoint}: checkpoint has {start} windows but only {n} were given")
