@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -43,9 +44,8 @@ from .params import ParamReport, param_report
 from .refit import RefitResult, run_refit
 from .report import PruneReport
 from .run_configs import RunConfigs
-from .selection import Budget, SelectionInputs, SelectionResult, get_method
+from .selection import Budget, SelectionInputs, SelectionResult, get_method, method_options as resolve_method_options
 from .selection.budget import heads_by_default
-from .selection import method_options as resolve_method_options
 from .sharding import replicate_from_main
 from .windows import CalibrationWindows, recovery_windows, run_windows, self_written_count, with_written
 
@@ -64,7 +64,6 @@ class Evaluation:
     label: str
     perplexity: dict[str, float] = field(default_factory=dict)
     tokens_per_second: Optional[float] = None
-    #: "after": the compacted model's prefill timed against the dense one as interleaved pairs
     speed: Optional[PrefillComparison] = None
 
 
@@ -159,15 +158,16 @@ class Pruner:
                              "calibration_tokens and evaluation=EvalConfig(eval_windows=0))" if needs_tokenizer else
                              "calibration_self needs the tokenizer (the dense model's samples start and end with its "
                              "tokens): pass tokenizer=..., or calibration_self=0")
-        self.model, self.tokenizer, self.full_model = model, tokenizer, full_model
+        self.model, self.tokenizer, self.full_model, self.progress = model, tokenizer, full_model, progress
         self.calibration_tokens = None if given is None else given.tokens
         self.calibration_label = self.config.calibration if given is None else given.label
-        self.progress = progress
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         self.work_dir = Path(work_dir) if work_dir is not None else None
-        self.resume = bool(resume)
-        self.resumed = False
+        # self-written text is cached where the recovery reads it back: the work folder, else a folder of this run's
+        self._scratch = tempfile.TemporaryDirectory() if self.config.calibration_self and work_dir is None else None
+        self.text_cache = self.work_dir if self._scratch is None else Path(self._scratch.name)
+        self.resume, self.resumed = bool(resume), False
         if self.work_dir is not None:
             self._prepare_work_dir()
         self.seconds: dict[str, float] = {}
@@ -225,7 +225,7 @@ class Pruner:
                                             self.seq_len, cfg.calibration_windows, val, config=self.model.config)
                 if written := self_written_count(cfg.calibration_self, int(self._windows.calibration.shape[0])):
                     text = self_text_windows(self.model, self.tokenizer, self._windows.train, written,
-                                             self.recovery_config, work_dir=self.work_dir, progress=self.progress)
+                                             self.recovery_config, work_dir=self.text_cache, progress=self.progress)
                     self._windows = with_written(self._windows, text.windows, self.calibration_label)
         return self._windows
 
@@ -325,7 +325,7 @@ class Pruner:
                                          rc.recover_windows, self.seq_len, config=self.model.config)
                 self._recovery = recover(model, teacher, train, windows.val, rc, work_dir=work, resume=self.resume,
                                          placement=placement, progress=self.progress, tokenizer=self.tokenizer,
-                                         data_cache=self.work_dir)
+                                         data_cache=self.text_cache)
             self._teacher = None  # the copy is not needed any more
         return self._recovery
 

@@ -6,6 +6,7 @@ without a tokenizer or outside [0, 1). Tiny random Llama over the word tokenizer
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -80,6 +81,17 @@ def test_the_dense_model_writes_its_part_once_and_recovery_reads_it_back(word_to
     # recovery's self-written windows are the same samples: read from the cache, none generated again
     assert report.recovery.data["self_windows"] == 2 and report.recovery.data["cached"] is True
     assert report.recovery.data["generated_tokens"] == 0
+
+
+def test_without_a_work_folder_recovery_still_reads_the_calibration_samples_back(word_tokenizer, word_text):
+    run = pruner(dense(word_tokenizer), word_tokenizer, word_text, 0.5)
+    _, report = run.run()
+    assert report.recovery.data["cached"] is True and report.recovery.data["generated_tokens"] == 0
+    scratch = run.text_cache
+    assert list(scratch.glob("self-text-*/b*.safetensors"))  # the run's own temporary folder...
+    del run
+    gc.collect()
+    assert not scratch.exists()  # ...gone with the run
 
 
 def test_a_resume_with_another_fraction_is_refused(word_tokenizer, word_text, tmp_path):
