@@ -350,6 +350,9 @@ def test_result_report_lines_and_curve_png(tmp_path):
     result = recover(student, teacher, windows(8, 1), windows(3, 2), config(), progress=False)
     lines = "\n".join(result.markdown_lines())
     assert "## Recovery" in lines and "| distill | 6 |" in lines
+    best, cfg = result.distillation["best_step"], config()
+    assert f"kept distill (the weights of step {best} of {cfg.recover_steps}, the best on the held-out" in lines
+    assert f"Distillation: {cfg.recover_batch} windows a step, learning rate {cfg.recover_lr:g}" in lines
     result.plot(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps(result.to_dict())

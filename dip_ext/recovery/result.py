@@ -80,10 +80,17 @@ class RecoveryResult:
         """Lines for the report's Markdown (a heading, one sentence, a table of the held-out curve)."""
         if self.mode == "off":
             return []
-        total = sum(self.seconds.values())
-        lines = ["", "## Recovery", "",
-                 f"Mode **{self.mode}**: kept {' + '.join(self.chosen) if self.chosen else 'the pruned weights'}; "
-                 f"{self.tokens:,} training tokens, {total:.0f} s."]
+        total, dist, opts = sum(self.seconds.values()), self.distillation or {}, self.options
+        kept = ' + '.join(self.chosen) if self.chosen else 'the pruned weights'
+        if "distill" in self.chosen and dist.get("best_step") is not None:
+            kept += f" (the weights of step {dist['best_step']} of {dist['steps']}, the best on the held-out windows)"
+        lines = ["", "## Recovery", "", f"Mode **{self.mode}**: kept {kept}; {self.tokens:,} training tokens, "
+                 f"{total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items())})."]
+        if "distill" in self.chosen and opts:
+            lines[-1] += (f" Distillation: {opts.get('recover_batch')} windows a step, learning rate "
+                          f"{opts.get('recover_lr'):g}, student forward in bf16 autocast "
+                          f"{'on' if opts.get('recover_autocast') else 'off'}, teacher in "
+                          f"{opts.get('recover_teacher_dtype')}, training data {opts.get('recover_data')}.")
         if self.data and self.data.get("self_windows"):
             d = self.data
             how = (f"{d['generated_tokens']:,} tokens generated in {d['generation_seconds']:.0f} s"
@@ -91,10 +98,12 @@ class RecoveryResult:
             lines[-1] += (f" Training windows: {d['self_windows']} written by the dense model itself ({how}), "
                           f"{d['text_windows']} of text.")
         if self.val_loss_before is not None and self.val_loss_after is not None:
-            lines[-1] += (f" Held-out calibration loss {self.val_loss_before:.4f} → {self.val_loss_after:.4f} "
-                          f"(perplexity {math.exp(self.val_loss_before):.2f} → {math.exp(self.val_loss_after):.2f}).")
+            lines[-1] += (f" Loss on the held-out calibration windows (the early stopping's, not the evaluation's) "
+                          f"{self.val_loss_before:.4f} → {self.val_loss_after:.4f} (perplexity "
+                          f"{math.exp(self.val_loss_before):.2f} → {math.exp(self.val_loss_after):.2f}).")
         if self.curve:
-            lines += ["", "| stage | step | tokens | seconds | held-out loss |", "|---|---:|---:|---:|---:|"]
+            lines += ["", "| stage | step | tokens | seconds of training | held-out loss |",
+                      "|---|---:|---:|---:|---:|"]
             lines += [f"| {c['stage']} | {c['step']} | {c['tokens']:,} | {c['seconds']:.0f} | {c['val_loss']:.4f} |"
                       for c in self.curve]
         return lines
